@@ -1,0 +1,92 @@
+"""Run artifacts: atomic writes, file hashes, and the manifest every run saves."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+MANIFEST_PACKAGES = ("qtool", "torch", "torchvision", "timm", "onnx", "onnxruntime", "numpy")
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    atomic_write_text(Path(path), json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def package_versions(names: tuple[str, ...] = MANIFEST_PACKAGES) -> dict[str, str | None]:
+    """Installed versions of ``names`` (None where absent)."""
+    out: dict[str, str | None] = {}
+    for n in names:
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            out[n] = None
+    return out
+
+
+def write_manifest(out_dir: Path, inputs: dict[str, Path], extra: dict[str, Any] | None = None) -> Path:
+    """Write ``manifest.json``: versions, machine, and SHA-256 of each input and output file.
+
+    Args:
+        out_dir: run folder; every regular file in it (but the manifest) is hashed as an output.
+        inputs: named input files to hash (model, checkpoint, recipe ...).
+        extra: additional JSON-able facts.
+    Returns:
+        The manifest's path.
+    """
+    out_dir = Path(out_dir)
+    outputs = {
+        str(p.relative_to(out_dir)): sha256_file(p)
+        for p in sorted(out_dir.rglob("*"))
+        if p.is_file() and p.name != "manifest.json" and not p.name.startswith(".")
+    }
+    manifest = {
+        "versions": package_versions(),
+        "python": platform.python_version(),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
+        "inputs": {k: {"path": str(v), "sha256": sha256_file(Path(v)) if Path(v).is_file() else None} for k, v in inputs.items()},
+        "outputs": outputs,
+        **(extra or {}),
+    }
+    path = out_dir / "manifest.json"
+    write_json(path, manifest)
+    return path

@@ -1,0 +1,252 @@
+"""Typed recipe schema: one section per pipeline stage, unknown keys rejected.
+
+A recipe is YAML. ``load_recipe`` reads it, applies ``key.path=value`` overrides and
+validates; ``dump_recipe`` writes the resolved recipe next to every run's artifacts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from qtool.errors import RecipeError
+
+RECIPE_VERSION = 1
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SynthConfig(Section):
+    """Synthetic MVTec-layout data generated on the fly (the embedded default)."""
+
+    categories: list[str] = Field(default_factory=lambda: ["grid", "stripes", "disc"])
+    n_train: int = Field(40, ge=1)
+    n_test_good: int = Field(10, ge=1)
+    n_test_defect: int = Field(10, ge=1)
+    size: int = Field(128, ge=32)
+    seed: int = 0
+
+
+class DataConfig(Section):
+    """Which dataset, how it is split, and how images become tensors."""
+
+    format: Literal["synth", "mvtec", "mtd"] = "synth"
+    root: str = "runs/data/synth"
+    categories: list[str] | None = None
+    image_size: int = Field(256, ge=32)
+    resize: Literal["stretch", "pad", "crop"] = "stretch"
+    normalize: Literal["imagenet", "per-image"] = "imagenet"
+    holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    split_seed: int = 0
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+
+
+class DcamConfig(Section):
+    """DCAM attention (training only) and its losses; weights and temperature are our choice."""
+
+    enabled: bool = False
+    variant: Literal["channel", "spatial", "both"] = "channel"
+    reduction: int = Field(8, ge=1)
+    kernel_size: int = Field(7, ge=1)
+    kl_weight: float = Field(1.0, ge=0.0)
+    cos_weight: float = Field(1.0, ge=0.0)
+    temperature: float = Field(1.0, gt=0.0)
+
+
+class ModelConfig(Section):
+    """Which bundled model and teacher backbone."""
+
+    name: str = "stfpm"
+    backbone: str = "tf_efficientnet_lite0"
+    weights: str = "imagenet"
+    levels: list[int] = Field(default_factory=lambda: [1, 2, 3])
+    dcam: DcamConfig = Field(default_factory=DcamConfig)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainConfig(Section):
+    """KD training loop settings."""
+
+    mode: Literal["unified", "one-class"] = "unified"
+    epochs: int = Field(10, ge=0)
+    batch_size: int = Field(16, ge=1)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.4, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    num_workers: int = Field(0, ge=0)
+    threads: int = Field(2, ge=1)
+    checkpoint_every: int = Field(1, ge=1)
+
+
+class ExportConfig(Section):
+    """torch -> ONNX export."""
+
+    opset: int = Field(17, ge=17)
+    batch_size: int = Field(1, ge=1)
+
+
+class CalibDataConfig(Section):
+    """Where calibration inputs come from: held-out normals, Gaussian noise, or a mix."""
+
+    source: Literal["train", "random-normal", "mix"] = "train"
+    num_samples: int = Field(64, ge=1)
+    batch_size: int = Field(8, ge=1)
+    noise_mean: float = 0.0
+    noise_std: float = Field(1.0, gt=0.0)
+    mix_noise_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    allow_anomalies: bool = False
+    seed: int = 0
+
+
+class PtqConfig(Section):
+    """Post-training quantization: calibrator, target profile, policy."""
+
+    calib: str = "entropy"
+    calib_options: dict[str, Any] = Field(default_factory=dict)
+    calib_data: CalibDataConfig = Field(default_factory=CalibDataConfig)
+    target: str = "cpu"
+    activation_bits: int = 8
+    weight_bits: int = 8
+    quantize: Literal["student", "teacher", "both"] = "both"
+    part_globs: dict[str, list[str]] = Field(
+        default_factory=lambda: {
+            "teacher": ["/teacher/*"],
+            "student": ["/student/*"],
+            "head": ["/head/*"],
+        }
+    )
+    exclude_nodes: list[str] = Field(default_factory=list)
+    exclude_op_types: list[str] = Field(default_factory=list)
+    quantize_head: bool = False
+    strict: bool = False
+
+    @field_validator("activation_bits", "weight_bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        if v not in (4, 6, 8):
+            raise ValueError(f"bit width {v} not supported; allowed: 4, 6, 8")
+        return v
+
+
+class EvalConfig(Section):
+    """Evaluation settings."""
+
+    batch_size: int = Field(8, ge=1)
+    max_fpr: float = Field(0.3, gt=0.0, le=1.0)
+    threads: int = Field(2, ge=1)
+
+
+class Recipe(Section):
+    """A whole run: every stage reads its own section."""
+
+    version: int = RECIPE_VERSION
+    name: str = "run"
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    ptq: PtqConfig = Field(default_factory=PtqConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: int) -> int:
+        if v != RECIPE_VERSION:
+            raise ValueError(f"recipe version {v} not supported; this qtool reads version {RECIPE_VERSION}")
+        return v
+
+
+def _format_validation(e: ValidationError, source: str) -> str:
+    err = e.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "<root>"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{source}: recipe key {key}: {msg}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into its key path and YAML-parsed value.
+
+    Raises:
+        RecipeError: if the text has no ``=`` or an empty key.
+    """
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"override {text!r} is not of the form key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise RecipeError(f"override {text!r}: value is not valid YAML") from e
+    return key.strip().split("."), value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``tree`` with each ``key.path=value`` override set."""
+    import copy
+
+    out = copy.deepcopy(tree)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise RecipeError(f"override {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def build_recipe(tree: dict[str, Any] | None, overrides: list[str] | None = None, source: str = "recipe") -> Recipe:
+    """Validate a recipe tree (after overrides) into a :class:`Recipe`.
+
+    Raises:
+        RecipeError: naming the first bad key path.
+    """
+    tree = apply_overrides(tree or {}, overrides or [])
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as e:
+        raise RecipeError(_format_validation(e, source)) from None
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe (or the defaults when ``path`` is None) and apply overrides.
+
+    Raises:
+        RecipeError: unreadable file, invalid YAML, or an invalid key (named by its path).
+    """
+    if path is None:
+        return build_recipe({}, overrides, source="defaults")
+    p = Path(path)
+    try:
+        tree = yaml.safe_load(p.read_text())
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe {p}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"recipe {p}{where}: invalid YAML") from None
+    if tree is not None and not isinstance(tree, dict):
+        raise RecipeError(f"recipe {p}: top level must be a mapping, got {type(tree).__name__}")
+    return build_recipe(tree, overrides, source=str(p))
+
+
+def dump_recipe(recipe: Recipe, path: str | Path) -> None:
+    """Write the resolved recipe as YAML (atomically)."""
+    from qtool.artifacts import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
