@@ -41,7 +41,8 @@ class DataConfig(Section):
     root: str = "runs/data/synth"
     categories: list[str] | None = None
     image_size: int = Field(256, ge=32)
-    resize: Literal["stretch", "pad", "crop"] = "stretch"
+    resize: Literal["stretch", "pad", "crop", "scale"] = "stretch"
+    scale_ref: int = Field(640, ge=1)
     normalize: Literal["imagenet", "per-image"] = "imagenet"
     holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
@@ -97,7 +98,7 @@ class ExportConfig(Section):
 class CalibDataConfig(Section):
     """Where calibration inputs come from: held-out normals, Gaussian noise, or a mix."""
 
-    source: Literal["train", "random-normal", "mix"] = "train"
+    source: str = "train"
     num_samples: int = Field(64, ge=1)
     batch_size: int = Field(8, ge=1)
     noise_mean: float = 0.0

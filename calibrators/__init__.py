@@ -1,0 +1,46 @@
+"""Calibrator plugins: streamed activations -> per-tensor ranges (entry-point group ``qtool.calibrators``).
+
+A third-party calibrator is a :class:`Calibrator` subclass plus an entry point in that group.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from calibrators.base import Calibrator, TensorRange
+from calibrators.entropy import EntropyCalibrator
+from calibrators.histogram import HistogramCalibrator, HistogramCollector
+from calibrators.minmax import MinMaxCalibrator
+from calibrators.mse import MseCalibrator
+from calibrators.percentile import PercentileCalibrator
+from qtool.registry import Registry
+
+__all__ = [
+    "CALIBRATORS",
+    "Calibrator",
+    "EntropyCalibrator",
+    "HistogramCalibrator",
+    "HistogramCollector",
+    "MinMaxCalibrator",
+    "MseCalibrator",
+    "PercentileCalibrator",
+    "TensorRange",
+    "get_calibrator",
+]
+
+CALIBRATORS: Registry[type[Calibrator]] = Registry("calibrator", entry_point_group="qtool.calibrators")
+# Registered here too so the built-ins work without installed package metadata.
+CALIBRATORS.add("minmax", MinMaxCalibrator)
+CALIBRATORS.add("percentile", PercentileCalibrator)
+CALIBRATORS.add("entropy", EntropyCalibrator)
+CALIBRATORS.add("mse", MseCalibrator)
+
+
+def get_calibrator(name: str, **options: Any) -> Calibrator:
+    """Build the calibrator registered as ``name`` with ``options`` (recipe ``ptq.calib_options``).
+
+    Raises:
+        RegistryError: unknown name (the message lists the available ones).
+        CalibrationError: unknown or invalid option.
+    """
+    return CALIBRATORS.get(name)(**options)

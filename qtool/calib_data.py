@@ -1,0 +1,110 @@
+"""Calibration data sources: held-out normal images, the seed paper's Gaussian noise, or a mix.
+
+Sources yield preprocessed batches (B,3,S,S) lazily, so memory stays bounded whatever the
+number of samples. Labelled anomalies are refused unless ``calib_data.allow_anomalies`` is set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from qtool.data import ImageTransform, Sample, Splits, iter_batches
+from qtool.errors import CalibrationError
+from qtool.recipe import CalibDataConfig
+from qtool.registry import Registry
+
+
+@dataclass
+class CalibrationSet:
+    """A recorded description plus a lazy stream of calibration batches."""
+
+    description: dict
+    batches: Callable[[], Iterator[np.ndarray]]
+    count: int
+
+
+def normal_pool(splits: Splits, n: int) -> list[Sample]:
+    """Up to ``n`` normals: the held-out split first, then training normals; never the test split."""
+    pool = [*splits.holdout, *splits.train][:n]
+    if not pool:
+        raise CalibrationError("empty calibration set: the dataset has no held-out or training normals")
+    return pool
+
+
+def _check_labels(samples: list[Sample], cfg: CalibDataConfig) -> None:
+    bad = [s for s in samples if s.label]
+    if bad and not cfg.allow_anomalies:
+        raise CalibrationError(
+            f"calibration set holds {len(bad)} labelled anomalies (e.g. {bad[0].path}); "
+            "set ptq.calib_data.allow_anomalies=true to force it"
+        )
+
+
+def _images(samples: list[Sample], transform: ImageTransform, batch: int) -> Iterator[np.ndarray]:
+    for images, _ in iter_batches(samples, transform, batch):
+        yield images
+
+
+def _noise(n: int, size: int, cfg: CalibDataConfig, seed_offset: int = 0) -> Iterator[np.ndarray]:
+    rng = np.random.default_rng(cfg.seed + seed_offset)
+    for i in range(0, n, cfg.batch_size):
+        b = min(cfg.batch_size, n - i)
+        yield (cfg.noise_mean + cfg.noise_std * rng.standard_normal((b, 3, size, size))).astype(np.float32)
+
+
+SOURCES: Registry[Callable[[Splits, ImageTransform, CalibDataConfig], CalibrationSet]] = Registry("calibration source")
+
+
+@SOURCES.register("train")
+def train_source(splits: Splits, transform: ImageTransform, cfg: CalibDataConfig) -> CalibrationSet:
+    """Held-out normal images (then training normals), never test images."""
+    samples = normal_pool(splits, cfg.num_samples)
+    _check_labels(samples, cfg)
+    desc = {"source": "train", "images": len(samples), "files": [str(s.path) for s in samples]}
+    return CalibrationSet(desc, lambda: _images(samples, transform, cfg.batch_size), len(samples))
+
+
+@SOURCES.register("random-normal")
+def noise_source(splits: Splits, transform: ImageTransform, cfg: CalibDataConfig) -> CalibrationSet:
+    """Gaussian noise in the normalised input space (the seed paper's "random normal" data)."""
+    desc = {"source": "random-normal", "images": cfg.num_samples, "mean": cfg.noise_mean, "std": cfg.noise_std,
+            "seed": cfg.seed}
+    return CalibrationSet(desc, lambda: _noise(cfg.num_samples, transform.size, cfg), cfg.num_samples)
+
+
+@SOURCES.register("mix")
+def mix_source(splits: Splits, transform: ImageTransform, cfg: CalibDataConfig) -> CalibrationSet:
+    """Normal images and noise, ``mix_noise_fraction`` of the samples being noise."""
+    n_noise = int(round(cfg.num_samples * cfg.mix_noise_fraction))
+    samples = normal_pool(splits, cfg.num_samples - n_noise) if n_noise < cfg.num_samples else []
+    _check_labels(samples, cfg)
+
+    def stream() -> Iterator[np.ndarray]:
+        yield from _images(samples, transform, cfg.batch_size)
+        yield from _noise(n_noise, transform.size, cfg, seed_offset=1)
+
+    desc = {"source": "mix", "images": len(samples), "noise": n_noise, "mean": cfg.noise_mean,
+            "std": cfg.noise_std, "seed": cfg.seed, "files": [str(s.path) for s in samples]}
+    return CalibrationSet(desc, stream, len(samples) + n_noise)
+
+
+@SOURCES.register("test")
+def test_source(splits: Splits, transform: ImageTransform, cfg: CalibDataConfig) -> CalibrationSet:
+    """The labelled test split: leaks evaluation data, refused unless anomalies are explicitly allowed."""
+    samples = splits.test[: cfg.num_samples]
+    _check_labels(samples, cfg)
+    desc = {"source": "test", "images": len(samples), "warning": "calibrated on the test split",
+            "files": [str(s.path) for s in samples]}
+    return CalibrationSet(desc, lambda: _images(samples, transform, cfg.batch_size), len(samples))
+
+
+def calibration_set(splits: Splits, transform: ImageTransform, cfg: CalibDataConfig) -> CalibrationSet:
+    """Build the calibration source named by ``cfg.source``.
+
+    Raises:
+        RegistryError: unknown source. CalibrationError: empty set or refused anomalies.
+    """
+    return SOURCES.get(cfg.source)(splits, transform, cfg)

@@ -1,0 +1,86 @@
+"""The calibration driver: stream batches through an ONNX Runtime session, feed a calibrator.
+
+The graph is copied with the tensors to calibrate added as outputs and run without graph
+optimisations (so every named tensor exists). Models with a fixed batch dimension are fed image by
+image; their outputs are buffered up to ``group`` images before one ``observe`` call per tensor,
+so memory stays bounded by one group of activations whatever the calibration set's size.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import onnx
+
+from calibrators import Calibrator, TensorRange
+from qtool.errors import CalibrationError
+from qtool.graph.probe import add_outputs
+
+log = logging.getLogger(__name__)
+
+
+def _session(model: onnx.ModelProto, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def calibrate(model: onnx.ModelProto, tensors: list[str], batches: Iterable[np.ndarray], calibrator: Calibrator,
+              threads: int = 2, group: int = 8, progress: Callable[[int], None] | None = None
+              ) -> dict[str, TensorRange]:
+    """Run ``batches`` through ``model`` and return ``calibrator``'s ranges for ``tensors``.
+
+    Args:
+        model: prepared float graph (static input shape).
+        tensors: activation tensor names to observe.
+        batches: preprocessed input batches (B,3,S,S) float32.
+        calibrator: a fresh calibrator; ``observe`` is called per tensor per group, then ``compute``.
+        group: images whose activations are concatenated before one ``observe`` call.
+    Raises:
+        CalibrationError: empty calibration set, non-finite inputs or activations (naming the tensor).
+    """
+    probed = add_outputs(model, tensors)
+    sess = _session(probed, threads)
+    inp = sess.get_inputs()[0]
+    fixed = inp.shape[0] if isinstance(inp.shape[0], int) else None
+    names = list(tensors)
+    buffers: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    seen, buffered = 0, 0
+
+    def flush() -> None:
+        nonlocal buffered
+        for n in names:
+            if buffers[n]:
+                calibrator.observe(n, np.concatenate(buffers[n], axis=0))
+                buffers[n].clear()
+        buffered = 0
+
+    for bi, batch in enumerate(batches):
+        if not np.isfinite(batch).all():
+            raise CalibrationError(f"calibration batch {bi} holds NaN or Inf input values")
+        step = fixed or len(batch)
+        for i in range(0, len(batch), step):
+            chunk = np.ascontiguousarray(batch[i : i + step], dtype=np.float32)
+            if fixed and len(chunk) != fixed:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - len(chunk), axis=0)])
+            outs = sess.run(names, {inp.name: chunk})
+            for n, arr in zip(names, outs):
+                buffers[n].append(arr)
+            buffered += len(chunk)
+            if buffered >= group:
+                flush()
+        seen += len(batch)
+        if progress:
+            progress(len(batch))
+    flush()
+    if seen == 0:
+        raise CalibrationError("empty calibration set: no batches were given")
+    log.info("calibrated %d tensors on %d images", len(names), seen)
+    return calibrator.compute()

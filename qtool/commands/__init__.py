@@ -1,0 +1,6 @@
+"""CLI commands, one module per concern; ``COMMANDS`` is what ``qtool.cli`` mounts."""
+
+from qtool.commands.data import data_group
+from qtool.commands.train import eval_cmd, export_cmd, train_cmd
+
+COMMANDS = [data_group, train_cmd, eval_cmd, export_cmd]

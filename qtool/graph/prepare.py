@@ -1,0 +1,185 @@
+"""Make a float ONNX model ready for quantization: static input shapes, constant folding, BN folding,
+unique node names, strict shape inference. Node names of the original graph survive (part globs match them).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from qtool.errors import GraphError
+from qtool.graph._index import GraphIndex, NameScope, name_nodes, remove_unused_initializers
+
+log = logging.getLogger(__name__)
+
+# onnxslim passes that keep node names and node identity. Its fusions (Conv+BN, Conv+Add, Conv+Mul,
+# MatMul+Add->Gemm, ...) name the fused node after its output tensor, and subexpression elimination /
+# weight tying can merge a student node into an identical teacher node, so those stay off: qtool folds
+# BatchNormalization itself and keeps the Conv's name.
+SLIM_SKIP = ["graph_fusion", "subexpression_elimination", "weight_tying"]
+
+
+def prepare(
+    model: onnx.ModelProto,
+    input_shape: Mapping[str, Sequence[int]] | None = None,
+    simplify: bool = True,
+) -> onnx.ModelProto:
+    """Return a prepared copy of ``model``.
+
+    Args:
+        model: float ONNX model.
+        input_shape: ``{input name: full shape}`` for inputs with dynamic dims (the calibration shape).
+        simplify: constant-fold and remove dead nodes with onnxslim (names preserved, see SLIM_SKIP).
+    Returns:
+        The model with fixed input shapes, folded constants and BatchNormalization, unique node names
+        and inferred shapes.
+    Raises:
+        GraphError: a dynamic input dim without a given shape, a given shape that does not fit,
+            or strict shape inference failing.
+    """
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    if n := name_nodes(m):
+        log.info("named %d unnamed or duplicate-named nodes", n)
+    fix_input_shapes(m, input_shape)
+    if simplify:
+        m = _simplify(m)
+    if n := fold_batchnorm(m):
+        log.info("folded %d BatchNormalization nodes into Conv", n)
+    return infer_shapes(m)
+
+
+def fix_input_shapes(model: onnx.ModelProto, input_shape: Mapping[str, Sequence[int]] | None) -> None:
+    """Make every graph input static in place, using ``input_shape`` for the given inputs.
+
+    Raises:
+        GraphError: unknown input name, rank or static-dim mismatch, or a dynamic dim left open.
+    """
+    g = model.graph
+    inits = {t.name for t in g.initializer}
+    inputs = [i for i in g.input if i.name not in inits]
+    given = dict(input_shape or {})
+    names = [i.name for i in inputs]
+    for name in given:
+        if name not in names:
+            raise GraphError(f"input shape given for unknown input {name!r}; model inputs: {', '.join(names)}")
+    for vi in inputs:
+        tt = vi.type.tensor_type
+        if vi.name in given:
+            shape = [int(d) for d in given[vi.name]]
+            if any(d <= 0 for d in shape):
+                raise GraphError(f"input shape {shape} for {vi.name!r} must be positive integers")
+            if tt.HasField("shape") and len(tt.shape.dim) != len(shape):
+                raise GraphError(
+                    f"input {vi.name!r} has rank {len(tt.shape.dim)} but the given shape {shape} has {len(shape)}"
+                )
+            for k, (dim, want) in enumerate(zip(tt.shape.dim, shape)):
+                if dim.HasField("dim_value") and dim.dim_value > 0 and dim.dim_value != want:
+                    raise GraphError(f"input {vi.name!r} dim {k} is {dim.dim_value}, but the given shape says {want}")
+            tt.shape.ClearField("dim")
+            for want in shape:
+                tt.shape.dim.add().dim_value = want
+            continue
+        if not tt.HasField("shape"):
+            raise GraphError(f"input {vi.name!r} has no shape; give a calibration shape with --input-shape")
+        for k, dim in enumerate(tt.shape.dim):
+            if not (dim.HasField("dim_value") and dim.dim_value > 0):
+                label = dim.dim_param or f"#{k}"
+                raise GraphError(
+                    f"input {vi.name!r} has dynamic dim {label!r}; give a calibration shape with --input-shape"
+                )
+    if given:
+        # symbolic dims elsewhere would contradict the now-static inputs; shape inference refills them
+        del g.value_info[:]
+        for vi in g.output:
+            for dim in vi.type.tensor_type.shape.dim:
+                if dim.HasField("dim_param"):
+                    dim.Clear()
+
+
+def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        import onnxslim
+    except ImportError:  # pragma: no cover - onnxslim is a dependency
+        log.warning("onnxslim not installed; skipping constant folding")
+        return model
+    before = {n.name for n in model.graph.node}
+    try:
+        slim = onnxslim.slim(model, skip_optimizations=SLIM_SKIP)
+    except Exception as e:  # a failed optional simplification must not stop quantization
+        log.warning("onnxslim failed (%s); continuing without constant folding", str(e).splitlines()[0])
+        return model
+    if slim is None:
+        log.warning("onnxslim returned no model; continuing without constant folding")
+        return model
+    name_nodes(slim)
+    new = [n.name for n in slim.graph.node if n.name not in before]
+    if new:
+        log.info("onnxslim created %d nodes with new names, e.g. %s", len(new), new[:3])
+    log.debug("onnxslim: %d -> %d nodes", len(model.graph.node), len(slim.graph.node))
+    return slim
+
+
+def _attr(node: onnx.NodeProto, name: str, default: float | int) -> float | int:
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def fold_batchnorm(model: onnx.ModelProto) -> int:
+    """Fold inference-mode BatchNormalization nodes into the Conv that feeds them, in place.
+
+    The Conv keeps its name and takes over the BN output; folded weights get new initializers (the
+    originals may be shared). BNs after anything else, in training mode, or with non-constant
+    parameters are left alone.
+
+    Returns:
+        How many BatchNormalization nodes were folded.
+    """
+    idx = GraphIndex(model)
+    scope = NameScope(model)
+    folded = []
+    for bn in model.graph.node:
+        if bn.op_type != "BatchNormalization" or _attr(bn, "training_mode", 0) or any(bn.output[1:]):
+            continue
+        x = bn.input[0]
+        conv = idx.producer.get(x)
+        if conv is None or conv.op_type != "Conv" or len(idx.consumers[x]) != 1 or x in idx.graph_outputs:
+            continue
+        names = [conv.input[1], *bn.input[1:5]] + ([conv.input[2]] if len(conv.input) > 2 and conv.input[2] else [])
+        if not all(n in idx.initializers for n in names):
+            continue
+        w = numpy_helper.to_array(idx.initializers[conv.input[1]])
+        gamma, beta, mean, var = (numpy_helper.to_array(idx.initializers[n]).astype(np.float64) for n in bn.input[1:5])
+        bias = numpy_helper.to_array(idx.initializers[names[5]]).astype(np.float64) if len(names) > 5 else 0.0
+        f = gamma / np.sqrt(var + float(_attr(bn, "epsilon", 1e-5)))
+        w_new = (w.astype(np.float64) * f.reshape(-1, *([1] * (w.ndim - 1)))).astype(w.dtype)
+        b_new = ((bias - mean) * f + beta).astype(w.dtype)
+        w_name, b_name = scope.new(f"{conv.name}.weight_bnfold"), scope.new(f"{conv.name}.bias_bnfold")
+        model.graph.initializer.extend([numpy_helper.from_array(w_new, w_name), numpy_helper.from_array(b_new, b_name)])
+        del conv.input[1:]
+        conv.input.extend([w_name, b_name])
+        conv.output[0] = bn.output[0]
+        folded.append(bn)
+    for bn in folded:
+        model.graph.node.remove(bn)
+    if folded:
+        remove_unused_initializers(model)
+    return len(folded)
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Strict ONNX shape inference (types checked, data propagated).
+
+    Raises:
+        GraphError: with the first line of the inference error.
+    """
+    try:
+        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError) as e:
+        raise GraphError(f"shape inference failed: {str(e).strip().splitlines()[0]}") from None

@@ -1,0 +1,376 @@
+"""Anomaly-detection metrics: image/pixel AUROC, AUPRO, F1, thresholds, per-category evaluation.
+
+Also the fidelity of a quantized model's maps and scores to its fp32 reference.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from qtool.errors import DataError
+
+log = logging.getLogger(__name__)
+
+EXACT_PIXEL_LIMIT = 20_000_000
+"""Above this many pixels, `pixel_auroc` switches from sklearn's exact sort to a histogram."""
+
+_CHUNK_PIXELS = 1 << 22  # pixels per chunk in streaming passes: bounds temporary memory
+
+
+def _scores(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Validate image-level labels in {0, 1} and finite scores of the same length."""
+    y, s = np.asarray(labels).ravel(), np.asarray(scores, dtype=np.float64).ravel()
+    if y.size == 0 or y.size != s.size:
+        raise DataError(f"labels and scores must be non-empty and the same length; got {y.size} and {s.size}")
+    if not np.isin(y, (0, 1)).all():
+        raise DataError(f"labels must be 0 (normal) or 1 (anomalous); got values {np.unique(y)[:5].tolist()}")
+    if not np.isfinite(s).all():
+        raise DataError(f"scores contain {int((~np.isfinite(s)).sum())} NaN/Inf values")
+    return y.astype(np.int8), s
+
+
+def _pixels(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Validate (N, H, W) masks in {0, 1} and finite maps of the same shape; masks come back bool."""
+    m, a = np.asarray(masks), np.asarray(maps)
+    if a.dtype not in (np.float32, np.float64):
+        a = a.astype(np.float32)
+    if m.ndim != 3 or m.shape != a.shape or m.size == 0:
+        raise DataError(
+            f"masks and maps must be non-empty (N, H, W) arrays of one shape; got {m.shape} and {a.shape}"
+        )
+    if m.dtype != np.bool_:
+        if not ((m == 0) | (m == 1)).all():
+            raise DataError(f"masks must hold only 0 and 1; got values {np.unique(m)[:5].tolist()}")
+        m = m.astype(bool)
+    if not np.isfinite(a).all():
+        raise DataError(f"anomaly maps contain {int((~np.isfinite(a)).sum())} NaN/Inf values")
+    return m, a
+
+
+def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve of image scores (anomalous = 1); ties count one half.
+
+    Raises DataError when the labels hold only one class or the inputs are malformed.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    y, s = _scores(labels, scores)
+    if np.unique(y).size < 2:
+        raise DataError(f"image AUROC needs both normal and anomalous images; got only label {int(y[0])}")
+    return float(roc_auc_score(y, s))
+
+
+def pixel_auroc(
+    masks: np.ndarray, maps: np.ndarray, *, exact_limit: int = EXACT_PIXEL_LIMIT, bins: int = 1 << 16
+) -> float:
+    """Area under the ROC curve of all pixels of `maps` (N, H, W) against `masks` (N, H, W) in {0, 1}.
+
+    Up to `exact_limit` pixels the result is sklearn's exact AUROC. Above it, to bound memory, the
+    scores are binned into `bins` equal-width bins over their range and the ROC curve is taken at the
+    bin edges (trapezoid rule): a defect/normal pixel pair in the same bin counts one half instead of
+    0 or 1, so the error is at most half the share of such pairs (logged at DEBUG; ~1e-4 in practice).
+    Raises DataError when the masks hold only one class or the inputs are malformed.
+    """
+    m, a = _pixels(masks, maps)
+    n_pos = int(np.count_nonzero(m))
+    if n_pos in (0, m.size):
+        only = int(n_pos > 0)
+        raise DataError(f"pixel AUROC needs both normal and defect pixels; masks have only label {only}")
+    if m.size <= exact_limit:
+        from sklearn.metrics import roc_auc_score
+
+        return float(roc_auc_score(m.ravel(), a.ravel()))
+    lo, hi = float(a.min()), float(a.max())
+    if hi <= lo:
+        return 0.5  # one constant score: every pair is a tie
+    pos, tot = np.zeros(bins, np.int64), np.zeros(bins, np.int64)
+    step = max(1, _CHUNK_PIXELS // (m.shape[1] * m.shape[2]))
+    for i in range(0, m.shape[0], step):
+        idx = ((a[i : i + step].astype(np.float64) - lo) * (bins / (hi - lo))).astype(np.int64).ravel()
+        np.minimum(idx, bins - 1, out=idx)
+        tot += np.bincount(idx, minlength=bins)
+        pos += np.bincount(idx, weights=m[i : i + step].ravel(), minlength=bins).astype(np.int64)
+    neg = tot - pos
+    tpr = np.concatenate(([0.0], np.cumsum(pos[::-1]) / n_pos))
+    fpr = np.concatenate(([0.0], np.cumsum(neg[::-1]) / (m.size - n_pos)))
+    bound = 0.5 * float(np.dot(pos, neg)) / (n_pos * (m.size - n_pos))
+    log.debug("histogram pixel AUROC over %d pixels, %d bins: error bound %.2e", m.size, bins, bound)
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+
+
+def _area_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
+    """Trapezoid area under the polyline (x, y) (x non-decreasing) from x[0] to x_max.
+
+    The last segment crossing x_max is cut there with y linearly interpolated.
+    """
+    x0, x1, y0, y1 = x[:-1], x[1:], y[:-1], y[1:]
+    full = x1 <= x_max
+    area = float(np.sum((x1[full] - x0[full]) * (y0[full] + y1[full]) / 2))
+    cross = np.flatnonzero((x0 < x_max) & (x1 > x_max))
+    if cross.size:
+        j = cross[0]
+        y_cut = y0[j] + (y1[j] - y0[j]) * (x_max - x0[j]) / (x1[j] - x0[j])
+        area += float((x_max - x0[j]) * (y0[j] + y_cut) / 2)
+    return area
+
+
+def aupro(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3) -> float:
+    """Normalised area under the Per-Region-Overlap curve up to `max_fpr` (MVTec AD definition).
+
+    Defect regions are the connected components of each mask (scipy.ndimage.label with a 3x3
+    structure, i.e. 8-connectivity, as in the MVTec AD evaluation code). At each threshold t
+    (pixel anomalous if map >= t), PRO is the mean over all regions of the share of the region
+    above t, and FPR the share of all normal pixels above t. PRO is integrated over FPR in
+    [0, max_fpr] (trapezoids, linear interpolation at max_fpr) and divided by max_fpr.
+    Exact, sort-based (like compute_pro of the MVTec reference), but it only sorts pixels scoring at
+    or above the threshold where FPR reaches max_fpr.
+    Raises DataError when there is no defect region, no normal pixel, max_fpr is outside (0, 1], or
+    the inputs are malformed.
+    """
+    from scipy import ndimage
+
+    if not 0.0 < max_fpr <= 1.0:
+        raise DataError(f"max_fpr must be in (0, 1]; got {max_fpr}")
+    m, a = _pixels(masks, maps)
+    n_ok = int(m.size - np.count_nonzero(m))
+    if n_ok == 0:
+        raise DataError("AUPRO needs normal pixels; every mask pixel is a defect")
+    # Scores of the k highest-scoring normal pixels decide every curve point with FPR <= max_fpr plus the
+    # first point beyond it (needed to interpolate); +1 guards against rounding in max_fpr * n_ok.
+    k = min(n_ok, math.ceil(max_fpr * n_ok) + 1)
+    normal = a[~m]
+    cut = np.partition(normal, n_ok - k)[n_ok - k]
+    del normal
+    structure = np.ones((3, 3), dtype=int)
+    n_regions, sel_scores, sel_fp, sel_w = 0, [], [], []
+    for mask, amap in zip(m, a, strict=True):
+        labeled, n = ndimage.label(mask, structure=structure)
+        n_regions += n
+        inv_size = np.zeros(n + 1)
+        inv_size[1:] = 1.0 / np.bincount(labeled.ravel(), minlength=n + 1)[1:]
+        keep = amap >= cut
+        lab = labeled[keep]
+        sel_scores.append(amap[keep])
+        sel_fp.append(lab == 0)
+        sel_w.append(inv_size[lab])
+    if n_regions == 0:
+        raise DataError("AUPRO needs at least one defect region; every mask is empty")
+    scores = np.concatenate(sel_scores)
+    order = np.argsort(scores, kind="stable")[::-1]
+    scores = scores[order]
+    fpr = np.cumsum(np.concatenate(sel_fp)[order], dtype=np.int64) / n_ok
+    pro = np.cumsum(np.concatenate(sel_w)[order]) / n_regions
+    last = np.append(np.diff(scores) != 0, True)  # one point per distinct threshold
+    fpr = np.concatenate(([0.0], np.minimum(fpr[last], 1.0)))
+    pro = np.concatenate(([0.0], np.minimum(pro[last], 1.0)))
+    return _area_to(fpr, pro, max_fpr) / max_fpr
+
+
+def f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """Best F1 over all thresholds (image anomalous if score >= threshold) and that threshold.
+
+    Raises DataError when there is no anomalous image or the inputs are malformed.
+    """
+    from sklearn.metrics import precision_recall_curve
+
+    y, s = _scores(labels, scores)
+    if not y.any():
+        raise DataError("F1 needs at least one anomalous image; got only label 0")
+    precision, recall, thresholds = precision_recall_curve(y, s)
+    p, r = precision[:-1], recall[:-1]  # the last point (recall 0) has no threshold
+    denom = p + r
+    f1 = np.divide(2 * p * r, denom, out=np.zeros_like(denom), where=denom > 0)
+    best = int(np.argmax(f1))
+    return float(f1[best]), float(thresholds[best])
+
+
+def f1_at(labels: np.ndarray, scores: np.ndarray, threshold: float) -> float:
+    """F1 of the rule "anomalous if score >= threshold"; 0.0 when it has no true positive.
+
+    Raises DataError when the inputs are malformed.
+    """
+    y, s = _scores(labels, scores)
+    pred = s >= threshold
+    tp = int(np.count_nonzero(pred & (y == 1)))
+    fp = int(np.count_nonzero(pred & (y == 0)))
+    fn = int(np.count_nonzero(~pred & (y == 1)))
+    return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+
+
+def threshold_from_normals(scores: np.ndarray, fpr: float = 0.01) -> float:
+    """Decision threshold fitted on held-out normal images only (no test labels are used).
+
+    Returns the (1 - fpr) quantile (numpy's linear interpolation) of `scores`, so that about a share
+    `fpr` of held-out normals score at or above it (the rule is "anomalous if score >= threshold").
+    Raises DataError when scores are empty or not finite, or fpr is outside (0, 1).
+    """
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if not 0.0 < fpr < 1.0:
+        raise DataError(f"fpr must be in (0, 1); got {fpr}")
+    if s.size == 0 or not np.isfinite(s).all():
+        raise DataError(f"threshold needs finite held-out normal scores; got {s.size} values, some NaN/Inf")
+    return float(np.quantile(s, 1.0 - fpr))
+
+
+class PearsonAccumulator:
+    """Streaming Pearson correlation of two equally shaped arrays fed in batches (bounded memory).
+
+    Sums are taken around the first batch's means, which keeps the float64 sums well conditioned.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._shift = (0.0, 0.0)
+        self._sums = np.zeros(5)  # x, y, xx, yy, xy (shifted)
+
+    def update(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Add a batch; raises DataError when shapes differ."""
+        x, y = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
+        if x.shape != y.shape:
+            raise DataError(f"Pearson batch shapes differ: {x.shape} and {y.shape}")
+        if x.size == 0:
+            return
+        if self.n == 0:
+            self._shift = (float(x.mean()), float(y.mean()))
+        x, y = x - self._shift[0], y - self._shift[1]
+        self._sums += (x.sum(), y.sum(), x @ x, y @ y, x @ y)
+        self.n += x.size
+
+    def compute(self) -> float | None:
+        """Pearson correlation so far; None when undefined (no data or a constant input)."""
+        if self.n == 0:
+            return None
+        sx, sy, sxx, syy, sxy = self._sums
+        vx, vy = sxx - sx * sx / self.n, syy - sy * sy / self.n
+        if vx <= 0 or vy <= 0:
+            return None
+        return float(np.clip((sxy - sx * sy / self.n) / math.sqrt(vx * vy), -1.0, 1.0))
+
+
+def map_fidelity(
+    ref_maps: np.ndarray, maps: np.ndarray, ref_scores: np.ndarray, scores: np.ndarray
+) -> dict[str, float | None]:
+    """How closely `maps`/`scores` (e.g. a quantized model) follow `ref_maps`/`ref_scores` (fp32).
+
+    Returns pixel_pearson (over all pixels, streamed by image), map_max_abs_diff, score_max_abs_shift,
+    score_max_rel_shift (max shift divided by the range of the reference scores) and score_spearman
+    (rank correlation of image scores, scipy). Correlations are None where undefined (constant input).
+    Raises DataError when shapes differ or values are not finite.
+    """
+    from scipy.stats import spearmanr
+
+    ra, qa = np.asarray(ref_maps), np.asarray(maps)
+    rs, qs = np.asarray(ref_scores, np.float64).ravel(), np.asarray(scores, np.float64).ravel()
+    if ra.shape != qa.shape or ra.size == 0 or rs.shape != qs.shape or rs.size == 0:
+        raise DataError(
+            f"fidelity needs equal non-empty shapes; maps {ra.shape}/{qa.shape}, scores {rs.shape}/{qs.shape}"
+        )
+    if not (np.isfinite(rs).all() and np.isfinite(qs).all()):
+        raise DataError("fidelity scores contain NaN/Inf values")
+    pearson, max_diff = PearsonAccumulator(), 0.0
+    flat_r, flat_q = ra.reshape(ra.shape[0], -1), qa.reshape(qa.shape[0], -1)
+    step = max(1, _CHUNK_PIXELS // max(1, flat_r.shape[1]))
+    for i in range(0, flat_r.shape[0], step):
+        r, q = flat_r[i : i + step].astype(np.float64), flat_q[i : i + step].astype(np.float64)
+        if not (np.isfinite(r).all() and np.isfinite(q).all()):
+            raise DataError(f"fidelity maps contain NaN/Inf values in images {i}..{i + len(r) - 1}")
+        pearson.update(r, q)
+        max_diff = max(max_diff, float(np.abs(r - q).max()))
+    shift = float(np.abs(qs - rs).max())
+    spread = float(rs.max() - rs.min())
+    rho = None
+    if rs.size > 1 and np.ptp(rs) > 0 and np.ptp(qs) > 0:
+        rho = float(spearmanr(rs, qs).statistic)
+    return {
+        "pixel_pearson": pearson.compute(),
+        "map_max_abs_diff": max_diff,
+        "score_max_abs_shift": shift,
+        "score_max_rel_shift": shift / spread if spread > 0 else None,
+        "score_spearman": rho,
+    }
+
+
+_METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "f1_max_threshold", "f1_at_threshold")
+
+
+def _category_metrics(
+    y: np.ndarray, s: np.ndarray, m: np.ndarray, a: np.ndarray, max_fpr: float, threshold: float | None
+) -> dict:
+    """All metrics of one category; a metric its data cannot define is None and explained in "note"."""
+    out: dict = {"n_images": int(y.size), "n_anomalous": int(y.sum())}
+    notes = []
+
+    def attempt(keys: tuple[str, ...], fn, *args) -> None:
+        try:
+            value = fn(*args)
+            values = value if isinstance(value, tuple) else (value,)
+            out.update({k: float(v) for k, v in zip(keys, values, strict=True)})
+        except DataError as e:
+            out.update(dict.fromkeys(keys))
+            notes.append(str(e))
+
+    if np.unique(y).size < 2:
+        out.update(dict.fromkeys(("image_auroc", "f1_max", "f1_max_threshold")))
+        kind = "anomalous" if y[0] else "normal"
+        notes.append(f"test set has only {kind} images: image metrics undefined")
+    else:
+        attempt(("image_auroc",), image_auroc, y, s)
+        attempt(("f1_max", "f1_max_threshold"), f1_max, y, s)
+    attempt(("pixel_auroc",), pixel_auroc, m, a)
+    attempt(("aupro",), aupro, m, a, max_fpr)
+    if threshold is not None:
+        out["f1_at_threshold"] = f1_at(y, s, threshold) if y.any() else None
+    if notes:
+        out["note"] = "; ".join(dict.fromkeys(notes))
+    return out
+
+
+def evaluate_arrays(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    masks: np.ndarray,
+    maps: np.ndarray,
+    categories: Sequence[str],
+    max_fpr: float = 0.3,
+    threshold: float | Mapping[str, float] | None = None,
+) -> dict:
+    """Per-category and mean metrics of a test set, as plain JSON-able values.
+
+    Takes image labels (N,), image scores (N,), masks (N, H, W) in {0, 1}, maps (N, H, W) and the
+    category of each image. `threshold` (one float, or one per category) adds f1_at_threshold.
+    Returns {"per_category": {category: metrics}, "mean": metrics}; metrics are image_auroc,
+    pixel_auroc, aupro, f1_max, f1_max_threshold (and f1_at_threshold), None where the category's
+    data cannot define them (with a "note"); "mean" averages each metric over the categories that
+    define it (except f1_max_threshold) and counts them in "n_categories".
+    Raises DataError on malformed inputs or a threshold mapping missing a category.
+    """
+    y, s = _scores(labels, scores)
+    m, a = _pixels(masks, maps)
+    cats = np.asarray(list(categories), dtype=object)
+    if not (cats.size == y.size == m.shape[0]):
+        raise DataError(
+            f"need one label, score, mask/map and category per image; got {y.size}, {m.shape[0]}, {cats.size}"
+        )
+    per: dict[str, dict] = {}
+    for cat in sorted(set(cats.tolist())):
+        idx = np.flatnonzero(cats == cat)
+        if isinstance(threshold, Mapping):
+            if cat not in threshold:
+                raise DataError(f"no threshold for category {cat!r}; have {sorted(threshold)}")
+            t = float(threshold[cat])
+        else:
+            t = None if threshold is None else float(threshold)
+        per[cat] = _category_metrics(y[idx], s[idx], m[idx], a[idx], max_fpr, t)
+        log.debug("metrics of %s: %s", cat, per[cat])
+    mean: dict = {}
+    for key in _METRICS:
+        if key == "f1_max_threshold" or key not in next(iter(per.values())):
+            continue
+        vals = [v[key] for v in per.values() if v.get(key) is not None]
+        mean[key] = float(np.mean(vals)) if vals else None
+        mean.setdefault("n_categories", {})[key] = len(vals)
+    return {"per_category": per, "mean": mean}

@@ -1,0 +1,98 @@
+"""Self-contained checkpoints: weights plus the config needed to rebuild and feed the model.
+
+A checkpoint carries the model section (backbone, levels ...), the input size and the data
+transform settings (resize, normalisation), so evaluation, export and PTQ preprocess exactly as
+training did. Loading uses ``torch.load(weights_only=True)``; the teacher is rebuilt from the
+stored weights, so no ImageNet file is needed to load one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qtool.artifacts import atomic_path
+from qtool.errors import ModelError
+from qtool.models.base import KDModel, build_model
+from qtool.recipe import DataConfig, ModelConfig, Recipe
+
+FORMAT = "qtool-checkpoint"
+VERSION = 1
+
+
+def save_checkpoint(model: KDModel, path: Path, recipe: Recipe, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model``'s weights with ``recipe``'s model and data sections (atomically).
+
+    Args:
+        model: the trained model.
+        path: destination ``.pt`` file.
+        recipe: the run's recipe; its model and data sections are stored.
+        extra: JSON-like facts (epoch, history, optimizer state for resume ...).
+    Returns:
+        ``path``.
+    """
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": recipe.model.model_dump(mode="json"),
+        "data": recipe.data.model_dump(mode="json"),
+        "image_size": recipe.data.image_size,
+        "state_dict": model.state_dict(),
+        "extra": extra or {},
+    }
+    with atomic_path(Path(path)) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint payload safely and check its format.
+
+    Raises:
+        ModelError: missing file, not a torch file, not a qtool checkpoint, or unknown version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"checkpoint {path} not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelError(f"checkpoint {path} cannot be read: {str(e).splitlines()[0]}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ModelError(f"{path} is not a qtool checkpoint")
+    if payload.get("version") != VERSION:
+        raise ModelError(f"checkpoint {path} has version {payload.get('version')}; this qtool reads {VERSION}")
+    return payload
+
+
+def load_checkpoint(path: Path, expect: ModelConfig | None = None) -> tuple[KDModel, dict[str, Any]]:
+    """Rebuild the model stored in ``path``.
+
+    Args:
+        path: a file written by :func:`save_checkpoint`.
+        expect: when given, the model section the caller expects; a mismatch is an error.
+    Returns:
+        (model in eval mode, payload without the state dict).
+    Raises:
+        ModelError: unreadable file, config mismatch, or weights that do not fit the config.
+    """
+    payload = read_checkpoint(path)
+    cfg = ModelConfig.model_validate({**payload["model"], "weights": "none"})
+    if expect is not None:
+        stored = ModelConfig.model_validate(payload["model"])
+        for key in ("name", "backbone", "levels"):
+            if getattr(stored, key) != getattr(expect, key):
+                raise ModelError(
+                    f"checkpoint {path} has model.{key}={getattr(stored, key)!r}, "
+                    f"the recipe asks for {getattr(expect, key)!r}"
+                )
+    model = build_model(cfg, int(payload["image_size"]))
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as e:
+        raise ModelError(f"checkpoint {path} weights do not fit its config: {str(e).splitlines()[0]}") from None
+    meta = {k: v for k, v in payload.items() if k != "state_dict"}
+    meta["data_config"] = DataConfig.model_validate(payload["data"])
+    return model.eval(), meta

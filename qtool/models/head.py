@@ -1,0 +1,73 @@
+"""The anomaly-map head shared by the bundled models, exported inside the ONNX graph.
+
+Per level a teacher-student distance map, upsampled to a common size, combined over levels
+(product as STFPM, or sum), resized to the input size; the image score is the map's maximum.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qtool.registry import Registry
+
+DISTANCES: Registry = Registry("distance")
+
+
+@DISTANCES.register("l2norm")
+def l2norm_distance(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Half squared distance of channel-L2-normalised features, (B,1,h,w) (STFPM)."""
+    return 0.5 * (F.normalize(t, dim=1) - F.normalize(s, dim=1)).pow(2).sum(dim=1, keepdim=True)
+
+
+@DISTANCES.register("cosine")
+def cosine_distance(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """One minus channel cosine similarity, (B,1,h,w) (Reverse Distillation)."""
+    return 1.0 - F.cosine_similarity(t, s, dim=1).unsqueeze(1)
+
+
+@DISTANCES.register("sqerr")
+def squared_error(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Mean squared regression error over channels, (B,1,h,w) (students regressing descriptors)."""
+    return (t - s).pow(2).mean(dim=1, keepdim=True)
+
+
+COMBINERS: Registry = Registry("level combiner")
+COMBINERS.add("product", lambda maps: torch.stack(maps, 0).prod(0))
+COMBINERS.add("sum", lambda maps: torch.stack(maps, 0).sum(0))
+
+
+class AnomalyMapHead(nn.Module):
+    """Teacher/student features -> (anomaly map (B,1,H,W), image score (B,)).
+
+    Args:
+        distance: a ``DISTANCES`` name.
+        combine: a ``COMBINERS`` name.
+        map_size: common resolution the level maps are upsampled to before combining.
+        out_size: output map resolution (the input image size).
+    """
+
+    def __init__(self, distance: str, combine: str, map_size: int, out_size: int) -> None:
+        super().__init__()
+        self.distance_name, self.combine_name = distance, combine
+        self._distance = DISTANCES.get(distance)
+        self._combine = COMBINERS.get(combine)
+        self.map_size = map_size
+        self.out_size = out_size
+
+    def level_maps(self, teacher: list[torch.Tensor], student: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-level distance maps at ``map_size``."""
+        size = (self.map_size, self.map_size)
+        return [
+            F.interpolate(self._distance(t, s), size=size, mode="bilinear", align_corners=False)
+            for t, s in zip(teacher, student)
+        ]
+
+    def forward(self, teacher: list[torch.Tensor], student: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the anomaly map at ``out_size`` and the per-image maximum as score."""
+        amap = self._combine(self.level_maps(teacher, student))
+        if self.out_size != self.map_size:
+            amap = F.interpolate(amap, size=(self.out_size, self.out_size), mode="bilinear", align_corners=False)
+        score = amap.flatten(1).amax(dim=1)
+        return amap, score

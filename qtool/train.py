@@ -1,0 +1,159 @@
+"""KD training loop: unified (one model, categories mixed in each batch) or one model per category.
+
+Checkpoints every ``train.checkpoint_every`` epochs to ``last.pt`` (with optimizer state and the
+learning curve) and resumes from it when the same recipe is run again into the same folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qtool.artifacts import write_json
+from qtool.data import ImageTransform, Sample, Splits
+from qtool.errors import ModelError
+from qtool.models import build_model, save_checkpoint
+from qtool.models.checkpoint import read_checkpoint
+from qtool.recipe import Recipe, TrainConfig
+from qtool.registry import Registry
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int], None] | None
+
+OPTIMIZERS: Registry = Registry("optimizer")
+OPTIMIZERS.add(
+    "sgd", lambda params, c: torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+)
+OPTIMIZERS.add(
+    "adam",
+    lambda params, c: torch.optim.Adam(params, lr=c.lr, betas=(0.5, 0.999), weight_decay=c.weight_decay),
+)
+
+
+@dataclass
+class TrainResult:
+    """Where a trained model landed and how training went."""
+
+    checkpoint: Path
+    category: str
+    epochs: int
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def recipe_fingerprint(recipe: Recipe) -> str:
+    """Hash of the sections that determine a training run (resume only continues an identical run)."""
+    keys = {"seed": recipe.seed, "data": recipe.data.model_dump(mode="json"),
+            "model": recipe.model.model_dump(mode="json"),
+            "train": recipe.train.model_dump(mode="json", exclude={"epochs", "num_workers", "threads"})}
+    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_images(samples: list[Sample], transform: ImageTransform, progress: Progress = None) -> torch.Tensor:
+    """Decode and preprocess ``samples`` once into one float tensor (N,3,S,S)."""
+    out = torch.empty((len(samples), 3, transform.size, transform.size), dtype=torch.float32)
+    for i, s in enumerate(samples):
+        out[i] = torch.from_numpy(transform.image(s.path))
+        if progress:
+            progress(1)
+    return out
+
+
+@torch.no_grad()
+def _mean_loss(model: torch.nn.Module, images: torch.Tensor, batch_size: int) -> float:
+    model.eval()
+    losses = [float(model.training_loss(images[i : i + batch_size])["loss"]) * len(images[i : i + batch_size])
+              for i in range(0, len(images), batch_size)]
+    return sum(losses) / max(1, len(images))
+
+
+def _resume(path: Path, fingerprint: str, model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[int, list]:
+    if not path.is_file():
+        return 0, []
+    payload = read_checkpoint(path)
+    extra = payload["extra"]
+    if extra.get("fingerprint") != fingerprint:
+        raise ModelError(f"{path} belongs to a different recipe; use a new output folder or delete it")
+    model.load_state_dict(payload["state_dict"])
+    opt.load_state_dict(extra["optimizer"])
+    log.info("resumed %s at epoch %d", path, extra["epoch"])
+    return int(extra["epoch"]), list(extra["history"])
+
+
+def fit(recipe: Recipe, train: list[Sample], holdout: list[Sample], out_dir: Path, category: str,
+        progress: Progress = None) -> TrainResult:
+    """Train one model on ``train`` normals; holdout normals give the validation loss curve.
+
+    Returns:
+        The final checkpoint ``out_dir/model.pt`` and the learning curve.
+    Raises:
+        ModelError: a ``last.pt`` from another recipe is in the way.
+    """
+    cfg: TrainConfig = recipe.train
+    torch.manual_seed(recipe.seed)
+    np.random.seed(recipe.seed)
+    torch.set_num_threads(cfg.threads)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    transform = ImageTransform(recipe.data)
+    model = build_model(recipe.model, recipe.data.image_size)
+    opt = OPTIMIZERS.get(cfg.optimizer)(list(model.trainable_parameters()), cfg)
+    fingerprint = recipe_fingerprint(recipe)
+    start, history = _resume(out_dir / "last.pt", fingerprint, model, opt)
+    images = load_images(train, transform)
+    val_images = load_images(holdout, transform) if holdout else None
+    gen = torch.Generator().manual_seed(recipe.seed)
+    for _ in range(start):  # keep the shuffling stream identical to an uninterrupted run
+        torch.randperm(len(images), generator=gen)
+    t_total = sum(h["seconds"] for h in history)
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        order = torch.randperm(len(images), generator=gen)
+        total, parts = 0.0, {}
+        for i in range(0, len(order), cfg.batch_size):
+            batch = images[order[i : i + cfg.batch_size]]
+            terms = model.training_loss(batch)
+            opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            opt.step()
+            for k, v in terms.items():
+                parts[k] = parts.get(k, 0.0) + float(v.detach()) * len(batch)
+            total += len(batch)
+            if progress:
+                progress(len(batch))
+        row = {"epoch": epoch + 1, **{f"train_{k}": v / total for k, v in parts.items()}}
+        if val_images is not None:
+            row["holdout_loss"] = _mean_loss(model, val_images, cfg.batch_size)
+        row["seconds"] = time.perf_counter() - t0
+        t_total += row["seconds"]
+        history.append(row)
+        log.info("epoch %d %s", epoch + 1, row)
+        if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+            extra = {"epoch": epoch + 1, "history": history, "optimizer": opt.state_dict(),
+                     "fingerprint": fingerprint, "category": category}
+            save_checkpoint(model, out_dir / "last.pt", recipe, extra)
+    final = save_checkpoint(model.eval(), out_dir / "model.pt", recipe,
+                            {"epoch": cfg.epochs, "history": history, "fingerprint": fingerprint,
+                             "category": category, "train_seconds": t_total})
+    write_json(out_dir / "history.json", history)
+    return TrainResult(final, category, cfg.epochs, t_total, history)
+
+
+def train(recipe: Recipe, splits: Splits, out_dir: Path, progress: Progress = None) -> list[TrainResult]:
+    """Train per ``recipe.train.mode``: one unified model, or one model per category in ``out_dir/<cat>``."""
+    out_dir = Path(out_dir)
+    if recipe.train.mode == "unified":
+        return [fit(recipe, splits.train, splits.holdout, out_dir, "all", progress)]
+    results = []
+    for cat in splits.categories():
+        sub = splits.filter(cat)
+        results.append(fit(recipe, sub.train, sub.holdout, out_dir / cat, cat, progress))
+    return results

@@ -1,0 +1,1 @@
+"""Test helpers: tiny models and graph utilities shared by the unit tests."""
