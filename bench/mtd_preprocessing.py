@@ -67,12 +67,13 @@ def main():
     ap.add_argument("--train", type=int, default=200)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--bank", type=int, default=10000)
+    ap.add_argument("--resize", default="stretch,scale")
+    ap.add_argument("--normalize", default="imagenet,per-image")
     args = ap.parse_args()
     torch.set_num_threads(2)
     extractor = build_backbone("tf_efficientnet_lite0", [1, 2, 3]).eval()
     rows = []
-    variants = [(g, n, lv) for g in ("stretch", "pad", "scale") for n in ("imagenet", "per-image")
-                for lv in ((0, 1), (1, 2))]
+    variants = [(g, n, (0, 1)) for g in args.resize.split(",") for n in args.normalize.split(",")]
     for geometry, norm, levels in variants:
         t0 = time.perf_counter()
         cfg = DataConfig(format="mtd", root=str(MTD), image_size=args.size, resize=geometry, normalize=norm)

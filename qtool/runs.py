@@ -78,3 +78,33 @@ def run_eval(model_path: Path, recipe: Recipe, out: Path | None = None, progress
     if out is not None:
         write_json(Path(out), result)
     return result
+
+
+def run_pipeline(recipe: Recipe, out_dir: Path, progress: Progress = None) -> dict[str, Any]:
+    """The main job on one recipe: train, export, PTQ, then evaluate fp32 and int8 side by side.
+
+    Writes ``summary.json`` and ``summary.md`` in ``out_dir`` (train/ and ptq/ hold each stage's run).
+    """
+    from qtool.ptq import run_ptq
+
+    out_dir = Path(out_dir)
+    trained = run_train(recipe, out_dir / "train", export=True, progress=progress)
+    rows = []
+    for m in trained["models"]:
+        sub = "" if m["category"] == "all" else f"-{m['category']}"
+        ptq = run_ptq(Path(m["onnx"]), recipe, out_dir / f"ptq{sub}", progress=progress)
+        for label, path in (("fp32", m["onnx"]), (f"int8 {recipe.ptq.calib}/{recipe.ptq.target}", ptq["output"])):
+            res = run_eval(Path(path), recipe, out_dir / f"eval{sub}-{label.split()[0]}.json", progress)
+            rows.append({"category": m["category"], "precision": label, **res["metrics"]["mean"],
+                         "ms_per_image": round(1000 * res["predict_seconds_per_image"], 2)})
+    summary = {"recipe": recipe.name, "rows": rows}
+    write_json(out_dir / "summary.json", summary)
+    keys = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "ms_per_image")
+    lines = ["| model | precision | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    for r in rows:
+        cells = [f"{r[k]:.4f}" if isinstance(r.get(k), float) else str(r.get(k)) for k in keys]
+        lines.append(f"| {r['category']} | {r['precision']} | " + " | ".join(cells) + " |")
+    (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    dump_recipe(recipe, out_dir / "recipe.yaml")
+    write_manifest(out_dir, {}, {"command": "run"})
+    return summary

@@ -80,3 +80,20 @@ def eval_cmd(model_path: str, out: str | None, data_root: str | None, data_forma
         shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
                  if k in ("image_auroc", "pixel_auroc", "aupro", "f1_max", "f1_at_threshold")}
         click.echo(f"{cat}: {shown}")
+
+
+@click.command("run")
+@click.argument("recipe_file", type=click.Path(dir_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<recipe name>).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value (repeatable).")
+@fail_cleanly
+def run_cmd(recipe_file: str, out: str | None, overrides: tuple[str, ...]) -> None:
+    """Run a recipe end to end: train, export, PTQ, evaluate fp32 vs int8; print the summary table."""
+    from qtool.runs import run_pipeline
+
+    r = build_recipe(recipe_file, overrides)
+    out_dir = Path(out or f"runs/{r.name}")
+    with TqdmProgress(r.name) as bar:
+        run_pipeline(r, out_dir, progress=bar)
+    click.echo((out_dir / "summary.md").read_text())
+    click.echo(f"report: {out_dir / 'summary.md'}")

@@ -1,5 +1,7 @@
-"""ONNX graph passes: load/save, prepare (shapes, BN fold, simplify), quantization policy and spec,
-QDQ insertion, target-profile lint, float16 conversion, and output probes for calibration.
+"""ONNX graph passes of qtool.
+
+Load/save, prepare (shapes, BN fold, simplify), quantization policy and spec, QDQ insertion,
+target-profile lint, float16 conversion, and output probes for calibration.
 """
 
 from qtool.graph.fp16 import to_fp16
@@ -18,7 +20,14 @@ from qtool.graph.policy import (
 )
 from qtool.graph.prepare import fix_input_shapes, fold_batchnorm, infer_shapes, prepare
 from qtool.graph.probe import add_outputs
-from qtool.graph.profiles import PROFILES, QuantParams, TargetProfile, get_profile, quantize_array, scale_zero_point
+from qtool.graph.profiles import (
+    PROFILES,
+    QuantParams,
+    TargetProfile,
+    get_profile,
+    quantize_array,
+    scale_zero_point,
+)
 
 __all__ = [
     "OP_RULES",

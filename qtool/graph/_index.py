@@ -1,4 +1,4 @@
-"""Read-only index of an ONNX graph (producers, consumers, initializers, element types) and small edit helpers.
+"""Read-only index of an ONNX graph (producers, consumers, initializers, types) and small edit helpers.
 
 Internal to ``qtool.graph``: the passes share it instead of each re-walking the graph.
 """

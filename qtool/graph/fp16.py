@@ -15,14 +15,17 @@ def to_fp16(
     op_block_list: Iterable[str] | None = None,
     node_block_list: Iterable[str] | None = None,
 ) -> onnx.ModelProto:
-    """Return a float16 copy of ``model`` using onnxruntime's ``convert_float_to_float16``
-    (``onnxruntime.transformers.float16``, shipped with onnxruntime).
+    """Return a float16 copy of ``model``.
+
+    Uses onnxruntime's ``convert_float_to_float16`` (``onnxruntime.transformers.float16``, shipped
+    with onnxruntime).
 
     Args:
         model: float32 model.
         keep_io_types: keep float32 graph inputs/outputs (Casts are inserted at the boundary).
         op_block_list: op types to keep in float32 (default: onnxruntime's list).
         node_block_list: node names to keep in float32.
+
     Raises:
         GraphError: the converter failed (the message has its first line).
     """
@@ -40,4 +43,6 @@ def to_fp16(
             node_block_list=list(node_block_list) if node_block_list is not None else None,
         )
     except Exception as e:  # wrap the converter's errors with context
-        raise GraphError(f"float16 conversion failed: {str(e).strip().splitlines()[0] if str(e) else e!r}") from e
+        raise GraphError(
+            f"float16 conversion failed: {str(e).strip().splitlines()[0] if str(e) else e!r}"
+        ) from e

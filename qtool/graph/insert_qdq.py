@@ -57,8 +57,10 @@ def _channel_bounds(data: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.
 
 
 def _adjust_for_bias(w_scale: np.ndarray, in_scale: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """Grow weight scales whose bias scale (input_scale * weight_scale) would overflow int32
-    (onnxruntime's _adjust_weight_scale_for_int32_bias)."""
+    """Grow weight scales whose bias scale (input_scale * weight_scale) would overflow int32.
+
+    Same rule as onnxruntime's ``_adjust_weight_scale_for_int32_bias``.
+    """
     qrange = float(_INT32.max) - float(_INT32.min + 1)
     ws = np.array(w_scale, dtype=np.float32, copy=True)
     b = bias.astype(np.float64)
@@ -82,9 +84,11 @@ def insert_qdq_report(
         spec: what to quantize (``qtool.graph.policy.build_spec``).
         ranges: ``{tensor: range}`` for every name in ``spec.tensors_to_calibrate()``; a range is any
             object with ``.lo``/``.hi`` (calibrators' TensorRange) or a ``(lo, hi)`` pair.
+
     Returns:
         (QDQ model, report): the report has per activation lo, hi, scale, zero_point, dtype, bits;
         per weight dtype, bits, axis and scale extremes; Q/DQ counts per op type; ``emulated``.
+
     Raises:
         GraphError: a missing or non-finite range (naming the tensor), or an opset below 13.
     """
@@ -114,7 +118,11 @@ def insert_qdq_report(
     def dequant(x: str, s: str, z: str, base: str, axis: int | None) -> str:
         out = scope.new(f"{base}_DequantizeLinear_Output")
         kw = {"axis": axis} if axis is not None else {}
-        nodes.append(helper.make_node("DequantizeLinear", [x, s, z], [out], scope.new(f"{base}_DequantizeLinear"), **kw))
+        nodes.append(
+            helper.make_node(
+                "DequantizeLinear", [x, s, z], [out], scope.new(f"{base}_DequantizeLinear"), **kw
+            )
+        )
         return out
 
     # activations: one Q -> DQ pair per tensor (constants are quantized offline)
@@ -126,24 +134,40 @@ def insert_qdq_report(
         scale, zp = scale_zero_point(lo, hi, p)
         s, z = const(f"{t}_scale", scale), const(f"{t}_zero_point", zp)
         if a.constant:
-            q_in = const(f"{t}_quantized", quantize_array(numpy_helper.to_array(idx.initializers[t]), scale, zp, p))
+            q_in = const(
+                f"{t}_quantized", quantize_array(numpy_helper.to_array(idx.initializers[t]), scale, zp, p)
+            )
         else:
             src = t
-            if p.emulated:  # saturate at the narrow range: QuantizeLinear would only clip at the storage range
+            if (
+                p.emulated
+            ):  # saturate at the narrow range: QuantizeLinear would only clip at the storage range
                 cmin = np.float32(scale * (p.qmin - float(zp)))
                 cmax = np.float32(scale * (p.qmax - float(zp)))
                 src = scope.new(f"{t}_QRangeClip_Output")
-                nodes.append(helper.make_node(
-                    "Clip", [t, const(f"{t}_qrange_min", cmin), const(f"{t}_qrange_max", cmax)], [src],
-                    scope.new(f"{t}_QRangeClip"),
-                ))
+                nodes.append(
+                    helper.make_node(
+                        "Clip",
+                        [t, const(f"{t}_qrange_min", cmin), const(f"{t}_qrange_max", cmax)],
+                        [src],
+                        scope.new(f"{t}_QRangeClip"),
+                    )
+                )
             q_in = scope.new(f"{t}_QuantizeLinear_Output")
-            nodes.append(helper.make_node("QuantizeLinear", [src, s, z], [q_in], scope.new(f"{t}_QuantizeLinear")))
+            nodes.append(
+                helper.make_node("QuantizeLinear", [src, s, z], [q_in], scope.new(f"{t}_QuantizeLinear"))
+            )
         dq_of[t] = dequant(q_in, s, z, t, None)
         act_scale[t] = scale
         report["tensors"][t] = {
-            "lo": lo, "hi": hi, "scale": float(scale), "zero_point": int(zp), "dtype": p.dtype, "bits": p.bits,
-            "range_of": a.range_of, "constant": a.constant,
+            "lo": lo,
+            "hi": hi,
+            "scale": float(scale),
+            "zero_point": int(zp),
+            "dtype": p.dtype,
+            "bits": p.bits,
+            "range_of": a.range_of,
+            "constant": a.constant,
         }
 
     # weights: scales first, grown where an int32 bias would overflow, then quantized offline
@@ -159,10 +183,16 @@ def insert_qdq_report(
     w_dq: dict[str, str] = {}
     for w, (p, ws, wz) in w_params.items():
         q = quantize_array(numpy_helper.to_array(idx.initializers[w]), ws, wz, p)
-        w_dq[w] = dequant(const(f"{w}_quantized", q), const(f"{w}_scale", ws), const(f"{w}_zero_point", wz), w, p.axis)
+        w_dq[w] = dequant(
+            const(f"{w}_quantized", q), const(f"{w}_scale", ws), const(f"{w}_zero_point", wz), w, p.axis
+        )
         report["weights"][w] = {
-            "dtype": p.dtype, "bits": p.bits, "axis": p.axis, "channels": int(ws.size),
-            "scale_min": float(ws.min()), "scale_max": float(ws.max()),
+            "dtype": p.dtype,
+            "bits": p.bits,
+            "axis": p.axis,
+            "channels": int(ws.size),
+            "scale_min": float(ws.min()),
+            "scale_max": float(ws.max()),
         }
 
     # biases: int32, scale = input_scale * weight_scale, zero point 0
@@ -175,10 +205,17 @@ def insert_qdq_report(
         axis = 0 if bscale.ndim == 1 else None
         base = f"{b.tensor}_quantized"
         b_dq[node_name] = dequant(
-            const(base, q), const(f"{base}_scale", bscale), const(f"{base}_zero_point", np.zeros(bscale.shape, np.int32)),
-            b.tensor, axis,
+            const(base, q),
+            const(f"{base}_scale", bscale),
+            const(f"{base}_zero_point", np.zeros(bscale.shape, np.int32)),
+            b.tensor,
+            axis,
         )
-        report["biases"][b.tensor] = {"node": node_name, "scale_min": float(bscale.min()), "scale_max": float(bscale.max())}
+        report["biases"][b.tensor] = {
+            "node": node_name,
+            "scale_min": float(bscale.min()),
+            "scale_max": float(bscale.max()),
+        }
 
     # rewire: quantized nodes read DQ outputs; float nodes too when the producer is quantized (its
     # output must feed only its Q for ORT to fuse it), else float nodes keep the original tensor

@@ -24,8 +24,10 @@ def load_model(path: str | Path, check: bool = True) -> onnx.ModelProto:
     Args:
         path: the ``.onnx`` file.
         check: run ``onnx.checker.check_model``.
+
     Returns:
         The model.
+
     Raises:
         GraphError: missing/unreadable file, bytes that are not an ONNX model, or a checker failure.
     """
@@ -56,6 +58,7 @@ def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
 
     Returns:
         The written path.
+
     Raises:
         GraphError: the model exceeds the 2 GiB protobuf limit (external data is not supported here).
     """

@@ -1,4 +1,6 @@
-"""Check a QDQ graph against a target profile: every Q/DQ's dtype, zero point, granularity, bias type,
+"""Check a QDQ graph against a target profile.
+
+Every Q/DQ's dtype, zero point, granularity, bias type,
 dangling Qs and (where the profile wants it) Q/DQ pairs that disagree. Each issue names its node.
 """
 
@@ -69,8 +71,11 @@ class _Linter:
             got = _DTYPE_NAME.get(elem, TensorProto.DataType.Name(elem).lower())
             self.issue(node, f"{role} is {got}; profile {self.prof.name!r} wants {want.dtype}")
         if want.symmetric and zp is not None and np.any(zp.astype(np.int64) != want.symmetric_zero_point):
-            self.issue(node, f"{role} zero point {zp.ravel()[:4].tolist()} is not {want.symmetric_zero_point} "
-                             f"(profile {self.prof.name!r} is symmetric)")
+            self.issue(
+                node,
+                f"{role} zero point {zp.ravel()[:4].tolist()} is not {want.symmetric_zero_point} "
+                f"(profile {self.prof.name!r} is symmetric)",
+            )
         scale = self.const(node.input[1])
         if scale is not None and not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
             self.issue(node, f"{role} scale is not finite and positive")
@@ -90,14 +95,19 @@ class _Linter:
         want_axis = weight_axis(consumer, w.ndim)
         if not self.prof.per_channel_weights:
             if scale.size != 1:
-                self.issue(node, f"weight has {scale.size} scales; profile {self.prof.name!r} wants per-tensor")
+                self.issue(
+                    node, f"weight has {scale.size} scales; profile {self.prof.name!r} wants per-tensor"
+                )
             return
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
         axis = axis + w.ndim if axis < 0 else axis
         channels = w.shape[want_axis] if w.ndim else 1
         if scale.size != channels or (scale.size > 1 and axis != want_axis):
-            self.issue(node, f"weight for {consumer.op_type} must be per-channel along axis {want_axis} "
-                             f"({channels} scales); got {scale.size} scale(s), axis {axis}")
+            self.issue(
+                node,
+                f"weight for {consumer.op_type} must be per-channel along axis {want_axis} "
+                f"({channels} scales); got {scale.size} scale(s), axis {axis}",
+            )
 
     def bias(self, node: onnx.NodeProto) -> None:
         if not self.prof.quantize_bias:
@@ -126,7 +136,9 @@ class _Linter:
                 self.activation(node)
                 users = self.idx.consumers.get(node.output[0], [])
                 if not users or any(u.op_type != "DequantizeLinear" for u, _ in users):
-                    self.issue(node, f"QuantizeLinear output {node.output[0]!r} is not read only by DequantizeLinear")
+                    self.issue(
+                        node, f"QuantizeLinear output {node.output[0]!r} is not read only by DequantizeLinear"
+                    )
             elif node.op_type == "DequantizeLinear":
                 self.dequantize(node)
         return self.issues
@@ -151,6 +163,7 @@ def lint(model: onnx.ModelProto, profile: str | TargetProfile) -> list[LintIssue
 
     Returns:
         The issues found (empty when the graph is legal for the profile).
+
     Raises:
         RegistryError: unknown profile name.
     """

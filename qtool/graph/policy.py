@@ -1,5 +1,7 @@
-"""Quantization policy: from an ONNX graph, a PtqConfig and a target profile, decide which tensors get
-Q/DQ with which params, and record why every node is quantized or kept float (the QuantSpec).
+"""Quantization policy: which tensors of a graph get Q/DQ, with which params, and why.
+
+From an ONNX graph, a PtqConfig and a target profile, build the QuantSpec: Q/DQ'd tensors with their
+params, and why every node is quantized or kept float.
 
 Placement follows onnxruntime's QDQ conventions (onnxruntime/quantization/registry.py QDQRegistry) so
 that ORT's optimizer fuses DQ -> Conv -> Q into QLinearConv, DQ -> Add -> Q into QLinearAdd, etc.
@@ -72,7 +74,9 @@ OP_RULES: dict[str, OpRule] = {
     "Unsqueeze": _PASS,
 }
 # ops that never carry float activations worth a warning when left float
-SILENT_OPS = frozenset({"Constant", "Shape", "Size", "Identity", "Cast", "ConstantOfShape", "Range", "Dropout"})
+SILENT_OPS = frozenset(
+    {"Constant", "Shape", "Size", "Identity", "Cast", "ConstantOfShape", "Range", "Dropout"}
+)
 
 
 def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
@@ -83,7 +87,7 @@ def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
 
 
 def weight_axis(node: onnx.NodeProto, rank: int) -> int:
-    """Output-channel axis of a node's weight: Conv 0, ConvTranspose 1, Gemm 0 if transB else 1, MatMul last."""
+    """Output-channel axis of a weight: Conv 0, ConvTranspose 1, Gemm 0 if transB else 1, MatMul last."""
     if node.op_type == "ConvTranspose":
         return 1
     if node.op_type == "Gemm":
@@ -95,8 +99,11 @@ def weight_axis(node: onnx.NodeProto, rank: int) -> int:
 
 @dataclass
 class ActivationSpec:
-    """One activation tensor to quantize: params, the tensor whose range sets them, and whether it is
-    a constant (an initializer, quantized offline from its own values)."""
+    """One activation tensor to quantize.
+
+    Its params, the tensor whose calibrated range sets them, and whether it is a constant (an
+    initializer, quantized offline from its own values).
+    """
 
     params: QuantParams
     range_of: str
@@ -199,15 +206,19 @@ def _float_reason(node: onnx.NodeProto, cfg: PtqConfig, part: str | None, select
     return None
 
 
-def build_spec(model: onnx.ModelProto, cfg: PtqConfig, profile: str | TargetProfile | None = None) -> QuantSpec:
+def build_spec(
+    model: onnx.ModelProto, cfg: PtqConfig, profile: str | TargetProfile | None = None
+) -> QuantSpec:
     """Decide what to quantize in ``model`` (a prepared graph with unique node names).
 
     Args:
         model: the float graph (run ``prepare`` first).
         cfg: the recipe's ptq section: parts, exclusions, bit widths, strictness.
         profile: a TargetProfile or its name; default ``cfg.target``.
+
     Returns:
         The QuantSpec, with one decision per node.
+
     Raises:
         GraphError: unnamed nodes, or with ``cfg.strict`` a node in a quantized part whose op has no rule.
         RegistryError: unknown profile name.
@@ -227,7 +238,9 @@ def build_spec(model: onnx.ModelProto, cfg: PtqConfig, profile: str | TargetProf
     unsupported: list[onnx.NodeProto] = []
 
     def decide(node: onnx.NodeProto, part: str | None, reason: str | None) -> None:
-        spec.decisions.append(NodeDecision(node.name, node.op_type, part, reason is None, reason or "quantized"))
+        spec.decisions.append(
+            NodeDecision(node.name, node.op_type, part, reason is None, reason or "quantized")
+        )
 
     for node in typed.graph.node:
         part = _part_of(node.name, cfg.part_globs)
@@ -273,7 +286,8 @@ def _quantize_node(
     slots = range(len(node.input)) if rule.inputs is None else rule.inputs
     b_slot = rule.bias if rule.bias is not None and w_slot is not None else None
     act_slots = tuple(
-        s for s in slots
+        s
+        for s in slots
         if s < len(node.input) and node.input[s] and s not in (w_slot, b_slot) and idx.is_float(node.input[s])
     )
     for s in act_slots:
@@ -307,7 +321,9 @@ def _quantize_node(
             and not spec.activations[x].constant
         ):
             spec.activations[x].range_of = out
-    spec.nodes[node.name] = QuantizedNode(node.name, node.op_type, act_slots, w_slot, b_slot if quant_bias else None)
+    spec.nodes[node.name] = QuantizedNode(
+        node.name, node.op_type, act_slots, w_slot, b_slot if quant_bias else None
+    )
 
 
 def _report_unsupported(nodes: list[onnx.NodeProto], strict: bool) -> None:
@@ -322,5 +338,9 @@ def _report_unsupported(nodes: list[onnx.NodeProto], strict: bool) -> None:
         )
     shown = ", ".join(f"{n.name} ({n.op_type})" for n in nodes[:5])
     more = f" and {len(nodes) - 5} more" if len(nodes) > 5 else ""
-    log.warning("%d node(s) in quantized parts have no quantization rule and stay float: %s%s",
-                len(nodes), shown, more)
+    log.warning(
+        "%d node(s) in quantized parts have no quantization rule and stay float: %s%s",
+        len(nodes),
+        shown,
+        more,
+    )

@@ -15,15 +15,22 @@ def add_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto
     """Return a copy of ``model`` whose graph also outputs each tensor in ``names``.
 
     Tensors that are already outputs are left as they are; graph inputs may be listed too.
-    Element types come from shape information when present (run shape inference first for
-    non-float tensors), else float32; shapes are left open.
+    Element types come from the graph's shape information (shape inference runs when a requested
+    tensor has none); shapes are left open.
 
     Raises:
         GraphError: a name is not a tensor of the graph (the message names it).
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    names = list(names)
     idx = GraphIndex(out)
+    if any(n not in idx.elem_type for n in names):
+        try:
+            typed = onnx.shape_inference.infer_shapes(out)
+            idx.elem_type.update(GraphIndex(typed).elem_type)
+        except Exception:  # types stay unknown (float32 assumed) when inference cannot run
+            pass
     known = set(idx.producer) | set(idx.graph_inputs) | set(idx.initializers)
     present = set(idx.graph_outputs)
     for name in names:

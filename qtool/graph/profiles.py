@@ -102,6 +102,7 @@ def scale_zero_point(lo: Any, hi: Any, params: QuantParams) -> tuple[np.ndarray,
 
     Returns:
         (scale as float32 array, zero point as an array of ``params.np_type``), shaped like ``lo``.
+
     Raises:
         GraphError: if a bound is NaN or infinite.
     """
@@ -127,9 +128,13 @@ def scale_zero_point(lo: Any, hi: Any, params: QuantParams) -> tuple[np.ndarray,
     return scale, zp.astype(params.np_type)
 
 
-def quantize_array(data: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, params: QuantParams) -> np.ndarray:
-    """Quantize ``data`` like onnxruntime's ``quantize_nparray`` (float32 divide, round half to even),
-    clipped to ``[params.qmin, params.qmax]``; per-channel scales are broadcast along ``params.axis``."""
+def quantize_array(
+    data: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, params: QuantParams
+) -> np.ndarray:
+    """Quantize ``data`` like onnxruntime's ``quantize_nparray`` (float32 divide, round half to even).
+
+    Values are clipped to ``[params.qmin, params.qmax]``; per-channel scales broadcast along ``params.axis``.
+    """
     data = np.asarray(data, dtype=np.float32)
     scale = np.asarray(scale, dtype=np.float32)
     zero_point = np.asarray(zero_point)
@@ -174,7 +179,9 @@ class TargetProfile:
 
     def weight(self, bits: int = 8, axis: int | None = None) -> QuantParams:
         """Weight params at ``bits``; ``axis`` is kept only when the profile wants per-channel weights."""
-        return QuantParams(self.weight_dtype, bits, self.weight_symmetric, axis if self.per_channel_weights else None)
+        return QuantParams(
+            self.weight_dtype, bits, self.weight_symmetric, axis if self.per_channel_weights else None
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able view."""

@@ -34,13 +34,15 @@ def minmax_ranges(model: onnx.ModelProto, names: list[str], feeds: list[dict[str
     lo = {n: np.inf for n in names}
     hi = {n: -np.inf for n in names}
     for f in feeds:
-        for n, v in zip(names, sess.run(names, f)):
+        for n, v in zip(names, sess.run(names, f), strict=True):
             lo[n] = min(lo[n], float(v.min()))
             hi[n] = max(hi[n], float(v.max()))
     return {n: (lo[n], hi[n]) for n in names}
 
 
-def optimized_ops(model: onnx.ModelProto, tmp: Path, level: str = "ORT_ENABLE_EXTENDED") -> list[tuple[str, str]]:
+def optimized_ops(
+    model: onnx.ModelProto, tmp: Path, level: str = "ORT_ENABLE_EXTENDED"
+) -> list[tuple[str, str]]:
     """(op_type, name) of every node after ORT's CPU graph optimisation."""
     out = tmp / "optimized.onnx"
     session(model, level, optimized=out)

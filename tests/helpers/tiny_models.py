@@ -67,8 +67,14 @@ def export_tiny(path: Path, student_act: str = "relu", batch: int = 1, dynamic: 
     x = torch.randn(batch, 3, SIZE, SIZE)
     axes = {"input": {0: "batch"}, "anomaly_map": {0: "batch"}, "score": {0: "batch"}} if dynamic else None
     torch.onnx.export(
-        model, (x,), str(path), dynamo=False, opset_version=17,
-        input_names=["input"], output_names=["anomaly_map", "score"], dynamic_axes=axes,
+        model,
+        (x,),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["input"],
+        output_names=["anomaly_map", "score"],
+        dynamic_axes=axes,
     )
     return Path(path)
 

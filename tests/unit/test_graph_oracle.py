@@ -49,14 +49,23 @@ def _ort_quantize(model: onnx.ModelProto, feeds, tmp: Path) -> onnx.ModelProto:
     src, dst = tmp / "float.onnx", tmp / "ort_qdq.onnx"
     save_model(model, src)
     quantize_static(
-        str(src), str(dst), Reader(),
-        quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-        per_channel=True, calibrate_method=CalibrationMethod.MinMax,
+        str(src),
+        str(dst),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        calibrate_method=CalibrationMethod.MinMax,
         op_types_to_quantize=sorted(OP_RULES),
         nodes_to_exclude=[n.name for n in model.graph.node if n.name.startswith("/head/")],
         # ORT by default deletes a Relu after a quantized op and lets the uint8 zero point clamp;
         # qtool keeps the node (same numbers, and ORT's optimiser removes it anyway): keep it here too.
-        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True, "QDQKeepRemovableActivations": True},
+        extra_options={
+            "ActivationSymmetric": False,
+            "WeightSymmetric": True,
+            "QDQKeepRemovableActivations": True,
+        },
     )
     return onnx.load(str(dst))
 
@@ -81,8 +90,10 @@ def test_minmax_qdq_matches_onnxruntime_quantize_static(prepared, tmp_path):
             np.testing.assert_array_equal(inits_ours[t.name], numpy_helper.to_array(t), err_msg=t.name)
 
     out_ours, out_ref = run(ours, feeds), run(theirs, feeds)
-    for a, b in zip(out_ours, out_ref):
-        np.testing.assert_allclose(a[0], b[0], atol=1e-6)  # same graph, same params: equal up to fp32 rounding
+    for a, b in zip(out_ours, out_ref, strict=True):
+        np.testing.assert_allclose(
+            a[0], b[0], atol=1e-6
+        )  # same graph, same params: equal up to fp32 rounding
     assert lint(ours, "cpu") == []
 
 
@@ -91,7 +102,9 @@ def test_every_conv_runs_as_integer_kernel_after_ort_optimisation(prepared, tmp_
     q = insert_qdq(prepared, spec, minmax_ranges(prepared, spec.tensors_to_calibrate(), calib_batches(2)))
     ops = optimized_ops(q, tmp_path)
     quantized_parts = ("/teacher/", "/student/")
-    float_convs = [name for op, name in ops if op in ("Conv", "FusedConv") and name.startswith(quantized_parts)]
+    float_convs = [
+        name for op, name in ops if op in ("Conv", "FusedConv") and name.startswith(quantized_parts)
+    ]
     assert not float_convs, f"float Conv left in quantized parts: {float_convs}"
     n_int = sum(op in ("QLinearConv", "ConvInteger") for op, _ in ops)
     assert n_int == sum(n.op_type == "Conv" for n in prepared.graph.node) == 5

@@ -1,0 +1,54 @@
+"""``qtool ptq``: post-training quantization of an ONNX model or a qtool checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from qtool.commands.common import TqdmProgress, build_recipe, fail_cleanly, recipe_options
+from qtool.commands.train import data_options
+
+
+@click.command("ptq")
+@click.option("--model", "model_path", type=click.Path(dir_okay=False), required=True,
+              help="Float ONNX model, or a qtool checkpoint (.pt) which is exported first.")
+@click.option("--calib", default=None, help="Calibrator: minmax, percentile, entropy, mse, or a plugin's name.")
+@click.option("--calib-source", default=None, help="Calibration data: train (held-out normals), random-normal, mix.")
+@click.option("--num-calib", type=int, default=None, help="Number of calibration samples.")
+@click.option("--target", default=None, help="Target profile: cpu or tensorrt.")
+@click.option("--bits", type=int, default=None, help="Bit width of weights and activations (8, 6, 4).")
+@click.option("--quantize", "part", type=click.Choice(["student", "teacher", "both"]), default=None,
+              help="Which part of the KD model is quantized.")
+@click.option("--strict", is_flag=True, default=None, help="Unsupported ops and lint findings are errors.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Run folder (required unless --dry-run).")
+@click.option("--dry-run", is_flag=True, help="Print the plan (what would be quantized) and stop.")
+@data_options
+@recipe_options
+@fail_cleanly
+def ptq_cmd(model_path: str, calib: str | None, calib_source: str | None, num_calib: int | None,
+            target: str | None, bits: int | None, part: str | None, strict: bool | None, out: str | None,
+            dry_run: bool, data_root: str | None, data_format: str | None, recipe: str | None,
+            overrides: tuple[str, ...]) -> None:
+    """Quantize a model to QDQ ONNX with a pluggable calibrator and a target profile."""
+    from qtool.errors import RecipeError
+    from qtool.ptq import run_ptq
+
+    if out is None and not dry_run:
+        raise click.UsageError("--out is required unless --dry-run")
+    r = build_recipe(recipe, overrides, {
+        "data.root": data_root, "data.format": data_format, "ptq.calib": calib,
+        "ptq.calib_data.source": calib_source, "ptq.calib_data.num_samples": num_calib, "ptq.target": target,
+        "ptq.activation_bits": bits, "ptq.weight_bits": bits, "ptq.quantize": part, "ptq.strict": strict})
+    if out is not None and Path(out).exists() and any(Path(out).iterdir()) and not dry_run:
+        if not (Path(out) / "report.json").exists():
+            raise RecipeError(f"output folder {out} exists and is not a qtool PTQ run; choose another --out")
+    with TqdmProgress("calibrate") as bar:
+        report = run_ptq(Path(model_path), r, Path(out or "."), dry_run=dry_run, progress=bar)
+    if dry_run:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"{report['output']}: {sum(report['plan']['quantized_nodes'].values())} nodes quantized, "
+               f"SQNR map {report['sqnr_db']['anomaly_map']:.1f} dB, score {report['sqnr_db']['score']:.1f} dB, "
+               f"lint issues {len(report['lint'])}, stages {report['stage_seconds']}")
