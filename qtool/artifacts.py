@@ -83,7 +83,10 @@ def write_manifest(out_dir: Path, inputs: dict[str, Path], extra: dict[str, Any]
         "versions": package_versions(),
         "python": platform.python_version(),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
-        "inputs": {k: {"path": str(v), "sha256": sha256_file(Path(v)) if Path(v).is_file() else None} for k, v in inputs.items()},
+        "inputs": {
+            k: {"path": str(v), "sha256": sha256_file(Path(v)) if Path(v).is_file() else None}
+            for k, v in inputs.items()
+        },
         "outputs": outputs,
         **(extra or {}),
     }

@@ -28,7 +28,9 @@ Progress = Callable[[int], None] | None
 class Predictor(Protocol):
     """Batch of images -> (maps (B,H,W), scores (B,))."""
 
-    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Predict maps and scores for a preprocessed batch."""
+        ...
 
 
 class TorchPredictor:

@@ -75,9 +75,10 @@ def _mean_loss(model: torch.nn.Module, images: torch.Tensor, batch_size: int) ->
     return sum(losses) / max(1, len(images))
 
 
-def _resume(path: Path, fingerprint: str, model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[int, list]:
+def _resume(path: Path, fingerprint: str, model: torch.nn.Module,
+            opt: torch.optim.Optimizer) -> tuple[int, list, dict]:
     if not path.is_file():
-        return 0, []
+        return 0, [], {}
     payload = read_checkpoint(path)
     extra = payload["extra"]
     if extra.get("fingerprint") != fingerprint:
@@ -85,7 +86,7 @@ def _resume(path: Path, fingerprint: str, model: torch.nn.Module, opt: torch.opt
     model.load_state_dict(payload["state_dict"])
     opt.load_state_dict(extra["optimizer"])
     log.info("resumed %s at epoch %d", path, extra["epoch"])
-    return int(extra["epoch"]), list(extra["history"])
+    return int(extra["epoch"]), list(extra["history"]), dict(extra.get("prepare", {}))
 
 
 def fit(recipe: Recipe, train: list[Sample], holdout: list[Sample], out_dir: Path, category: str,
@@ -106,9 +107,13 @@ def fit(recipe: Recipe, train: list[Sample], holdout: list[Sample], out_dir: Pat
     model = build_model(recipe.model, recipe.data.image_size)
     opt = OPTIMIZERS.get(cfg.optimizer)(list(model.trainable_parameters()), cfg)
     fingerprint = recipe_fingerprint(recipe)
-    start, history = _resume(out_dir / "last.pt", fingerprint, model, opt)
+    start, history, prepared = _resume(out_dir / "last.pt", fingerprint, model, opt)
     images = load_images(train, transform)
     val_images = load_images(holdout, transform) if holdout else None
+    if start == 0:  # a model-specific stage before KD (US: distil the descriptor teacher); resumed runs have it
+        prepared = model.prepare_training(images, cfg, recipe.seed)
+        if prepared:
+            log.info("prepared %s", prepared)
     gen = torch.Generator().manual_seed(recipe.seed)
     for _ in range(start):  # keep the shuffling stream identical to an uninterrupted run
         torch.randperm(len(images), generator=gen)
@@ -138,11 +143,14 @@ def fit(recipe: Recipe, train: list[Sample], holdout: list[Sample], out_dir: Pat
         log.info("epoch %d %s", epoch + 1, row)
         if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
             extra = {"epoch": epoch + 1, "history": history, "optimizer": opt.state_dict(),
-                     "fingerprint": fingerprint, "category": category}
+                     "fingerprint": fingerprint, "category": category, "prepare": prepared}
             save_checkpoint(model, out_dir / "last.pt", recipe, extra)
+    # model-specific statistics of normal data (US: map normalisation); holdout normals when there are any
+    finished = model.finish_training(val_images if val_images is not None else images, cfg)
     final = save_checkpoint(model.eval(), out_dir / "model.pt", recipe,
                             {"epoch": cfg.epochs, "history": history, "fingerprint": fingerprint,
-                             "category": category, "train_seconds": t_total})
+                             "category": category, "train_seconds": t_total, "prepare": prepared,
+                             "finish": finished})
     write_json(out_dir / "history.json", history)
     return TrainResult(final, category, cfg.epochs, t_total, history)
 

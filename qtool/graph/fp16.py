@@ -43,6 +43,4 @@ def to_fp16(
             node_block_list=list(node_block_list) if node_block_list is not None else None,
         )
     except Exception as e:  # wrap the converter's errors with context
-        raise GraphError(
-            f"float16 conversion failed: {str(e).strip().splitlines()[0] if str(e) else e!r}"
-        ) from e
+        raise GraphError(f"float16 conversion failed: {str(e).strip().splitlines()[0] if str(e) else e!r}") from e

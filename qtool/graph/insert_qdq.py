@@ -119,9 +119,7 @@ def insert_qdq_report(
         out = scope.new(f"{base}_DequantizeLinear_Output")
         kw = {"axis": axis} if axis is not None else {}
         nodes.append(
-            helper.make_node(
-                "DequantizeLinear", [x, s, z], [out], scope.new(f"{base}_DequantizeLinear"), **kw
-            )
+            helper.make_node("DequantizeLinear", [x, s, z], [out], scope.new(f"{base}_DequantizeLinear"), **kw)
         )
         return out
 
@@ -134,14 +132,10 @@ def insert_qdq_report(
         scale, zp = scale_zero_point(lo, hi, p)
         s, z = const(f"{t}_scale", scale), const(f"{t}_zero_point", zp)
         if a.constant:
-            q_in = const(
-                f"{t}_quantized", quantize_array(numpy_helper.to_array(idx.initializers[t]), scale, zp, p)
-            )
+            q_in = const(f"{t}_quantized", quantize_array(numpy_helper.to_array(idx.initializers[t]), scale, zp, p))
         else:
             src = t
-            if (
-                p.emulated
-            ):  # saturate at the narrow range: QuantizeLinear would only clip at the storage range
+            if p.emulated:  # saturate at the narrow range: QuantizeLinear would only clip at the storage range
                 cmin = np.float32(scale * (p.qmin - float(zp)))
                 cmax = np.float32(scale * (p.qmax - float(zp)))
                 src = scope.new(f"{t}_QRangeClip_Output")
@@ -154,9 +148,7 @@ def insert_qdq_report(
                     )
                 )
             q_in = scope.new(f"{t}_QuantizeLinear_Output")
-            nodes.append(
-                helper.make_node("QuantizeLinear", [src, s, z], [q_in], scope.new(f"{t}_QuantizeLinear"))
-            )
+            nodes.append(helper.make_node("QuantizeLinear", [src, s, z], [q_in], scope.new(f"{t}_QuantizeLinear")))
         dq_of[t] = dequant(q_in, s, z, t, None)
         act_scale[t] = scale
         report["tensors"][t] = {
@@ -183,9 +175,7 @@ def insert_qdq_report(
     w_dq: dict[str, str] = {}
     for w, (p, ws, wz) in w_params.items():
         q = quantize_array(numpy_helper.to_array(idx.initializers[w]), ws, wz, p)
-        w_dq[w] = dequant(
-            const(f"{w}_quantized", q), const(f"{w}_scale", ws), const(f"{w}_zero_point", wz), w, p.axis
-        )
+        w_dq[w] = dequant(const(f"{w}_quantized", q), const(f"{w}_scale", ws), const(f"{w}_zero_point", wz), w, p.axis)
         report["weights"][w] = {
             "dtype": p.dtype,
             "bits": p.bits,

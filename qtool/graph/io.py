@@ -19,7 +19,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def load_model(path: str | Path, check: bool = True) -> onnx.ModelProto:
-    """Load an ONNX model (weights inline) and run the ONNX checker on it.
+    """Load an ONNX model (external weight files beside it are read in) and run the ONNX checker.
 
     Args:
         path: the ``.onnx`` file.
@@ -45,6 +45,11 @@ def load_model(path: str | Path, check: bool = True) -> onnx.ModelProto:
         raise GraphError(f"{p} is not a valid ONNX model: {_first_line(e)}") from None
     if not model.HasField("graph") or not model.graph.node or not model.opset_import:
         raise GraphError(f"{p} is not a valid ONNX model: no graph nodes or opset (empty or not ONNX bytes)")
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        try:
+            onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
+        except (OSError, ValueError, onnx.checker.ValidationError) as e:
+            raise GraphError(f"{p}: cannot read its external weight data: {_first_line(e)}") from None
     if check:
         try:
             onnx.checker.check_model(model)

@@ -95,9 +95,7 @@ class _Linter:
         want_axis = weight_axis(consumer, w.ndim)
         if not self.prof.per_channel_weights:
             if scale.size != 1:
-                self.issue(
-                    node, f"weight has {scale.size} scales; profile {self.prof.name!r} wants per-tensor"
-                )
+                self.issue(node, f"weight has {scale.size} scales; profile {self.prof.name!r} wants per-tensor")
             return
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
         axis = axis + w.ndim if axis < 0 else axis
@@ -136,9 +134,7 @@ class _Linter:
                 self.activation(node)
                 users = self.idx.consumers.get(node.output[0], [])
                 if not users or any(u.op_type != "DequantizeLinear" for u, _ in users):
-                    self.issue(
-                        node, f"QuantizeLinear output {node.output[0]!r} is not read only by DequantizeLinear"
-                    )
+                    self.issue(node, f"QuantizeLinear output {node.output[0]!r} is not read only by DequantizeLinear")
             elif node.op_type == "DequantizeLinear":
                 self.dequantize(node)
         return self.issues

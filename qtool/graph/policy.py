@@ -72,11 +72,10 @@ OP_RULES: dict[str, OpRule] = {
     "Flatten": _PASS,
     "Squeeze": _PASS,
     "Unsqueeze": _PASS,
+    "Pad": _PASS,  # constant zero padding (tf "same" convs); zero is exact in every profile
 }
 # ops that never carry float activations worth a warning when left float
-SILENT_OPS = frozenset(
-    {"Constant", "Shape", "Size", "Identity", "Cast", "ConstantOfShape", "Range", "Dropout"}
-)
+SILENT_OPS = frozenset({"Constant", "Shape", "Size", "Identity", "Cast", "ConstantOfShape", "Range", "Dropout"})
 
 
 def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
@@ -206,9 +205,7 @@ def _float_reason(node: onnx.NodeProto, cfg: PtqConfig, part: str | None, select
     return None
 
 
-def build_spec(
-    model: onnx.ModelProto, cfg: PtqConfig, profile: str | TargetProfile | None = None
-) -> QuantSpec:
+def build_spec(model: onnx.ModelProto, cfg: PtqConfig, profile: str | TargetProfile | None = None) -> QuantSpec:
     """Decide what to quantize in ``model`` (a prepared graph with unique node names).
 
     Args:
@@ -220,11 +217,15 @@ def build_spec(
         The QuantSpec, with one decision per node.
 
     Raises:
-        GraphError: unnamed nodes, or with ``cfg.strict`` a node in a quantized part whose op has no rule.
+        GraphError: unnamed nodes, an already quantized graph, or with ``cfg.strict`` a node in a
+            quantized part whose op has no rule.
         RegistryError: unknown profile name.
     """
     prof = get_profile(profile if profile is not None else cfg.target)
     require_node_names(model)
+    done = next((n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")), None)
+    if done is not None:
+        raise GraphError(f"graph is already quantized (node {done.name!r} is {done.op_type}); give the float model")
     try:
         typed = onnx.shape_inference.infer_shapes(model)
     except Exception:  # element types are a nicety here; prepare() already ran the strict inference
@@ -238,9 +239,7 @@ def build_spec(
     unsupported: list[onnx.NodeProto] = []
 
     def decide(node: onnx.NodeProto, part: str | None, reason: str | None) -> None:
-        spec.decisions.append(
-            NodeDecision(node.name, node.op_type, part, reason is None, reason or "quantized")
-        )
+        spec.decisions.append(NodeDecision(node.name, node.op_type, part, reason is None, reason or "quantized"))
 
     for node in typed.graph.node:
         part = _part_of(node.name, cfg.part_globs)
@@ -321,9 +320,7 @@ def _quantize_node(
             and not spec.activations[x].constant
         ):
             spec.activations[x].range_of = out
-    spec.nodes[node.name] = QuantizedNode(
-        node.name, node.op_type, act_slots, w_slot, b_slot if quant_bias else None
-    )
+    spec.nodes[node.name] = QuantizedNode(node.name, node.op_type, act_slots, w_slot, b_slot if quant_bias else None)
 
 
 def _report_unsupported(nodes: list[onnx.NodeProto], strict: bool) -> None:

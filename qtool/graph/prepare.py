@@ -70,9 +70,7 @@ def fix_input_shapes(model: onnx.ModelProto, input_shape: Mapping[str, Sequence[
     names = [i.name for i in inputs]
     for name in given:
         if name not in names:
-            raise GraphError(
-                f"input shape given for unknown input {name!r}; model inputs: {', '.join(names)}"
-            )
+            raise GraphError(f"input shape given for unknown input {name!r}; model inputs: {', '.join(names)}")
     for vi in inputs:
         tt = vi.type.tensor_type
         if vi.name in given:
@@ -81,14 +79,11 @@ def fix_input_shapes(model: onnx.ModelProto, input_shape: Mapping[str, Sequence[
                 raise GraphError(f"input shape {shape} for {vi.name!r} must be positive integers")
             if tt.HasField("shape") and len(tt.shape.dim) != len(shape):
                 raise GraphError(
-                    f"input {vi.name!r} has rank {len(tt.shape.dim)} "
-                    f"but the given shape {shape} has {len(shape)}"
+                    f"input {vi.name!r} has rank {len(tt.shape.dim)} but the given shape {shape} has {len(shape)}"
                 )
             for k, (dim, want) in enumerate(zip(tt.shape.dim, shape, strict=False)):
                 if dim.HasField("dim_value") and dim.dim_value > 0 and dim.dim_value != want:
-                    raise GraphError(
-                        f"input {vi.name!r} dim {k} is {dim.dim_value}, but the given shape says {want}"
-                    )
+                    raise GraphError(f"input {vi.name!r} dim {k} is {dim.dim_value}, but the given shape says {want}")
             tt.shape.ClearField("dim")
             for want in shape:
                 tt.shape.dim.add().dim_value = want
@@ -99,8 +94,7 @@ def fix_input_shapes(model: onnx.ModelProto, input_shape: Mapping[str, Sequence[
             if not (dim.HasField("dim_value") and dim.dim_value > 0):
                 label = dim.dim_param or f"#{k}"
                 raise GraphError(
-                    f"input {vi.name!r} has dynamic dim {label!r}; "
-                    "give a calibration shape with --input-shape"
+                    f"input {vi.name!r} has dynamic dim {label!r}; give a calibration shape with --input-shape"
                 )
     if given:
         # symbolic dims elsewhere would contradict the now-static inputs; shape inference refills them
@@ -161,23 +155,17 @@ def fold_batchnorm(model: onnx.ModelProto) -> int:
         conv = idx.producer.get(x)
         if conv is None or conv.op_type != "Conv" or len(idx.consumers[x]) != 1 or x in idx.graph_outputs:
             continue
-        names = [conv.input[1], *bn.input[1:5]] + (
-            [conv.input[2]] if len(conv.input) > 2 and conv.input[2] else []
-        )
+        names = [conv.input[1], *bn.input[1:5]] + ([conv.input[2]] if len(conv.input) > 2 and conv.input[2] else [])
         if not all(n in idx.initializers for n in names):
             continue
         w = numpy_helper.to_array(idx.initializers[conv.input[1]])
-        gamma, beta, mean, var = (
-            numpy_helper.to_array(idx.initializers[n]).astype(np.float64) for n in bn.input[1:5]
-        )
+        gamma, beta, mean, var = (numpy_helper.to_array(idx.initializers[n]).astype(np.float64) for n in bn.input[1:5])
         bias = numpy_helper.to_array(idx.initializers[names[5]]).astype(np.float64) if len(names) > 5 else 0.0
         f = gamma / np.sqrt(var + float(_attr(bn, "epsilon", 1e-5)))
         w_new = (w.astype(np.float64) * f.reshape(-1, *([1] * (w.ndim - 1)))).astype(w.dtype)
         b_new = ((bias - mean) * f + beta).astype(w.dtype)
         w_name, b_name = scope.new(f"{conv.name}.weight_bnfold"), scope.new(f"{conv.name}.bias_bnfold")
-        model.graph.initializer.extend(
-            [numpy_helper.from_array(w_new, w_name), numpy_helper.from_array(b_new, b_name)]
-        )
+        model.graph.initializer.extend([numpy_helper.from_array(w_new, w_name), numpy_helper.from_array(b_new, b_name)])
         del conv.input[1:]
         conv.input.extend([w_name, b_name])
         conv.output[0] = bn.output[0]

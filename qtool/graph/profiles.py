@@ -128,9 +128,7 @@ def scale_zero_point(lo: Any, hi: Any, params: QuantParams) -> tuple[np.ndarray,
     return scale, zp.astype(params.np_type)
 
 
-def quantize_array(
-    data: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, params: QuantParams
-) -> np.ndarray:
+def quantize_array(data: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, params: QuantParams) -> np.ndarray:
     """Quantize ``data`` like onnxruntime's ``quantize_nparray`` (float32 divide, round half to even).
 
     Values are clipped to ``[params.qmin, params.qmax]``; per-channel scales broadcast along ``params.axis``.
@@ -179,9 +177,7 @@ class TargetProfile:
 
     def weight(self, bits: int = 8, axis: int | None = None) -> QuantParams:
         """Weight params at ``bits``; ``axis`` is kept only when the profile wants per-channel weights."""
-        return QuantParams(
-            self.weight_dtype, bits, self.weight_symmetric, axis if self.per_channel_weights else None
-        )
+        return QuantParams(self.weight_dtype, bits, self.weight_symmetric, axis if self.per_channel_weights else None)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able view."""

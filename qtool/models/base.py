@@ -7,11 +7,12 @@ names start with ``/teacher/``, ``/student/`` and ``/head/``; PTQ selects parts 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
-from qtool.recipe import ModelConfig
+from qtool.recipe import ModelConfig, TrainConfig
 from qtool.registry import Registry
 
 
@@ -33,6 +34,23 @@ class KDModel(nn.Module):
     def trainable_parameters(self) -> Iterable[nn.Parameter]:
         """Parameters the optimiser updates (the teacher stays frozen)."""
         return (p for n, p in self.named_parameters() if not n.startswith("teacher."))
+
+    def prepare_training(self, images: torch.Tensor, cfg: TrainConfig, seed: int = 0) -> dict[str, Any]:
+        """Stage run once before the KD epochs on the training images (default: nothing).
+
+        Models whose teacher is itself trained first (Uninformed Students' descriptor teacher)
+        do it here. Args: ``images`` (N,3,S,S) preprocessed normals, the train section, a seed.
+        Returns: JSON-able facts about the stage (logged and stored in the checkpoint).
+        """
+        return {}
+
+    def finish_training(self, images: torch.Tensor, cfg: TrainConfig) -> dict[str, Any]:
+        """Stage run once after the KD epochs on normal images (default: nothing).
+
+        Models that normalise their anomaly map with statistics of normal data compute them here.
+        Returns: JSON-able facts about the stage.
+        """
+        return {}
 
     def train(self, mode: bool = True) -> KDModel:
         """Set training mode; the frozen teacher always stays in eval mode (BatchNorm statistics)."""

@@ -33,9 +33,24 @@ def squared_error(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return (t - s).pow(2).mean(dim=1, keepdim=True)
 
 
+@DISTANCES.register("ensemble")
+def ensemble_error_variance(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Regression error of the ensemble mean and predictive variance, (B,2,h,w) (Uninformed Students).
+
+    ``t`` is the (normalised) teacher descriptor (B,C,h,w), ``s`` the stacked student outputs
+    (B,K,C,h,w). Channel 0: mean over channels of ``(mean_k s_k - t)^2``; channel 1: mean over
+    channels of the population variance over the K students.
+    """
+    mean = s.mean(dim=1)
+    err = (mean - t).pow(2).mean(dim=1, keepdim=True)
+    var = (s - mean.unsqueeze(1)).pow(2).mean(dim=1).mean(dim=1, keepdim=True)
+    return torch.cat([err, var], dim=1)
+
+
 COMBINERS: Registry = Registry("level combiner")
 COMBINERS.add("product", lambda maps: torch.stack(maps, 0).prod(0))
 COMBINERS.add("sum", lambda maps: torch.stack(maps, 0).sum(0))
+COMBINERS.add("mean", lambda maps: torch.stack(maps, 0).mean(0))
 
 
 class AnomalyMapHead(nn.Module):

@@ -40,9 +40,7 @@ def minmax_ranges(model: onnx.ModelProto, names: list[str], feeds: list[dict[str
     return {n: (lo[n], hi[n]) for n in names}
 
 
-def optimized_ops(
-    model: onnx.ModelProto, tmp: Path, level: str = "ORT_ENABLE_EXTENDED"
-) -> list[tuple[str, str]]:
+def optimized_ops(model: onnx.ModelProto, tmp: Path, level: str = "ORT_ENABLE_EXTENDED") -> list[tuple[str, str]]:
     """(op_type, name) of every node after ORT's CPU graph optimisation."""
     out = tmp / "optimized.onnx"
     session(model, level, optimized=out)

@@ -91,9 +91,7 @@ def test_minmax_qdq_matches_onnxruntime_quantize_static(prepared, tmp_path):
 
     out_ours, out_ref = run(ours, feeds), run(theirs, feeds)
     for a, b in zip(out_ours, out_ref, strict=True):
-        np.testing.assert_allclose(
-            a[0], b[0], atol=1e-6
-        )  # same graph, same params: equal up to fp32 rounding
+        np.testing.assert_allclose(a[0], b[0], atol=1e-6)  # same graph, same params: equal up to fp32 rounding
     assert lint(ours, "cpu") == []
 
 
@@ -102,9 +100,7 @@ def test_every_conv_runs_as_integer_kernel_after_ort_optimisation(prepared, tmp_
     q = insert_qdq(prepared, spec, minmax_ranges(prepared, spec.tensors_to_calibrate(), calib_batches(2)))
     ops = optimized_ops(q, tmp_path)
     quantized_parts = ("/teacher/", "/student/")
-    float_convs = [
-        name for op, name in ops if op in ("Conv", "FusedConv") and name.startswith(quantized_parts)
-    ]
+    float_convs = [name for op, name in ops if op in ("Conv", "FusedConv") and name.startswith(quantized_parts)]
     assert not float_convs, f"float Conv left in quantized parts: {float_convs}"
     n_int = sum(op in ("QLinearConv", "ConvInteger") for op, _ in ops)
     assert n_int == sum(n.op_type == "Conv" for n in prepared.graph.node) == 5

@@ -35,9 +35,7 @@ def test_integer_ranges(params, qmin, qmax):
     assert (params.qmin, params.qmax) == (qmin, qmax)
 
 
-@pytest.mark.parametrize(
-    "symmetric,dtype", [(False, "uint8"), (True, "int8"), (True, "uint8"), (False, "int8")]
-)
+@pytest.mark.parametrize("symmetric,dtype", [(False, "uint8"), (True, "int8"), (True, "uint8"), (False, "int8")])
 def test_scale_zero_point_is_onnxruntime_compute_scale_zp(symmetric, dtype):
     from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType
 

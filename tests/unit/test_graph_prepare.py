@@ -62,9 +62,7 @@ def test_prepare_keeps_names_and_folds_constants(tmp_path):
     before = {n.name for n in m.graph.node if n.op_type != "Constant"}
     after = {n.name for n in p.graph.node}
     assert after <= before, f"new names: {after - before}"
-    assert {
-        n.name for n in m.graph.node if n.op_type in ("Conv", "Relu", "Add", "MaxPool", "Resize")
-    } <= after
+    assert {n.name for n in m.graph.node if n.op_type in ("Conv", "Relu", "Add", "MaxPool", "Resize")} <= after
     assert not any(n.op_type == "Constant" for n in p.graph.node)
     assert {v.name for v in p.graph.value_info} >= {"/student/Add_output_0"}
     feeds = calib_batches(1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -30,8 +32,12 @@ def _qdq(prepared, ranges, target="cpu", **cfg):
 
 
 def test_tensorrt_graph_is_int8_symmetric_and_lints_clean(prepared, ranges):
-    q, _ = _qdq(prepared, ranges, "tensorrt")
+    q, report = _qdq(prepared, ranges, "tensorrt")
     assert lint(q, "tensorrt") == []
+    json.dumps(report)
+    json.dumps(build_spec(prepared, PtqConfig(target="tensorrt")).to_dict())
+    with pytest.raises(GraphError, match="already quantized"):
+        build_spec(q, PtqConfig())
     inits = {t.name: t for t in q.graph.initializer}
     qdq = [n for n in q.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     assert len(qdq) > 20
@@ -39,11 +45,7 @@ def test_tensorrt_graph_is_int8_symmetric_and_lints_clean(prepared, ranges):
         zp = inits[n.input[2]]
         assert zp.data_type == TensorProto.INT8 and not numpy_helper.to_array(zp).any(), n.name
     assert all(
-        n.input[2] == b
-        for n in q.graph.node
-        if n.op_type == "Conv"
-        for b in [n.input[2]]
-        if b.endswith("bias")
+        n.input[2] == b for n in q.graph.node if n.op_type == "Conv" for b in [n.input[2]] if b.endswith("bias")
     ), "TensorRT keeps bias float"
     a, b = run(prepared, calib_batches(1)), run(q, calib_batches(1))
     np.testing.assert_allclose(a[0][0], b[0][0], atol=0.05)
@@ -60,9 +62,7 @@ def test_lint_names_hand_made_violations(prepared, ranges):
     q.graph.initializer.append(numpy_helper.from_array(np.array(3, np.uint8), "bad_zp"))
     node.input[2] = "bad_zp"
     # 2. a dangling Q
-    q.graph.node.append(
-        helper.make_node("QuantizeLinear", ["input", node.input[1]], ["dangling"], "dangling_Q")
-    )
+    q.graph.node.append(helper.make_node("QuantizeLinear", ["input", node.input[1]], ["dangling"], "dangling_Q"))
     issues = lint(q, "tensorrt")
     msgs = {(i.node, i.message) for i in issues}
     assert (node.name, "activation is uint8; profile 'tensorrt' wants int8") in msgs
@@ -75,11 +75,7 @@ def test_lint_names_hand_made_violations(prepared, ranges):
 
 def test_lint_checks_weight_granularity(prepared, ranges):
     q, _ = _qdq(prepared, ranges, "cpu")
-    dq = next(
-        n
-        for n in q.graph.node
-        if n.op_type == "DequantizeLinear" and n.input[0] == "teacher.2.weight_quantized"
-    )
+    dq = next(n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "teacher.2.weight_quantized")
     for a in dq.attribute:
         if a.name == "axis":
             a.i = 1
@@ -102,9 +98,7 @@ def test_4bit_is_emulated_with_17x_scales_and_narrow_integers(prepared, ranges):
     assert r4["emulated"] and not r8["emulated"]
     for t, rep in r4["tensors"].items():
         if rep["scale"] != 1.0:  # all-zero ranges keep scale 1
-            np.testing.assert_allclose(
-                rep["scale"] / r8["tensors"][t]["scale"], 255 / 15, rtol=1e-5, err_msg=t
-            )
+            np.testing.assert_allclose(rep["scale"] / r8["tensors"][t]["scale"], 255 / 15, rtol=1e-5, err_msg=t)
         assert 0 <= rep["zero_point"] <= 15
     for w, rep in r4["weights"].items():
         np.testing.assert_allclose(rep["scale_max"] / r8["weights"][w]["scale_max"], 127 / 7, rtol=1e-5)

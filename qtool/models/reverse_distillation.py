@@ -1,0 +1,171 @@
+"""Reverse Distillation (Deng & Li 2022): frozen encoder, one-class bottleneck (OCBE), decoder student.
+
+Sized from the encoder's channel list (EfficientNet-Lite0 [24,40,112], ResNet-18 [64,128,256],
+WideResNet-50-2 [256,512,1024]); the levels must double in stride (4, 8, 16 for levels 1..3).
+- OCBE (multi-scale fusion): each shallower level goes through strided 3x3 conv + BN + ReLU steps
+  (channels c_i -> c_{i+1} -> ... -> c_last, as the original 256->512->1024) to the deepest level's
+  resolution; the levels are concatenated (3*c_last) and ``ocbe_blocks`` (default 1) bottleneck
+  residual blocks, the first with stride 2, give the compact embedding (``embed_channels``,
+  default 2*c_last, the original's 2048 for WRN-50 and 512 for ResNet-18).
+- Decoder (the student's second half), deepest level first: per level one upsampling residual block
+  (ConvTranspose2d k2 s2 + BN + ReLU + 3x3 conv + BN, shortcut ConvTranspose2d k2 s2 + BN, ReLU)
+  then a linear 1x1 conv to the teacher level's channels. The linear output is our change: teachers
+  such as EfficientNet-Lite0 emit signed features that a ReLU output could not match in direction.
+- Loss: per level, 1 - cosine similarity over channels at every position, averaged over positions
+  and batch, summed over levels. (The original takes one cosine of the flattened per-sample vectors;
+  the per-position form is the one the anomaly map uses, so training and scoring agree.)
+- Map: per level 1 - cosine over channels, bilinearly upsampled to the input size, summed over
+  levels (the original); score = map maximum. The original's evaluation-time Gaussian blur
+  (sigma 4) is not applied.
+The trainable OCBE and decoder both live in ``student`` so "student" is every trainable inference part.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qtool.errors import ModelError
+from qtool.models.backbones import build_backbone
+from qtool.models.base import MODELS, KDModel, freeze
+from qtool.models.head import AnomalyMapHead, cosine_distance
+from qtool.recipe import ModelConfig
+
+
+def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout)]
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck residual block (1x1, 3x3 with ``stride``, 1x1), projection shortcut when needed."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        mid = max(1, cout // 4)
+        self.body = nn.Sequential(*_conv_bn(cin, mid, 1), nn.ReLU(), *_conv_bn(mid, mid, 3, stride), nn.ReLU(),
+                                  *_conv_bn(mid, cout, 1))
+        self.shortcut = (nn.Sequential(*_conv_bn(cin, cout, 1, stride)) if stride != 1 or cin != cout
+                         else nn.Identity())
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Residual sum, then ReLU."""
+        return self.relu(self.body(x) + self.shortcut(x))
+
+
+class Ocbe(nn.Module):
+    """One-class bottleneck embedding: multi-scale feature fusion + residual block(s) with stride 2."""
+
+    def __init__(self, channels: list[int], embed: int, blocks: int = 1) -> None:
+        super().__init__()
+        last = len(channels) - 1
+        self.down = nn.ModuleList()
+        for i in range(last):
+            steps: list[nn.Module] = []
+            for j in range(i, last):
+                steps += [*_conv_bn(channels[j], channels[j + 1], 3, 2), nn.ReLU()]
+            self.down.append(nn.Sequential(*steps))
+        fused = channels[-1] * len(channels)
+        self.blocks = nn.Sequential(Bottleneck(fused, embed, 2), *(Bottleneck(embed, embed) for _ in range(blocks - 1)))
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """Encoder features (shallow to deep) -> embedding at half the deepest resolution."""
+        fused = torch.cat([d(f) for d, f in zip(self.down, feats[:-1])] + [feats[-1]], dim=1)
+        return self.blocks(fused)
+
+
+class UpBlock(nn.Module):
+    """Upsampling residual block: ConvTranspose2d(k2, s2) main path and shortcut, BN, ReLU."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.ConvTranspose2d(cin, cout, 2, 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+                                  *_conv_bn(cout, cout, 3))
+        self.shortcut = nn.Sequential(nn.ConvTranspose2d(cin, cout, 2, 2, bias=False), nn.BatchNorm2d(cout))
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Double the resolution."""
+        return self.relu(self.body(x) + self.shortcut(x))
+
+
+class Decoder(nn.Module):
+    """Reverse of the encoder: one upsampling block per level (deep to shallow) and a linear 1x1 output."""
+
+    def __init__(self, channels: list[int], embed: int) -> None:
+        super().__init__()
+        ups, outs, cin = [], [], embed
+        for c in reversed(channels):
+            ups.append(UpBlock(cin, c))
+            outs.append(nn.Conv2d(c, c, 1))
+            cin = c
+        self.ups = nn.ModuleList(ups)
+        self.outs = nn.ModuleList(outs)
+
+    def forward(self, z: torch.Tensor) -> list[torch.Tensor]:
+        """Embedding -> reconstructed encoder features, shallow to deep (the teacher's order)."""
+        feats = []
+        for up, out in zip(self.ups, self.outs):
+            z = up(z)
+            feats.append(out(z))
+        return feats[::-1]
+
+
+class RdStudent(nn.Module):
+    """The trainable inference part: OCBE then decoder."""
+
+    def __init__(self, channels: list[int], embed: int, blocks: int) -> None:
+        super().__init__()
+        self.ocbe = Ocbe(channels, embed, blocks)
+        self.decoder = Decoder(channels, embed)
+
+    def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Teacher features -> reconstructed teacher features."""
+        return self.decoder(self.ocbe(feats))
+
+
+def _check_geometry(reductions: list[int], image_size: int, backbone: str) -> None:
+    for a, b in zip(reductions, reductions[1:]):
+        if b != 2 * a:
+            raise ModelError(f"rd needs encoder levels that double in stride; {backbone} levels have {reductions}")
+    unit = 2 * reductions[-1]
+    if image_size % unit:
+        raise ModelError(f"rd with strides {reductions} needs image_size divisible by {unit}, got {image_size}")
+
+
+class ReverseDistillation(KDModel):
+    """Reverse Distillation; options: ``embed_channels`` (default 2*c_last), ``ocbe_blocks`` (default 1)."""
+
+    OPTIONS = ("embed_channels", "ocbe_blocks")
+
+    def __init__(self, cfg: ModelConfig, image_size: int) -> None:
+        super().__init__()
+        unknown = sorted(set(cfg.options) - set(self.OPTIONS))
+        if unknown:
+            raise ModelError(f"unknown rd option {unknown[0]!r}; allowed: {', '.join(self.OPTIONS)}")
+        self.teacher = freeze(build_backbone(cfg.backbone, cfg.levels, cfg.weights))
+        channels, reductions = self.teacher.channels, self.teacher.reductions
+        _check_geometry(reductions, image_size, cfg.backbone)
+        embed = int(cfg.options.get("embed_channels", 2 * channels[-1]))
+        blocks = int(cfg.options.get("ocbe_blocks", 1))
+        if embed < 1 or blocks < 1:
+            raise ModelError(f"rd options embed_channels={embed} and ocbe_blocks={blocks} must be >= 1")
+        self.student = RdStudent(channels, embed, blocks)
+        self.head = AnomalyMapHead("cosine", "sum", map_size=image_size, out_size=image_size)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference graph: encoder, OCBE + decoder, cosine-distance head."""
+        feats = self.teacher(x)
+        return self.head(feats, self.student(feats))
+
+    def training_loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Sum over levels of the mean per-position cosine distance."""
+        with torch.no_grad():
+            feats = self.teacher(x)
+        recon = self.student(feats)
+        terms = {f"cos{i}": cosine_distance(t, s).mean() for i, (t, s) in enumerate(zip(feats, recon))}
+        terms["loss"] = sum(terms.values())
+        return terms
+
+
+MODELS.add("rd", ReverseDistillation)
