@@ -48,6 +48,10 @@ class DataConfig(Section):
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     split_seed: int = 0
     synth: SynthConfig = Field(default_factory=SynthConfig)
+    include: list[DataConfig] = Field(default_factory=list)
+
+
+DataConfig.model_rebuild()
 
 
 class DcamConfig(Section):
@@ -138,6 +142,23 @@ class PtqConfig(Section):
         return v
 
 
+class QatConfig(Section):
+    """Quantization-aware distillation (``qtool qat``): the student fine-tuned under the PTQ spec's fake-quant."""
+
+    epochs: int = Field(3, ge=0)
+    batch_size: int = Field(8, ge=1)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.004, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    freeze_epochs: int = Field(1, ge=0)
+    learnable_scales: bool = True
+    scale_lr: float = Field(1e-3, gt=0.0)
+    observer_momentum: float = Field(0.01, ge=0.0, le=1.0)
+    init_from: str | None = None
+    checkpoint_every: int = Field(1, ge=1)
+
+
 class EvalConfig(Section):
     """Evaluation settings."""
 
@@ -158,6 +179,7 @@ class Recipe(Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
     ptq: PtqConfig = Field(default_factory=PtqConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    qat: QatConfig = Field(default_factory=QatConfig)
 
     @field_validator("version")
     @classmethod

@@ -9,6 +9,7 @@ import dataclasses
 import datetime as _dt
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -28,12 +29,14 @@ class BenchOptions:
     """Everything a run can be asked for; each backend reads the fields it understands.
 
     ``iterations`` None means automatic: at least ``min_iterations`` timed runs and ``min_time_s``
-    seconds (capped at ``max_time_s``); a number means exactly that many timed runs.
+    seconds (capped at ``max_time_s``); a number means exactly that many timed runs (trtexec: at
+    least). ``warmup`` counts runs (cpu, cuda); trtexec warms up for ``warmup_ms``.
     """
 
     threads: int | None = None
     iterations: int | None = None
     warmup: int = 10
+    warmup_ms: float = 500.0
     min_iterations: int = 100
     min_time_s: float = 2.0
     max_time_s: float = 60.0
@@ -74,6 +77,9 @@ class BenchResult:
 
     ``throughput_ips`` is images per second (batch x inferences per second); ``simulated`` is True
     when any measuring tool was a stand-in, in which case the numbers describe nothing real.
+    ``peak_rss_mb`` (cpu) is the measuring process's peak RSS, runtime included (``extra`` holds the
+    part added by the session); ``device_memory_mb`` is GPU memory (cuda) or the Jetson's peak
+    system RAM in use (shared by its CPU and GPU).
     """
 
     device: str
@@ -119,8 +125,8 @@ class Backend(Protocol):
 
     def __init__(self, options: BenchOptions) -> None: ...
 
-    def run(self, model: Path, batch: int | None) -> BenchResult:
-        """Measure ``model`` at ``batch`` (None: the model's own fixed batch, else 1).
+    def run(self, model: Path, batches: Sequence[int | None]) -> list[BenchResult]:
+        """Measure ``model`` at each batch size (None: the model's own fixed batch, else 1).
 
         Raises:
             BackendError: one line naming what is missing or failed.
@@ -199,6 +205,8 @@ def model_facts(path: Path) -> ModelFacts:
         shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim)
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)).name
         inputs.append(InputSpec(vi.name, shape, dtype))
+    if not inputs:
+        raise GraphError(f"model {path} has no graph inputs to feed")
     has_qdq = any(n.op_type in QDQ_OPS for n in model.graph.node)
     return ModelFacts(path, path.stat().st_size, sha256_file(path), inputs, has_qdq)
 

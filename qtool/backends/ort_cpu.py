@@ -12,6 +12,7 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -34,8 +35,12 @@ class OrtCpuBackend:
     def __init__(self, options: BenchOptions) -> None:
         self.options = options
 
-    def run(self, model: Path, batch: int | None) -> BenchResult:
-        """Measure ``model`` at ``batch``; see :class:`~qtool.backends.base.Backend`.
+    def run(self, model: Path, batches: Sequence[int | None]) -> list[BenchResult]:
+        """Measure ``model`` at each batch; see :class:`~qtool.backends.base.Backend`."""
+        return [self.run_one(Path(model), b) for b in batches]
+
+    def run_one(self, model: Path, batch: int | None) -> BenchResult:
+        """Measure ``model`` at one batch size.
 
         Raises:
             BackendError: a precision other than the model's own, a failed or timed-out worker.
@@ -48,8 +53,6 @@ class OrtCpuBackend:
         if precision != stored:
             raise BackendError(f"the cpu backend runs the model as stored ({stored}); precision {precision!r} "
                                f"needs a {precision} model (qtool ptq for int8)")
-        if not facts.inputs:
-            raise BackendError(f"model {model} has no graph inputs to feed")
         fixed = facts.inputs[0].fixed_batch
         batch = batch or fixed or 1
         for spec in facts.inputs:

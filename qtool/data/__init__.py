@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from qtool.data import real_textures  # noqa: F401  (registers brick, grass, gravel)
 from qtool.data.datasets import DATASETS, iter_batches, load_splits, read_synth
 from qtool.data.listing import IMAGE_EXTENSIONS, list_images
 from qtool.data.mtd import read_mtd, split_free

@@ -7,6 +7,7 @@ and is re-exported lazily from here and from :mod:`qtool.data`.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,8 +48,24 @@ def load_splits(cfg: DataConfig) -> Splits:
         DataError: unreadable layout, empty split, or a file in two splits.
     """
     splits = DATASETS.get(cfg.format)(cfg)
+    for sub in cfg.include:
+        splits = merge_splits(splits, DATASETS.get(sub.format)(sub))
     splits.check()
     return splits
+
+
+def merge_splits(a: Splits, b: Splits) -> Splits:
+    """One multi-class dataset from two (``data.include``); category names must not collide.
+
+    Raises:
+        DataError: a category present in both.
+    """
+    clash = sorted(set(a.categories()) & set(b.categories()))
+    if clash:
+        raise DataError(f"included dataset at {b.root} repeats category {clash[0]!r}")
+    roots = [str(r) for r in (a.root, b.root) if r is not None]
+    root = Path(os.path.commonpath([str(Path(r).resolve()) for r in roots])) if len(roots) == 2 else None
+    return Splits(train=[*a.train, *b.train], holdout=[*a.holdout, *b.holdout], test=[*a.test, *b.test], root=root)
 
 
 def iter_batches(

@@ -70,7 +70,8 @@ class Ocbe(nn.Module):
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         """Encoder features (shallow to deep) -> embedding at half the deepest resolution."""
-        fused = torch.cat([d(f) for d, f in zip(self.down, feats[:-1])] + [feats[-1]], dim=1)
+        n = len(self.down)  # index, never iterate, ``feats``: torch.fx traces the student on its own (QAT)
+        fused = torch.cat([self.down[i](feats[i]) for i in range(n)] + [feats[n]], dim=1)
         return self.blocks(fused)
 
 

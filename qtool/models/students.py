@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ from qtool.errors import ModelError
 from qtool.models.base import MODELS, KDModel, freeze
 from qtool.models.head import AnomalyMapHead, ensemble_error_variance
 from qtool.recipe import ModelConfig, TrainConfig
+from qtool.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +46,12 @@ PATCH_NETS: dict[int, list[tuple[int, int, float]]] = {
     17: [(5, 1, 0.5), (5, 2, 1.0), (3, 1, 1.0), (3, 2, 2.0)],
     33: [(5, 1, 0.5), (5, 2, 1.0), (3, 1, 1.0), (3, 2, 2.0), (3, 1, 2.0), (3, 1, 2.0)],
 }
-DEFAULTS: dict[str, Any] = {"n_students": 3, "patch_sizes": [17], "width": 64, "descriptor_dim": 128,
-                            "teacher_epochs": 10, "teacher_lr": 1e-3, "compact_weight": 0.0}
+# ReLU by default: Conv+ReLU fuses in int8 backends; "leaky_relu" is the paper's (slope 5e-3)
+ACTIVATIONS: Registry[Callable[[], nn.Module]] = Registry("us activation")
+ACTIVATIONS.add("relu", nn.ReLU)
+ACTIVATIONS.add("leaky_relu", lambda: nn.LeakyReLU(0.005))
+DEFAULTS: dict[str, Any] = {"n_students": 3, "patch_sizes": [17], "width": 32, "descriptor_dim": 128,
+                            "activation": "relu", "teacher_epochs": 10, "teacher_lr": 1e-3, "compact_weight": 0.0}
 
 
 def receptive_field(layers: list[tuple[int, int, float]]) -> tuple[int, int]:
@@ -57,13 +63,13 @@ def receptive_field(layers: list[tuple[int, int, float]]) -> tuple[int, int]:
     return rf, jump
 
 
-def descriptor_net(patch: int, width: int, dim: int) -> nn.Sequential:
+def descriptor_net(patch: int, width: int, dim: int, activation: str = "relu") -> nn.Sequential:
     """FCN mapping an image to ``dim``-channel descriptors of ``patch`` x ``patch`` patches at stride 4."""
     layers: list[nn.Module] = []
     cin = 3
     for k, s, mult in PATCH_NETS[patch]:
         cout = max(1, int(width * mult))
-        layers += [nn.Conv2d(cin, cout, k, s, k // 2), nn.LeakyReLU(0.005)]
+        layers += [nn.Conv2d(cin, cout, k, s, k // 2), ACTIVATIONS.get(activation)()]
         cin = cout
     layers.append(nn.Conv2d(cin, dim, 1))
     return nn.Sequential(*layers)
@@ -72,9 +78,9 @@ def descriptor_net(patch: int, width: int, dim: int) -> nn.Sequential:
 class DescriptorTeacher(nn.Module):
     """One descriptor FCN per patch size; outputs descriptors standardised with stored statistics."""
 
-    def __init__(self, patch_sizes: list[int], width: int, dim: int) -> None:
+    def __init__(self, patch_sizes: list[int], width: int, dim: int, activation: str) -> None:
         super().__init__()
-        self.nets = nn.ModuleList(descriptor_net(p, width, dim) for p in patch_sizes)
+        self.nets = nn.ModuleList(descriptor_net(p, width, dim, activation) for p in patch_sizes)
         self.register_buffer("mean", torch.zeros(len(patch_sizes), 1, dim, 1, 1))
         self.register_buffer("std", torch.ones(len(patch_sizes), 1, dim, 1, 1))
 
@@ -90,9 +96,9 @@ class DescriptorTeacher(nn.Module):
 class StudentEnsemble(nn.Module):
     """``n`` students per patch size, each the teacher's architecture with its own random init."""
 
-    def __init__(self, patch_sizes: list[int], n: int, width: int, dim: int) -> None:
+    def __init__(self, patch_sizes: list[int], n: int, width: int, dim: int, activation: str) -> None:
         super().__init__()
-        self.scales = nn.ModuleList(nn.ModuleList(descriptor_net(p, width, dim) for _ in range(n))
+        self.scales = nn.ModuleList(nn.ModuleList(descriptor_net(p, width, dim, activation) for _ in range(n))
                                     for p in patch_sizes)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -160,8 +166,10 @@ class UninformedStudents(KDModel):
         self.stride = receptive_field(PATCH_NETS[sizes[0]])[1]
         if image_size % self.stride:
             raise ModelError(f"us needs image_size divisible by {self.stride}, got {image_size}")
-        self.teacher = freeze(DescriptorTeacher(sizes, width, dim))
-        self.student = StudentEnsemble(sizes, int(self.opts["n_students"]), width, dim)
+        act = str(self.opts["activation"])
+        ACTIVATIONS.get(act)  # unknown name: RegistryError listing the allowed ones
+        self.teacher = freeze(DescriptorTeacher(sizes, width, dim, act))
+        self.student = StudentEnsemble(sizes, int(self.opts["n_students"]), width, dim, act)
         self.head = EnsembleHead(len(sizes), image_size // self.stride, image_size)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,8 +221,10 @@ class UninformedStudents(KDModel):
             return torch.cat([F.interpolate(f, size=(size, size), mode="bilinear", align_corners=False)
                               for f in feats], dim=1)
 
-        with torch.no_grad():  # per-channel standardisation of the regression target, from up to 64 images
-            sample = torch.cat([target(images[idx]) for idx in _batches(min(64, len(images)), batch_size)])
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():  # per-channel standardisation of the regression target, from up to 64 random images
+            pick = torch.randperm(len(images), generator=gen)[:64]
+            sample = torch.cat([target(images[pick[idx]]) for idx in _batches(len(pick), batch_size)])
             t_mean = sample.mean(dim=(0, 2, 3), keepdim=True)
             t_std = sample.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
         dim = self.teacher.mean.shape[2]
@@ -222,7 +232,6 @@ class UninformedStudents(KDModel):
         self.teacher.requires_grad_(True)
         params = list(self.teacher.parameters()) + list(projections.parameters())
         opt = torch.optim.Adam(params, lr=float(self.opts["teacher_lr"]))
-        gen = torch.Generator().manual_seed(seed)
         weight = float(self.opts["compact_weight"])
         losses = []
         for epoch in range(int(self.opts["teacher_epochs"])):

@@ -1,0 +1,151 @@
+"""fp32 comparison of the bundled KD models (STFPM, RD, US) on MTD: accuracy, ORT latency, size.
+
+For each model: a trained checkpoint (``--checkpoint NAME=PATH``) or, with ``--train``, a run of
+``recipes/mtd_<name>.yaml`` into ``--work/<name>`` (resumes from its ``last.pt``); then ONNX export
+(parity checked), fp32 evaluation of the ONNX model with ONNX Runtime (image AUROC, pixel AUROC,
+AUPRO on the recipe's test split), latency (batch 1, ``--threads`` intra-op threads, warmup, median
+of ``--iters`` runs) and size (ONNX file, parameters per part).
+
+Run: .venv/bin/python bench/mtd_models.py --train [--models stfpm,rd,us] [--set key=value ...]
+Writes bench/results/mtd_models.{json,md} (``--out`` to write elsewhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from qtool.artifacts import package_versions, write_json
+from qtool.modelio import open_model
+from qtool.recipe import load_recipe
+from qtool.runs import run_eval, run_export, run_train
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
+
+
+def ort_latency_ms(path: Path, size: int, threads: int, warmup: int, iters: int) -> dict[str, float]:
+    """Median / min / p90 milliseconds of one batch-1 ONNX Runtime CPU run on a fixed random image."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    feed = {sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal((1, 3, size, size), np.float32)}
+    for _ in range(warmup):
+        sess.run(None, feed)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        times.append(1000 * (time.perf_counter() - t0))
+    times.sort()
+    return {"median_ms": round(statistics.median(times), 2), "min_ms": round(times[0], 2),
+            "p90_ms": round(times[min(len(times) - 1, int(0.9 * len(times)))], 2)}
+
+
+def checkpoint_for(name: str, args: argparse.Namespace, given: dict[str, str], overrides: list[str]) -> Path:
+    """The model's checkpoint: given on the command line, or trained (resumed) into the work folder."""
+    if name in given:
+        return Path(given[name])
+    if not args.train:
+        sys.exit(f"error: no checkpoint for {name}; pass --checkpoint {name}=PATH or --train")
+    recipe = load_recipe(Path(args.recipe_dir) / f"mtd_{name}.yaml", overrides)
+    summary = run_train(recipe, Path(args.work) / name, export=False)
+    if len(summary["models"]) != 1:
+        sys.exit(f"error: {name} trained {len(summary['models'])} models; this benchmark needs train.mode=unified")
+    return Path(summary["models"][0]["checkpoint"])
+
+
+def bench_model(name: str, ckpt: Path, args: argparse.Namespace, overrides: list[str]) -> dict:
+    """Export, evaluate and time one model."""
+    recipe = load_recipe(Path(args.recipe_dir) / f"mtd_{name}.yaml", overrides)
+    opened = open_model(ckpt)
+    model, size = opened.torch_model, int(opened.data["image_size"])
+    onnx_path = Path(args.work) / name / "bench.onnx"
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    exported = run_export(ckpt, onnx_path, recipe)
+    result = run_eval(onnx_path, recipe)
+    extra = opened_extra(ckpt)
+    params = {part: sum(p.numel() for p in getattr(model, part).parameters()) for part in ("teacher", "student")}
+    return {
+        "model": name, "checkpoint": str(ckpt), "backbone": recipe.model.backbone,
+        "options": recipe.model.options, "image_size": size,
+        **{k: result["metrics"]["mean"].get(k) for k in KEYS},
+        "n_test": result["n_test"],
+        "latency": ort_latency_ms(onnx_path, size, args.threads, args.warmup, args.iters),
+        "onnx_mb": round(onnx_path.stat().st_size / 2**20, 2),
+        "params": params, "parity": exported["parity"],
+        "epochs": extra.get("epoch"), "train_seconds": extra.get("train_seconds"),
+    }
+
+
+def opened_extra(ckpt: Path) -> dict:
+    """The checkpoint's ``extra`` facts (epochs, training time)."""
+    from qtool.models.checkpoint import read_checkpoint
+
+    return dict(read_checkpoint(ckpt)["extra"])
+
+
+def write_markdown(path: Path, meta: dict, rows: list[dict]) -> None:
+    """Short Markdown table of the rows with the command, machine and versions."""
+    lines = ["# Bundled KD models on MTD (fp32, ONNX Runtime CPU)", "", f"`{meta['command']}`", "",
+             f"machine: {meta['machine']}; threads {meta['threads']}; batch 1; warmup {meta['warmup']}, "
+             f"median of {meta['iters']}", "",
+             "| model | backbone | image AUROC | pixel AUROC | AUPRO | F1-max | ms (median) | ONNX MB | "
+             "student params | epochs | train s |", "|---" * 11 + "|"]
+    for r in rows:
+        cells = [f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in KEYS]
+        lines.append(f"| {r['model']} | {r['backbone']} | " + " | ".join(cells) +
+                     f" | {r['latency']['median_ms']} | {r['onnx_mb']} | {r['params']['student']:,} | "
+                     f"{r['epochs']} | {r['train_seconds'] and round(r['train_seconds'])} |")
+    lines += ["", "versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse arguments, benchmark each model, write the JSON and Markdown results."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="stfpm,rd,us")
+    ap.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH")
+    ap.add_argument("--train", action="store_true", help="train models without --checkpoint (resumes)")
+    ap.add_argument("--work", default=str(ROOT / "runs" / "bench-mtd-models"))
+    ap.add_argument("--recipe-dir", default=str(ROOT / "recipes"))
+    ap.add_argument("--set", action="append", default=[], metavar="[NAME:]KEY=VALUE",
+                    help="recipe override, for every model or only for model NAME")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "mtd_models"))
+    args = ap.parse_args(argv)
+    given = dict(c.split("=", 1) for c in args.checkpoint)
+    names = [n for n in args.models.split(",") if n]
+    rows = []
+    for name in names:
+        overrides = [o.split(":", 1)[1] if o.startswith(f"{name}:") else o
+                     for o in args.set if ":" not in o.split("=", 1)[0] or o.startswith(f"{name}:")]
+        ckpt = checkpoint_for(name, args, given, overrides)
+        rows.append(bench_model(name, ckpt, args, overrides))
+        print({k: rows[-1][k] for k in ("model", *KEYS, "latency", "onnx_mb")}, flush=True)
+    command = "python bench/mtd_models.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    meta = {"command": command, "machine": f"{platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} CPUs, {platform.platform()}", "python": platform.python_version(),
+            "versions": package_versions(), "threads": args.threads, "warmup": args.warmup, "iters": args.iters}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out.with_suffix(".json"), {"meta": meta, "rows": rows})
+    write_markdown(out.with_suffix(".md"), meta, rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""``qtool qat``: quantization-aware distillation of a checkpoint into a QDQ ONNX model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from qtool.commands.common import TqdmProgress, build_recipe, fail_cleanly, recipe_options
+from qtool.commands.train import data_options
+
+
+@click.command("qat")
+@click.option("--model", "model_path", type=click.Path(dir_okay=False), required=True,
+              help="qtool checkpoint (.pt) of a trained KD model.")
+@click.option("--target", default=None, help="Target profile: cpu or tensorrt.")
+@click.option("--bits", type=int, default=None, help="Bit width of weights and activations (8, 6, 4).")
+@click.option("--epochs", type=int, default=None, help="QAT epochs (recipe qat.epochs).")
+@click.option("--init-from", "init_from", type=click.Path(), default=None,
+              help="PTQ run folder (or its report.json) whose ranges start QAT, instead of calibrating.")
+@click.option("--calib", default=None, help="Calibrator for the initial ranges (recipe ptq.calib).")
+@click.option("--quantize", "part", type=click.Choice(["student", "teacher", "both"]), default=None,
+              help="Which part of the KD model is quantized.")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Run folder.")
+@data_options
+@recipe_options
+@fail_cleanly
+def qat_cmd(model_path: str, target: str | None, bits: int | None, epochs: int | None, init_from: str | None,
+            calib: str | None, part: str | None, out: str, data_root: str | None, data_format: str | None,
+            recipe: str | None, overrides: tuple[str, ...]) -> None:
+    """Fine-tune a KD model under the PTQ spec's fake quantization and export the same QDQ ONNX."""
+    from qtool.errors import RecipeError
+    from qtool.qat.run import run_qat
+
+    r = build_recipe(recipe, overrides, {
+        "data.root": data_root, "data.format": data_format, "ptq.target": target, "ptq.activation_bits": bits,
+        "ptq.weight_bits": bits, "ptq.calib": calib, "ptq.quantize": part, "qat.epochs": epochs,
+        "qat.init_from": init_from})
+    out_dir = Path(out)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "report.json").exists():
+        raise RecipeError(f"output folder {out} exists and is not a qtool QAT run; choose another --out")
+    with TqdmProgress("qat") as bar:
+        report = run_qat(Path(model_path), r, out_dir, progress=bar)
+    losses = [h.get("holdout_loss") for h in report["history"] if "holdout_loss" in h]
+    shown = f"holdout loss {losses[0]:.4g} -> {losses[-1]:.4g}, " if len(losses) > 1 else ""
+    click.echo(f"{report['output']}: {report['plan']['weights']} weights, {shown}"
+               f"{report['mean_epoch_seconds']:.1f} s/epoch, SQNR map {report['sqnr_db']['anomaly_map']:.1f} dB, "
+               f"lint issues {len(report['lint'])}")

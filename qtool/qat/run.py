@@ -1,0 +1,181 @@
+"""``qtool qat``: quantization-aware distillation of a trained checkpoint into a QDQ ONNX model.
+
+export (as PTQ) -> prepare -> policy (same PtqConfig/profile as PTQ) -> initial ranges (the PTQ
+calibrator on the same calibration data, or a PTQ run's report) -> fx fake-quant graph -> QAT
+epochs -> QDQ export -> lint -> save. The run folder mirrors ``qtool ptq``'s: ``model.onnx``,
+``fp32.onnx`` (the input), ``qat_fp32.onnx`` (trained float), ``qat.pt`` (and ``last.pt``), ``report.json``,
+``recipe.yaml``, ``manifest.json``. ``sqnr_db`` compares with the input fp32 model (as PTQ's report does);
+``sqnr_vs_qat_float_db`` with the trained float model, i.e. the quantization noise alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from qtool.artifacts import write_json, write_manifest
+from qtool.errors import GraphError, ModelError
+from qtool.qat.checkpoint import qat_payload, save_qat_checkpoint
+from qtool.qat.export import export_qdq, trained_float_graph
+from qtool.qat.insert import QatModel, prepare_qat
+from qtool.qat.trace import QatError
+from qtool.qat.train import QatOptimizer, build_optimizer, qat_train
+from qtool.recipe import Recipe, dump_recipe
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int], None] | None
+
+
+def ranges_from_report(path: Path, profile: str, activation_bits: int) -> dict[str, tuple[float, float]]:
+    """Per-tensor ``(lo, hi)`` from a PTQ run's ``report.json`` (or its folder), keyed by range owner.
+
+    Raises:
+        QatError: missing/unreadable report, or one made for another target or bit width.
+    """
+    path = Path(path)
+    report_path = path / "report.json" if path.is_dir() else path
+    try:
+        report = json.loads(report_path.read_text())
+        q = report["quantization"]
+        tensors = q["tensors"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise QatError(f"--init-from {path}: not a readable PTQ report ({type(e).__name__}: {e})") from None
+    if q.get("profile") != profile or int(q.get("activation_bits", 8)) != activation_bits:
+        raise QatError(f"--init-from {path}: the PTQ run is for target {q.get('profile')!r} at "
+                       f"{q.get('activation_bits')} bits; this QAT run is {profile!r} at {activation_bits} bits")
+    return {e.get("range_of", t): (float(e["lo"]), float(e["hi"])) for t, e in tensors.items()
+            if not e.get("constant")}
+
+
+def range_report(qm: QatModel, initial: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    """Per range owner: initial and final float range, scale and zero point."""
+    out = {}
+    for t, q in qm.act.items():
+        lo, hi = q.range()
+        out[t] = {"initial": list(initial[t]), "lo": lo, "hi": hi, "scale": float(q.get_scale().detach()),
+                  "zero_point": int(q.zero_point), "dtype": q.params.dtype, "bits": q.params.bits,
+                  "learnable": q.learnable}
+    return out
+
+
+def _initial_ranges(recipe: Recipe, prepared: Any, spec: Any, splits: Any, transform: Any,
+                    progress: Progress) -> tuple[dict[str, tuple[float, float]], dict[str, Any]]:
+    cfg, ptq = recipe.qat, recipe.ptq
+    if cfg.init_from:
+        return ranges_from_report(Path(cfg.init_from), spec.profile.name, ptq.activation_bits), {
+            "init_from": cfg.init_from}
+    from calibrators import get_calibrator
+    from qtool.calib_data import calibration_set
+    from qtool.calibrate import calibrate
+
+    calibrator = get_calibrator(ptq.calib, symmetric=spec.profile.activation_symmetric,
+                                num_bits=ptq.activation_bits, **ptq.calib_options)
+    calib = calibration_set(splits, transform, ptq.calib_data)
+    found = calibrate(prepared, spec.tensors_to_calibrate(), calib.batches(), calibrator,
+                      threads=recipe.eval.threads, group=ptq.calib_data.batch_size, progress=progress)
+    return {t: (float(r.lo), float(r.hi)) for t, r in found.items()}, {"calibrator": ptq.calib,
+                                                                      "calibration": calib.description}
+
+
+def run_qat(model_path: Path, recipe: Recipe, out_dir: Path, progress: Progress = None) -> dict[str, Any]:
+    """Quantization-aware distillation of the checkpoint ``model_path`` per ``recipe.qat`` / ``recipe.ptq``.
+
+    Returns:
+        The run report (also ``out_dir/report.json``).
+
+    Raises:
+        ModelError: not a qtool checkpoint. GraphError, CalibrationError, DataError, QatError,
+            SpecMapError: with one-line messages.
+    """
+    from qtool.data import ImageTransform, load_splits
+    from qtool.graph import build_spec, get_profile, lint, load_model, prepare, save_model
+    from qtool.modelio import stamp_data_config
+    from qtool.models import load_checkpoint
+    from qtool.ptq import StageTimer, output_sqnr, plan
+    from qtool.train import load_images
+
+    cfg, out_dir, timer = recipe.qat, Path(out_dir), StageTimer()
+    if Path(model_path).suffix not in (".pt", ".pth"):
+        raise ModelError(f"QAT needs a qtool checkpoint (.pt), got {model_path}")
+    profile = get_profile(recipe.ptq.target)
+    if cfg.init_from:  # a report for another target or width is refused before anything is written
+        ranges_from_report(Path(cfg.init_from), profile.name, recipe.ptq.activation_bits)
+    torch.manual_seed(recipe.seed)
+    torch.set_num_threads(recipe.train.threads)
+    with timer.stage("load"):
+        model, meta = load_checkpoint(Path(model_path))
+        base = {k: v for k, v in meta.items() if k != "data_config"}
+        base_state = {k: v.clone() for k, v in model.state_dict().items()}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        from qtool.export import export_onnx
+
+        fp32 = out_dir / "fp32.onnx"
+        export_onnx(model, fp32, int(meta["image_size"]), recipe.export.batch_size, recipe.export.opset)
+        stamp_data_config(fp32, meta["data"])
+    with timer.stage("prepare"):
+        prepared = prepare(load_model(fp32))
+    with timer.stage("policy"):
+        spec = build_spec(prepared, recipe.ptq, profile)
+    data_cfg = recipe.data.model_copy(update={k: meta["data"][k] for k in ("image_size", "resize", "scale_ref",
+                                                                            "normalize") if k in meta["data"]})
+    splits = load_splits(data_cfg)
+    category = meta.get("extra", {}).get("category", "all")
+    if category != "all" and category in splits.categories():
+        splits = splits.filter(category)
+    transform = ImageTransform(data_cfg)
+    with timer.stage("init_ranges"):
+        initial, init_desc = _initial_ranges(recipe, prepared, spec, splits, transform, progress)
+    with timer.stage("insert_fakequant"):
+        qm = prepare_qat(model, prepared, spec, initial, cfg.learnable_scales, cfg.observer_momentum)
+    images = load_images(splits.train, transform)
+    holdout = load_images(splits.holdout, transform) if splits.holdout else None
+    sections = {"ptq": recipe.ptq.model_dump(mode="json"), "export": recipe.export.model_dump(mode="json"),
+                "qat": cfg.model_dump(mode="json")}
+
+    def save(name: str, extra: dict[str, Any]) -> Path:
+        return save_qat_checkpoint(qat_payload(qm, base, base_state, extra=extra, **sections), out_dir / name)
+
+    def on_epoch(epoch: int, history: list[dict[str, float]], opt: QatOptimizer) -> None:
+        if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
+            save("last.pt", {"epoch": epoch, "history": history, "optimizer": opt.state_dict()})
+
+    with timer.stage("train"):
+        history = qat_train(qm, images, cfg, holdout, recipe.seed, on_epoch, progress, build_optimizer(qm, cfg))
+    ckpt = save("qat.pt", {"epoch": cfg.epochs, "history": history, "category": category})
+    with timer.stage("export_qdq"):
+        qdq, qreport = export_qdq(qm, prepared)
+        trained_fp32 = out_dir / "qat_fp32.onnx"  # the QAT-trained float model (BatchNorm folded)
+        save_model(trained_float_graph(qm, prepared), trained_fp32)
+        stamp_data_config(trained_fp32, meta["data"])
+    with timer.stage("lint"):
+        issues = lint(qdq, profile)
+    if issues and recipe.ptq.strict:
+        raise GraphError(f"lint against profile {profile.name}: {issues[0].node}: {issues[0].message}"
+                         f" ({len(issues)} issues)")
+    out_model = out_dir / "model.onnx"
+    save_model(qdq, out_model)
+    stamp_data_config(out_model, meta["data"])
+    with timer.stage("sqnr"):
+        fidelity = output_sqnr(fp32, out_model, splits, transform, recipe.eval.threads)
+        own = output_sqnr(trained_fp32, out_model, splits, transform, recipe.eval.threads)
+    epochs = [h for h in history if h["epoch"] > 0]
+    report: dict[str, Any] = {
+        "model": str(model_path), "target": profile.name, "plan": plan(spec), "spec_map": qm.smap.summary(),
+        "init": init_desc, "qat": sections["qat"], "history": history,
+        "epoch_seconds": [round(h["seconds"], 3) for h in epochs],
+        "mean_epoch_seconds": float(np.mean([h["seconds"] for h in epochs])) if epochs else 0.0,
+        "train_images": len(images), "ranges": range_report(qm, initial), "quantization": qreport,
+        "lint": [{"node": i.node, "message": i.message} for i in issues], "sqnr_db": fidelity,
+        "sqnr_vs_qat_float_db": own,
+        "stage_seconds": timer.seconds, "checkpoint": str(ckpt), "output": str(out_model),
+    }
+    write_json(out_dir / "report.json", report)
+    dump_recipe(recipe, out_dir / "recipe.yaml")
+    write_manifest(out_dir, {"model": Path(model_path)}, {"command": "qat"})
+    return report

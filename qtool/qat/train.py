@@ -1,0 +1,151 @@
+"""Quantization-aware distillation: the student learns under fake quantization with its model's own KD loss.
+
+The loss is ``model.training_loss`` on the QAT model, whose teacher/student are the fake-quantized
+GraphModules: a quantized teacher gives fake-quantized targets (its ranges stay as calibrated), a
+float teacher gives float ones; DCAM, when the model has it, trains as in ``qtool train``. Activation
+and weight scales are frozen for the last ``freeze_epochs`` epochs (observers stop, LSQ scales stop).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from qtool.qat.insert import QatModel
+from qtool.recipe import QatConfig
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int], None] | None
+EpochHook = Callable[[int, list[dict[str, float]], "QatOptimizer"], None] | None
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    params = model.trainable_parameters() if hasattr(model, "trainable_parameters") else model.parameters()
+    return [p for p in params if p.requires_grad]
+
+
+class QatOptimizer:
+    """The recipe's optimizer over the trained weights, plus Adam (lr ``qat.scale_lr``) over the log-scales.
+
+    Adam normalises the scale gradients, so a step changes a scale by about ``scale_lr`` relative,
+    whatever its magnitude (a 1e-3 weight scale and a 10.0 activation scale alike).
+    """
+
+    def __init__(self, weights: torch.optim.Optimizer, scales: torch.optim.Optimizer | None) -> None:
+        self.weights, self.scales = weights, scales
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients of both."""
+        for opt in (self.weights, self.scales):
+            if opt is not None:
+                opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        """One step of both."""
+        for opt in (self.weights, self.scales):
+            if opt is not None:
+                opt.step()
+
+    def state_dict(self) -> dict:
+        """Both states (for checkpoints)."""
+        return {"weights": self.weights.state_dict(), "scales": self.scales.state_dict() if self.scales else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore both states."""
+        self.weights.load_state_dict(state["weights"])
+        if self.scales is not None and state.get("scales") is not None:
+            self.scales.load_state_dict(state["scales"])
+
+
+def build_optimizer(qm: QatModel, cfg: QatConfig) -> QatOptimizer:
+    """The recipe's optimizer (``qat.optimizer``, ``lr``, ``momentum``, ``weight_decay``) and the scales' Adam."""
+    from qtool.train import OPTIMIZERS
+
+    scales = qm.quantizer_parameters()
+    ids = {id(s) for s in scales}
+    weights = [p for p in _trainable(qm.model) if id(p) not in ids]
+    scale_opt = torch.optim.Adam(scales, lr=cfg.scale_lr) if scales else None
+    return QatOptimizer(OPTIMIZERS.get(cfg.optimizer)(weights, cfg), scale_opt)
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, images: torch.Tensor, batch_size: int) -> float:
+    """Mean KD loss of ``model`` (in eval mode) over ``images``."""
+    model.eval()
+    total = 0.0
+    for i in range(0, len(images), batch_size):
+        batch = images[i : i + batch_size]
+        total += float(model.training_loss(batch)["loss"]) * len(batch)
+    return total / max(1, len(images))
+
+
+def qat_train(qm: QatModel, images: torch.Tensor, cfg: QatConfig, holdout: torch.Tensor | None = None,
+              seed: int = 0, on_epoch: EpochHook = None, progress: Progress = None,
+              optimizer: QatOptimizer | None = None, start_epoch: int = 0) -> list[dict[str, float]]:
+    """Fine-tune ``qm`` for ``cfg.epochs`` epochs on ``images`` (N,3,S,S) normal images.
+
+    Args:
+        qm: the QAT model (from :func:`qtool.qat.insert.prepare_qat`).
+        images: preprocessed training images.
+        cfg: the recipe's qat section.
+        holdout: held-out normals for a validation loss per epoch (and before training).
+        seed: shuffling seed.
+        on_epoch: called after each epoch with (epoch, history, optimizer), e.g. to checkpoint.
+        progress: called with the number of images of each step.
+        optimizer: an optimizer to continue with (default: a new one from ``cfg``).
+        start_epoch: epochs already done (the shuffling stream skips them).
+
+    Returns:
+        The history: one row per epoch (loss terms, holdout loss, seconds, frozen), after a row
+        ``epoch 0`` with the holdout loss of the fake-quantized model before training.
+
+    Raises:
+        QatError: the model has no ``training_loss``.
+    """
+    from qtool.qat.trace import QatError
+
+    model = qm.model
+    if not hasattr(model, "training_loss"):
+        raise QatError(f"{type(model).__name__} has no training_loss; QAT needs a KD model")
+    opt = optimizer or build_optimizer(qm, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(start_epoch):
+        torch.randperm(len(images), generator=gen)
+    history: list[dict[str, float]] = []
+    if holdout is not None and len(holdout) and start_epoch == 0:
+        history.append({"epoch": 0, "holdout_loss": mean_loss(model, holdout, cfg.batch_size), "seconds": 0.0})
+    for epoch in range(start_epoch, cfg.epochs):
+        frozen = epoch >= cfg.epochs - cfg.freeze_epochs
+        qm.set_frozen(frozen)
+        t0 = time.perf_counter()
+        qm.train_mode()
+        order = torch.randperm(len(images), generator=gen)
+        parts: dict[str, float] = {}
+        seen = 0
+        for i in range(0, len(order), cfg.batch_size):
+            batch = images[order[i : i + cfg.batch_size]]
+            terms = model.training_loss(batch)
+            opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            opt.step()
+            for k, v in terms.items():
+                parts[k] = parts.get(k, 0.0) + float(v.detach()) * len(batch)
+            seen += len(batch)
+            if progress:
+                progress(len(batch))
+        row: dict[str, float] = {"epoch": epoch + 1, **{f"train_{k}": v / max(1, seen) for k, v in parts.items()}}
+        row["seconds"] = time.perf_counter() - t0
+        row["frozen"] = frozen
+        if holdout is not None and len(holdout):
+            row["holdout_loss"] = mean_loss(model, holdout, cfg.batch_size)
+        history.append(row)
+        log.info("qat epoch %d %s", epoch + 1, row)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, history, opt)
+    qm.set_frozen(True)
+    model.eval()
+    return history

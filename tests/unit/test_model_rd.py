@@ -1,0 +1,78 @@
+"""Reverse Distillation: decoder sized from any encoder's channel list, ConvTranspose in ONNX, bad geometry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+from qtool.errors import ModelError
+from qtool.export import export_onnx
+from qtool.models import build_model
+from qtool.models.reverse_distillation import RdStudent
+from qtool.recipe import ModelConfig
+
+
+def _rd(backbone: str, size: int = 64, **options) -> torch.nn.Module:
+    return build_model(ModelConfig(name="rd", backbone=backbone, weights="none", options=options), size).eval()
+
+
+@pytest.mark.parametrize(("backbone", "channels"), [("tf_efficientnet_lite0", [24, 40, 112]),
+                                                   ("resnet18", [64, 128, 256])])
+def test_decoder_reconstructs_every_teacher_level(backbone: str, channels: list[int]) -> None:
+    model = _rd(backbone)
+    with torch.no_grad():
+        feats = model.teacher(torch.randn(2, 3, 64, 64))
+        embed = model.student.ocbe(feats)
+        recon = model.student(feats)
+    assert [f.shape[1] for f in feats] == channels
+    assert embed.shape == (2, 2 * channels[-1], 2, 2)  # default embedding: 2*c_last at half the deepest grid
+    assert [r.shape for r in recon] == [f.shape for f in feats]
+
+
+def test_wide_resnet_channel_list() -> None:
+    channels = [256, 512, 1024]
+    student = RdStudent(channels, 2 * channels[-1], blocks=1).eval()
+    feats = [torch.randn(1, c, 16 // 2**i, 16 // 2**i) for i, c in enumerate(channels)]
+    with torch.no_grad():
+        assert student.ocbe(feats).shape == (1, 2048, 2, 2)
+        assert [r.shape for r in student(feats)] == [f.shape for f in feats]
+
+
+def test_onnx_has_conv_transpose_in_student(tmp_path: Path) -> None:
+    model = _rd("resnet18", embed_channels=32)
+    graph = onnx.load(str(export_onnx(model, tmp_path / "rd.onnx", 64))).graph
+    deconv = [n.name for n in graph.node if n.op_type == "ConvTranspose"]
+    assert len(deconv) == 6  # main path + shortcut of one upsampling block per level
+    assert all(n.startswith("/student/decoder/") for n in deconv)
+    # the legacy exporter folds BN into Conv but not into ConvTranspose: these are left to qtool.graph.prepare
+    bns = [n.name for n in graph.node if n.op_type == "BatchNormalization"]
+    assert all(n.startswith("/student/decoder/ups.") for n in bns)
+
+
+def test_loss_is_per_position_cosine_distance() -> None:
+    model = _rd("resnet18", embed_channels=32).train()
+    x = torch.randn(2, 3, 64, 64)
+    terms = model.training_loss(x)
+    assert set(terms) == {"cos0", "cos1", "cos2", "loss"}
+    assert torch.isclose(terms["loss"], terms["cos0"] + terms["cos1"] + terms["cos2"])
+    assert all(0.0 <= float(terms[k].detach()) <= 2.0 for k in ("cos0", "cos1", "cos2"))
+
+
+def test_bad_geometry_and_options_are_model_errors() -> None:
+    with pytest.raises(ModelError, match="divisible by 32"):
+        _rd("resnet18", size=48)
+    with pytest.raises(ModelError, match="unknown rd option 'nope'"):
+        _rd("resnet18", nope=1)
+    with pytest.raises(ModelError, match="must be >= 1"):
+        _rd("resnet18", ocbe_blocks=0)
+
+
+def test_student_traces_with_torch_fx_on_its_own() -> None:
+    model = _rd("resnet18", embed_channels=32)
+    gm = torch.fx.symbolic_trace(model.student)  # QAT traces each part separately; the input is a list
+    with torch.no_grad():
+        feats = model.teacher(torch.randn(1, 3, 64, 64))
+        assert all(torch.equal(a, b) for a, b in zip(gm(feats), model.student(feats)))

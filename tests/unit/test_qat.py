@@ -1,0 +1,273 @@
+"""QAT on torch.fx: spec placement equals the PTQ policy, QAT export equals PTQ's QDQ graph, KD loss goes down,
+profiles' scales, weights_only checkpoints, and ``qtool qat`` end to end."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers.kd_run import lib_ptq, shared
+from helpers.ort_utils import minmax_ranges, optimized_ops, run
+from helpers.tiny_models import TinyKD, calib_batches, export_tiny
+
+from qtool.cli import main
+from qtool.export import export_onnx
+from qtool.graph import build_spec, insert_qdq_report, lint, prepare
+from qtool.models import build_model
+from qtool.qat import SpecMapError
+from qtool.qat.checkpoint import load_qat_checkpoint, qat_payload, read_qat_checkpoint, save_qat_checkpoint
+from qtool.qat.export import export_qdq
+from qtool.qat.fakequant import ActFakeQuant, WeightFakeQuant
+from qtool.qat.insert import FQ_ATTR, prepare_qat
+from qtool.qat.spec_map import build_spec_map
+from qtool.qat.train import mean_loss, qat_train
+from qtool.recipe import ModelConfig, PtqConfig, QatConfig
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    model = TinyKD().eval()
+    path = export_tiny(tmp_path_factory.mktemp("tiny") / "tiny.onnx")
+    return model, prepare(onnx.load(str(path)))
+
+
+@pytest.fixture(scope="module")
+def stfpm(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(weights="none"), 64).eval()
+    path = export_onnx(model, tmp_path_factory.mktemp("stfpm") / "fp32.onnx", 64)
+    graph = prepare(onnx.load(str(path)))
+    rng = np.random.default_rng(0)
+    feeds = [{"image": rng.standard_normal((1, 3, 64, 64)).astype(np.float32)} for _ in range(2)]
+    ranges = {t: minmax_ranges(graph, build_spec(graph, PtqConfig(target=t)).tensors_to_calibrate(), feeds)
+              for t in ("cpu", "tensorrt")}
+    return model, graph, feeds, ranges
+
+
+def _fq_calls(qm) -> Counter:
+    return Counter(n.op for gm in qm.smap.parts.values() for n in gm.graph.nodes
+                   if n.op == "call_module" and str(n.target).startswith(FQ_ATTR))
+
+
+def _check_placement(smap, spec) -> None:
+    """Every spec entry has its fx place with the spec's params; nothing else is fake-quantized."""
+    assert set(smap.activations) == {t for t, a in spec.activations.items() if not a.constant}
+    for t, site in smap.activations.items():
+        assert site.owner == spec.activations[t].range_of and site.params == spec.activations[t].params, t
+        assert site.uses, t
+    assert set(spec.nodes) <= set(smap.nodes)
+    quantized = {w: s for w, s in smap.weights.items() if s.params is not None}
+    assert set(quantized) == set(spec.weights)
+    for w, site in quantized.items():
+        assert site.params == spec.weights[w] and site.params.axis == site.axis, w
+
+
+@pytest.mark.parametrize("target", ["cpu", "tensorrt"])
+def test_tiny_placement_equals_policy_and_matches_qdq_numerically(tiny, target):
+    model, graph = tiny
+    spec = build_spec(graph, PtqConfig(target=target))
+    smap = build_spec_map(model, graph, spec)
+    _check_placement(smap, spec)
+    assert sorted(smap.parts) == ["student", "teacher"]  # the float head is not traced
+    ranges = minmax_ranges(graph, spec.tensors_to_calibrate(), calib_batches(2))
+    qm = prepare_qat(model, graph, spec, ranges)
+    # one fake-quant call per use; every range owner is one module shared by its tensors
+    assert sum(_fq_calls(qm).values()) == sum(len(s.uses) for s in smap.activations.values())
+    assert len(qm.act) == len({a.range_of for a in spec.activations.values()})
+    qdq, _ = insert_qdq_report(graph, spec, ranges)
+    feed = calib_batches(1, seed=5)
+    ref = run(qdq, feed)[0][0]
+    with torch.no_grad():
+        out = qm.model.eval()(torch.from_numpy(feed[0]["input"]))[0].numpy()
+    # tensorrt (float bias) is the QDQ graph to float rounding; cpu adds int32-bias rounding
+    np.testing.assert_allclose(out, ref, atol=1e-5 if target == "tensorrt" else 2e-3)
+    assert model.student.conv1.weight.grad is None and not hasattr(model.student, FQ_ATTR)  # original untouched
+
+
+@pytest.mark.parametrize(("quantize", "target"), [("both", "cpu"), ("student", "tensorrt")])
+def test_stfpm_placement_equals_policy(stfpm, quantize, target):
+    model, graph, feeds, ranges = stfpm
+    spec = build_spec(graph, PtqConfig(target=target, quantize=quantize))
+    smap = build_spec_map(model, graph, spec)
+    _check_placement(smap, spec)
+    assert set(smap.parts) == ({"student", "teacher"} if quantize == "both" else {"student"})
+    # the tf-"same" convs pad inside the leaf module call: their Pad's fake-quant moves in front of it
+    pads = [t for t in smap.activations if t.endswith("/Pad_output_0")]
+    assert pads and all(smap.activations[t].how.startswith("before Pad") for t in pads)
+    # BatchNorm folded: no BN node or BN parameter left in the traced parts
+    for gm in smap.parts.values():
+        assert not any("batch_norm" in str(n.target) for n in gm.graph.nodes)
+        assert not any(".bn" in k and k.endswith(("running_mean", "running_var")) for k in gm.state_dict())
+    # the fx-folded weights are the exporter's (before prepare_qat syncs them bit for bit)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in graph.graph.initializer}
+    for w, site in smap.weights.items():
+        mod = smap.parts[site.part].get_submodule(site.module)
+        np.testing.assert_allclose(mod.weight.detach().numpy(), inits[w], rtol=1e-4, atol=1e-6, err_msg=w)
+    # numerics: the fake-quantized torch model follows the QDQ graph far closer than the float model does
+    qm = prepare_qat(model, graph, spec, ranges[target])
+    qdq, _ = insert_qdq_report(graph, spec, ranges[target])
+    ref, flt = run(qdq, feeds[:1])[0][0], run(graph, feeds[:1])[0][0]
+    with torch.no_grad():
+        out = qm.model.eval()(torch.from_numpy(feeds[0]["image"]))[0].numpy()
+    assert np.abs(out - ref).mean() < 0.02 * np.abs(flt - ref).mean()
+
+
+@pytest.mark.parametrize(("name", "quantize"), [("rd", "student"), ("us", "both")])
+def test_other_bundled_models_place_the_spec(tmp_path, name, quantize):
+    """RD's decoder reads the encoder's outputs and keeps BatchNorm after ConvTranspose; US stacks students."""
+    from helpers.kd_recipes import TINY
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name=name, weights="none", options=TINY.get(name, {})), 64).eval()
+    graph = prepare(onnx.load(str(export_onnx(model, tmp_path / "fp32.onnx", 64))))
+    feeds = [{"image": np.random.default_rng(1).standard_normal((1, 3, 64, 64)).astype(np.float32)}]
+    spec = build_spec(graph, PtqConfig(target="tensorrt", quantize=quantize))
+    ranges = minmax_ranges(graph, spec.tensors_to_calibrate(), feeds)
+    qm = prepare_qat(model, graph, spec, ranges)
+    _check_placement(qm.smap, spec)
+    assert name != "rd" or len(qm.smap.extras) == 24  # 6 unfolded BatchNorms x 4 tensors, trained and exported
+    ref = run(insert_qdq_report(graph, spec, ranges)[0], feeds)[0][0]
+    with torch.no_grad():
+        out = qm.model.eval()(torch.from_numpy(feeds[0]["image"]))[0].numpy()
+    # (a deep random teacher, quantized too, can flip a rounding tie on float-accumulation noise; the
+    # STFPM tests cover the quantized lite0 teacher)
+    np.testing.assert_allclose(out, ref, atol=1e-4 * max(1.0, float(np.abs(ref).max())))
+
+
+def test_unmatched_spec_entry_fails_with_the_node_name(tiny):
+    model, graph = tiny
+    g = onnx.ModelProto()
+    g.CopyFrom(graph)
+    node = next(n for n in g.graph.node if n.name == "/student/conv2/Conv")
+    node.name = "/student/renamed/Conv"
+    with pytest.raises(SpecMapError, match="/student/renamed/Conv"):
+        build_spec_map(model, g, build_spec(g, PtqConfig()))
+
+
+@pytest.mark.parametrize(("target", "bits", "learnable"), [("cpu", 8, True), ("tensorrt", 8, False),
+                                                          ("cpu", 4, True)])
+def test_qat_export_equals_ptq_graph(stfpm, tmp_path, target, bits, learnable):
+    model, graph, feeds, ranges = stfpm
+    cfg = PtqConfig(target=target, activation_bits=bits, weight_bits=bits)
+    spec = build_spec(graph, cfg)
+    ptq, ptq_report = insert_qdq_report(graph, spec, ranges[target])
+    qm = prepare_qat(model, graph, spec, ranges[target], learnable=learnable)
+    images = torch.from_numpy(np.concatenate([f["image"] for f in feeds]))
+    qat_train(qm, images, QatConfig(epochs=1, batch_size=2, freeze_epochs=0, lr=1e-3))
+    qdq, report = export_qdq(qm, graph)
+    # node for node: same names and op types in the same order, same quantized tensors and counts
+    assert [(n.name, n.op_type) for n in qdq.graph.node] == [(n.name, n.op_type) for n in ptq.graph.node]
+    assert set(report["tensors"]) == set(ptq_report["tensors"]) and set(report["weights"]) == set(ptq_report["weights"])
+    for key in ("q_nodes", "dq_nodes", "clip_nodes", "qdq_per_op_type"):
+        assert report[key] == ptq_report[key], key
+    assert report["learned_weight_scales"] == (33 if learnable else 0)  # the student's convs
+    assert lint(qdq, target) == []
+    student = [n for n in graph.graph.node if n.op_type == "Conv" and n.name.startswith("/student/")]
+    changed = [n for n in student if not np.array_equal(*(onnx.numpy_helper.to_array(next(
+        t for t in m.graph.initializer if t.name == f"{n.input[1]}_quantized")) for m in (qdq, ptq)))]
+    assert changed, "QAT training changed no student weight"
+    if target == "cpu" and bits == 8:  # every Conv of the quantized parts runs as an integer kernel
+        ops = optimized_ops(qdq, tmp_path)
+        assert not [name for op, name in ops if op in ("Conv", "FusedConv")]
+        assert sum(op == "QLinearConv" for op, _ in ops) == sum(n.op_type == "Conv" for n in graph.graph.node)
+    out = run(qdq, feeds[:1])[0]
+    assert np.isfinite(out[0]).all() and out[0].shape == (1, 1, 64, 64)
+
+
+def test_scales_follow_the_target_profile(tiny):
+    model, graph = tiny
+    for target, act_dtype in (("tensorrt", "int8"), ("cpu", "uint8")):
+        spec = build_spec(graph, PtqConfig(target=target, activation_bits=4, weight_bits=4))
+        qm = prepare_qat(model, graph, spec, minmax_ranges(graph, spec.tensors_to_calibrate(), calib_batches(2)))
+        for q in qm.act.values():
+            assert isinstance(q, ActFakeQuant) and q.params.dtype == act_dtype
+            assert (q.qmin, q.qmax) == ((-7, 7) if target == "tensorrt" else (0, 15))
+            if target == "tensorrt":
+                assert int(q.zero_point) == 0
+        for w in qm.weights.values():
+            assert isinstance(w, WeightFakeQuant) and (w.qmin, w.qmax) == (-7, 7) and not w.zero_point.any()
+            assert w.axis == 0 and w.get_scale().numel() > 1
+        if target == "tensorrt":
+            qdq, _ = export_qdq(qm, graph)
+            assert lint(qdq, "tensorrt") == []
+
+
+def test_qat_lowers_the_kd_loss_of_the_fake_quantized_model(stfpm):
+    model, graph, feeds, ranges = stfpm
+    spec = build_spec(graph, PtqConfig(target="cpu", quantize="student", activation_bits=4, weight_bits=4))
+    qm = prepare_qat(model, graph, spec, ranges["cpu"], learnable=True)
+    batch = torch.from_numpy(np.concatenate([f["image"] for f in feeds]))
+    before = mean_loss(qm.model, batch, 2)
+    history = qat_train(qm, batch, QatConfig(epochs=4, batch_size=2, lr=0.05, freeze_epochs=1), holdout=batch)
+    after = mean_loss(qm.model, batch, 2)
+    assert after < 0.9 * before, (before, after)
+    assert history[0]["epoch"] == 0 and history[0]["holdout_loss"] == pytest.approx(before)
+    assert [h["frozen"] for h in history[1:]] == [False, False, False, True]
+    assert all(h["seconds"] > 0 for h in history[1:])
+    scale = next(q for t, q in qm.act.items() if t.startswith("/student/"))
+    assert not scale.log_scale.requires_grad  # frozen after training
+
+
+def test_checkpoint_is_weights_only_and_rebuilds_the_model(stfpm, tmp_path):
+    model, graph, feeds, ranges = stfpm
+    ptq = PtqConfig(target="tensorrt")
+    spec = build_spec(graph, ptq)
+    qm = prepare_qat(model, graph, spec, ranges["tensorrt"], learnable=True)
+    images = torch.from_numpy(np.concatenate([f["image"] for f in feeds]))
+    qat_train(qm, images, QatConfig(epochs=1, batch_size=2, freeze_epochs=0))
+    base = {"model": ModelConfig(weights="none").model_dump(mode="json"), "data": {}, "image_size": 64}
+    payload = qat_payload(qm, base, model.state_dict(), ptq.model_dump(mode="json"), {"batch_size": 1, "opset": 17},
+                          {"learnable_scales": True}, {"epoch": 1})
+    path = save_qat_checkpoint(payload, tmp_path / "qat.pt")
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == "qtool-qat-checkpoint" and "qat_state_dict" in raw
+    assert read_qat_checkpoint(path)["extra"] == {"epoch": 1}
+    again, graph2, meta = load_qat_checkpoint(path)
+    x = torch.from_numpy(feeds[1]["image"])
+    with torch.no_grad():
+        np.testing.assert_array_equal(again.model(x)[0].numpy(), qm.model.eval()(x)[0].numpy())
+    assert again.ranges() == qm.ranges() and meta["ptq"]["target"] == "tensorrt"
+    a, b = export_qdq(again, graph2)[0], export_qdq(qm, graph)[0]
+    assert [t.raw_data for t in a.graph.initializer] == [t.raw_data for t in b.graph.initializer]
+
+
+def test_cli_qat_end_to_end_and_init_from_ptq(tmp_path_factory, tmp_path):
+    kd = shared(tmp_path_factory)
+    ptq_report, ptq_dir = lib_ptq(tmp_path_factory, "qat-minmax-trt", "ptq.calib=minmax", "ptq.target=tensorrt")
+    out = tmp_path / "qat"
+    common = ["qat", "--model", str(kd.checkpoint), "--recipe", str(kd.recipe_file), "--epochs", "1",
+              "--init-from", str(ptq_dir), "--set", "qat.batch_size=4"]
+    res = CliRunner().invoke(main, [*common, "--target", "tensorrt", "--out", str(out)])
+    assert res.exit_code == 0, (res.stdout, res.stderr, res.exception)
+    assert "model.onnx" in res.stdout
+    names = {p.name for p in out.iterdir()}
+    assert {"model.onnx", "fp32.onnx", "qat_fp32.onnx", "qat.pt", "last.pt", "report.json", "recipe.yaml",
+            "manifest.json"} <= names
+    report = json.loads((out / "report.json").read_text())
+    assert report["init"] == {"init_from": str(ptq_dir)} and report["lint"] == []
+    assert len(report["epoch_seconds"]) == 1 and report["mean_epoch_seconds"] > 0
+    for t, r in report["ranges"].items():  # QAT started from the PTQ run's ranges
+        entry = ptq_report["quantization"]["tensors"][t]
+        assert r["initial"] == pytest.approx([entry["lo"], entry["hi"]]), t
+    assert set(report["quantization"]["tensors"]) == set(ptq_report["quantization"]["tensors"])
+    assert report["quantization"]["qdq_per_op_type"] == ptq_report["quantization"]["qdq_per_op_type"]
+    assert json.loads((out / "manifest.json").read_text())["command"] == "qat"
+    assert torch.load(out / "qat.pt", weights_only=True)["extra"]["epoch"] == 1
+    # a PTQ run for another target is refused with one error line
+    bad = CliRunner().invoke(main, [*common, "--target", "cpu", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: ")
+    assert "tensorrt" in bad.stderr and not (tmp_path / "bad").exists()
