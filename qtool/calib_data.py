@@ -94,8 +94,10 @@ def mix_source(splits: Splits, transform: ImageTransform, cfg: CalibDataConfig) 
 @SOURCES.register("test")
 def test_source(splits: Splits, transform: ImageTransform, cfg: CalibDataConfig) -> CalibrationSet:
     """The labelled test split: leaks evaluation data, refused unless anomalies are explicitly allowed."""
+    if not cfg.allow_anomalies:  # test normals are evaluation data too: refuse the split, not its anomalies
+        raise CalibrationError("calibration source 'test' uses the evaluation split; "
+                               "set ptq.calib_data.allow_anomalies=true to force it")
     samples = splits.test[: cfg.num_samples]
-    _check_labels(samples, cfg)
     desc = {"source": "test", "images": len(samples), "warning": "calibrated on the test split",
             "files": [str(s.path) for s in samples]}
     return CalibrationSet(desc, lambda: _images(samples, transform, cfg.batch_size), len(samples))

@@ -47,19 +47,27 @@ class TorchPredictor:
 
 
 class OnnxPredictor:
-    """Predictor over an ONNX model in ONNX Runtime (CPU); runs fixed-batch models one batch slice at a time."""
+    """Predictor over an ONNX model in ONNX Runtime (CPU); runs fixed-batch models one batch slice at a time.
 
-    def __init__(self, path: Path, threads: int = 2) -> None:
+    ``path`` is a file, or the serialized bytes of a model built in memory. ``level`` names an ORT
+    ``GraphOptimizationLevel``: the default fuses QDQ into integer kernels (as deployed);
+    ``ORT_ENABLE_BASIC`` keeps Q/DQ as float arithmetic (the spec's simulation, as calibration runs it).
+    """
+
+    def __init__(self, path: Path | bytes, threads: int = 2, level: str = "ORT_ENABLE_ALL") -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        source = path if isinstance(path, bytes) else str(path)
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
         except Exception as e:
-            raise GraphError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}") from None
+            where = "an in-memory model" if isinstance(path, bytes) else path
+            raise GraphError(f"ONNX Runtime cannot load {where}: {str(e).splitlines()[0]}") from None
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
@@ -107,11 +115,13 @@ def predict(predictor: Predictor, samples: list[Sample], transform: ImageTransfo
 
 
 def evaluate(predictor: Predictor, splits: Splits, transform: ImageTransform, cfg: EvalConfig,
-             progress: Progress = None) -> dict[str, Any]:
+             progress: Progress = None, keep_maps: bool = False) -> dict[str, Any]:
     """Score ``predictor`` on ``splits.test``; the F1 threshold is fitted on held-out normals only.
 
     Returns:
-        JSON-able dict: per-category and mean metrics, threshold, timing, and the raw image scores.
+        JSON-able dict: per-category and mean metrics, threshold, timing, the raw image scores and
+        each test image's category; with ``keep_maps`` also ``"maps"``, the test anomaly maps
+        (N,S,S) float32 (not JSON-able: callers pop it before writing).
     """
     threshold = None
     if splits.holdout:
@@ -121,7 +131,7 @@ def evaluate(predictor: Predictor, splits: Splits, transform: ImageTransform, cf
     labels = np.array([s.label for s in splits.test])
     cats = [s.category for s in splits.test]
     metrics = evaluate_arrays(labels, scores, masks, maps, cats, max_fpr=cfg.max_fpr, threshold=threshold)
-    return {
+    result = {
         "metrics": metrics,
         "threshold": threshold,
         "n_test": len(splits.test),
@@ -129,4 +139,8 @@ def evaluate(predictor: Predictor, splits: Splits, transform: ImageTransform, cf
         "scores": [float(x) for x in scores],
         "files": [str(s.path) for s in splits.test],
         "labels": labels.tolist(),
+        "categories": cats,
     }
+    if keep_maps:
+        result["maps"] = maps
+    return result

@@ -1,8 +1,9 @@
 """``qtool ptq``: the post-training quantization pipeline, one stage after another, each timed.
 
-load (export a checkpoint first) -> prepare -> policy -> calibrate -> insert QDQ -> lint -> save,
-then SQNR of the quantized outputs against fp32 on held-out normals. Writes ``model.onnx``,
-``report.json``, ``recipe.yaml`` and ``manifest.json`` into the run folder.
+load (export a checkpoint first) -> prepare -> policy -> calibrate [-> search stages: a calibrator's
+refine, mixed precision, proxy] -> insert QDQ -> lint -> save, then SQNR of the quantized outputs
+against fp32 on held-out normals. Writes ``model.onnx``, ``report.json``, ``recipe.yaml`` and
+``manifest.json`` into the run folder.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from qtool.errors import GraphError
 from qtool.evaluate import OnnxPredictor
 from qtool.graph import build_spec, get_profile, insert_qdq_report, lint, load_model, prepare, save_model
 from qtool.modelio import open_model, stamp_data_config
+from qtool.ptq_search import observed_batches, run_search_stages, search_set_for
 from qtool.recipe import Recipe, dump_recipe
 
 log = logging.getLogger(__name__)
@@ -83,8 +85,11 @@ def _source_model(model_path: Path, recipe: Recipe, out_dir: Path) -> tuple[Path
 
 
 def run_ptq(model_path: Path, recipe: Recipe, out_dir: Path, dry_run: bool = False,
-            progress: Progress = None) -> dict[str, Any]:
+            progress: Progress = None, search_progress: Progress = None) -> dict[str, Any]:
     """Quantize ``model_path`` (ONNX or qtool checkpoint) per ``recipe.ptq`` into ``out_dir``.
+
+    ``progress`` counts calibration images; ``search_progress`` the steps of a graph search
+    (map-aware calibration, mixed-precision scan), when there is one.
 
     Returns:
         The run report (also written to ``out_dir/report.json`` unless ``dry_run``).
@@ -105,7 +110,7 @@ def run_ptq(model_path: Path, recipe: Recipe, out_dir: Path, dry_run: bool = Fal
         src, data_meta = _source_model(Path(model_path), recipe, out_dir)
         model = load_model(src)
     with timer.stage("prepare"):
-        prepared = prepare(model)
+        prepared = prepare(model, input_shape=cfg.input_shape or None)
     with timer.stage("policy"):
         spec = build_spec(prepared, cfg, profile)
     report: dict[str, Any] = {"model": str(model_path), "calibrator": cfg.calib, "target": profile.name,
@@ -119,9 +124,16 @@ def run_ptq(model_path: Path, recipe: Recipe, out_dir: Path, dry_run: bool = Fal
     splits = load_splits(data_cfg)
     transform = ImageTransform(data_cfg)
     calib = calibration_set(splits, transform, cfg.calib_data)
+    search = search_set_for(calibrator, cfg, splits, transform)
     with timer.stage("calibrate"):
-        ranges = calibrate(prepared, spec.tensors_to_calibrate(), calib.batches(), calibrator,
+        ranges = calibrate(prepared, spec.tensors_to_calibrate(),
+                           observed_batches(calib, search, calibrator, cfg.calib_data.batch_size), calibrator,
                            threads=recipe.eval.threads, group=cfg.calib_data.batch_size, progress=progress)
+    searched: dict[str, Any] = {}
+    if search is not None:
+        ranges, spec, searched = run_search_stages(calibrator, ranges, prepared, spec, search, cfg,
+                                                   recipe.eval.threads, timer.stage, search_progress)
+        report["plan"] = plan(spec)  # mixed precision may have kept layers float
     with timer.stage("insert_qdq"):
         qdq, qreport = insert_qdq_report(prepared, spec, ranges)
     with timer.stage("lint"):
@@ -146,6 +158,7 @@ def run_ptq(model_path: Path, recipe: Recipe, out_dir: Path, dry_run: bool = Fal
         "quantization": qreport,
         "lint": [{"node": i.node, "message": i.message} for i in issues],
         "sqnr_db": fidelity,
+        **searched,
         "stage_seconds": timer.seconds,
         "output": str(out_model),
     })

@@ -112,6 +112,21 @@ class CalibDataConfig(Section):
     seed: int = 0
 
 
+class SearchConfig(Section):
+    """The search set of map-aware calibration, mixed precision and the proxy AD metric.
+
+    Normal calibration images (held-out, then training normals; never the test split) plus one
+    synthetic anomaly (pasted patch, scratch or noise blob, with its mask) made from each.
+    """
+
+    normals: int = Field(16, ge=2)
+    kinds: list[str] = Field(default_factory=lambda: ["patch", "scratch", "noise"], min_length=1)
+    seed: int = 0
+    proxy: bool = False  # report the proxy (search-set AUROC) of every run, e.g. to correlate it with test AUROC
+    time_budget_s: float = Field(600.0, ge=0.0)  # of the mixed-precision sensitivity scan and fallback
+    latency_iterations: int = Field(10, ge=1)  # timed runs per model when costing fallbacks
+
+
 class PtqConfig(Section):
     """Post-training quantization: calibrator, target profile, policy."""
 
@@ -133,6 +148,11 @@ class PtqConfig(Section):
     exclude_op_types: list[str] = Field(default_factory=list)
     quantize_head: bool = False
     strict: bool = False
+    input_shape: dict[str, list[int]] = Field(default_factory=dict)  # calibration shape of dynamic inputs
+    # None, or the largest drop of the proxy AUROC (image or pixel, on the search set) allowed: the
+    # most sensitive layers stay float (fp16 on TensorRT) until the quantized model is within it
+    mixed_precision: float | None = Field(None, ge=0.0, le=1.0)
+    search: SearchConfig = Field(default_factory=SearchConfig)
 
     @field_validator("activation_bits", "weight_bits")
     @classmethod
@@ -167,6 +187,71 @@ class EvalConfig(Section):
     threads: int = Field(2, ge=1)
 
 
+SWEEP_AXES = ("model", "precision", "method", "calibrator", "calib_source", "part", "target")
+"""The axes of a sweep grid; ``SweepConfig`` holds one list per axis (plural field names)."""
+
+
+class SweepBenchConfig(Section):
+    """How each sweep cell is timed: a ``qtool bench`` backend with small, fixed iteration counts."""
+
+    device: str = "cpu"
+    iterations: int = Field(50, ge=1)
+    warmup: int = Field(5, ge=0)
+    threads: int | None = Field(None, ge=1)
+    batch: int | None = Field(None, ge=1)
+    timeout_s: float = Field(900.0, gt=0.0)
+    host: str | None = None
+    ssh_options: list[str] = Field(default_factory=list)
+
+
+class SweepModelConfig(Section):
+    """One value of the model axis: an existing model file, or the recipe's model (with overrides) trained."""
+
+    label: str | None = None
+    path: str | None = None  # qtool checkpoint (.pt) or ONNX file; None: train per the recipe
+    model: dict[str, Any] = Field(default_factory=dict)  # overrides of the model section when training
+
+
+class SweepCellFilter(Section):
+    """A partial cell: ``exclude`` drops the cells it matches, ``include`` adds one (unset axes: first value)."""
+
+    model: str | None = None
+    precision: str | None = None
+    method: Literal["ptq", "qat"] | None = None
+    calibrator: str | None = None
+    calib_source: str | None = None
+    part: Literal["student", "teacher", "both"] | None = None
+    target: str | None = None
+
+
+class SweepConfig(Section):
+    """``qtool sweep``: the grid (one list per axis), its filters, and how cells are timed and reported."""
+
+    models: list[SweepModelConfig] = Field(default_factory=lambda: [SweepModelConfig()])
+    precisions: list[str] = Field(default_factory=lambda: ["fp32", "int8"], min_length=1)
+    methods: list[Literal["ptq", "qat"]] = Field(default_factory=lambda: ["ptq"], min_length=1)
+    calibrators: list[str] = Field(default_factory=lambda: ["entropy"], min_length=1)
+    calib_sources: list[str] = Field(default_factory=lambda: ["train"], min_length=1)
+    parts: list[Literal["student", "teacher", "both"]] = Field(default_factory=lambda: ["both"], min_length=1)
+    targets: list[str] = Field(default_factory=lambda: ["cpu"], min_length=1)
+    include: list[SweepCellFilter] = Field(default_factory=list)
+    exclude: list[SweepCellFilter] = Field(default_factory=list)
+    calib_options: dict[str, dict[str, Any]] = Field(default_factory=dict)  # calibrator name -> its options
+    bench: SweepBenchConfig = Field(default_factory=SweepBenchConfig)
+    overlays: int = Field(3, ge=0, le=16)  # images per quantized cell in the fp32-vs-cell overlay figure
+    pareto_metric: Literal["image_auroc", "pixel_auroc", "aupro", "f1_at_threshold"] = "image_auroc"
+    jobs: int = Field(1, ge=1)
+    cache_dir: str = "runs/sweep-cache"
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _model_paths(cls, v: Any) -> Any:
+        """A bare string in ``models`` is the path of a model file."""
+        if isinstance(v, list):
+            return [{"path": x} if isinstance(x, str) else x for x in v]
+        return v
+
+
 class Recipe(Section):
     """A whole run: every stage reads its own section."""
 
@@ -180,6 +265,7 @@ class Recipe(Section):
     ptq: PtqConfig = Field(default_factory=PtqConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     qat: QatConfig = Field(default_factory=QatConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
 
     @field_validator("version")
     @classmethod

@@ -63,20 +63,23 @@ def run_export(checkpoint: Path, out: Path, recipe: Recipe) -> dict[str, Any]:
     return {"onnx": out, "parity": parity(model, out, images)}
 
 
-def run_eval(model_path: Path, recipe: Recipe, out: Path | None = None, progress: Progress = None) -> dict[str, Any]:
+def run_eval(model_path: Path, recipe: Recipe, out: Path | None = None, progress: Progress = None,
+             keep_maps: bool = False) -> dict[str, Any]:
     """Evaluate a checkpoint or ONNX model on the recipe's dataset (test split; holdout for threshold).
 
-    The model's own transform settings (size, resize, normalisation) override the recipe's.
+    The model's own transform settings (size, resize, normalisation) override the recipe's. With
+    ``keep_maps`` the result also holds ``"maps"`` (test anomaly maps, numpy; never written to ``out``).
     """
     opened = open_model(model_path)
     data_cfg = opened.apply_transform(recipe.data)
     splits = load_splits(data_cfg)
     t0 = time.perf_counter()
-    result = evaluate(opened.predictor(recipe.eval.threads), splits, ImageTransform(data_cfg), recipe.eval, progress)
+    result = evaluate(opened.predictor(recipe.eval.threads), splits, ImageTransform(data_cfg), recipe.eval, progress,
+                      keep_maps=keep_maps)
     result["model"] = str(model_path)
     result["eval_seconds"] = round(time.perf_counter() - t0, 2)
     if out is not None:
-        write_json(Path(out), result)
+        write_json(Path(out), {k: v for k, v in result.items() if k != "maps"})
     return result
 
 

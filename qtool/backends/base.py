@@ -143,6 +143,12 @@ class ModelFacts:
     sha256: str
     inputs: list[InputSpec]
     has_qdq: bool
+    has_fp16: bool = False  # float16 weights (an fp16 conversion)
+
+    @property
+    def stored_precision(self) -> str:
+        """What the file holds: int8 (QDQ), fp16 (float16 weights) or fp32."""
+        return "int8" if self.has_qdq else "fp16" if self.has_fp16 else "fp32"
 
 
 @dataclass(frozen=True)
@@ -208,7 +214,8 @@ def model_facts(path: Path) -> ModelFacts:
     if not inputs:
         raise GraphError(f"model {path} has no graph inputs to feed")
     has_qdq = any(n.op_type in QDQ_OPS for n in model.graph.node)
-    return ModelFacts(path, path.stat().st_size, sha256_file(path), inputs, has_qdq)
+    has_fp16 = any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    return ModelFacts(path, path.stat().st_size, sha256_file(path), inputs, has_qdq, has_fp16)
 
 
 def random_feeds(inputs: list[InputSpec], batch: int | None, seed: int = 0) -> dict[str, np.ndarray]:

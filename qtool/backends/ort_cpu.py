@@ -48,8 +48,8 @@ class OrtCpuBackend:
         """
         opts = self.options
         facts = model_facts(Path(model))
-        stored = "int8" if facts.has_qdq else "fp32"
-        precision = default_precision(opts.precision, facts.has_qdq)
+        stored = facts.stored_precision
+        precision = stored if opts.precision is None else default_precision(opts.precision, facts.has_qdq)
         if precision != stored:
             raise BackendError(f"the cpu backend runs the model as stored ({stored}); precision {precision!r} "
                                f"needs a {precision} model (qtool ptq for int8)")

@@ -45,10 +45,10 @@ def build_recipe(recipe: str | None, overrides: tuple[str, ...], flags: dict[str
 class TqdmProgress:
     """A progress callback backed by tqdm (the library only ever sees a callable)."""
 
-    def __init__(self, desc: str, total: int | None = None) -> None:
+    def __init__(self, desc: str, total: int | None = None, unit: str = "img") -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, desc=desc, unit="img", leave=False, disable=None)
+        self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False, disable=None)
 
     def __call__(self, n: int) -> None:
         """Advance by ``n`` items."""

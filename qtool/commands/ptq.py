@@ -14,7 +14,10 @@ from qtool.commands.train import data_options
 @click.command("ptq")
 @click.option("--model", "model_path", type=click.Path(dir_okay=False), required=True,
               help="Float ONNX model, or a qtool checkpoint (.pt) which is exported first.")
-@click.option("--calib", default=None, help="Calibrator: minmax, percentile, entropy, mse, or a plugin's name.")
+@click.option("--calib", default=None,
+              help="Calibrator: minmax, percentile, entropy, mse, map-aware, or a plugin's name.")
+@click.option("--mixed-precision", "mixed_precision", type=float, default=None, metavar="BUDGET",
+              help="Keep the fewest, most sensitive layers float until the proxy AUROC drop is <= BUDGET.")
 @click.option("--calib-source", default=None, help="Calibration data: train (held-out normals), random-normal, mix.")
 @click.option("--num-calib", type=int, default=None, help="Number of calibration samples.")
 @click.option("--target", default=None, help="Target profile: cpu or tensorrt.")
@@ -22,13 +25,17 @@ from qtool.commands.train import data_options
 @click.option("--quantize", "part", type=click.Choice(["student", "teacher", "both"]), default=None,
               help="Which part of the KD model is quantized.")
 @click.option("--strict", is_flag=True, default=None, help="Unsupported ops and lint findings are errors.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D0,D1,...",
+              help="Calibration shape of an input with dynamic dims, e.g. image=1,3,256,256 (repeatable).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Run folder (required unless --dry-run).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (what would be quantized) and stop.")
 @data_options
 @recipe_options
 @fail_cleanly
-def ptq_cmd(model_path: str, calib: str | None, calib_source: str | None, num_calib: int | None,
-            target: str | None, bits: int | None, part: str | None, strict: bool | None, out: str | None,
+def ptq_cmd(model_path: str, calib: str | None, mixed_precision: float | None, calib_source: str | None,
+            num_calib: int | None,
+            target: str | None, bits: int | None, part: str | None, strict: bool | None,
+            input_shapes: tuple[str, ...], out: str | None,
             dry_run: bool, data_root: str | None, data_format: str | None, recipe: str | None,
             overrides: tuple[str, ...]) -> None:
     """Quantize a model to QDQ ONNX with a pluggable calibrator and a target profile."""
@@ -40,15 +47,41 @@ def ptq_cmd(model_path: str, calib: str | None, calib_source: str | None, num_ca
     r = build_recipe(recipe, overrides, {
         "data.root": data_root, "data.format": data_format, "ptq.calib": calib,
         "ptq.calib_data.source": calib_source, "ptq.calib_data.num_samples": num_calib, "ptq.target": target,
-        "ptq.activation_bits": bits, "ptq.weight_bits": bits, "ptq.quantize": part, "ptq.strict": strict})
+        "ptq.activation_bits": bits, "ptq.weight_bits": bits, "ptq.quantize": part, "ptq.strict": strict,
+        "ptq.input_shape": parse_input_shapes(input_shapes) or None, "ptq.mixed_precision": mixed_precision})
     if out is not None and Path(out).exists() and any(Path(out).iterdir()) and not dry_run:
         if not (Path(out) / "report.json").exists():
             raise RecipeError(f"output folder {out} exists and is not a qtool PTQ run; choose another --out")
-    with TqdmProgress("calibrate") as bar:
-        report = run_ptq(Path(model_path), r, Path(out or "."), dry_run=dry_run, progress=bar)
+    with TqdmProgress("calibrate") as bar, TqdmProgress("search", unit="step") as search_bar:
+        report = run_ptq(Path(model_path), r, Path(out or "."), dry_run=dry_run, progress=bar,
+                         search_progress=search_bar)
     if dry_run:
         click.echo(json.dumps(report, indent=2))
         return
     click.echo(f"{report['output']}: {sum(report['plan']['quantized_nodes'].values())} nodes quantized, "
                f"SQNR map {report['sqnr_db']['anomaly_map']:.1f} dB, score {report['sqnr_db']['score']:.1f} dB, "
                f"lint issues {len(report['lint'])}, stages {report['stage_seconds']}")
+    if "mixed_precision" in report:
+        mp = report["mixed_precision"]
+        click.echo(f"mixed precision: {len(mp['fallback'])} of {mp['layers']} layers kept {mp['precision_kept']}, "
+                   f"proxy drop {mp['all_quantized']['drop']:.4f} -> {mp['final']['drop']:.4f} "
+                   f"(budget {mp['budget']})")
+
+
+def parse_input_shapes(items: tuple[str, ...]) -> dict[str, list[int]]:
+    """``("image=1,3,256,256", ...)`` -> ``{"image": [1, 3, 256, 256]}``.
+
+    Raises:
+        click.BadParameter: an item that is not NAME=positive,integers.
+    """
+    shapes: dict[str, list[int]] = {}
+    for item in items:
+        name, _, dims = item.partition("=")
+        try:
+            shape = [int(d) for d in dims.replace("x", ",").split(",")]
+        except ValueError:
+            shape = []
+        if not name or not shape or min(shape) < 1:
+            raise click.BadParameter(f"{item!r} is not NAME=D0,D1,... with positive dims", param_hint="--input-shape")
+        shapes[name] = shape
+    return shapes

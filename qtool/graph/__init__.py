@@ -1,12 +1,13 @@
 """ONNX graph passes of qtool.
 
 Load/save, prepare (shapes, BN fold, simplify), quantization policy and spec, QDQ insertion,
-target-profile lint, float16 conversion, and output probes for calibration.
+target-profile lint, float16 conversion, output probes for calibration, and layer sub-specs.
 """
 
 from qtool.graph.fp16 import to_fp16
 from qtool.graph.insert_qdq import insert_qdq, insert_qdq_report
 from qtool.graph.io import load_model, save_model
+from qtool.graph.layers import layer_groups, node_tensors, subset
 from qtool.graph.lint import LintIssue, lint
 from qtool.graph.policy import (
     OP_RULES,
@@ -18,7 +19,7 @@ from qtool.graph.policy import (
     QuantSpec,
     build_spec,
 )
-from qtool.graph.prepare import fix_input_shapes, fold_batchnorm, infer_shapes, prepare
+from qtool.graph.prepare import fix_input_shapes, fold_batchnorm, fuse_pad_into_conv, infer_shapes, prepare
 from qtool.graph.probe import add_outputs
 from qtool.graph.profiles import (
     PROFILES,
@@ -45,15 +46,19 @@ __all__ = [
     "build_spec",
     "fix_input_shapes",
     "fold_batchnorm",
+    "fuse_pad_into_conv",
     "get_profile",
     "infer_shapes",
     "insert_qdq",
     "insert_qdq_report",
+    "layer_groups",
     "lint",
     "load_model",
+    "node_tensors",
     "prepare",
     "quantize_array",
     "save_model",
     "scale_zero_point",
+    "subset",
     "to_fp16",
 ]

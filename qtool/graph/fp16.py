@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import onnx
 
 from qtool.errors import GraphError
+from qtool.graph._index import topo_sort
 
 
 def to_fp16(
@@ -36,7 +37,7 @@ def to_fp16(
     m = onnx.ModelProto()
     m.CopyFrom(model)
     try:
-        return convert_float_to_float16(
+        out = convert_float_to_float16(
             m,
             keep_io_types=keep_io_types,
             op_block_list=list(op_block_list) if op_block_list is not None else None,
@@ -44,3 +45,5 @@ def to_fp16(
         )
     except Exception as e:  # wrap the converter's errors with context
         raise GraphError(f"float16 conversion failed: {str(e).strip().splitlines()[0] if str(e) else e!r}") from e
+    topo_sort(out)  # the converter appends its boundary Casts last; the ONNX checker wants nodes in order
+    return out

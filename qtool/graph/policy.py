@@ -162,7 +162,8 @@ class QuantSpec:
         """Activation tensors whose calibrated ranges insert_qdq needs, in graph order."""
         out: dict[str, None] = {}
         for a in self.activations.values():
-            if not a.constant and not self.activations[a.range_of].constant:
+            src = self.activations.get(a.range_of)  # absent in a sub-spec (qtool.graph.layers.subset)
+            if not a.constant and not (src is not None and src.constant):
                 out[a.range_of] = None
         return list(out)
 

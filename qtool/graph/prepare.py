@@ -54,6 +54,8 @@ def prepare(
         m = _simplify(m)
     if n := fold_batchnorm(m):
         log.info("folded %d BatchNormalization nodes into Conv", n)
+    if n := fuse_pad_into_conv(m):
+        log.info("fused %d zero Pad nodes into their Conv's pads", n)
     return infer_shapes(m)
 
 
@@ -175,6 +177,65 @@ def fold_batchnorm(model: onnx.ModelProto) -> int:
     if folded:
         remove_unused_initializers(model)
     return len(folded)
+
+
+def _const(idx: GraphIndex, name: str) -> np.ndarray | None:
+    """The value of initializer ``name`` (None for an absent optional input or a computed tensor)."""
+    return numpy_helper.to_array(idx.initializers[name]) if name in idx.initializers else None
+
+
+def _spatial_pads(idx: GraphIndex, pad: onnx.NodeProto) -> list[int] | None:
+    """Conv-style ``[h0, w0, ..., h1, w1, ...]`` of a constant-zero 4-D+ Pad on spatial dims only, else None."""
+    if _attr(pad, "mode", b"constant") not in (b"constant", "constant") or len(pad.input) < 2:
+        return None
+    pads = _const(idx, pad.input[1])
+    value = _const(idx, pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.zeros(1)
+    if pads is None or value is None or np.any(value != 0) or (len(pad.input) > 3 and pad.input[3]):
+        return None  # non-constant pads, non-zero fill, or an explicit axes input
+    pads = [int(v) for v in pads.reshape(-1)]
+    rank = len(pads) // 2
+    begin, end = pads[:rank], pads[rank:]
+    if rank < 3 or min(pads) < 0 or any(begin[:2]) or any(end[:2]):
+        return None
+    return begin[2:] + end[2:]
+
+
+def fuse_pad_into_conv(model: onnx.ModelProto) -> int:
+    """Fold zero Pad nodes (TF "same" padding) into the pads of the Conv nodes they feed, in place.
+
+    A Pad left between two quantized Convs runs in float between a DequantizeLinear and a
+    QuantizeLinear in ONNX Runtime (about a tenth of an int8 EfficientNet's time); inside the
+    Conv it costs nothing. Only Pads whose every consumer is a Conv with explicit padding fuse.
+
+    Returns:
+        How many Pad nodes were removed.
+    """
+    idx = GraphIndex(model)
+    fused = []
+    for pad in model.graph.node:
+        if pad.op_type != "Pad" or pad.output[0] in idx.graph_outputs:
+            continue
+        extra = _spatial_pads(idx, pad)
+        users = idx.consumers.get(pad.output[0], [])
+        if extra is None or not users or any(
+            n.op_type != "Conv" or i != 0 or _attr(n, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
+            for n, i in users
+        ):
+            continue
+        owns = [list(_attr(conv, "pads", [0] * len(extra))) for conv, _ in users]
+        if any(len(own) != len(extra) for own in owns):
+            continue
+        for (conv, _), own in zip(users, owns):
+            for a in [a for a in conv.attribute if a.name == "pads"]:
+                conv.attribute.remove(a)
+            conv.attribute.append(onnx.helper.make_attribute("pads", [x + y for x, y in zip(own, extra)]))
+            conv.input[0] = pad.input[0]
+        fused.append(pad)
+    for pad in fused:
+        model.graph.node.remove(pad)
+    if fused:
+        remove_unused_initializers(model)
+    return len(fused)
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:

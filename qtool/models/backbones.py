@@ -126,7 +126,7 @@ def build_backbone(name: str, levels: list[int], weights: str = "imagenet") -> F
         missing = [k for k in own if k not in state]
         if missing:
             raise ModelError(f"weights for {name!r} lack {len(missing)} keys, e.g. {missing[0]}")
-        body.load_state_dict({k: state[k] for k in own})
+        _load_into(body, {k: state[k] for k in own}, name, weights)
     _truncate(body)
     return FeatureExtractor(body)
 
@@ -139,5 +139,15 @@ def load_classifier(name: str, weights: str = "imagenet") -> nn.Module:
     model = timm.create_model(spec.timm_name, pretrained=False)
     state = _load_state(spec, name, weights)
     if state is not None:
-        model.load_state_dict(state)
+        _load_into(model, state, name, weights)
     return model.eval()
+
+
+def _load_into(module: nn.Module, state: dict[str, torch.Tensor], name: str, source: str) -> None:
+    """``load_state_dict`` with its RuntimeError (missing keys, wrong shapes) turned into a ModelError."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = next((ln.strip() for ln in first[1:] if ln.strip()), first[0] if first else "")
+        raise ModelError(f"weights {source} do not fit backbone {name!r}: {detail[:200]}") from e

@@ -272,9 +272,6 @@ def test_calibrating_on_the_test_split_is_refused(kd, tmp_path):
                 "allow_anomalies", out=out)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="calib source 'test' is only refused when the first num_samples test images "
-                   "include an anomaly; test normals (evaluation data) pass silently")
 def test_test_split_is_refused_even_when_the_first_images_are_normal(kd, tmp_path):
     out = tmp_path / "out"
     clean_error(invoke("ptq", "--model", kd.onnx, "--recipe", kd.recipe_file, "--out", out, "--calib", "minmax",
@@ -351,9 +348,6 @@ def test_dynamic_batch_model_is_quantized_or_refused_cleanly(kd, dynamic_onnx, t
         clean_error(res, "image", "dynamic", out=out)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="run_ptq never gives prepare() an input shape, and the error tells the "
-                   "user to pass --input-shape, which `qtool ptq` does not have")
 def test_dynamic_batch_error_remedy_exists(kd, dynamic_onnx, tmp_path):
     res = _ptq_dynamic(kd, dynamic_onnx, tmp_path / "out")
     if res.exit_code == 0:
@@ -393,3 +387,17 @@ def test_console_script_bad_input_is_one_line(tmp_path):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(missing) in lines[0], p.stderr
     assert p.stdout == ""
+
+
+def test_dynamic_batch_model_quantizes_with_input_shape(kd, dynamic_onnx, tmp_path):
+    out = tmp_path / "out"
+    ok(invoke("ptq", "--model", dynamic_onnx, "--recipe", kd.recipe_file, "--out", out, "--calib", "minmax",
+              "--input-shape", "image=2,3,64,64"))
+    model = onnx.load(str(out / "model.onnx"))
+    assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [2, 3, 64, 64]
+
+
+def test_malformed_input_shape_is_a_usage_error(kd, dynamic_onnx, tmp_path):
+    res = invoke("ptq", "--model", dynamic_onnx, "--recipe", kd.recipe_file, "--out", tmp_path / "o",
+                 "--input-shape", "image=1,three")
+    assert res.exit_code == 2 and "--input-shape" in res.stderr

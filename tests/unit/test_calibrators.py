@@ -324,7 +324,7 @@ def test_bad_option_values(name: str, options: dict, key: str) -> None:
 
 
 def test_unknown_calibrator_lists_available() -> None:
-    with pytest.raises(RegistryError, match="unknown calibrator 'kl'.*entropy, minmax, mse, percentile"):
+    with pytest.raises(RegistryError, match="unknown calibrator 'kl'.*entropy, map-aware, minmax, mse, percentile"):
         get_calibrator("kl")
 
 

@@ -136,3 +136,50 @@ def test_fp16_runs_and_matches_fp32(tmp_path):
         assert b[0].dtype == np.float32
         np.testing.assert_allclose(b[0], a[0], atol=5e-3)
         np.testing.assert_allclose(b[1], a[1], atol=5e-3)
+
+
+def _pad_conv_graph(pad_value: float, pads: list[int], second_user: str = "Conv") -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3], rng.standard_normal(108).astype(np.float32))
+    w2 = helper.make_tensor("w2", TensorProto.FLOAT, [2, 3, 1, 1], rng.standard_normal(6).astype(np.float32))
+    p = helper.make_tensor("pads", TensorProto.INT64, [8], pads)
+    v = helper.make_tensor("v", TensorProto.FLOAT, [], [pad_value])
+    user = (helper.make_node("Conv", ["xp", "w2"], ["z"], name="conv2") if second_user == "Conv"
+            else helper.make_node("Relu", ["xp"], ["z"], name="relu"))
+    nodes = [helper.make_node("Pad", ["x", "pads", "v"], ["xp"], name="pad", mode="constant"),
+             helper.make_node("Conv", ["xp", "w"], ["y"], name="conv", strides=[2, 2], pads=[1, 0, 1, 0]), user]
+    zshape = [1, 2, 10, 9] if second_user == "Conv" else [1, 3, 10, 9]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                           helper.make_tensor_value_info("z", TensorProto.FLOAT, zshape)], [w, w2, p, v])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_zero_pad_fuses_into_every_conv_it_feeds(tmp_path):
+    from qtool.graph import fuse_pad_into_conv
+
+    model = _pad_conv_graph(0.0, [0, 0, 0, 1, 0, 0, 2, 0])  # TF "same": bottom 2, left 1
+    x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    ref = run(model, [{"x": x}])[0]
+    fused = onnx.ModelProto()
+    fused.CopyFrom(model)
+    assert fuse_pad_into_conv(fused) == 1
+    assert [n.op_type for n in fused.graph.node] == ["Conv", "Conv"]
+    pads = {n.name: list(helper.get_attribute_value(a) for a in n.attribute if a.name == "pads")[0]
+            for n in fused.graph.node}
+    assert pads == {"conv": [1, 1, 3, 0], "conv2": [0, 1, 2, 0]}
+    for a, b in zip(ref, run(fused, [{"x": x}])[0]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("value", "pads", "user"), [
+    (1.0, [0, 0, 0, 1, 0, 0, 2, 0], "Conv"),   # non-zero fill
+    (0.0, [0, 1, 0, 0, 0, 0, 0, 0], "Conv"),   # pads the channel dim
+    (0.0, [0, 0, 0, 1, 0, 0, 2, 0], "Relu"),   # a consumer that is not a Conv
+])
+def test_pad_that_cannot_fuse_stays(value, pads, user):
+    from qtool.graph import fuse_pad_into_conv
+
+    model = _pad_conv_graph(value, pads, user)
+    assert fuse_pad_into_conv(model) == 0
+    assert "Pad" in [n.op_type for n in model.graph.node]

@@ -86,8 +86,6 @@ def test_lite0_weights_file_of_another_architecture_is_refused(tmp_path):
         build_backbone("tf_efficientnet_lite0", [1, 2], str(path))
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="build_backbone lets load_state_dict's RuntimeError (size mismatch) escape")
 def test_weights_file_with_wrong_shapes_is_a_model_error(tmp_path):
     path = tmp_path / "shapes.pth"
     torch.save({k: torch.zeros(1) for k in _resnet18_keys()}, path)  # right keys, wrong shapes
@@ -95,8 +93,6 @@ def test_weights_file_with_wrong_shapes_is_a_model_error(tmp_path):
         build_backbone("resnet18", [1, 2], str(path))
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="load_classifier lets load_state_dict's RuntimeError (missing keys) escape")
 def test_classifier_weights_with_other_keys_is_a_model_error(tmp_path):
     path = tmp_path / "renamed.pth"
     torch.save({f"module.{k}": torch.zeros(1) for k in _resnet18_keys()}, path)

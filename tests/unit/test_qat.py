@@ -105,9 +105,10 @@ def test_stfpm_placement_equals_policy(stfpm, quantize, target):
     smap = build_spec_map(model, graph, spec)
     _check_placement(smap, spec)
     assert set(smap.parts) == ({"student", "teacher"} if quantize == "both" else {"student"})
-    # the tf-"same" convs pad inside the leaf module call: their Pad's fake-quant moves in front of it
-    pads = [t for t in smap.activations if t.endswith("/Pad_output_0")]
-    assert pads and all(smap.activations[t].how.startswith("before Pad") for t in pads)
+    # the tf-"same" convs' Pad is fused into the Conv by prepare: the fake-quant sits on the Pad's input,
+    # which F.pad then zero-pads inside the leaf module exactly as the fused Conv does
+    assert not any(n.op_type == "Pad" for n in graph.graph.node)
+    assert not any(t.endswith("/Pad_output_0") for t in smap.activations)
     # BatchNorm folded: no BN node or BN parameter left in the traced parts
     for gm in smap.parts.values():
         assert not any("batch_norm" in str(n.target) for n in gm.graph.nodes)

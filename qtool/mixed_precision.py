@@ -1,0 +1,125 @@
+"""Automatic mixed precision: per-layer sensitivity of a proxy AD metric, then the fewest float layers in budget.
+
+A layer's sensitivity is the proxy's drop (the larger of the image and pixel AUROC drops on the
+search set) when only that layer is quantized, ties broken by its map distortion. The most
+sensitive layers go back to float (fp16 on TensorRT) one at a time until the whole quantized
+model is within the budget; then every fallback that is no longer needed is quantized again, so
+no single fallback can be dropped. Each remaining fallback's latency cost is timed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from qtool.graph import QuantSpec, layer_groups, subset
+from qtool.proxy import MapDistortion, separation_drop
+from qtool.recipe import SearchConfig
+from qtool.search import Harness
+
+log = logging.getLogger(__name__)
+PROXY = "max of the image and pixel AUROC drops vs fp32 on the search set (synthetic anomalies vs normals)"
+
+
+@dataclass
+class MixedPrecision:
+    """The chosen spec, the layers kept float, and the record of how they were chosen."""
+
+    spec: QuantSpec
+    fallback: list[str]
+    sensitivity: dict[str, dict[str, float]] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+class _Scorer:
+    """Proxy and distortion of the model quantizing only some layers (every other node float)."""
+
+    def __init__(self, harness: Harness, ranges: Mapping[str, Any], layers: dict[str, list[str]], reason: str) -> None:
+        self.harness, self.ranges, self.layers, self.reason = harness, ranges, layers, reason
+        self.distortion = MapDistortion(*harness.reference, harness.search.masks, harness.search.labels)
+
+    def nodes(self, quantized: Collection[str]) -> list[str]:
+        return [n for layer in self.layers if layer in quantized for n in self.layers[layer]]
+
+    def model(self, quantized: Collection[str]) -> Any:
+        return self.harness.build_nodes(self.ranges, self.nodes(quantized), self.reason)
+
+    def __call__(self, quantized: Collection[str]) -> dict[str, float]:
+        out = self.harness.run(self.model(quantized))
+        sep = self.harness.separation(out)
+        return {**sep, "drop": separation_drop(self.harness.reference_separation, sep), **self.distortion(*out)}
+
+
+def choose_precision(harness: Harness, ranges: Mapping[str, Any], budget: float, cfg: SearchConfig,
+                     progress: Callable[[int], None] | None = None) -> MixedPrecision:
+    """Keep the fewest layers float that bring the proxy drop within ``budget`` (see the module).
+
+    Args:
+        harness: graph, full spec and search set; ranges: calibrated ranges of every tensor.
+        budget: the largest proxy drop allowed (e.g. 0.005).
+        cfg: ``time_budget_s`` bounds the sensitivity scan (layers not scanned by then come last,
+            in graph order); ``latency_iterations`` timed runs per model.
+        progress: called with 1 per scanned layer.
+
+    Returns:
+        The spec with the fallback layers float, and the report (proxy before/after, per-layer
+        sensitivity, fallbacks with their latency cost).
+    """
+    t0 = time.monotonic()
+    layers = layer_groups(harness.model, harness.spec)
+    names = list(layers)
+    precision = "fp16" if harness.spec.profile.fp16_fallback else "fp32"
+    reason = f"kept float by mixed precision ({precision} on {harness.spec.profile.name})"
+    score = _Scorer(harness, ranges, layers, reason)
+    full = score(names)
+    sens: dict[str, dict[str, float]] = {}
+    for layer in names:
+        if time.monotonic() - t0 > cfg.time_budget_s:
+            break
+        sens[layer] = score([layer])
+        if progress:
+            progress(1)
+    rank = {layer: i for i, layer in enumerate(names)}
+    order = sorted(sens, key=lambda x: (-sens[x]["drop"], -sens[x]["loss"], rank[x]))
+    order += [x for x in names if x not in sens]
+    fallback: list[str] = []
+    final = full
+    while final["drop"] > budget and len(fallback) < len(order):  # with every layer float, the drop is 0
+        fallback.append(order[len(fallback)])
+        final = score([x for x in names if x not in fallback])
+    for layer in list(reversed(fallback)):  # least sensitive first: quantize again what is not needed
+        trial = [x for x in fallback if x != layer]
+        state = score([x for x in names if x not in trial])
+        if state["drop"] <= budget:
+            fallback, final = trial, state
+    fallback.sort(key=rank.__getitem__)
+    keep = [x for x in names if x not in fallback]
+    spec = subset(harness.model, harness.spec, score.nodes(keep), reason) if fallback else harness.spec
+    report: dict[str, Any] = {
+        "budget": budget, "proxy": PROXY, "precision_kept": precision,
+        "fp32": harness.reference_separation, "all_quantized": full, "final": final,
+        "layers": len(names), "layers_scanned": len(sens), "scan_time_budget_s": cfg.time_budget_s,
+        "fallback": [{"layer": x, "nodes": layers[x], "sensitivity": sens.get(x)} for x in fallback],
+    }
+    if fallback:
+        report["latency"] = _latency(harness, score, names, fallback, cfg.latency_iterations)
+        for entry in report["fallback"]:
+            entry["latency_cost_ms"] = report["latency"]["fallback_cost_ms"][entry["layer"]]
+    report["seconds"] = round(time.monotonic() - t0, 2)
+    log.info("mixed precision: %d of %d layers kept float, proxy drop %.4f -> %.4f (budget %.4f), %.1f s",
+             len(fallback), len(names), full["drop"], final["drop"], budget, report["seconds"])
+    return MixedPrecision(spec, fallback, sens, report)
+
+
+def _latency(harness: Harness, score: _Scorer, names: list[str], fallback: list[str], iterations: int
+             ) -> dict[str, Any]:
+    """ORT CPU latency of the all-quantized and final models, and per fallback: final minus final-with-it-quantized."""
+    keep = [x for x in names if x not in fallback]
+    final = harness.latency_ms(score.model(keep), iterations)
+    costs = {f: round(final - harness.latency_ms(score.model([*keep, f]), iterations), 4) for f in fallback}
+    return {"runtime": "onnxruntime cpu (default optimisations), one input batch, median",
+            "iterations": iterations, "all_quantized_ms": round(harness.latency_ms(score.model(names), iterations), 4),
+            "final_ms": round(final, 4), "fallback_cost_ms": costs}

@@ -1,0 +1,85 @@
+"""Proxy anomaly-detection metrics on the search set (normal calibration images + synthetic anomalies).
+
+Separation (image and pixel AUROC of the synthetic anomalies against the normals), and the
+distortion of a quantized model's outputs where an anomaly detector lives: the upper tail of the
+fp32 map, the synthetic defect regions, and the order of normal vs anomalous image scores.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from qtool.errors import CalibrationError
+from qtool.metrics import image_auroc, pixel_auroc
+
+SEPARATION_KEYS = ("image_auroc", "pixel_auroc")
+
+
+def _check_shapes(maps: np.ndarray, masks: np.ndarray) -> None:
+    if maps.shape != masks.shape:
+        raise CalibrationError(f"anomaly maps {maps.shape} and synthetic defect masks {masks.shape} differ in shape; "
+                               "the search needs a model whose map has the input's size")
+
+
+def separation(maps: np.ndarray, scores: np.ndarray, masks: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Image AUROC (scores vs labels) and pixel AUROC (maps vs masks) on the search set.
+
+    Raises:
+        CalibrationError: maps and masks of different shapes.
+        DataError: a set without both normal and anomalous images (or pixels).
+    """
+    _check_shapes(maps, masks)
+    return {"image_auroc": image_auroc(labels, scores), "pixel_auroc": pixel_auroc(masks, maps)}
+
+
+def separation_drop(reference: dict[str, float], quantized: dict[str, float]) -> float:
+    """The proxy's loss: the larger of the image and pixel AUROC drops from ``reference`` to ``quantized``."""
+    return max(reference[k] - quantized[k] for k in SEPARATION_KEYS)
+
+
+class MapDistortion:
+    """How far a quantized model's maps and scores are from fp32's where it matters (lower is better).
+
+    ``loss = map_rel_rms + rank_weight * order_flips``:
+
+    * ``map_rel_rms``: RMS of the map error over the region that decides detections (synthetic
+      defect pixels, plus pixels above the ``tail_quantile`` of fp32 map values on normals), divided
+      by the RMS of the fp32 map there;
+    * ``order_flips``: share of (normal, anomalous) image pairs whose score order differs from fp32's
+      (a new tie counts one half).
+
+    Args:
+        ref_maps / ref_scores: fp32 outputs on the search images (N, H, W) and (N,).
+        masks: synthetic defect masks (N, H, W); labels: (N,) 0 normal, 1 anomalous.
+
+    Raises:
+        CalibrationError: maps and masks of different shapes.
+    """
+
+    def __init__(self, ref_maps: np.ndarray, ref_scores: np.ndarray, masks: np.ndarray, labels: np.ndarray,
+                 tail_quantile: float = 0.99, rank_weight: float = 1.0) -> None:
+        ref = np.asarray(ref_maps, dtype=np.float64)
+        _check_shapes(ref, masks)
+        labels = np.asarray(labels).ravel()
+        normal = ref[labels == 0] if np.any(labels == 0) else ref
+        self.region = (np.asarray(masks) > 0) | (ref > np.quantile(normal, tail_quantile))
+        self.ref = ref[self.region]
+        self.norm = math.sqrt(float(np.mean(self.ref**2))) if self.ref.size else 1.0
+        self.norm = self.norm if self.norm > 0 else 1.0
+        self.normals, self.anomalies = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+        s = np.asarray(ref_scores, dtype=np.float64).ravel()
+        self.ref_order = np.sign(s[self.anomalies][None, :] - s[self.normals][:, None])
+        self.rank_weight = rank_weight
+
+    def __call__(self, maps: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+        """``{"loss", "map_rel_rms", "order_flips"}`` of one quantized model's outputs."""
+        err = np.asarray(maps, dtype=np.float64)[self.region] - self.ref
+        rel_rms = math.sqrt(float(np.mean(err**2))) / self.norm if err.size else 0.0
+        flips = 0.0
+        if self.ref_order.size:
+            s = np.asarray(scores, dtype=np.float64).ravel()
+            order = np.sign(s[self.anomalies][None, :] - s[self.normals][:, None])
+            flips = float(np.mean(np.where(order == self.ref_order, 0.0, np.where(order == 0, 0.5, 1.0))))
+        return {"loss": rel_rms + self.rank_weight * flips, "map_rel_rms": rel_rms, "order_flips": flips}

@@ -1,0 +1,95 @@
+"""The search stages of ``qtool ptq``: search set, a calibrator's ``refine``, mixed precision, the proxy.
+
+They run only when asked for: by a calibrator that ``needs_graph``, by ``ptq.mixed_precision``, or
+by ``ptq.search.proxy``. The driver never branches on a calibrator's name.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import Any
+
+import numpy as np
+import onnx
+
+from calibrators import Calibrator, TensorRange
+from qtool.calib_data import CalibrationSet
+from qtool.data import ImageTransform, Splits
+from qtool.graph import QuantSpec, insert_qdq, layer_groups, node_tensors
+from qtool.mixed_precision import choose_precision
+from qtool.proxy import separation_drop
+from qtool.recipe import PtqConfig
+from qtool.search import Harness, SearchSet, build_search_set
+
+Progress = Callable[[int], None] | None
+Stage = Callable[[str], AbstractContextManager]
+
+
+def search_set_for(calibrator: Calibrator, cfg: PtqConfig, splits: Splits, transform: ImageTransform
+                   ) -> SearchSet | None:
+    """The search set when a stage needs one (a graph-searching calibrator, mixed precision, the proxy), else None."""
+    if calibrator.needs_graph or cfg.mixed_precision is not None or cfg.search.proxy:
+        return build_search_set(splits, transform, cfg.search)
+    return None
+
+
+def observed_batches(calib: CalibrationSet, search: SearchSet | None, calibrator: Calibrator,
+                     batch_size: int) -> Iterator[np.ndarray]:
+    """The calibration batches, then the search images for a calibrator that is judged on them."""
+    if search is None or not calibrator.needs_graph:
+        return calib.batches()
+    return itertools.chain(calib.batches(), search.batches(batch_size))
+
+
+def run_search_stages(calibrator: Calibrator, ranges: dict[str, TensorRange], prepared: onnx.ModelProto,
+                      spec: QuantSpec, search: SearchSet, cfg: PtqConfig, threads: int, stage: Stage,
+                      progress: Progress = None) -> tuple[dict[str, TensorRange], QuantSpec, dict[str, Any]]:
+    """Refine the ranges (if the calibrator searches), choose precisions (if asked), measure the proxy.
+
+    Args:
+        stage: the pipeline's timer (``stage(name)`` times a block).
+        progress: called with 1 per search step (tensor searched, layer scanned).
+
+    Returns:
+        (ranges, spec, report entries: ``search_set``, ``proxy``, ``layers``, and ``mixed_precision``).
+    """
+    with stage("search_set"):
+        harness = Harness(prepared, spec, search, threads)
+    full_spec = spec
+    if calibrator.needs_graph:
+        with stage("search"):
+            ranges = calibrator.refine(ranges, harness.context(progress))
+    # a searching calibrator's histograms include the search images, so its candidates cover the anomalies
+    extra: dict[str, Any] = {"search_set": {**search.description, "streamed_to_calibrator": calibrator.needs_graph}}
+    sensitivity: dict[str, dict[str, float]] = {}
+    fallback: list[str] = []
+    if cfg.mixed_precision is not None:
+        with stage("mixed_precision"):
+            mp = choose_precision(harness, ranges, cfg.mixed_precision, cfg.search, progress)
+        spec, fallback, sensitivity = mp.spec, mp.fallback, mp.sensitivity
+        extra["mixed_precision"] = mp.report
+    with stage("proxy"):
+        quantized = harness.separation(harness.run(insert_qdq(prepared, spec, ranges)))
+    extra["proxy"] = {"fp32": harness.reference_separation, "quantized": quantized,
+                      "drop": separation_drop(harness.reference_separation, quantized)}
+    extra["layers"] = layer_table(prepared, full_spec, ranges, sensitivity, fallback)
+    return ranges, spec, extra
+
+
+def layer_table(model: onnx.ModelProto, spec: QuantSpec, ranges: dict[str, TensorRange],
+                sensitivity: dict[str, dict[str, float]], fallback: list[str]) -> list[dict[str, Any]]:
+    """Per layer: nodes, precision kept, sensitivity (if scanned), and each tensor's chosen and candidate ranges."""
+    needs = node_tensors(model, spec)
+    kept = "fp16" if spec.profile.fp16_fallback else "fp32"
+    rows = []
+    for layer, nodes in layer_groups(model, spec).items():
+        tensors = dict.fromkeys(t for n in nodes for t in needs[n])
+        rows.append({
+            "layer": layer, "nodes": nodes,
+            "precision": kept if layer in fallback else f"w{spec.weight_bits}a{spec.activation_bits}",
+            "sensitivity": sensitivity.get(layer),
+            "tensors": {t: ranges[t].to_dict() for t in tensors},
+        })
+    return rows

@@ -1,0 +1,76 @@
+"""``qtool ptq --calib map-aware --mixed-precision BUDGET`` on the shared tiny STFPM: the report's search
+sections, the files it read (never the test split), and the recipe fields the sweep can vary."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from helpers.kd_run import shared
+from helpers.opened_files import opened_images
+
+from qtool.cli import main
+from qtool.data import load_splits
+from qtool.errors import RecipeError
+from qtool.recipe import load_recipe
+
+
+@pytest.fixture(scope="module")
+def kd(tmp_path_factory):
+    return shared(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def searched(kd, tmp_path_factory):
+    """One map-aware + mixed-precision run, recording every image file opened while it ran."""
+    out = tmp_path_factory.mktemp("ptq_search") / "run"
+    with opened_images() as opened:
+        result = CliRunner().invoke(main, [
+            "ptq", "--model", str(kd.onnx), "--recipe", str(kd.recipe_file), "--out", str(out),
+            "--calib", "map-aware", "--mixed-precision", "0.01", "--set", "ptq.calib_options.time_budget_s=20",
+            "--set", "ptq.search.normals=4", "--set", "ptq.search.latency_iterations=2",
+            "--set", "ptq.search.time_budget_s=20"])
+    assert result.exit_code == 0, result.output
+    return out, json.loads((out / "report.json").read_text()), opened, result.output
+
+
+def test_search_stages_never_read_a_test_split_file(kd, searched):
+    _, report, opened, _ = searched
+    splits = load_splits(kd.recipe().data)
+    test_files = {str(s.path) for s in splits.test} | {str(s.mask) for s in splits.test if s.mask}
+    assert opened and not test_files & set(opened)
+    used = report["search_set"]["files"]
+    assert used and set(used) <= {str(s.path) for s in [*splits.holdout, *splits.train]}
+    assert set(used) <= set(opened) and report["search_set"]["streamed_to_calibrator"] is True
+    assert "never the test split" in report["search_set"]["what"]
+
+
+def test_report_shows_per_layer_ranges_candidates_sensitivity_and_precision(searched):
+    out, report, _, stdout = searched
+    assert {"search", "mixed_precision", "proxy", "calibrate"} <= set(report["stage_seconds"])
+    layers = report["layers"]
+    mp = report["mixed_precision"]
+    assert len(layers) == mp["layers"] > 1
+    fallback = {f["layer"] for f in mp["fallback"]}
+    for row in layers:
+        assert row["precision"] == ("fp32" if row["layer"] in fallback else "w8a8"), row["layer"]
+        for name, r in row["tensors"].items():
+            assert r["lo"] <= r["hi"] and r["candidates"], name
+            assert r["chosen"] in [c["rules"] for c in r["candidates"]], name
+    assert all(row["sensitivity"] is not None for row in layers[: mp["layers_scanned"]])
+    searched_tensors = [r for row in layers for r in row["tensors"].values() if r["search"] == "searched"]
+    assert searched_tensors and all("loss" in c for r in searched_tensors for c in r["candidates"])
+    assert report["proxy"]["drop"] == pytest.approx(mp["final"]["drop"], abs=1e-9)
+    assert report["proxy"]["drop"] <= 0.01 or len(fallback) == mp["layers"]
+    assert report["plan"]["quantized_nodes"] and "mixed precision" in stdout
+    recipe = load_recipe(out / "recipe.yaml")
+    assert recipe.ptq.calib == "map-aware" and recipe.ptq.mixed_precision == 0.01
+
+
+@pytest.mark.parametrize(("override", "key"), [("ptq.mixed_precision=-0.1", "ptq.mixed_precision"),
+                                               ("ptq.search.normals=1", "ptq.search.normals"),
+                                               ("ptq.search.kinds=[]", "ptq.search.kinds")])
+def test_bad_search_fields_name_the_key(override: str, key: str):
+    with pytest.raises(RecipeError, match=key.replace(".", r"\.")):
+        load_recipe(None, [override])

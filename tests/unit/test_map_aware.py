@@ -1,0 +1,132 @@
+"""Map-aware calibration on a tiny model whose anomaly signal lives in one teacher tensor's outliers.
+
+Oracles: separation recomputed with a plain ONNX Runtime session and sklearn (not the harness), the
+ranges a clipping calibrator would give, and repeated searches compared exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers.ort_utils import session
+from helpers.outlier_model import TEACHER_TENSOR, outlier_model, smooth_normals
+from sklearn.metrics import roc_auc_score
+
+from calibrators import CALIBRATORS, get_calibrator
+from qtool.calibrate import calibrate
+from qtool.errors import CalibrationError
+from qtool.graph import build_spec, insert_qdq, prepare
+from qtool.recipe import PtqConfig
+from qtool.search import Harness, search_set_from_arrays
+
+KINDS = ["scratch", "noise"]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    normals = smooth_normals(12)
+    model = prepare(outlier_model(normals))
+    search = search_set_from_arrays(normals, KINDS, seed=0)
+    return normals, model, search
+
+
+def spec_at(model, bits: int):
+    return build_spec(model, PtqConfig(activation_bits=bits, weight_bits=bits), "cpu")
+
+
+def image_auroc(model, search) -> float:
+    """Independent: one ORT session (Q/DQ simulated in float), sklearn on the image scores."""
+    sess = session(model, "ORT_ENABLE_BASIC")
+    scores = [float(sess.run(["score"], {"image": x[None]})[0][0]) for x in search.images]
+    return float(roc_auc_score(search.labels, scores))
+
+
+def map_aware(model, spec, normals, search, **options):
+    """Calibrate like the PTQ driver does for a graph-searching calibrator, then refine."""
+    cal = get_calibrator("map-aware", num_bits=spec.activation_bits, **options)
+    tensors = spec.tensors_to_calibrate()
+    initial = calibrate(model, tensors, [normals, search.images], cal, threads=1)
+    harness = Harness(model, spec, search, threads=1)
+    return initial, cal.refine(initial, harness.context()), harness
+
+
+def test_map_aware_keeps_the_outlier_range_that_clipping_calibrators_lose(setup):
+    normals, model, search = setup
+    spec = spec_at(model, 4)
+    fp32 = image_auroc(model, search)
+    assert fp32 > 0.95, "the tiny model must separate its synthetic anomalies in fp32"
+    tensors = spec.tensors_to_calibrate()
+    on_normals = calibrate(model, tensors, [normals], get_calibrator("minmax", num_bits=4), threads=1)
+    normal_hi = on_normals[TEACHER_TENSOR].hi
+    # premise: min/max on normals clips the teacher tensor's anomaly outliers and destroys separation
+    assert fp32 - image_auroc(insert_qdq(model, spec, on_normals), search) > 0.25
+
+    initial, chosen, _ = map_aware(model, spec, normals, search)
+    # premise: the search's starting point (entropy at 4 bits, on normals + synthetic anomalies) clips too
+    assert initial[TEACHER_TENSOR].hi < normal_hi
+    assert fp32 - image_auroc(insert_qdq(model, spec, initial), search) > 0.25
+
+    teacher = chosen[TEACHER_TENSOR]
+    assert teacher.hi > 2 * normal_hi, teacher.meta
+    assert teacher.meta["search"] == "searched" and teacher.meta["chosen"] != ["entropy"]
+    assert fp32 - image_auroc(insert_qdq(model, spec, chosen), search) <= 0.02
+    listed = teacher.meta["candidates"]
+    best = min(listed, key=lambda c: c["loss"])
+    assert (best["lo"], best["hi"]) == (teacher.lo, teacher.hi)
+    assert {"minmax", "entropy", "mse", "percentile-99.9"} <= {r for c in listed for r in c["rules"]}
+
+
+def test_search_is_deterministic(setup):
+    normals, model, search = setup
+    spec = spec_at(model, 8)
+    _, first, _ = map_aware(model, spec, normals, search)
+    _, second, _ = map_aware(model, spec, normals, search)
+    assert first.keys() == second.keys()
+    for name in first:
+        assert (first[name].lo, first[name].hi) == (second[name].lo, second[name].hi), name
+        assert first[name].meta == second[name].meta, name
+
+
+def test_spent_time_budget_keeps_the_initial_ranges_without_running_graphs(setup):
+    normals, model, search = setup
+    spec = spec_at(model, 4)
+    initial, chosen, harness = map_aware(model, spec, normals, search, time_budget_s=0.0)
+    assert harness.runs == 1  # the fp32 reference only
+    for name, r in chosen.items():
+        assert (r.lo, r.hi) == (initial[name].lo, initial[name].hi)
+        assert r.meta["search"] in ("time budget spent: initial kept", "single candidate"), r.meta
+
+
+def test_map_aware_is_registered_and_declares_it_needs_the_graph():
+    assert "map-aware" in CALIBRATORS.names()
+    assert get_calibrator("map-aware").needs_graph
+    assert not any(get_calibrator(n).needs_graph for n in ("minmax", "entropy", "percentile", "mse"))
+
+
+@pytest.mark.parametrize(("options", "key"), [
+    ({"percentiles": [20.0]}, "percentiles"), ({"percentiles": "99"}, "percentiles"),
+    ({"initial": "kl"}, "initial"), ({"time_budget_s": -1.0}, "time_budget_s"),
+    ({"tail_quantile": 1.0}, "tail_quantile"), ({"rank_weight": -0.5}, "rank_weight"),
+])
+def test_bad_map_aware_options_name_the_option(options: dict, key: str):
+    with pytest.raises(CalibrationError, match=f"option {key}="):
+        get_calibrator("map-aware", **options)
+
+
+def test_candidates_are_the_standard_rules_on_one_shared_histogram():
+    rng = np.random.default_rng(3)
+    data = [rng.laplace(0.2, 1 + i, 5000).astype(np.float32) for i in range(3)]
+    for symmetric in (False, True):
+        cal = get_calibrator("map-aware", symmetric=symmetric, percentiles=[99.9])
+        ref = {n: get_calibrator(n, symmetric=symmetric, **({"percentile": 99.9} if n == "percentile" else {}))
+               for n in ("minmax", "entropy", "mse", "percentile")}
+        for b in data:
+            for c in (cal, *ref.values()):
+                c.observe("x", b)
+        out = cal.compute()["x"]
+        got = {rule: (c["lo"], c["hi"]) for c in out.meta["candidates"] for rule in c["rules"]}
+        for name, c in ref.items():
+            r = c.compute()["x"]
+            key = "percentile-99.9" if name == "percentile" else name
+            assert got[key] == pytest.approx((r.lo, r.hi), rel=1e-6, abs=1e-9), (symmetric, name)
+        assert (out.lo, out.hi) == got["entropy"] and out.meta["search"] == "not searched"

@@ -1,0 +1,131 @@
+"""Layers and sub-specs (structural checks on TinyKD), and mixed precision on the outlier model.
+
+The proxy of the chosen model is recomputed with a plain ONNX Runtime session and sklearn.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+from helpers.ort_utils import minmax_ranges, run, session
+from helpers.outlier_model import TEACHER_TENSOR, outlier_model, smooth_normals
+from helpers.tiny_models import calib_batches, tiny_model
+from sklearn.metrics import roc_auc_score
+
+from calibrators import get_calibrator
+from qtool.calibrate import calibrate
+from qtool.graph import build_spec, insert_qdq, layer_groups, lint, node_tensors, prepare, subset
+from qtool.graph.policy import OP_RULES
+from qtool.mixed_precision import choose_precision
+from qtool.recipe import PtqConfig, SearchConfig
+from qtool.search import Harness, search_set_from_arrays
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    model = prepare(tiny_model(tmp_path_factory.mktemp("tiny")))
+    spec = build_spec(model, PtqConfig(), "cpu")
+    return model, spec, minmax_ranges(model, spec.tensors_to_calibrate(), calib_batches(2))
+
+
+def _quantized_inputs(model: onnx.ModelProto) -> Counter:
+    return Counter(n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear")
+
+
+def test_layers_partition_the_quantized_nodes_with_followers_in_their_producers_layer(tiny):
+    model, spec, _ = tiny
+    groups = layer_groups(model, spec)
+    flat = [n for nodes in groups.values() for n in nodes]
+    assert sorted(flat) == sorted(spec.nodes) and len(flat) == len(set(flat))
+    assert any(len(nodes) > 1 for nodes in groups.values()), "TinyKD's Relu/MaxPool join their Conv's layer"
+    op = {n.name: n.op_type for n in model.graph.node}
+    producer = {o: n.name for n in model.graph.node for o in n.output}
+    first_input = {n.name: n.input[0] for n in model.graph.node}
+    for layer, nodes in groups.items():
+        assert layer == nodes[0]
+        head_producer = producer.get(first_input[layer])
+        assert not OP_RULES[op[layer]].follows or head_producer not in spec.nodes, layer
+        for n in nodes[1:]:
+            assert OP_RULES[op[n]].follows and producer[first_input[n]] in nodes, (layer, n)
+    convs = [n for n in spec.nodes if op[n] == "Conv"]
+    assert set(convs) <= set(groups), "every Conv starts a layer"
+
+
+def test_subsets_quantize_exactly_their_layers(tiny, tmp_path):
+    model, spec, ranges = tiny
+    full = insert_qdq(model, spec, ranges)
+    assert _quantized_inputs(insert_qdq(model, subset(model, spec, spec.nodes, "x"), ranges)) == _quantized_inputs(full)
+    nothing = insert_qdq(model, subset(model, spec, [], "kept float"), ranges)
+    assert not [n for n in nothing.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    feeds = calib_batches(1)
+    np.testing.assert_array_equal(run(model, feeds)[0][0], run(nothing, feeds)[0][0])
+    needs = node_tensors(model, spec)
+    weight_of = {n.name: n.input[1] for n in model.graph.node if n.op_type == "Conv"}
+    for layer, nodes in layer_groups(model, spec).items():
+        sub = subset(model, spec, nodes, "kept float")
+        assert set(sub.nodes) == set(nodes)
+        assert {d.node for d in sub.decisions if d.quantized} == set(nodes)
+        assert [d.reason for d in sub.decisions if d.node not in nodes and d.node in spec.nodes] == \
+            ["kept float"] * (len(spec.nodes) - len(nodes))
+        q = insert_qdq(model, sub, ranges)
+        assert lint(q, "cpu") == [], layer
+        assert set(sub.weights) == {weight_of[n] for n in nodes if n in weight_of}
+        ranges_used = {sub.activations[t].range_of for t in sub.activations if not sub.activations[t].constant}
+        assert ranges_used == {t for n in nodes for t in needs[n]}, layer
+        assert set(_quantized_inputs(q)) <= set(_quantized_inputs(full)) and _quantized_inputs(q)
+
+
+@pytest.fixture(scope="module")
+def outlier():
+    normals = smooth_normals(12)
+    model = prepare(outlier_model(normals))
+    search = search_set_from_arrays(normals, ["scratch", "noise"], seed=0)
+    return normals, model, search
+
+
+def _drop(model, search, reference) -> float:
+    """Independent proxy: ORT session + sklearn, image and pixel AUROC drop vs fp32 (the larger)."""
+    sess = session(model, "ORT_ENABLE_BASIC")
+    out = [sess.run(["anomaly_map", "score"], {"image": x[None]}) for x in search.images]
+    maps, scores = np.concatenate([o[0][:, 0] for o in out]), np.array([float(o[1][0]) for o in out])
+    img = roc_auc_score(search.labels, scores)
+    pix = roc_auc_score(search.masks.ravel() > 0, maps.ravel())
+    return max(reference[0] - img, reference[1] - pix), (img, pix)
+
+
+def test_mixed_precision_keeps_the_clipped_teacher_layer_float_and_meets_the_budget(outlier):
+    normals, model, search = outlier
+    spec = build_spec(model, PtqConfig(activation_bits=4, weight_bits=4), "cpu")
+    ranges = calibrate(model, spec.tensors_to_calibrate(), [normals, search.images],
+                       get_calibrator("entropy", num_bits=4), threads=1)
+    harness = Harness(model, spec, search, threads=1)
+    _, fp32 = _drop(model, search, (0.0, 0.0))
+    budget = 0.02
+    all_quantized, _ = _drop(insert_qdq(model, spec, ranges), search, fp32)
+    assert all_quantized > 0.2, "premise: entropy at 4 bits clips the teacher tensor's outliers"
+    mp = choose_precision(harness, ranges, budget, SearchConfig(latency_iterations=2))
+    assert mp.fallback == ["/teacher/conv/Conv"]
+    assert TEACHER_TENSOR not in {n.input[0] for n in insert_qdq(model, mp.spec, ranges).graph.node
+                                  if n.op_type == "QuantizeLinear"}
+    final, _ = _drop(insert_qdq(model, mp.spec, ranges), search, fp32)
+    assert final <= budget and final == pytest.approx(mp.report["final"]["drop"], abs=1e-9)
+    assert mp.report["all_quantized"]["drop"] == pytest.approx(all_quantized, abs=1e-9)
+    assert set(mp.sensitivity) == set(layer_groups(model, spec))
+    assert mp.sensitivity["/teacher/conv/Conv"]["drop"] > mp.sensitivity["/student/conv/Conv"]["drop"]
+    entry = mp.report["fallback"][0]
+    assert entry["nodes"] == ["/teacher/conv/Conv", "/teacher/relu/Relu"] and np.isfinite(entry["latency_cost_ms"])
+    assert mp.report["latency"]["iterations"] == 2 and mp.report["precision_kept"] == "fp32"
+
+
+def test_mixed_precision_keeps_everything_quantized_when_already_within_budget(outlier):
+    normals, model, search = outlier
+    spec = build_spec(model, PtqConfig(), "tensorrt")
+    ranges = calibrate(model, spec.tensors_to_calibrate(), [normals, search.images],
+                       get_calibrator("minmax", symmetric=True), threads=1)
+    harness = Harness(model, spec, search, threads=1)
+    mp = choose_precision(harness, ranges, 0.05, SearchConfig())
+    assert mp.fallback == [] and mp.spec is spec and "latency" not in mp.report
+    assert mp.report["all_quantized"]["drop"] <= 0.05 and mp.report["precision_kept"] == "fp16"
