@@ -71,14 +71,29 @@ def worker(kind: str, model: str, images: str) -> None:
     print(json.dumps({"seconds": time.perf_counter() - t0, "tensors": n}))
 
 
-def measure(kind: str, model: Path, images: Path) -> dict:
-    """Run one calibrator in a child; peak RSS from the child's own rusage."""
-    proc = subprocess.Popen([sys.executable, __file__, "--worker", kind, "--model", str(model), "--npy", str(images)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+def measure(kind: str, model: Path, images: Path, mem_limit_gb: float) -> dict:
+    """Run one calibrator in a child capped at ``mem_limit_gb`` of address space; peak RSS from its rusage.
+
+    A child that fails (out of memory under the cap) is recorded as failed with its last error line.
+    """
+    import resource
+
+    def cap() -> None:
+        limit = int(mem_limit_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as errf:
+        proc = subprocess.Popen([sys.executable, __file__, "--worker", kind, "--model", str(model), "--npy",
+                                 str(images)], stdout=subprocess.PIPE, stderr=errf, text=True, preexec_fn=cap)
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        errf.seek(0)
+        err = errf.read()
     if status != 0:
-        raise SystemExit(f"{kind} failed with status {status}")
+        last = (err.strip().splitlines() or ["no output"])[-1][:200]
+        return {"kind": kind, "failed": f"exit {status} under a {mem_limit_gb} GB address-space cap: {last}",
+                "seconds": round(time.perf_counter() - t0, 1)}
     res = json.loads(out.strip().splitlines()[-1])
     return {"kind": kind, **res, "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "seconds": round(res["seconds"], 2)}
 
@@ -117,6 +132,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--kinds", default="qtool-entropy,qtool-percentile,ort-entropy,ort-percentile")
+    ap.add_argument("--mem-limit-gb", type=float, default=20.0, help="address-space cap of each child")
     args = ap.parse_args()
     if args.worker:
         worker(args.worker, args.model, args.npy)
@@ -129,24 +145,25 @@ def main() -> None:
     images = prepare_images(work, args.images, args.size)
     rows = []
     for kind in args.kinds.split(","):
-        rows.append(measure(kind, model, images))
+        rows.append(measure(kind, model, images, args.mem_limit_gb))
         print(rows[-1], flush=True)
     by = {r["kind"]: r for r in rows}
     ratios = {}
     for m in ("entropy", "percentile"):
         q, o = by.get(f"qtool-{m}"), by.get(f"ort-{m}")
-        if q and o:
+        if q and o and "failed" not in q and "failed" not in o:
             ratios[m] = {"peak_memory_ort_over_qtool": round(o["peak_rss_mb"] / q["peak_rss_mb"], 2),
                          "time_ort_over_qtool": round(o["seconds"] / q["seconds"], 2)}
-    cmd = f"python bench/calib_cost.py --images {args.images} --size {args.size}" + (
-        f" --model {args.model}" if args.model else "")
+    cmd = f"python bench/calib_cost.py --images {args.images} --size {args.size} --kinds {args.kinds}" + (
+        f" --model {args.model}" if args.model else "") + f" --mem-limit-gb {args.mem_limit_gb}"
     meta = {"command": cmd, "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "versions": package_versions(), "model": str(model), "images": args.images}
     write_json(HERE / "results" / "calib_cost.json", {"meta": meta, "rows": rows, "ratios": ratios})
     lines = ["# Calibration cost: qtool vs onnxruntime calibrators", "", f"`{cmd}`", "",
              f"{args.images} images, model {model.name}", "", "| calibrator | seconds | peak RSS MB | tensors |",
              "|---|---|---|---|"]
-    lines += [f"| {r['kind']} | {r['seconds']} | {r['peak_rss_mb']} | {r['tensors']} |" for r in rows]
+    lines += [f"| {r['kind']} | {r['seconds']} | {r.get('peak_rss_mb', '-')} | {r.get('tensors', r.get('failed'))} |"
+              for r in rows]
     lines += ["", "Ratios (onnxruntime / qtool): " + json.dumps(ratios)]
     (HERE / "results" / "calib_cost.md").write_text("\n".join(lines) + "\n")
 

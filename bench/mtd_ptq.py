@@ -1,7 +1,8 @@
 """PTQ accuracy grid and int8 speed of one trained STFPM on MTD, in one run.
 
-Grid: every calibrator x calibration source x target profile x quantized part at 8 bits (plus the
-lower widths 6 and 4 for the cpu profile, both parts), each evaluated on the recipe's test split
+Grid: every calibrator x calibration source x target profile (cpu, tensorrt) x quantized part at 8
+bits, plus cpu-avx2 (7-bit weights, for x86 without VNNI) and the lower widths 6 and 4 for the cpu
+profile with both parts quantized, each evaluated on the recipe's test split
 (image AUROC, pixel AUROC, AUPRO, F1) next to fp32. Calibration runs once per source: the same
 activation stream feeds every calibrator (asymmetric for ``cpu``, symmetric for ``tensorrt``) through
 the library's own driver (``qtool.calibrate``); QDQ insertion, lint and evaluation are the library's
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibrators import Calibrator, get_calibrator
+from calibrators import Calibrator, HistogramCalibrator, get_calibrator
 from qtool.artifacts import package_versions, sha256_file, write_json
 from qtool.calib_data import calibration_set
 from qtool.calibrate import calibrate
@@ -52,10 +53,20 @@ class FanOut(Calibrator):
     def __init__(self, members: dict[tuple[str, bool, int], Calibrator]) -> None:
         super().__init__()
         self.members = members
+        self.observers: list[Calibrator] = []
+        owners: dict[tuple[bool, int], HistogramCalibrator] = {}
+        for cal in members.values():  # histogram rules read one shared collector per (|x| or x, bins)
+            if isinstance(cal, HistogramCalibrator):
+                key = (cal.collector.absolute, cal.collector.num_bins)
+                if key in owners:
+                    cal.share_collector(owners[key].collector)
+                    continue
+                owners[key] = cal
+            self.observers.append(cal)
 
     def observe(self, name: str, array: np.ndarray) -> None:
-        """Forward the batch to every member."""
-        for cal in self.members.values():
+        """Forward the batch to every member that owns its statistics."""
+        for cal in self.observers:
             cal.observe(name, array)
 
     def compute(self) -> dict:
@@ -100,9 +111,11 @@ class Evaluator:
 
 
 def grid_cells(bits_extra: list[int]) -> list[dict]:
-    """Every 8-bit cell of the grid, then lower widths for cpu/both."""
+    """Every 8-bit cell of the grid, cpu-avx2 (7-bit weights) for both parts, then lower widths for cpu/both."""
     cells = [dict(calib=c, source=s, target=t, part=p, bits=8)
              for c, s, t, p in itertools.product(CALIBS, SOURCES, TARGETS, PARTS)]
+    cells += [dict(calib=c, source=s, target="cpu-avx2", part="both", bits=8)
+              for c, s in itertools.product(CALIBS, SOURCES)]
     cells += [dict(calib=c, source=s, target="cpu", part="both", bits=b)
               for b, c, s in itertools.product(bits_extra, CALIBS, SOURCES)]
     return cells
@@ -144,9 +157,25 @@ def quantize(prepared, recipe, cell: dict, ranges: dict, path: Path) -> dict:
             "emulated": spec.emulated}
 
 
+def ort_quantize_static(fp32: Path, out: Path, images: np.ndarray, batch: int) -> None:
+    """The anchor: onnxruntime's own quantize_static (QDQ, MinMax, uint8 activations, int8 per-channel weights)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([images[i : i + batch] for i in range(0, len(images) - batch + 1, batch)])
+
+        def get_next(self):
+            b = next(self.batches, None)
+            return None if b is None else {"image": np.ascontiguousarray(b)}
+
+    quantize_static(str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+
+
 def speed(ckpt: Path, fp32: Path, int8: Path, recipe, work: Path, cell: dict, ranges: dict,
-          threads: int) -> list[dict]:
-    """fp32 vs int8 latency at batch 1 and 8 through the cpu backend (batch-8 graphs exported here)."""
+          threads: int, calib_images: np.ndarray) -> list[dict]:
+    """fp32 vs our int8 vs onnxruntime's quantize_static int8, batch 1 and 8, through the cpu backend."""
     from qtool.backends import BenchOptions
     from qtool.backends.runner import run_bench
 
@@ -161,13 +190,16 @@ def speed(ckpt: Path, fp32: Path, int8: Path, recipe, work: Path, cell: dict, ra
             prepared = prepare(load_model(f))
             q = work / f"int8_b{batch}.onnx"
             quantize(prepared, recipe, cell, ranges, q)
+        anchor = work / f"ort_int8_b{batch}.onnx"
+        ort_quantize_static(f, anchor, calib_images, batch)
         res = {}
-        for name, m in (("fp32", f), ("int8", q), ("fp32_again", f)):
+        for name, m in (("fp32", f), ("int8", q), ("ort_int8", anchor), ("fp32_again", f)):
             r = run_bench("cpu", m, [batch], opts)[0]
             res[name] = {"p50_ms": r.latency_ms.p50, "p90_ms": r.latency_ms.p90, "throughput_ips": r.throughput_ips,
                          "peak_rss_mb": r.peak_rss_mb, "size_mb": round(r.model_size_bytes / 2**20, 2)}
         fp32_p50 = min(res["fp32"]["p50_ms"], res["fp32_again"]["p50_ms"])
         rows.append({"batch": batch, **res, "speedup_p50": round(fp32_p50 / res["int8"]["p50_ms"], 2),
+                     "ort_speedup_p50": round(fp32_p50 / res["ort_int8"]["p50_ms"], 2),
                      "cpu": r.environment.get("cpu_model"), "cpu_flags": r.environment.get("cpu_flags"),
                      "notes": r.notes})
         print(f"batch {batch}: fp32 {fp32_p50} ms, int8 {res['int8']['p50_ms']} ms", flush=True)
@@ -188,12 +220,15 @@ def write_markdown(path: Path, doc: dict) -> None:
         lines.append(f"| {r['target']}/{r['part']}/{r['calib']}/{r['source']} | {r['bits']} | {r['image_auroc']:.4f} | "
                      f"{r['pixel_auroc']:.4f} | {r['aupro']:.4f} | {r['f1_at_threshold']:.4f} | "
                      f"{r['f1_at_fp32_threshold']:.4f} | {100 * (r['image_auroc'] - fp['image_auroc']):+.2f} |")
-    lines += ["", "Speed (ONNX Runtime CPU, 2 threads, p50 ms; fp32 measured before and after int8, best kept):", "",
-              "| batch | fp32 p50 | int8 p50 | speedup | fp32 MB | int8 MB |", "|---|---|---|---|---|---|"]
+    lines += ["", "Speed (ONNX Runtime CPU, 2 threads, p50 ms; fp32 measured before and after the int8 models, "
+              "best kept; anchor: onnxruntime quantize_static QDQ MinMax U8S8 per-channel on the same fp32 graph):", "",
+              "| batch | fp32 p50 | qtool int8 p50 | speedup | ORT int8 p50 | ORT speedup | fp32 MB | int8 MB |",
+              "|---|---|---|---|---|---|---|---|"]
     for s in doc["speed"]:
         fp32_p50 = min(s["fp32"]["p50_ms"], s["fp32_again"]["p50_ms"])
         lines.append(f"| {s['batch']} | {fp32_p50} | {s['int8']['p50_ms']} | {s['speedup_p50']}x | "
-                     f"{s['fp32']['size_mb']} | {s['int8']['size_mb']} |")
+                     f"{s['ort_int8']['p50_ms']} | {s['ort_speedup_p50']}x | {s['fp32']['size_mb']} | "
+                     f"{s['int8']['size_mb']} |")
     lines += ["", f"best int8 cpu cell: {doc['best_cpu']}", "",
               "calibration seconds per source (one pass feeding all calibrators): "
               + ", ".join(f"{k} {v}" for k, v in doc["calibration_seconds"].items()), "",
@@ -239,13 +274,13 @@ def main(argv: list[str] | None = None) -> None:
         cells.append(row)
         print({k: row[k] for k in ("calib", "source", "target", "part", "bits", "image_auroc", "pixel_auroc",
                                    "aupro")}, flush=True)
-    cpu8 = [r for r in cells if r["target"] == "cpu" and r["bits"] == 8 and r["part"] == "both"]
+    cpu8 = [r for r in cells if r["target"] in ("cpu", "cpu-avx2") and r["bits"] == 8 and r["part"] == "both"]
     best = max(cpu8, key=lambda r: (r["image_auroc"], r["pixel_auroc"]))
     best_cell = {k: best[k] for k in ("calib", "source", "target", "part", "bits")}
     int8 = work / "best_int8.onnx"
     quantize(prepared, recipe, best_cell, calib[best["source"]]["ranges"], int8)
     speed_rows = speed(Path(args.checkpoint), fp32, int8, recipe, work, best_cell, calib[best["source"]]["ranges"],
-                       args.threads)
+                       args.threads, evaluator.holdout[:16])
     command = "python bench/mtd_ptq.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     doc = {"meta": {"command": command, "machine": f"{platform.processor() or platform.machine()}, "
                     f"{platform.platform()}", "versions": package_versions(),

@@ -1,6 +1,7 @@
 """Calibrator plugins: streamed activations -> per-tensor ranges (entry-point group ``qtool.calibrators``).
 
-A third-party calibrator is a :class:`Calibrator` subclass plus an entry point in that group.
+A third-party calibrator is a :class:`Calibrator` subclass plus an entry point in that group; one
+that searches on the quantized graph sets ``needs_graph`` and implements ``refine(ranges, context)``.
 """
 
 from __future__ import annotations
@@ -8,8 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from calibrators.base import Calibrator, TensorRange
+from calibrators.context import SearchContext
 from calibrators.entropy import EntropyCalibrator
 from calibrators.histogram import HistogramCalibrator, HistogramCollector
+from calibrators.map_aware import MapAwareCalibrator
 from calibrators.minmax import MinMaxCalibrator
 from calibrators.mse import MseCalibrator
 from calibrators.percentile import PercentileCalibrator
@@ -21,9 +24,11 @@ __all__ = [
     "EntropyCalibrator",
     "HistogramCalibrator",
     "HistogramCollector",
+    "MapAwareCalibrator",
     "MinMaxCalibrator",
     "MseCalibrator",
     "PercentileCalibrator",
+    "SearchContext",
     "TensorRange",
     "get_calibrator",
 ]
@@ -34,6 +39,7 @@ CALIBRATORS.add("minmax", MinMaxCalibrator)
 CALIBRATORS.add("percentile", PercentileCalibrator)
 CALIBRATORS.add("entropy", EntropyCalibrator)
 CALIBRATORS.add("mse", MseCalibrator)
+CALIBRATORS.add("map-aware", MapAwareCalibrator)
 
 
 def get_calibrator(name: str, **options: Any) -> Calibrator:

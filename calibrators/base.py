@@ -1,6 +1,7 @@
 """The calibrator protocol: stream activations in with ``observe``, get per-tensor ranges from ``compute``.
 
-Calibrators only compute statistics; the policy decides what is quantized and graph passes use the ranges.
+A search calibrator (``needs_graph``) may then ``refine`` them by running candidate quantized graphs
+that the driver builds. Calibrators never edit graphs; the policy decides what is quantized.
 """
 
 from __future__ import annotations
@@ -9,11 +10,14 @@ import abc
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from qtool.errors import CalibrationError
+
+if TYPE_CHECKING:
+    from calibrators.context import SearchContext
 
 #: Bit widths a calibrator accepts; the recipe narrows this to 4, 6 and 8.
 MIN_BITS, MAX_BITS = 2, 16
@@ -67,7 +71,8 @@ class Calibrator(abc.ABC):
     """Base of every calibrator: option checking plus the ``observe``/``compute`` protocol.
 
     A plugin declares its options and their defaults in ``OPTIONS`` and implements ``observe``
-    and ``compute``; it reads its option values from ``self.options``.
+    and ``compute``; it reads its option values from ``self.options``. A plugin that searches by
+    running the quantized graph also sets ``needs_graph`` and implements :meth:`refine`.
 
     Args:
         symmetric: produce ranges with ``lo == -hi`` (TensorRT: zero point 0, ``|x| <= t``).
@@ -79,6 +84,9 @@ class Calibrator(abc.ABC):
     """
 
     OPTIONS: ClassVar[Mapping[str, Any]] = {}
+    #: True for a calibrator that searches by running candidate quantized graphs: the driver then
+    #: also streams the search images through ``observe`` and calls :meth:`refine` after ``compute``.
+    needs_graph: ClassVar[bool] = False
 
     def __init__(self, *, symmetric: bool = False, num_bits: int = 8, **options: Any) -> None:
         name = type(self).__name__
@@ -112,6 +120,19 @@ class Calibrator(abc.ABC):
         Raises:
             CalibrationError: nothing was observed.
         """
+
+    def refine(self, ranges: dict[str, TensorRange], context: SearchContext) -> dict[str, TensorRange]:
+        """Improve ``compute``'s ranges by running quantized graphs; called only when ``needs_graph``.
+
+        Args:
+            ranges: what :meth:`compute` returned.
+            context: the graph, a builder and runner of candidate QDQ models, the search images with
+                their synthetic anomalies and masks, fp32 reference outputs, a progress callback.
+
+        Returns:
+            A range for every tensor of ``ranges`` (the default returns ``ranges`` unchanged).
+        """
+        return ranges
 
     def _option_error(self, key: str, expected: str) -> CalibrationError:
         """Return the error for an option whose value is outside its allowed set."""

@@ -195,6 +195,19 @@ class HistogramCalibrator(Calibrator):
         """Whether to histogram ``|x|`` (default: for symmetric targets)."""
         return self.symmetric
 
+    def share_collector(self, collector: HistogramCollector) -> None:
+        """Read ranges from ``collector``, filled by the caller, instead of an own one (one histogram, many rules).
+
+        Raises:
+            CalibrationError: ``collector`` histograms the other quantity (``x`` vs ``|x|``) or has other bins.
+        """
+        if collector.absolute != self._absolute() or collector.num_bins != self.collector.num_bins:
+            raise CalibrationError(
+                f"{type(self).__name__} needs a collector with absolute={self._absolute()} and "
+                f"num_bins={self.collector.num_bins}; got absolute={collector.absolute}, num_bins={collector.num_bins}"
+            )
+        self.collector = collector
+
     def observe(self, name: str, array: np.ndarray) -> None:
         """Add one batch of ``name`` to its histogram (see :meth:`Calibrator.observe`)."""
         checked = finite_values(name, array)

@@ -102,6 +102,9 @@ def run_ptq(model_path: Path, recipe: Recipe, out_dir: Path, dry_run: bool = Fal
     out_dir = Path(out_dir)
     timer = StageTimer()
     profile = get_profile(cfg.target)
+    warnings = [w for w in [_host_warning(profile)] if w]
+    for w in warnings:
+        log.warning(w)
     calibrator = get_calibrator(cfg.calib, symmetric=profile.activation_symmetric, num_bits=cfg.activation_bits,
                                 **cfg.calib_options)
     with timer.stage("load"):
@@ -157,6 +160,7 @@ def run_ptq(model_path: Path, recipe: Recipe, out_dir: Path, dry_run: bool = Fal
                                **cfg.calib_options},
         "quantization": qreport,
         "lint": [{"node": i.node, "message": i.message} for i in issues],
+        "warnings": warnings,
         "sqnr_db": fidelity,
         **searched,
         "stage_seconds": timer.seconds,
@@ -166,6 +170,16 @@ def run_ptq(model_path: Path, recipe: Recipe, out_dir: Path, dry_run: bool = Fal
     dump_recipe(recipe, out_dir / "recipe.yaml")
     write_manifest(out_dir, {"model": Path(model_path)}, {"command": "ptq"})
     return report
+
+
+def _host_warning(profile: Any) -> str | None:
+    """The profile's accuracy warning for the CPU this runs on (see ``profiles.host_warning``)."""
+    import platform
+
+    from qtool.backends.base import cpu_info
+    from qtool.graph.profiles import host_warning
+
+    return host_warning(profile, cpu_info()["cpu_flags"], platform.machine())
 
 
 def output_sqnr(fp32: Path, quantized: Path, splits: Any, transform: ImageTransform, threads: int,

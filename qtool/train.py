@@ -89,6 +89,29 @@ def _resume(path: Path, fingerprint: str, model: torch.nn.Module,
     return int(extra["epoch"]), list(extra["history"]), dict(extra.get("prepare", {}))
 
 
+def train_epoch(model: torch.nn.Module, images: torch.Tensor, order: torch.Tensor, batch_size: int,
+                opt: torch.optim.Optimizer, progress: Progress = None) -> dict[str, float]:
+    """One pass over ``images[order]`` in batches of the model's ``training_loss``.
+
+    Returns:
+        ``{"train_<term>": mean over images}`` for every loss term the model reports.
+    """
+    parts: dict[str, float] = {}
+    seen = 0
+    for i in range(0, len(order), batch_size):
+        batch = images[order[i : i + batch_size]]
+        terms = model.training_loss(batch)
+        opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        opt.step()
+        for k, v in terms.items():
+            parts[k] = parts.get(k, 0.0) + float(v.detach()) * len(batch)
+        seen += len(batch)
+        if progress:
+            progress(len(batch))
+    return {f"train_{k}": v / max(1, seen) for k, v in parts.items()}
+
+
 def fit(recipe: Recipe, train: list[Sample], holdout: list[Sample], out_dir: Path, category: str,
         progress: Progress = None) -> TrainResult:
     """Train one model on ``train`` normals; holdout normals give the validation loss curve.
@@ -122,19 +145,7 @@ def fit(recipe: Recipe, train: list[Sample], holdout: list[Sample], out_dir: Pat
         t0 = time.perf_counter()
         model.train()
         order = torch.randperm(len(images), generator=gen)
-        total, parts = 0.0, {}
-        for i in range(0, len(order), cfg.batch_size):
-            batch = images[order[i : i + cfg.batch_size]]
-            terms = model.training_loss(batch)
-            opt.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            opt.step()
-            for k, v in terms.items():
-                parts[k] = parts.get(k, 0.0) + float(v.detach()) * len(batch)
-            total += len(batch)
-            if progress:
-                progress(len(batch))
-        row = {"epoch": epoch + 1, **{f"train_{k}": v / total for k, v in parts.items()}}
+        row = {"epoch": epoch + 1, **train_epoch(model, images, order, cfg.batch_size, opt, progress)}
         if val_images is not None:
             row["holdout_loss"] = _mean_loss(model, val_images, cfg.batch_size)
         row["seconds"] = time.perf_counter() - t0

@@ -172,11 +172,16 @@ def fold_batchnorm(model: onnx.ModelProto) -> int:
         conv.input.extend([w_name, b_name])
         conv.output[0] = bn.output[0]
         folded.append(bn)
-    for bn in folded:
-        model.graph.node.remove(bn)
-    if folded:
+    return _remove_nodes(model, folded)
+
+
+def _remove_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> int:
+    """Drop ``nodes`` (already bypassed) and the initializers nobody reads any more; return how many."""
+    for node in nodes:
+        model.graph.node.remove(node)
+    if nodes:
         remove_unused_initializers(model)
-    return len(folded)
+    return len(nodes)
 
 
 def _const(idx: GraphIndex, name: str) -> np.ndarray | None:
@@ -231,11 +236,7 @@ def fuse_pad_into_conv(model: onnx.ModelProto) -> int:
             conv.attribute.append(onnx.helper.make_attribute("pads", [x + y for x, y in zip(own, extra)]))
             conv.input[0] = pad.input[0]
         fused.append(pad)
-    for pad in fused:
-        model.graph.node.remove(pad)
-    if fused:
-        remove_unused_initializers(model)
-    return len(fused)
+    return _remove_nodes(model, fused)
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -20,7 +20,7 @@ DTYPES: dict[str, tuple[int, type[np.integer]]] = {
     "uint8": (TensorProto.UINT8, np.uint8),
     "int8": (TensorProto.INT8, np.int8),
 }
-BITS = (4, 6, 8)
+BITS = (4, 6, 7, 8)  # 7: weights of a reduced-range profile only (recipes ask for 8, 6 or 4)
 
 
 @dataclass(frozen=True)
@@ -158,6 +158,11 @@ class TargetProfile:
         strict_qdq_pairs: lint requires every DequantizeLinear to repeat its QuantizeLinear's params.
         fp16_fallback: layers kept out of int8 may run in float16 on this target.
         description: one line for reports.
+        reduced_weight_range: 8-bit weights use 7 bits ([-63, 63]), onnxruntime's ``reduce_range``: on
+            x86 without VNNI the u8 x s8 kernels (VPMADDUBSW) add two products in int16, which
+            saturates for full-range weights; 7-bit weights keep every pair sum below 2^15.
+        needs_int8_dot: full-range int8 weights are exact only where the CPU has an int8 dot-product
+            instruction (VNNI on x86); ``qtool ptq`` warns on an x86 host without it.
     """
 
     name: str
@@ -170,6 +175,8 @@ class TargetProfile:
     strict_qdq_pairs: bool
     fp16_fallback: bool
     description: str
+    reduced_weight_range: bool = False
+    needs_int8_dot: bool = False
 
     def activation(self, bits: int = 8) -> QuantParams:
         """Per-tensor activation params at ``bits``."""
@@ -177,6 +184,8 @@ class TargetProfile:
 
     def weight(self, bits: int = 8, axis: int | None = None) -> QuantParams:
         """Weight params at ``bits``; ``axis`` is kept only when the profile wants per-channel weights."""
+        if self.reduced_weight_range and bits == 8:
+            bits = 7
         return QuantParams(self.weight_dtype, bits, self.weight_symmetric, axis if self.per_channel_weights else None)
 
     def to_dict(self) -> dict[str, Any]:
@@ -199,6 +208,18 @@ PROFILES.add(
         fp16_fallback=False,
         description="ONNX Runtime x86 CPU: uint8 asymmetric activations, int8 symmetric per-channel weights "
         "(the combination with fast VNNI kernels), int32 bias",
+        needs_int8_dot=True,
+    ),
+)
+PROFILES.add(
+    "cpu-avx2",
+    dataclasses.replace(
+        PROFILES.get("cpu"),
+        name="cpu-avx2",
+        reduced_weight_range=True,
+        needs_int8_dot=False,
+        description="ONNX Runtime x86 CPU without VNNI (AVX2 only): as cpu, with 7-bit weights so the "
+        "u8 x s8 int16 pair sums cannot saturate",
     ),
 )
 PROFILES.add(
@@ -226,3 +247,13 @@ def get_profile(profile: str | TargetProfile) -> TargetProfile:
         RegistryError: unknown name (the message lists the profiles).
     """
     return profile if isinstance(profile, TargetProfile) else PROFILES.get(profile)
+
+
+def host_warning(profile: TargetProfile, cpu_flags: dict[str, bool], machine: str) -> str | None:
+    """Why ``profile`` may lose accuracy on this host (an x86 CPU without VNNI), or None."""
+    x86 = machine.lower() in {"x86_64", "amd64", "i686"}
+    dot = any(cpu_flags.get(f) for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    if profile.needs_int8_dot and x86 and not dot:
+        return (f"this CPU has no VNNI: ONNX Runtime's u8s8 kernels may saturate with profile {profile.name!r}; "
+                "target cpu-avx2 (7-bit weights) avoids it")
+    return None

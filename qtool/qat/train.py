@@ -17,6 +17,7 @@ from torch import nn
 
 from qtool.qat.insert import QatModel
 from qtool.recipe import QatConfig
+from qtool.train import train_epoch
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int], None] | None
@@ -124,20 +125,8 @@ def qat_train(qm: QatModel, images: torch.Tensor, cfg: QatConfig, holdout: torch
         t0 = time.perf_counter()
         qm.train_mode()
         order = torch.randperm(len(images), generator=gen)
-        parts: dict[str, float] = {}
-        seen = 0
-        for i in range(0, len(order), cfg.batch_size):
-            batch = images[order[i : i + cfg.batch_size]]
-            terms = model.training_loss(batch)
-            opt.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            opt.step()
-            for k, v in terms.items():
-                parts[k] = parts.get(k, 0.0) + float(v.detach()) * len(batch)
-            seen += len(batch)
-            if progress:
-                progress(len(batch))
-        row: dict[str, float] = {"epoch": epoch + 1, **{f"train_{k}": v / max(1, seen) for k, v in parts.items()}}
+        row: dict[str, float] = {"epoch": epoch + 1,
+                                 **train_epoch(model, images, order, cfg.batch_size, opt, progress)}
         row["seconds"] = time.perf_counter() - t0
         row["frozen"] = frozen
         if holdout is not None and len(holdout):

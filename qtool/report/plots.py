@@ -22,15 +22,15 @@ METRIC_NAMES = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aup
                 "pixel_pearson": "pixel Pearson vs fp32"}
 
 
-def _figure(width: float, height: float) -> Any:
+def _figure(width: float, height: float, layout: str | None = "constrained") -> Any:
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height), layout="constrained")
+    return Figure(figsize=(width, height), layout=layout)
 
 
-def _png(fig: Any) -> bytes:
+def _png(fig: Any, dpi: int = 100) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
 
 
@@ -132,7 +132,8 @@ def category_delta_plot(cells: list[dict[str, Any]], categories: list[str], metr
         ax.imshow(grid, cmap="RdBu", vmin=-vmax, vmax=vmax, aspect="auto")
         if grid.size <= 400:
             for (i, j), v in np.ndenumerate(grid):
-                ax.text(j, i, "-" if np.isnan(v) else f"{v:+.3f}", ha="center", va="center", fontsize=6.5)
+                ax.text(j, i, "-" if np.isnan(v) else f"{v:+.3f}", ha="center", va="center", fontsize=6.5,
+                        color="white" if not np.isnan(v) and abs(v) > 0.6 * vmax else "black")
         ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(len(rows)), [c["label"] for c in rows], fontsize=7)
         ax.tick_params(axis="y", labelleft=k == 0)
@@ -146,7 +147,9 @@ def overlay_plot(title: str, rows: list[dict[str, Any]]) -> bytes:
 
     ``rows`` items: ``image`` (S,S,3) in [0, 1], ``ref`` and ``map`` (S,S), ``name``, ``diff`` (max |diff|).
     """
-    fig = _figure(10, 2.5 * len(rows) + 0.4)
+    height = 2.5 * len(rows) + 0.7
+    fig = _figure(10, height, layout=None)  # a fixed grid: constrained layout costs 2x here
+    fig.subplots_adjust(left=0.01, right=0.95, bottom=0.02, top=1 - 0.75 / height, wspace=0.08, hspace=0.2)
     axes = np.atleast_2d(fig.subplots(len(rows), 4, squeeze=False))
     for r, row in enumerate(rows):
         lo, hi = float(min(row["ref"].min(), row["map"].min())), float(max(row["ref"].max(), row["map"].max()))
@@ -165,4 +168,4 @@ def overlay_plot(title: str, rows: list[dict[str, Any]]) -> bytes:
                 im = ax.imshow(amap, cmap="magma")
                 fig.colorbar(im, ax=ax, shrink=0.8)
     fig.suptitle(f"fp32 vs {title}: the test images whose maps differ most", fontsize=10)
-    return _png(fig)
+    return _png(fig, dpi=80)  # photographic panels compress poorly; keep the self-contained HTML small

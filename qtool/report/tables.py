@@ -53,6 +53,13 @@ def cells_table(report: dict[str, Any]) -> Table:
     note = (f"F1 (own thr): threshold re-fitted on held-out normals for that cell; F1 (fp32 thr): the fp32 "
             f"model's threshold applied to the cell's scores. Pareto: on the front of {report['pareto_metric']} "
             "vs p50 latency. Cached: reused from the cache, not recomputed in this run.")
+    timing = dict.fromkeys(n for c in report["cells"] for n in (c.get("latency") or {}).get("notes", []))
+    loads = [n for n in timing if n.startswith("load average ")]
+    if loads:  # one line for the load notes, which differ per cell only in the number
+        worst = max(loads, key=lambda n: float(n.split()[2]))
+        timing = {**{n: None for n in timing if n not in loads}, f"up to {worst}": None}
+    if timing:
+        note += " Timing notes: " + "; ".join(timing) + "."
     return Table("cells", "Cells", headers, rows, note)
 
 

@@ -57,6 +57,7 @@ class CellJob:
     cache_root: Path
     reference_dir: Path | None  # the fp32 cell's entry (None for the fp32 cell itself)
     init_from: Path | None  # the PTQ build whose ranges start a QAT cell
+    parallel: int = 1  # cells running at once (timings then share the CPU)
 
 
 BUILDERS: Registry[Callable[[BuildContext], dict[str, Any]]] = Registry("cell builder")
@@ -180,7 +181,9 @@ def _bench(job: CellJob, recipe: Recipe, model: Path, out: Path) -> dict[str, An
     return {"device": r.device, "device_name": r.device_name, "batch": r.batch, "threads": r.threads,
             "iterations": r.iterations, "p50_ms": lat.p50, "p90_ms": lat.p90, "p99_ms": lat.p99, "mean_ms": lat.mean,
             "throughput_ips": r.throughput_ips, "peak_rss_mb": r.peak_rss_mb,
-            "model_rss_mb": r.extra.get("model_rss_mb"), "simulated": r.simulated, "notes": r.notes,
+            "model_rss_mb": r.extra.get("model_rss_mb"), "simulated": r.simulated,
+            "notes": [*r.notes, *([f"timed while up to {job.parallel} sweep cells ran in parallel (--jobs)"]
+                                  if job.parallel > 1 else [])],
             "model_size_bytes": r.model_size_bytes}
 
 
@@ -229,5 +232,5 @@ def run_job(job: CellJob) -> dict[str, Any]:
     except QtoolError as e:
         log.warning("cell %s failed: %s", job.cell.id, e)
         return {"status": "failed", "id": job.cell.id, "cell": job.cell.axes(), "key": job.cell_key,
-                "error": f"{type(e).__name__}: {e}"}
-    return result
+                "error": f"{type(e).__name__}: {e}", "wall_seconds": round(sum(timer.seconds.values()), 3)}
+    return {**result, "wall_seconds": round(sum(timer.seconds.values()), 3)}

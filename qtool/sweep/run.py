@@ -7,6 +7,7 @@ model first; a QAT cell after the PTQ cell whose ranges it starts from), in this
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -25,9 +26,9 @@ from qtool.sweep.models import ModelSource, data_fingerprint, resolve_models
 
 log = logging.getLogger(__name__)
 
-BUILD_SECTIONS: dict[str, tuple[str, ...]] = {"fp32": (), "fp16": ("data", "eval"), "ptq": ("data", "eval", "ptq"),
-                                              "qat": ("data", "eval", "ptq", "qat", "export", "train")}
-"""Recipe sections each builder reads; they (and nothing else of the recipe) key its build."""
+BUILD_SECTIONS: dict[str, tuple[str, ...]] = {"fp32": (), "fp16": ("data",), "ptq": ("data", "ptq"),
+                                              "qat": ("data", "ptq", "qat", "export", "train")}
+"""Recipe sections each builder reads (besides thread counts); they, and nothing else of the recipe, key its build."""
 CELL_SECTIONS = ("data", "eval")
 """Sections the evaluation of a cell reads (with ``sweep.bench`` and ``sweep.overlays``)."""
 
@@ -121,37 +122,40 @@ def execute(jobs: list[CellJob], deps: dict[str, list[str]], results: dict[str, 
     """
     by_key = {j.cell_key: j for j in jobs}
     pending = [j for j in jobs if j.cell_key not in results]
-    total, started = len(jobs), {}
+    total = len(jobs)
     pool: Executor = InlineExecutor() if n_jobs <= 1 else ProcessPoolExecutor(
         n_jobs, mp_context=multiprocessing.get_context("spawn"))
 
-    def finish(key: str, result: dict[str, Any], seconds: float | None) -> None:
+    def finish(key: str, result: dict[str, Any]) -> None:
         results[key] = result
         if on_event:
-            on_event(SweepEvent("cell", by_key[key].cell.id, result["status"], seconds,
+            on_event(SweepEvent("cell", by_key[key].cell.id, result["status"], result.get("wall_seconds"),
                                 result.get("error") or result.get("reason"), len(results), total))
 
     with pool:
         running: dict[Future, str] = {}
         while pending or running:
             for job in list(pending):
+                if len(running) >= max(1, n_jobs):  # inline: one at a time, so each is reported as it ends
+                    break
                 needs = deps[job.cell_key]
                 bad = [k for k in needs if k in results and results[k]["status"] != "ok"]
                 if bad:
                     pending.remove(job)
                     finish(job.cell_key, {"status": "skipped", "id": job.cell.id, "cell": job.cell.axes(),
                                           "key": job.cell_key, "reason": f"needs {by_key[bad[0]].cell.id}, which "
-                                          f"{results[bad[0]]['status']}"}, None)
+                                          f"{results[bad[0]]['status']}"})
                 elif all(k in results for k in needs):
                     pending.remove(job)
-                    started[job.cell_key] = time.perf_counter()
-                    running[pool.submit(run_job, job)] = job.cell_key
+                    running[pool.submit(run_job, dataclasses.replace(job, parallel=n_jobs))] = job.cell_key
             if not running:
+                if pending and not any(all(k in results for k in deps[j.cell_key]) for j in pending):
+                    raise RuntimeError(f"sweep cells wait on cells not in the grid: {pending[0].cell.id}")  # a bug
                 continue
             done, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for f in [f for f in running if f in done]:  # in submission order
                 key = running.pop(f)
-                finish(key, f.result(), round(time.perf_counter() - started[key], 2))
+                finish(key, f.result())
     return results
 
 
@@ -190,10 +194,9 @@ def run_sweep(recipe: Recipe, out_dir: Path, jobs: int | None = None, cache_dir:
     job_list, deps = plan_jobs(recipe, grid, sources, cache, data_fp)
     results = {j.cell_key: r for j in job_list if (r := cached_result(cache, j)) is not None}
     cached = set(results)
-    for key in cached:
+    for n, job in enumerate([j for j in job_list if j.cell_key in cached], 1):
         if on_event:
-            job = next(j for j in job_list if j.cell_key == key)
-            on_event(SweepEvent("cell", job.cell.id, "cached", None, None, len(cached), len(job_list)))
+            on_event(SweepEvent("cell", job.cell.id, "cached", None, None, n, len(job_list)))
     t = time.perf_counter()
     execute(job_list, deps, results, jobs or recipe.sweep.jobs, on_event)
     stages["cells"] = round(time.perf_counter() - t, 3)

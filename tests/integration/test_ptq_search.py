@@ -74,3 +74,24 @@ def test_report_shows_per_layer_ranges_candidates_sensitivity_and_precision(sear
 def test_bad_search_fields_name_the_key(override: str, key: str):
     with pytest.raises(RecipeError, match=key.replace(".", r"\.")):
         load_recipe(None, [override])
+
+
+def test_qat_initial_ranges_come_from_the_search_too(kd, monkeypatch):
+    from calibrators import MapAwareCalibrator
+    from qtool.data import ImageTransform
+    from qtool.graph import build_spec, load_model, prepare
+    from qtool.qat.run import _initial_ranges
+
+    refined = []
+    real = MapAwareCalibrator.refine
+
+    def spy(self, ranges, context):
+        refined.append(real(self, ranges, context))
+        return refined[-1]
+
+    monkeypatch.setattr(MapAwareCalibrator, "refine", spy)
+    recipe = kd.recipe("ptq.calib=map-aware", "ptq.calib_options.time_budget_s=2", "ptq.search.normals=2")
+    prepared = prepare(load_model(kd.onnx))
+    spec = build_spec(prepared, recipe.ptq)
+    ranges, _ = _initial_ranges(recipe, prepared, spec, load_splits(recipe.data), ImageTransform(recipe.data), None)
+    assert len(refined) == 1 and ranges == {t: (r.lo, r.hi) for t, r in refined[0].items()}

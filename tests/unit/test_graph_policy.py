@@ -59,7 +59,7 @@ def test_profiles_are_registered_data():
     assert trt.activation(4) == QuantParams("int8", 4, True, None)
     assert trt.activation().symmetric_zero_point == 0
     assert set(PROFILES.names()) >= {"cpu", "tensorrt"}
-    with pytest.raises(RegistryError, match="cpu, tensorrt"):
+    with pytest.raises(RegistryError, match="cpu, cpu-avx2, tensorrt"):
         get_profile("gpu-magic")
 
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from helpers.ort_utils import minmax_ranges, run
+from helpers.ort_utils import minmax_ranges, run, session
 from helpers.tiny_models import calib_batches, tiny_model
 from onnx import TensorProto, helper, numpy_helper
 
@@ -114,3 +114,35 @@ def test_4bit_is_emulated_with_17x_scales_and_narrow_integers(prepared, ranges):
         assert v.dtype == np.uint8 and v.max() <= 15, name
     out4, out8 = run(q4, calib_batches(1))[0], run(q8, calib_batches(1))[0]
     assert np.isfinite(out4[0]).all() and out4[0].shape == out8[0].shape
+
+
+def _weight_ints(q: onnx.ModelProto) -> np.ndarray:
+    """Every int8 weight initializer's integers (the ones DequantizeLinear nodes read)."""
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    dq_inputs = {n.input[0] for n in q.graph.node if n.op_type == "DequantizeLinear"}
+    return np.concatenate([v.ravel() for k, v in inits.items()
+                           if k in dq_inputs and v.dtype == np.int8 and v.ndim == 4])
+
+
+def test_cpu_avx2_profile_uses_7_bit_weights(prepared, ranges):
+    full, _ = _qdq(prepared, ranges, "cpu")
+    reduced, report = _qdq(prepared, ranges, "cpu-avx2")
+    assert np.abs(_weight_ints(full)).max() == 127
+    assert np.abs(_weight_ints(reduced)).max() == 63
+    assert lint(reduced, "cpu-avx2") == []
+    # integer kernels (ORT's full optimisation) follow the float simulation of the same QDQ graph
+    feeds = calib_batches(2, seed=5)
+    sim, fused = (np.concatenate([session(reduced, level).run(None, f)[0] for f in feeds])
+                  for level in ("ORT_DISABLE_ALL", "ORT_ENABLE_ALL"))
+    assert np.abs(sim - fused).max() < 0.05 * np.abs(sim).max()
+
+
+def test_host_warning_names_the_reduced_range_profile():
+    from qtool.graph import get_profile
+    from qtool.graph.profiles import host_warning
+
+    cpu, avx2 = get_profile("cpu"), get_profile("cpu-avx2")
+    assert "cpu-avx2" in host_warning(cpu, {"avx2": True}, "x86_64")
+    assert host_warning(cpu, {"avx2": True, "avx512_vnni": True}, "x86_64") is None
+    assert host_warning(cpu, {}, "aarch64") is None
+    assert host_warning(avx2, {"avx2": True}, "x86_64") is None

@@ -124,9 +124,15 @@ def test_candidates_are_the_standard_rules_on_one_shared_histogram():
             for c in (cal, *ref.values()):
                 c.observe("x", b)
         out = cal.compute()["x"]
-        got = {rule: (c["lo"], c["hi"]) for c in out.meta["candidates"] for rule in c["rules"]}
-        for name, c in ref.items():
+        cands = out.meta["candidates"]
+        got = {rule: (c["lo"], c["hi"]) for c in cands for rule in c["rules"]}
+        half_step = 0.5 * (max(c["hi"] for c in cands) - min(c["lo"] for c in cands)) / 255
+        for name, c in ref.items():  # each rule's range, or one within half a step of it (merged)
             r = c.compute()["x"]
             key = "percentile-99.9" if name == "percentile" else name
-            assert got[key] == pytest.approx((r.lo, r.hi), rel=1e-6, abs=1e-9), (symmetric, name)
+            lo, hi = got[key]
+            assert abs(lo - r.lo) <= half_step and abs(hi - r.hi) <= half_step, (symmetric, name)
+            if next(x for x in cands if key in x["rules"])["rules"][0] == key:  # a group keeps its first rule's
+                assert (lo, hi) == pytest.approx((r.lo, r.hi), rel=1e-9, abs=1e-12), (symmetric, name)
         assert (out.lo, out.hi) == got["entropy"] and out.meta["search"] == "not searched"
+        assert len(cands) >= 2

@@ -1,0 +1,210 @@
+"""Map-aware calibration vs every standard calibrator x calibration source, at 8/6/4 bits, STFPM and RD.
+
+For each setup (a dataset's recipe plus a trained model) and each cell (calibrator x source x bits):
+``qtool ptq`` (library call) with ``ptq.search.proxy=true``, then ``qtool eval`` of the quantized
+model on the recipe's test split. Per cell: image AUROC, pixel AUROC, AUPRO, calibration time
+(calibrate + the search stages a calibrator needs) and the proxy (image / pixel AUROC of synthetic
+anomalies vs normals on the search set, made from normal calibration images only). Per setup: the
+fp32 row, and whether the proxy predicts the real metric: Spearman rank correlation across cells.
+
+Setups: ``--model DATASET:MODEL=PATH`` (a trained checkpoint or its ONNX; repeatable), DATASET one
+of mtd (recipes/mtd_stfpm.yaml's data) or multiclass (recipes/multiclass.yaml). Cells already run
+are read back from ``--work`` (resumable). ``--tiny``: a smoke run on tiny synthetic data (trains
+its own 1-epoch models; writes under ``--work``, never bench/results unless ``--out`` says so).
+
+Run: .venv/bin/python bench/map_aware.py --model mtd:stfpm=bench/work/mtd-stfpm/last.pt \
+         --model mtd:rd=... --model multiclass:stfpm=... --model multiclass:rd=...
+Writes bench/results/map_aware.{json,md} (``--out`` to write elsewhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from qtool.artifacts import package_versions, write_json
+from qtool.recipe import (
+    CalibDataConfig,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    PtqConfig,
+    Recipe,
+    SearchConfig,
+    SynthConfig,
+    TrainConfig,
+    load_recipe,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = {"mtd": ROOT / "recipes" / "mtd_stfpm.yaml", "multiclass": ROOT / "recipes" / "multiclass.yaml"}
+CALIBRATORS = ("minmax", "percentile", "entropy", "mse", "map-aware")
+SOURCES = ("train", "random-normal", "mix")
+KEYS = ("image_auroc", "pixel_auroc", "aupro")
+
+
+def calibration_seconds(stages: dict[str, float]) -> float:
+    """Calibrate, plus the search set and search when the calibrator ran one (the proxy is measurement only)."""
+    searched = "search" in stages
+    return round(stages["calibrate"] + stages.get("search", 0.0) + (stages.get("search_set", 0.0) if searched
+                                                                       else 0.0), 3)
+
+
+def run_cell(model: Path, recipe: Recipe, overrides: list[str], work: Path) -> dict:
+    """PTQ + evaluation of one cell, cached as ``work/cell.json``."""
+    from qtool.ptq import run_ptq
+    from qtool.recipe import build_recipe
+    from qtool.runs import run_eval
+
+    cached = work / "cell.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    r = build_recipe(recipe.model_dump(mode="json"), [*overrides, "ptq.search.proxy=true"])
+    t0 = time.perf_counter()
+    report = run_ptq(model, r, work / "ptq")
+    ptq_seconds = time.perf_counter() - t0
+    metrics = run_eval(Path(report["output"]), r)["metrics"]["mean"]
+    row = {**{k: metrics.get(k) for k in KEYS}, "calib_seconds": calibration_seconds(report["stage_seconds"]),
+           "ptq_seconds": round(ptq_seconds, 2), "proxy": report["proxy"]["quantized"],
+           "proxy_fp32": report["proxy"]["fp32"], "search_set": report["search_set"]["what"],
+           "calibration": {k: v for k, v in report["calibration"].items() if k != "files"}}
+    write_json(cached, row)
+    return row
+
+
+def spearman(rows: list[dict], proxy_key: str, real_key: str) -> float | None:
+    """Rank correlation between the proxy and the real test metric across cells (None if undefined)."""
+    from scipy.stats import spearmanr
+
+    pairs = [(r["proxy"][proxy_key], r[real_key]) for r in rows if r.get(real_key) is not None]
+    if len(pairs) < 3 or len({p for p, _ in pairs}) < 2 or len({q for _, q in pairs}) < 2:
+        return None
+    return round(float(spearmanr(*zip(*pairs, strict=True)).statistic), 4)
+
+
+def bench_setup(name: str, model: Path, recipe: Recipe, args: argparse.Namespace) -> dict:
+    """fp32 row, every cell, and the proxy's rank correlations for one setup."""
+    from qtool.runs import run_eval, run_export
+
+    work = Path(args.work) / name.replace(":", "-")
+    work.mkdir(parents=True, exist_ok=True)
+    if model.suffix == ".pt":  # export once, not once per cell
+        onnx_path = work / "fp32.onnx"
+        if not onnx_path.exists():
+            run_export(model, onnx_path, recipe)
+        model = onnx_path
+    fp32 = run_eval(model, recipe)["metrics"]["mean"]
+    cells = []
+    for bits in args.bits:
+        for calib in args.calibrators:
+            for source in args.sources:
+                key = f"{calib}-{source}-{bits}bit"
+                overrides = [f"ptq.calib={calib}", f"ptq.calib_data.source={source}",
+                             f"ptq.activation_bits={bits}", f"ptq.weight_bits={bits}", *args.overrides]
+                if calib == "map-aware":
+                    overrides.append(f"ptq.calib_options.time_budget_s={args.map_aware_budget}")
+                row = {"calibrator": calib, "source": source, "bits": bits,
+                       **run_cell(model, recipe, overrides, work / key)}
+                cells.append(row)
+                print(name, key, {k: row[k] for k in (*KEYS, "calib_seconds")}, flush=True)
+    return {"setup": name, "model": str(model), "fp32": {k: fp32.get(k) for k in KEYS}, "cells": cells,
+            "proxy_rank_correlation": {"image_auroc": spearman(cells, "image_auroc", "image_auroc"),
+                                       "pixel_auroc": spearman(cells, "pixel_auroc", "pixel_auroc")}}
+
+
+def tiny_setups(work: Path) -> list[tuple[str, Path, Recipe]]:
+    """Train 1-epoch STFPM and RD on tiny synthetic data (random-init teachers): a smoke run."""
+    from qtool.runs import run_train
+
+    data = DataConfig(format="synth", root=str(work / "data"), image_size=64, holdout_fraction=0.25,
+                      synth=SynthConfig(categories=["grid"], n_train=8, n_test_good=3, n_test_defect=3, size=64))
+    ptq = PtqConfig(calib_data=CalibDataConfig(num_samples=4, batch_size=4), search=SearchConfig(normals=4))
+    out = []
+    for name, options in (("stfpm", {}), ("rd", {"embed_channels": 64})):
+        recipe = Recipe(name=f"tiny-{name}", data=data, ptq=ptq, eval=EvalConfig(threads=1),
+                        model=ModelConfig(name=name, weights="none", levels=[1, 2], options=options),
+                        train=TrainConfig(epochs=1, batch_size=4, optimizer="adam", lr=1e-3, threads=1))
+        ckpt = work / f"train-{name}" / "model.pt"
+        if not ckpt.exists():
+            ckpt = Path(run_train(recipe, work / f"train-{name}", export=False)["models"][0]["checkpoint"])
+        out.append((f"tiny:{name}", ckpt, recipe))
+    return out
+
+
+def given_setups(models: list[str]) -> list[tuple[str, Path, Recipe]]:
+    """``DATASET:MODEL=PATH`` items -> (setup name, model path, the dataset's recipe)."""
+    out = []
+    for item in models:
+        name, _, path = item.partition("=")
+        dataset = name.split(":", 1)[0]
+        if dataset not in RECIPES or not path:
+            sys.exit(f"error: --model {item!r}: expected DATASET:MODEL=PATH with DATASET in {', '.join(RECIPES)}")
+        out.append((name, Path(path), load_recipe(RECIPES[dataset])))
+    return out
+
+
+def write_markdown(path: Path, meta: dict, setups: list[dict]) -> None:
+    """One table per setup (fp32 first), the proxy's rank correlations, command, machine and versions."""
+    lines = ["# Map-aware calibration vs standard calibrators x calibration source", "", f"`{meta['command']}`", "",
+             f"machine: {meta['machine']}, {meta['cpus']} CPUs; proxy: AUROC of synthetic anomalies made from "
+             "normal calibration images (never the test split); calib s = calibrate + search stages", ""]
+    for s in setups:
+        lines += [f"## {s['setup']}", "", "| calibrator | source | bits | image AUROC | pixel AUROC | AUPRO | "
+                  "calib s | proxy image | proxy pixel |", "|---" * 9 + "|",
+                  "| fp32 | - | 32 | " + " | ".join(_fmt(s["fp32"][k]) for k in KEYS) + " | - | "
+                  + " | ".join(_fmt(s["cells"][0]["proxy_fp32"][k]) if s["cells"] else "-"
+                               for k in ("image_auroc", "pixel_auroc")) + " |"]
+        for c in s["cells"]:
+            lines.append(f"| {c['calibrator']} | {c['source']} | {c['bits']} | "
+                         + " | ".join(_fmt(c[k]) for k in KEYS)
+                         + f" | {c['calib_seconds']} | {_fmt(c['proxy']['image_auroc'])} | "
+                         f"{_fmt(c['proxy']['pixel_auroc'])} |")
+        corr = s["proxy_rank_correlation"]
+        lines += ["", f"Spearman (proxy vs test, across cells): image {corr['image_auroc']}, "
+                  f"pixel {corr['pixel_auroc']}", ""]
+    lines += ["versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _fmt(x: float | None) -> str:
+    return f"{x:.4f}" if isinstance(x, float) else str(x)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse arguments, run every setup's cells, write the JSON and Markdown results."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", dest="models", action="append", default=[], metavar="DATASET:MODEL=PATH")
+    ap.add_argument("--tiny", action="store_true", help="smoke run on tiny synthetic data")
+    ap.add_argument("--calibrators", type=lambda s: s.split(","), default=list(CALIBRATORS))
+    ap.add_argument("--sources", type=lambda s: s.split(","), default=list(SOURCES))
+    ap.add_argument("--bits", type=lambda s: [int(b) for b in s.split(",")], default=[8, 6, 4])
+    ap.add_argument("--map-aware-budget", type=float, default=1800.0,
+                    help="seconds of map-aware search per cell (each candidate graph runs on the search set)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override for every cell")
+    ap.add_argument("--work", default=str(ROOT / "bench" / "work" / "map_aware"))
+    ap.add_argument("--out", default=None, help="results path without suffix (default bench/results/map_aware; "
+                    "with --tiny, WORK/results)")
+    args = ap.parse_args(argv)
+    work = Path(args.work)
+    setups = tiny_setups(work) if args.tiny else given_setups(args.models)
+    if not setups:
+        sys.exit("error: give --model DATASET:MODEL=PATH (repeatable) or --tiny")
+    results = [bench_setup(name, path, recipe, args) for name, path, recipe in setups]
+    out = Path(args.out) if args.out else (work / "results" if args.tiny else ROOT / "bench" / "results" / "map_aware")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"command": "python bench/map_aware.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+            "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "versions": package_versions()}
+    write_json(out.with_suffix(".json"), {"meta": meta, "setups": results})
+    write_markdown(out.with_suffix(".md"), meta, results)
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""What the calibration driver hands a search calibrator's ``refine``: graph, candidate builder, search set.
+
+The calibrator never edits graphs or picks a runtime: ``build`` lowers ranges to a QDQ model (the
+driver's insert_qdq on its spec) and ``run`` executes one on the search images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from calibrators.base import TensorRange
+
+#: (ranges, tensors or None) -> QDQ ModelProto; see :attr:`SearchContext.build`.
+BuildFn = Callable[[Mapping[str, TensorRange], Collection[str] | None], Any]
+#: QDQ or float ModelProto -> (anomaly maps (N, H, W), image scores (N,)) on the search images.
+RunFn = Callable[[Any], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class SearchContext:
+    """The search set and the means to try ranges on the real graph.
+
+    Attributes:
+        tensors: the tensors to calibrate, in graph (topological) order.
+        build: ``build(ranges, tensors)`` -> a QDQ model quantizing only the nodes whose Q/DQ read
+            or write at least one of ``tensors`` (every quantized node when ``tensors`` is None),
+            taking each needed tensor's range from ``ranges``; a search quantizes progressively.
+        run: executes a model on :attr:`images`.
+        images: (N, 3, S, S) normal calibration images, then synthetic anomalies made from them.
+        masks: (N, S, S) synthetic defect masks (all zero for the normals).
+        labels: (N,) 0 normal, 1 synthetic anomaly.
+        reference: fp32 ``(maps, scores)`` on :attr:`images`, computed once.
+        model: the prepared fp32 graph; spec: its QuantSpec (for calibrators that need more).
+        progress: called with 1 per finished search step (a tensor), or None.
+    """
+
+    tensors: list[str]
+    build: BuildFn
+    run: RunFn
+    images: np.ndarray
+    masks: np.ndarray
+    labels: np.ndarray
+    reference: tuple[np.ndarray, np.ndarray]
+    model: Any = None
+    spec: Any = None
+    progress: Callable[[int], None] | None = None
