@@ -92,7 +92,8 @@ def measure(kind: str, model: Path, images: Path, mem_limit_gb: float) -> dict:
         err = errf.read()
     if status != 0:
         last = (err.strip().splitlines() or ["no output"])[-1][:200]
-        return {"kind": kind, "failed": f"exit {status} under a {mem_limit_gb} GB address-space cap: {last}",
+        code = os.waitstatus_to_exitcode(status)
+        return {"kind": kind, "failed": f"exit {code} under a {mem_limit_gb} GB address-space cap: {last}",
                 "seconds": round(time.perf_counter() - t0, 1)}
     res = json.loads(out.strip().splitlines()[-1])
     return {"kind": kind, **res, "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "seconds": round(res["seconds"], 2)}
@@ -133,6 +134,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--kinds", default="qtool-entropy,qtool-percentile,ort-entropy,ort-percentile")
     ap.add_argument("--mem-limit-gb", type=float, default=20.0, help="address-space cap of each child")
+    ap.add_argument("--out", default=str(HERE / "results" / "calib_cost"), help="results path without suffix")
     args = ap.parse_args()
     if args.worker:
         worker(args.worker, args.model, args.npy)
@@ -155,17 +157,18 @@ def main() -> None:
             ratios[m] = {"peak_memory_ort_over_qtool": round(o["peak_rss_mb"] / q["peak_rss_mb"], 2),
                          "time_ort_over_qtool": round(o["seconds"] / q["seconds"], 2)}
     cmd = f"python bench/calib_cost.py --images {args.images} --size {args.size} --kinds {args.kinds}" + (
-        f" --model {args.model}" if args.model else "") + f" --mem-limit-gb {args.mem_limit_gb}"
+        f" --model {args.model}" if args.model else "") + f" --mem-limit-gb {args.mem_limit_gb} --out {args.out}"
     meta = {"command": cmd, "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "versions": package_versions(), "model": str(model), "images": args.images}
-    write_json(HERE / "results" / "calib_cost.json", {"meta": meta, "rows": rows, "ratios": ratios})
+    out = Path(args.out)
+    write_json(out.with_suffix(".json"), {"meta": meta, "rows": rows, "ratios": ratios})
     lines = ["# Calibration cost: qtool vs onnxruntime calibrators", "", f"`{cmd}`", "",
              f"{args.images} images, model {model.name}", "", "| calibrator | seconds | peak RSS MB | tensors |",
              "|---|---|---|---|"]
     lines += [f"| {r['kind']} | {r['seconds']} | {r.get('peak_rss_mb', '-')} | {r.get('tensors', r.get('failed'))} |"
               for r in rows]
     lines += ["", "Ratios (onnxruntime / qtool): " + json.dumps(ratios)]
-    (HERE / "results" / "calib_cost.md").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
