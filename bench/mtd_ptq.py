@@ -123,11 +123,8 @@ def grid_cells(bits_extra: list[int]) -> list[dict]:
 
 def calibrate_sources(prepared, recipe, splits, transform, bits: list[int], threads: int) -> dict:
     """One calibration pass per source feeding every (calibrator, symmetric, bits); ranges and seconds."""
-    tensors = build_spec(prepared, recipe.ptq.model_copy(update={"quantize": "both"}), get_profile("cpu"))
-    names = set(tensors.tensors_to_calibrate())
-    for t in TARGETS:
-        names |= set(build_spec(prepared, recipe.ptq.model_copy(update={"quantize": "both"}),
-                                get_profile(t)).tensors_to_calibrate())
+    both = recipe.ptq.model_copy(update={"quantize": "both"})
+    names = {n for t in TARGETS for n in build_spec(prepared, both, get_profile(t)).tensors_to_calibrate()}
     out = {}
     for source in SOURCES:
         cfg = recipe.ptq.calib_data.model_copy(update={"source": source})

@@ -47,24 +47,31 @@ def save_checkpoint(model: KDModel, path: Path, recipe: Recipe, extra: dict[str,
     return Path(path)
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint payload safely and check its format.
+def read_payload(path: Path, fmt: str, version: int, kind: str = "checkpoint") -> dict[str, Any]:
+    """Load a qtool payload safely (``weights_only=True``) and check its ``format`` and ``version``.
+
+    ``kind`` names the file in messages ("checkpoint", "QAT checkpoint").
 
     Raises:
-        ModelError: missing file, not a torch file, not a qtool checkpoint, or unknown version.
+        ModelError: missing file, not a torch file, another format, or another version.
     """
     path = Path(path)
     if not path.is_file():
-        raise ModelError(f"checkpoint {path} not found")
+        raise ModelError(f"{kind} {path} not found")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ModelError(f"checkpoint {path} cannot be read: {str(e).splitlines()[0]}") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ModelError(f"{path} is not a qtool checkpoint")
-    if payload.get("version") != VERSION:
-        raise ModelError(f"checkpoint {path} has version {payload.get('version')}; this qtool reads {VERSION}")
+        raise ModelError(f"{kind} {path} cannot be read: {str(e).splitlines()[0]}") from None
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        raise ModelError(f"{path} is not a qtool {kind}")
+    if payload.get("version") != version:
+        raise ModelError(f"{kind} {path} has version {payload.get('version')}; this qtool reads {version}")
     return payload
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a model checkpoint payload safely and check its format (see :func:`read_payload`)."""
+    return read_payload(path, FORMAT, VERSION)
 
 
 def load_checkpoint(path: Path, expect: ModelConfig | None = None) -> tuple[KDModel, dict[str, Any]]:

@@ -17,6 +17,7 @@ from torch import nn
 
 from qtool.artifacts import atomic_path
 from qtool.errors import ModelError
+from qtool.models.checkpoint import read_payload
 from qtool.qat.insert import QatModel, prepare_qat
 
 FORMAT = "qtool-qat-checkpoint"
@@ -62,18 +63,7 @@ def read_qat_checkpoint(path: Path) -> dict[str, Any]:
     Raises:
         ModelError: missing or unreadable file, not a QAT checkpoint, or another version.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"QAT checkpoint {path} not found")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ModelError(f"QAT checkpoint {path} cannot be read: {str(e).splitlines()[0]}") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ModelError(f"{path} is not a qtool QAT checkpoint")
-    if payload.get("version") != VERSION:
-        raise ModelError(f"QAT checkpoint {path} has version {payload.get('version')}; this qtool reads {VERSION}")
-    return payload
+    return read_payload(path, FORMAT, VERSION, "QAT checkpoint")
 
 
 def float_graph(model: nn.Module, image_size: int, export: dict[str, Any]) -> onnx.ModelProto:
