@@ -7,7 +7,7 @@ validates; ``dump_recipe`` writes the resolved recipe next to every run's artifa
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -187,7 +187,10 @@ class EvalConfig(Section):
     threads: int = Field(2, ge=1)
 
 
-SWEEP_AXES = ("model", "precision", "method", "calibrator", "calib_source", "part", "target")
+Budget = Annotated[float, Field(ge=0.0, le=1.0)]
+"""A mixed-precision budget: the largest proxy AUROC drop allowed."""
+
+SWEEP_AXES = ("model", "precision", "method", "calibrator", "calib_source", "part", "target", "mixed_precision")
 """The axes of a sweep grid; ``SweepConfig`` holds one list per axis (plural field names)."""
 
 
@@ -222,6 +225,7 @@ class SweepCellFilter(Section):
     calib_source: str | None = None
     part: Literal["student", "teacher", "both"] | None = None
     target: str | None = None
+    mixed_precision: Budget | None = None
 
 
 class SweepConfig(Section):
@@ -234,6 +238,8 @@ class SweepConfig(Section):
     calib_sources: list[str] = Field(default_factory=lambda: ["train"], min_length=1)
     parts: list[Literal["student", "teacher", "both"]] = Field(default_factory=lambda: ["both"], min_length=1)
     targets: list[str] = Field(default_factory=lambda: ["cpu"], min_length=1)
+    # budgets of ``ptq.mixed_precision`` (null: every quantizable layer quantized); replaces the ptq value
+    mixed_precisions: list[Budget | None] = Field(default_factory=lambda: [None], min_length=1)
     include: list[SweepCellFilter] = Field(default_factory=list)
     exclude: list[SweepCellFilter] = Field(default_factory=list)
     calib_options: dict[str, dict[str, Any]] = Field(default_factory=dict)  # calibrator name -> its options

@@ -12,6 +12,7 @@ from typing import Any
 from qtool import __version__
 from qtool.recipe import Recipe
 from qtool.report.schema import REPORT_SCHEMA, Metrics
+from qtool.sweep.grid import axis_text
 
 METRIC_KEYS = tuple(Metrics.model_fields)
 DELTA_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_at_threshold", "f1_at_fp32_threshold")
@@ -43,9 +44,27 @@ def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
 
 def short_labels(axes: list[dict[str, str | None]]) -> list[str]:
     """Readable labels: each cell's precision plus the axis values that vary among the cells."""
-    keys = ("model", "method", "calibrator", "calib_source", "part", "target")
-    varying = [k for k in keys if len({a[k] for a in axes if a[k] is not None}) > 1]
-    return [" ".join([str(a["precision"]), *(str(a[k]) for k in varying if a[k] is not None)]) for a in axes]
+    keys = ("model", "method", "calibrator", "calib_source", "part", "target", "mixed_precision")
+    varying = [k for k in keys if len({a.get(k) for a in axes if a.get(k) is not None}) > 1
+               or (k == "mixed_precision" and any(a.get(k) is not None for a in axes))]
+    return [" ".join([str(a["precision"]), *(axis_text(k, a.get(k)) for k in varying if a.get(k) is not None)])
+            for a in axes]
+
+
+def proxy_correlation(cells: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Spearman correlation of proxy and test AUROC (image, pixel) over ok cells with a proxy; None under 3 cells."""
+    from scipy.stats import spearmanr
+
+    rows = [c for c in cells if c["status"] == "ok" and c.get("proxy")]
+    if len(rows) < 3:
+        return None
+    out: dict[str, Any] = {"n_cells": len(rows)}
+    for key in ("image_auroc", "pixel_auroc"):
+        pairs = [(c["proxy"]["quantized"].get(key), c["metrics"].get(key)) for c in rows]
+        pairs = [p for p in pairs if None not in p]
+        rho = spearmanr(*zip(*pairs)).statistic if len(pairs) >= 3 else None
+        out[key] = float(rho) if rho is not None and math.isfinite(rho) else None
+    return out
 
 
 def _flat_seconds(result: dict[str, Any]) -> dict[str, float]:
@@ -80,7 +99,8 @@ def _ok_entry(result: dict[str, Any], ref: dict[str, Any] | None, entry: Path) -
     return {"metrics": mean, "per_category": per, "deltas": deltas, "threshold": result["threshold"],
             "fp32_threshold": result["fp32_threshold"], "fidelity": result["fidelity"], "latency": latency,
             "model_size_bytes": result["model_size_bytes"], "sqnr_db": _sqnr(result["build"].get("sqnr_db")),
-            "stage_seconds": _flat_seconds(result), "overlay": overlay}
+            "stage_seconds": _flat_seconds(result), "overlay": overlay,
+            "proxy": result["build"].get("proxy"), "fallback": result["build"].get("fallback")}
 
 
 def _sqnr(sqnr: dict[str, Any] | None) -> dict[str, float | None] | None:
@@ -127,11 +147,13 @@ def assemble_report(recipe: Recipe, grid: Any, sources: dict[str, Any], jobs: li
         c["pareto"] = c["id"] in front
     sw = recipe.sweep
     axes = {"model": list(grid.models), "precision": sw.precisions, "method": sw.methods,
-            "calibrator": sw.calibrators, "calib_source": sw.calib_sources, "part": sw.parts, "target": sw.targets}
+            "calibrator": sw.calibrators, "calib_source": sw.calib_sources, "part": sw.parts, "target": sw.targets,
+            "mixed_precision": ["off" if b is None else axis_text("mixed_precision", b) for b in sw.mixed_precisions]}
     categories = sorted({cat for c in cells if c.get("per_category") for cat in c["per_category"]})
     return finite({
         "schema": REPORT_SCHEMA, "qtool": __version__, "recipe": recipe.name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": list(sys.argv), "axes": axes,
         "pareto_metric": metric, "categories": categories, "models": [s.to_json() for s in sources.values()],
         "cells": cells, "notes": list(grid.notes), "cache_dir": str(cache.root), "machine": cpu_info(),
+        "proxy_correlation": proxy_correlation(cells),
     })

@@ -77,6 +77,35 @@ class Overlay(_Strict):
     max_abs_diff: list[float]
 
 
+class Proxy(_Strict):
+    """The proxy AD metric of a quantized cell (image/pixel AUROC of synthetic anomalies on the search set).
+
+    Present when the build ran a search stage (``ptq.search.proxy``, map-aware calibration or mixed
+    precision); ``drop`` is the larger of the two AUROC drops from ``fp32``.
+    """
+
+    fp32: dict[str, float | None]
+    quantized: dict[str, float | None]
+    drop: float | None
+
+
+class Fallback(_Strict):
+    """Mixed precision of a cell: the layers kept float within the proxy budget and their latency cost."""
+
+    budget: float
+    layers: list[str]
+    precision: str
+    latency_cost_ms: float | None
+
+
+class ProxyCorrelation(_Strict):
+    """Spearman rank correlation, across the quantized cells with a proxy, of proxy and test metric."""
+
+    image_auroc: float | None
+    pixel_auroc: float | None
+    n_cells: int
+
+
 class CellEntry(_Strict):
     """One cell: its axis values, status, and (when ok) everything measured."""
 
@@ -89,6 +118,7 @@ class CellEntry(_Strict):
     calib_source: str | None
     part: str | None
     target: str | None
+    mixed_precision: float | None = None
     status: Literal["ok", "failed", "skipped"]
     cached: bool
     error: str | None = None
@@ -107,6 +137,8 @@ class CellEntry(_Strict):
     sqnr_db: dict[str, float | None] | None = None
     stage_seconds: dict[str, float] | None = None
     overlay: Overlay | None = None
+    proxy: Proxy | None = None
+    fallback: Fallback | None = None
     pareto: bool = False
 
 
@@ -141,6 +173,7 @@ class SweepReport(_Strict):
     machine: dict[str, Any]
     stage_seconds: dict[str, float]
     wall_seconds: float
+    proxy_correlation: ProxyCorrelation | None = None
 
 
 def validate_report(report: dict[str, Any]) -> dict[str, Any]:

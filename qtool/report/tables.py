@@ -102,6 +102,35 @@ def models_table(report: dict[str, Any]) -> Table:
     return Table("models", "Models", headers, rows)
 
 
+def proxy_table(report: dict[str, Any]) -> Table | None:
+    """Per quantized cell with a search stage: the proxy vs the test metric, and the layers mixed precision kept float."""
+    rows = []
+    for c in report["cells"]:
+        p, fb, m = c.get("proxy"), c.get("fallback"), c.get("metrics")
+        if not p and not fb:
+            continue
+        q = (p or {}).get("quantized", {})
+        rows.append([c["label"], num(q.get("image_auroc")), num(_get(m, "image_auroc")), num(q.get("pixel_auroc")),
+                     num(_get(m, "pixel_auroc")), num((p or {}).get("drop")),
+                     "-" if not fb else f"{len(fb['layers'])} {fb['precision']} (budget {fb['budget']:g})",
+                     num(_get(fb, "latency_cost_ms"), 3), ", ".join((fb or {}).get("layers", [])[:6])])
+    if not rows:
+        return None
+    corr = report.get("proxy_correlation")
+    note = ("Proxy: image and pixel AUROC of synthetic anomalies (made from normal calibration images) against "
+            "those normals, on the search set; drop: the larger AUROC drop from fp32 there. Float layers: kept "
+            "out of int8 by mixed precision within the budget; cost: ONNX Runtime latency of the model with them "
+            "float minus the all-quantized one.")
+    if corr:
+        note += (f" Spearman rank correlation of proxy and test AUROC across {corr['n_cells']} cells: image "
+                 f"{num(corr['image_auroc'], 3)}, pixel {num(corr['pixel_auroc'], 3)}.")
+    headers = ["cell", "proxy image AUROC", "test image AUROC", "proxy pixel AUROC", "test pixel AUROC",
+               "proxy drop", "float layers", "cost ms", "layers (first 6)"]
+    return Table("proxy", "Proxy metric and mixed precision", headers, rows, note)
+
+
 def all_tables(report: dict[str, Any]) -> list[Table]:
-    """The tables in report order."""
-    return [cells_table(report), category_table(report), stage_table(report), models_table(report)]
+    """The tables in report order (the proxy table when a cell has a proxy or a fallback)."""
+    tables = [cells_table(report), category_table(report), proxy_table(report), stage_table(report),
+              models_table(report)]
+    return [t for t in tables if t is not None]

@@ -65,8 +65,17 @@ BUILDERS: Registry[Callable[[BuildContext], dict[str, Any]]] = Registry("cell bu
 
 
 def _ptq_summary(report: dict[str, Any]) -> dict[str, Any]:
-    return {"stage_seconds": report["stage_seconds"], "sqnr_db": report["sqnr_db"], "lint_issues": len(report["lint"]),
-            "quantized_nodes": sum(report["plan"]["quantized_nodes"].values()), "emulated": report["plan"]["emulated"]}
+    out = {"stage_seconds": report["stage_seconds"], "sqnr_db": report["sqnr_db"], "lint_issues": len(report["lint"]),
+           "quantized_nodes": sum(report["plan"]["quantized_nodes"].values()), "emulated": report["plan"]["emulated"]}
+    if "proxy" in report:  # a search stage ran: the proxy AD metric on the search set
+        out["proxy"] = report["proxy"]
+    if "mixed_precision" in report:
+        mp = report["mixed_precision"]
+        lat = mp.get("latency") or {}
+        cost = round(lat["final_ms"] - lat["all_quantized_ms"], 4) if lat else 0.0
+        out["fallback"] = {"budget": mp["budget"], "layers": [f["layer"] for f in mp["fallback"]],
+                           "precision": mp["precision_kept"], "latency_cost_ms": cost}
+    return out
 
 
 @BUILDERS.register("fp32")

@@ -23,9 +23,15 @@ from qtool.registry import Registry
 from qtool.sweep.precisions import PRECISIONS
 
 AXIS_FIELDS = {"model": "models", "precision": "precisions", "method": "methods", "calibrator": "calibrators",
-               "calib_source": "calib_sources", "part": "parts", "target": "targets"}
-QUANT_AXES = ("method", "calibrator", "calib_source", "part", "target")
+               "calib_source": "calib_sources", "part": "parts", "target": "targets",
+               "mixed_precision": "mixed_precisions"}
+QUANT_AXES = ("method", "calibrator", "calib_source", "part", "target", "mixed_precision")
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
+
+
+def axis_text(axis: str, value: Any) -> str:
+    """An axis value as it appears in cell ids and labels (a mixed-precision budget as ``mp0.01``)."""
+    return f"mp{value:g}" if axis == "mixed_precision" and value is not None else str(value)
 
 
 @dataclass(frozen=True)
@@ -39,11 +45,12 @@ class Cell:
     calib_source: str | None = None
     part: str | None = None
     target: str | None = None
+    mixed_precision: float | None = None  # budget of the proxy drop; None: no layer kept float
 
     @property
     def id(self) -> str:
-        """Stable, readable name: ``model:precision-method-calibrator-source-part-target``."""
-        values = [self.precision, *(getattr(self, a) for a in QUANT_AXES if getattr(self, a) is not None)]
+        """Stable, readable name: ``model:precision-method-calibrator-source-part-target[-mpBUDGET]``."""
+        values = [self.precision, *(axis_text(a, getattr(self, a)) for a in QUANT_AXES if getattr(self, a) is not None)]
         return f"{self.model}:" + "-".join(values)
 
     @property
@@ -201,6 +208,9 @@ def expand_grid(recipe: Recipe) -> Grid:
         cells.append(_normalise(first | given))
     cells = list(dict.fromkeys(cells))
     notes = []
+    if recipe.ptq.mixed_precision is not None and recipe.ptq.mixed_precision not in sw.mixed_precisions:
+        notes.append(f"ptq.mixed_precision={recipe.ptq.mixed_precision} is not used: the sweep axis "
+                     f"sweep.mixed_precisions={sw.mixed_precisions} sets it per cell")
     for label in models:
         ref = Cell(label, "fp32")
         if ref not in cells:
@@ -212,6 +222,8 @@ def expand_grid(recipe: Recipe) -> Grid:
         entry = models[c.model]
         if c.method == "qat" and entry.path is not None and Path(entry.path).suffix not in CHECKPOINT_SUFFIXES:
             skipped.append((c, f"QAT needs a qtool checkpoint; model {c.model} is {entry.path}"))
+        elif c.method == "qat" and c.mixed_precision is not None:
+            skipped.append((c, "QAT does not choose precisions: mixed precision is a PTQ axis"))
     runnable = [c for c in cells if c not in {s for s, _ in skipped}]
     if len(runnable) < 1:
         raise RecipeError("recipe key sweep: the grid has no runnable cell")
@@ -237,4 +249,5 @@ def cell_recipe(recipe: Recipe, cell: Cell, model: ModelConfig | None = None) ->
         ptq.update({"calib": cell.calibrator, "quantize": cell.part, "target": cell.target,
                     "weight_bits": p.weight_bits, "activation_bits": p.activation_bits})
         ptq["calib_data"]["source"] = cell.calib_source
+        ptq["mixed_precision"] = cell.mixed_precision
     return Recipe.model_validate(tree)

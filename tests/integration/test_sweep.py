@@ -217,3 +217,39 @@ def test_cli_dry_run_lists_the_grid_and_bad_input_is_one_line(sweep, tmp_path):
     assert res.exit_code == 2 and "sweep.bench.iteratons: unknown key" in res.stderr
     assert not (tmp_path / "o").exists()
     assert "sweep" in CliRunner().invoke(main, ["--help"]).stdout
+
+
+def test_mixed_precision_axis_and_proxy_correlation(sweep, tmp_path):
+    """Mixed precision is a sweep axis; with the proxy on, each quantized cell reports it and the report correlates
+    it with the test AUROC (checked against scipy on the cells' own numbers)."""
+    from scipy.stats import spearmanr
+
+    cache = shutil.copytree(sweep.cache, tmp_path / "cache")
+    report = run_sweep(load_recipe(sweep.recipe_file, [
+        "sweep.precisions=[fp32,int8,int4]", "sweep.calibrators=[minmax,entropy]", "sweep.calib_sources=[train]",
+        "sweep.include=[]", "sweep.exclude=[{precision: int8, mixed_precision: 0.0}]",
+        "sweep.mixed_precisions=[null,0.0]", "ptq.search.proxy=true", "ptq.search.normals=4",
+        "ptq.search.latency_iterations=2"]), tmp_path / "mp", jobs=1, cache_dir=cache)
+    by_id = cells(report)
+    assert set(by_id) == {"train:fp32", "train:int8-ptq-minmax-train-both-cpu", "train:int8-ptq-entropy-train-both-cpu",
+                          "train:int4-ptq-minmax-train-both-cpu", "train:int4-ptq-entropy-train-both-cpu",
+                          "train:int4-ptq-minmax-train-both-cpu-mp0", "train:int4-ptq-entropy-train-both-cpu-mp0"}
+    assert all(c["status"] == "ok" for c in report["cells"]), [c["error"] for c in report["cells"]]
+    assert report["axes"]["mixed_precision"] == ["off", "mp0"]
+    quantized = [c for c in report["cells"] if c["precision"] != "fp32"]
+    assert all(c["proxy"] is not None for c in quantized) and by_id["train:fp32"]["proxy"] is None
+    for c in quantized:
+        fb = c["fallback"]
+        assert (fb is None) == (c["mixed_precision"] is None), c["id"]
+        if fb is not None:  # budget 0: the proxy of the final model must not drop at all
+            assert fb["budget"] == 0.0 and c["proxy"]["drop"] <= 1e-9, c["id"]
+            twin = by_id[c["id"].removesuffix("-mp0")]
+            assert bool(fb["layers"]) == (twin["proxy"]["drop"] > 1e-9), c["id"]
+    corr = report["proxy_correlation"]
+    assert corr["n_cells"] == len(quantized)
+    for key in ("image_auroc", "pixel_auroc"):
+        rho = spearmanr([c["proxy"]["quantized"][key] for c in quantized], [c["metrics"][key] for c in quantized])
+        want = None if np.isnan(rho.statistic) else pytest.approx(float(rho.statistic))
+        assert corr[key] == want, key
+    md = (tmp_path / "mp" / "report.md").read_text()
+    assert "Proxy metric and mixed precision" in md and "int4 minmax mp0" in md

@@ -302,3 +302,26 @@ def test_fp16_model_passes_the_checker_and_benches_as_fp16(tmp_path):
     assert model_facts(half).stored_precision == "fp16" and model_facts(fp32).stored_precision == "fp32"
     opts = BenchOptions(threads=1, iterations=3, warmup=1, precision="fp16")
     assert get_backend("cpu", opts).run(half, [None])[0].precision == "fp16"
+
+
+# ---------------------------------------------------------------- mixed precision axis
+
+
+def test_mixed_precision_axis_expands_into_ptq_cells_and_their_recipes():
+    g = expand_grid(recipe("sweep.precisions=[fp32,int8]", "sweep.mixed_precisions=[null,0.01]",
+                           "sweep.methods=[ptq,qat]", "sweep.models=[m.pt]"))
+    assert ids(g) == ["m:fp32", "m:int8-ptq-entropy-train-both-cpu", "m:int8-ptq-entropy-train-both-cpu-mp0.01",
+                      "m:int8-qat-entropy-train-both-cpu"]
+    assert [(c.id, why) for c, why in g.skipped] == [
+        ("m:int8-qat-entropy-train-both-cpu-mp0.01", "QAT does not choose precisions: mixed precision is a PTQ axis")]
+    base = recipe("ptq.mixed_precision=0.2")
+    assert cell_recipe(base, g.cells[1]).ptq.mixed_precision is None
+    assert cell_recipe(base, g.cells[2]).ptq.mixed_precision == 0.01
+    assert cell_recipe(base, g.cells[0]).ptq.mixed_precision == 0.2, "float cells keep the recipe as it is"
+    noted = expand_grid(recipe("ptq.mixed_precision=0.2"))
+    assert any("ptq.mixed_precision=0.2 is not used" in n for n in noted.notes)
+
+
+def test_mixed_precision_budget_out_of_range_names_the_key():
+    with pytest.raises(RecipeError, match=r"recipe key sweep\.mixed_precisions\.1: "):
+        recipe("sweep.mixed_precisions=[null,1.5]")
