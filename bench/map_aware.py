@@ -14,6 +14,7 @@ its own 1-epoch models; writes under ``--work``, never bench/results unless ``--
 
 Run: .venv/bin/python bench/map_aware.py --model mtd:stfpm=bench/work/mtd-stfpm/last.pt \
          --model mtd:rd=... --model multiclass:stfpm=... --model multiclass:rd=...
+         [--mixed-precision 0.02 --mp-calibration entropy/train]   (one mixed-precision cell per width < 8)
 Writes bench/results/map_aware.{json,md} (``--out`` to write elsewhere).
 """
 
@@ -74,6 +75,14 @@ def run_cell(model: Path, recipe: Recipe, overrides: list[str], work: Path) -> d
            "ptq_seconds": round(ptq_seconds, 2), "proxy": report["proxy"]["quantized"],
            "proxy_fp32": report["proxy"]["fp32"], "search_set": report["search_set"]["what"],
            "calibration": {k: v for k, v in report["calibration"].items() if k != "files"}}
+    if "mixed_precision" in report:
+        mp = report["mixed_precision"]
+        lat = mp.get("latency") or {}
+        row["mixed_precision"] = {"budget": mp["budget"], "float_layers": [f["layer"] for f in mp["fallback"]],
+                                  "layers": mp["layers"], "layers_scanned": mp["layers_scanned"],
+                                  "precision_kept": mp["precision_kept"],
+                                  "all_quantized_ms": lat.get("all_quantized_ms"), "final_ms": lat.get("final_ms"),
+                                  "seconds": report["stage_seconds"].get("mixed_precision")}
     write_json(cached, row)
     return row
 
@@ -100,7 +109,7 @@ def bench_setup(name: str, model: Path, recipe: Recipe, args: argparse.Namespace
             run_export(model, onnx_path, recipe)
         model = onnx_path
     fp32 = run_eval(model, recipe)["metrics"]["mean"]
-    cells = []
+    cells, mixed = [], []
     for bits in args.bits:
         for calib in args.calibrators:
             for source in args.sources:
@@ -113,7 +122,20 @@ def bench_setup(name: str, model: Path, recipe: Recipe, args: argparse.Namespace
                        **run_cell(model, recipe, overrides, work / key)}
                 cells.append(row)
                 print(name, key, {k: row[k] for k in (*KEYS, "calib_seconds")}, flush=True)
+        if args.mixed_precision is not None and bits < 8:  # the fewest float layers that keep the proxy in budget
+            calib, source = args.mp_calibration.split("/")
+            key = f"{calib}-{source}-{bits}bit-mp{args.mixed_precision:g}"
+            overrides = [f"ptq.calib={calib}", f"ptq.calib_data.source={source}", f"ptq.activation_bits={bits}",
+                         f"ptq.weight_bits={bits}", f"ptq.mixed_precision={args.mixed_precision}",
+                         f"ptq.search.time_budget_s={args.mp_scan_budget}", *args.overrides]
+            if calib == "map-aware":
+                overrides.append(f"ptq.calib_options.time_budget_s={args.map_aware_budget}")
+            row = {"calibrator": calib, "source": source, "bits": bits,
+                   **run_cell(model, recipe, overrides, work / key)}
+            mixed.append(row)
+            print(name, key, {k: row[k] for k in (*KEYS, "calib_seconds")}, row["mixed_precision"], flush=True)
     return {"setup": name, "model": str(model), "fp32": {k: fp32.get(k) for k in KEYS}, "cells": cells,
+            "mixed_precision": mixed,
             "proxy_rank_correlation": {"image_auroc": spearman(cells, "image_auroc", "image_auroc"),
                                        "pixel_auroc": spearman(cells, "pixel_auroc", "pixel_auroc")}}
 
@@ -165,6 +187,16 @@ def write_markdown(path: Path, meta: dict, setups: list[dict]) -> None:
                          + " | ".join(_fmt(c[k]) for k in KEYS)
                          + f" | {c['calib_seconds']} | {_fmt(c['proxy']['image_auroc'])} | "
                          f"{_fmt(c['proxy']['pixel_auroc'])} |")
+        if s.get("mixed_precision"):
+            lines += ["", "Mixed precision (layers kept float until the proxy drop is within the budget; latency: "
+                      "ONNX Runtime CPU, search-set batch, all-quantized vs final model):", "",
+                      "| calibration | bits | budget | float layers | image AUROC | pixel AUROC | AUPRO | "
+                      "all-int ms | final ms | scan s |", "|---" * 10 + "|"]
+            for c in s["mixed_precision"]:
+                mp = c["mixed_precision"]
+                lines.append(f"| {c['calibrator']}/{c['source']} | {c['bits']} | {mp['budget']} | "
+                             f"{len(mp['float_layers'])} of {mp['layers']} | " + " | ".join(_fmt(c[k]) for k in KEYS)
+                             + f" | {_fmt(mp['all_quantized_ms'])} | {_fmt(mp['final_ms'])} | {mp['seconds']} |")
         corr = s["proxy_rank_correlation"]
         lines += ["", f"Spearman (proxy vs test, across cells): image {corr['image_auroc']}, "
                   f"pixel {corr['pixel_auroc']}", ""]
@@ -186,6 +218,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bits", type=lambda s: [int(b) for b in s.split(",")], default=[8, 6, 4])
     ap.add_argument("--map-aware-budget", type=float, default=1800.0,
                     help="seconds of map-aware search per cell (each candidate graph runs on the search set)")
+    ap.add_argument("--mixed-precision", type=float, default=None, metavar="BUDGET",
+                    help="also, at each width under 8 bits, one mixed-precision cell with this proxy budget")
+    ap.add_argument("--mp-calibration", default="entropy/train", metavar="CALIB/SOURCE",
+                    help="calibrator and source of the mixed-precision cells")
+    ap.add_argument("--mp-scan-budget", type=float, default=600.0, help="seconds of sensitivity scan per cell")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override for every cell")
     ap.add_argument("--work", default=str(ROOT / "bench" / "work" / "map_aware"))
     ap.add_argument("--out", default=None, help="results path without suffix (default bench/results/map_aware; "

@@ -191,7 +191,8 @@ def _part_of(name: str, part_globs: dict[str, list[str]]) -> str | None:
     return None
 
 
-def _float_reason(node: onnx.NodeProto, cfg: PtqConfig, part: str | None, selected: set[str]) -> str | None:
+def _float_reason(node: onnx.NodeProto, cfg: PtqConfig, part: str | None, selected: set[str],
+                  profile: TargetProfile) -> str | None:
     for g in cfg.exclude_nodes:
         if fnmatchcase(node.name, g):
             return f"excluded by ptq.exclude_nodes glob {g!r}"
@@ -203,6 +204,8 @@ def _float_reason(node: onnx.NodeProto, cfg: PtqConfig, part: str | None, select
         if part == "head":
             return "head kept float (ptq.quantize_head is false)"
         return f"part {part!r} not selected (ptq.quantize={cfg.quantize})"
+    if node.op_type in profile.float_ops:
+        return f"{profile.float_ops_reason} (profile {profile.name!r})"
     return None
 
 
@@ -244,7 +247,7 @@ def build_spec(model: onnx.ModelProto, cfg: PtqConfig, profile: str | TargetProf
 
     for node in typed.graph.node:
         part = _part_of(node.name, cfg.part_globs)
-        reason = _float_reason(node, cfg, part, selected)
+        reason = _float_reason(node, cfg, part, selected, prof)
         rule = OP_RULES.get(node.op_type)
         if reason is None and rule is None:
             if node.op_type not in SILENT_OPS and any(idx.is_float(o) for o in node.output if o):

@@ -163,6 +163,8 @@ class TargetProfile:
             saturates for full-range weights; 7-bit weights keep every pair sum below 2^15.
         needs_int8_dot: full-range int8 weights are exact only where the CPU has an int8 dot-product
             instruction (VNNI on x86); ``qtool ptq`` warns on an x86 host without it.
+        float_ops: op types the backend has no integer kernel for: the policy keeps them float
+            (a QDQ pair around them would only add dequantization), with ``float_ops_reason``.
     """
 
     name: str
@@ -177,6 +179,8 @@ class TargetProfile:
     description: str
     reduced_weight_range: bool = False
     needs_int8_dot: bool = False
+    float_ops: tuple[str, ...] = ()
+    float_ops_reason: str = ""
 
     def activation(self, bits: int = 8) -> QuantParams:
         """Per-tensor activation params at ``bits``."""
@@ -209,6 +213,9 @@ PROFILES.add(
         description="ONNX Runtime x86 CPU: uint8 asymmetric activations, int8 symmetric per-channel weights "
         "(the combination with fast VNNI kernels), int32 bias",
         needs_int8_dot=True,
+        # measured with onnxruntime 1.32: DQ -> ConvTranspose -> Q is not fused (no QLinearConvTranspose on CPU)
+        float_ops=("ConvTranspose",),
+        float_ops_reason="no integer kernel in ONNX Runtime CPU (QDQ ConvTranspose runs in float)",
     ),
 )
 PROFILES.add(

@@ -76,3 +76,28 @@ def test_student_traces_with_torch_fx_on_its_own() -> None:
     with torch.no_grad():
         feats = model.teacher(torch.randn(1, 3, 64, 64))
         assert all(torch.equal(a, b) for a, b in zip(gm(feats), model.student(feats)))
+
+
+@pytest.mark.parametrize("target", ["cpu", "cpu-avx2", "tensorrt"])
+def test_decoder_upsampling_policy_per_target(tmp_path: Path, target: str) -> None:
+    """ONNX Runtime CPU has no integer ConvTranspose: the cpu profiles keep it float (saying why) and every
+    Conv of the quantized student still runs as an integer kernel; TensorRT (int8 deconvolution) quantizes it."""
+    import numpy as np
+    from helpers.ort_utils import minmax_ranges, optimized_ops
+
+    from qtool.graph import build_spec, insert_qdq, prepare
+    from qtool.recipe import PtqConfig
+
+    graph = prepare(onnx.load(str(export_onnx(_rd("resnet18", embed_channels=32), tmp_path / "rd.onnx", 64))))
+    spec = build_spec(graph, PtqConfig(quantize="student", target=target))
+    deconv = [d for d in spec.decisions if d.op_type == "ConvTranspose"]
+    assert len(deconv) == 6
+    if target == "tensorrt":
+        assert all(d.quantized for d in deconv)
+        return
+    assert all(not d.quantized and "no integer kernel in ONNX Runtime CPU" in d.reason for d in deconv)
+    feeds = [{"image": np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)}]
+    ops = optimized_ops(insert_qdq(graph, spec, minmax_ranges(graph, spec.tensors_to_calibrate(), feeds)), tmp_path)
+    student_convs = [n for n in graph.graph.node if n.op_type == "Conv" and n.name.startswith("/student/")]
+    assert sum(op == "QLinearConv" and name.startswith("/student/") for op, name in ops) == len(student_convs)
+    assert not [name for op, name in ops if op in ("Conv", "FusedConv") and name.startswith("/student/")]
