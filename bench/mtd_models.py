@@ -13,9 +13,6 @@ Writes bench/results/mtd_models.{json,md} (``--out`` to write elsewhere).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -23,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qtool.artifacts import package_versions, write_json
+from qtool.artifacts import bench_meta, write_results
 from qtool.modelio import open_model
 from qtool.recipe import load_recipe
 from qtool.runs import run_eval, run_export, run_train
@@ -137,14 +134,9 @@ def main(argv: list[str] | None = None) -> None:
         ckpt = checkpoint_for(name, args, given, overrides)
         rows.append(bench_model(name, ckpt, args, overrides))
         print({k: rows[-1][k] for k in ("model", *KEYS, "latency", "onnx_mb")}, flush=True)
-    command = "python bench/mtd_models.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    meta = {"command": command, "machine": f"{platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} CPUs, {platform.platform()}", "python": platform.python_version(),
-            "versions": package_versions(), "threads": args.threads, "warmup": args.warmup, "iters": args.iters}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out.with_suffix(".json"), {"meta": meta, "rows": rows})
-    write_markdown(out.with_suffix(".md"), meta, rows)
+    meta = bench_meta("bench/mtd_models.py", argv if argv is not None else sys.argv[1:], threads=args.threads,
+                      warmup=args.warmup, iters=args.iters)
+    write_results(Path(args.out), {"meta": meta, "rows": rows}, lambda md: write_markdown(md, meta, rows))
 
 
 if __name__ == "__main__":

@@ -17,14 +17,11 @@ Writes bench/results/mtd_qat.{json,md} (``--out`` to write elsewhere).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
 
-from qtool.artifacts import package_versions, write_json
+from qtool.artifacts import bench_meta, write_results
 from qtool.ptq import run_ptq
 from qtool.qat.run import run_qat
 from qtool.recipe import Recipe, load_recipe
@@ -131,14 +128,9 @@ def main(argv: list[str] | None = None) -> None:
         best["best"] = True
         rows += [*ptq, qat_row(best, args, bits, work)]
         print({k: rows[-1][k] for k in ("method", "bits", *KEYS[:3], "mean_epoch_seconds")}, flush=True)
-    command = "python bench/mtd_qat.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    meta = {"command": command, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-            f"{platform.platform()}", "python": platform.python_version(), "versions": package_versions(),
-            "target": args.target, "checkpoint": args.checkpoint, "recipe": args.recipe}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out.with_suffix(".json"), {"meta": meta, "rows": rows})
-    write_markdown(out.with_suffix(".md"), meta, rows)
+    meta = bench_meta("bench/mtd_qat.py", argv if argv is not None else sys.argv[1:], target=args.target,
+                      checkpoint=args.checkpoint, recipe=args.recipe)
+    write_results(Path(args.out), {"meta": meta, "rows": rows}, lambda md: write_markdown(md, meta, rows))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import json
 import os
 import platform
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -93,3 +93,20 @@ def write_manifest(out_dir: Path, inputs: dict[str, Path], extra: dict[str, Any]
     path = out_dir / "manifest.json"
     write_json(path, manifest)
     return path
+
+
+def bench_meta(script: str, argv: list[str], **extra: Any) -> dict[str, Any]:
+    """The ``meta`` block of a bench result: the command that reproduces it, machine, Python, versions, ``extra``."""
+    import shlex
+
+    return {"command": f"python {script} " + " ".join(shlex.quote(a) for a in argv),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+            "python": platform.python_version(), "versions": package_versions(), **extra}
+
+
+def write_results(out: Path, payload: dict[str, Any], markdown: Callable[[Path], None]) -> None:
+    """``out``.json (``payload``) and ``out``.md (written by ``markdown(path)``), folders made as needed."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out.with_suffix(".json"), payload)
+    markdown(out.with_suffix(".md"))

@@ -81,12 +81,9 @@ def _load_state(spec: BackboneSpec, name: str, weights: str) -> dict[str, torch.
         path = spec.offline_weights()
     else:
         path = Path(weights)
-    if not path.is_file():
-        raise ModelError(f"weights file {path} for backbone {name!r} not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ModelError(f"cannot load weights file {path}: {e}") from e
+    from qtool.models.checkpoint import load_torch_file
+
+    state = load_torch_file(path, f"backbone {name!r} weights file")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

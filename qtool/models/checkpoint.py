@@ -8,6 +8,7 @@ stored weights, so no ImageNet file is needed to load one.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,24 @@ def save_checkpoint(model: KDModel, path: Path, recipe: Recipe, extra: dict[str,
     return Path(path)
 
 
+def load_torch_file(path: Path, kind: str) -> Any:
+    """``torch.load`` of ``path`` with ``weights_only=True`` on the CPU; ``kind`` names the file in messages.
+
+    Raises:
+        ModelError: missing file, or not a torch file (the loader's first line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{kind} {path} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ModelError(f"{kind} {path} cannot be read: not a torch file, or it holds objects other than "
+                         "tensors and plain containers (loaded with weights_only=True)") from None
+    except Exception as e:
+        raise ModelError(f"{kind} {path} cannot be read: {str(e).splitlines()[0]}") from None
+
+
 def read_payload(path: Path, fmt: str, version: int, kind: str = "checkpoint") -> dict[str, Any]:
     """Load a qtool payload safely (``weights_only=True``) and check its ``format`` and ``version``.
 
@@ -56,12 +75,7 @@ def read_payload(path: Path, fmt: str, version: int, kind: str = "checkpoint") -
         ModelError: missing file, not a torch file, another format, or another version.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"{kind} {path} not found")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ModelError(f"{kind} {path} cannot be read: {str(e).splitlines()[0]}") from None
+    payload = load_torch_file(path, kind)
     if not isinstance(payload, dict) or payload.get("format") != fmt:
         raise ModelError(f"{path} is not a qtool {kind}")
     if payload.get("version") != version:

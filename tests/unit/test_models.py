@@ -66,6 +66,19 @@ def test_missing_weights_file_is_named(tmp_path):
         build_backbone("resnet18", [1, 2], str(path))
 
 
+def test_weights_file_that_is_not_a_torch_file_is_one_line(tmp_path):
+    text = tmp_path / "r18.pth"
+    text.write_text("not weights")
+    with pytest.raises(ModelError, match=r"^backbone 'resnet18' weights file .*r18\.pth cannot be read: not a torch "
+                                         r"file, or it holds objects other than tensors") as e:
+        build_backbone("resnet18", [1, 2], str(text))
+    assert "\n" not in str(e.value)
+    pickled = tmp_path / "obj.pth"  # a pickled arbitrary object is refused too (weights_only=True)
+    torch.save({"conv1.weight": Path("/etc/passwd")}, pickled)
+    with pytest.raises(ModelError, match="cannot be read: not a torch file, or it holds objects"):
+        build_backbone("resnet18", [1, 2], str(pickled))
+
+
 def _resnet18_keys() -> list[str]:
     import timm
 
