@@ -89,12 +89,20 @@ def run_cell(model: Path, recipe: Recipe, overrides: list[str], work: Path) -> d
 
 def spearman(rows: list[dict], proxy_key: str, real_key: str) -> float | None:
     """Rank correlation between the proxy and the real test metric across cells (None if undefined)."""
-    from scipy.stats import spearmanr
+    from qtool.proxy import rank_correlation
 
     pairs = [(r["proxy"][proxy_key], r[real_key]) for r in rows if r.get(real_key) is not None]
-    if len(pairs) < 3 or len({p for p, _ in pairs}) < 2 or len({q for _, q in pairs}) < 2:
-        return None
-    return round(float(spearmanr(*zip(*pairs, strict=True)).statistic), 4)
+    rho = rank_correlation(*map(list, zip(*pairs, strict=True))) if pairs else None  # constant inputs: None
+    return None if rho is None else round(rho, 4)
+
+
+def cell_overrides(calib: str, source: str, bits: int, args: argparse.Namespace, *extra: str) -> list[str]:
+    """Recipe overrides of one cell: calibrator, source, width, ``extra``, the command line's, the search budget."""
+    out = [f"ptq.calib={calib}", f"ptq.calib_data.source={source}", f"ptq.activation_bits={bits}",
+           f"ptq.weight_bits={bits}", *extra, *args.overrides]
+    if calib == "map-aware":
+        out.append(f"ptq.calib_options.time_budget_s={args.map_aware_budget}")
+    return out
 
 
 def bench_setup(name: str, model: Path, recipe: Recipe, args: argparse.Namespace) -> dict:
@@ -114,22 +122,15 @@ def bench_setup(name: str, model: Path, recipe: Recipe, args: argparse.Namespace
         for calib in args.calibrators:
             for source in args.sources:
                 key = f"{calib}-{source}-{bits}bit"
-                overrides = [f"ptq.calib={calib}", f"ptq.calib_data.source={source}",
-                             f"ptq.activation_bits={bits}", f"ptq.weight_bits={bits}", *args.overrides]
-                if calib == "map-aware":
-                    overrides.append(f"ptq.calib_options.time_budget_s={args.map_aware_budget}")
                 row = {"calibrator": calib, "source": source, "bits": bits,
-                       **run_cell(model, recipe, overrides, work / key)}
+                       **run_cell(model, recipe, cell_overrides(calib, source, bits, args), work / key)}
                 cells.append(row)
                 print(name, key, {k: row[k] for k in (*KEYS, "calib_seconds")}, flush=True)
         if args.mixed_precision is not None and bits < 8:  # the fewest float layers that keep the proxy in budget
             calib, source = args.mp_calibration.split("/")
             key = f"{calib}-{source}-{bits}bit-mp{args.mixed_precision:g}"
-            overrides = [f"ptq.calib={calib}", f"ptq.calib_data.source={source}", f"ptq.activation_bits={bits}",
-                         f"ptq.weight_bits={bits}", f"ptq.mixed_precision={args.mixed_precision}",
-                         f"ptq.search.time_budget_s={args.mp_scan_budget}", *args.overrides]
-            if calib == "map-aware":
-                overrides.append(f"ptq.calib_options.time_budget_s={args.map_aware_budget}")
+            overrides = cell_overrides(calib, source, bits, args, f"ptq.mixed_precision={args.mixed_precision}",
+                                       f"ptq.search.time_budget_s={args.mp_scan_budget}")
             row = {"calibrator": calib, "source": source, "bits": bits,
                    **run_cell(model, recipe, overrides, work / key)}
             mixed.append(row)

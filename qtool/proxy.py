@@ -34,6 +34,16 @@ def separation(maps: np.ndarray, scores: np.ndarray, masks: np.ndarray, labels: 
     return {"image_auroc": image_auroc(labels, scores), "pixel_auroc": pixel_auroc(masks, maps)}
 
 
+def rank_correlation(xs: list[float], ys: list[float]) -> float | None:
+    """Spearman correlation of paired values (proxy vs test AUROC across cells); None under 3 pairs or if undefined."""
+    from scipy.stats import spearmanr
+
+    if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:  # constant input: no correlation defined
+        return None
+    rho = float(spearmanr(xs, ys).statistic)
+    return rho if math.isfinite(rho) else None
+
+
 def separation_drop(reference: dict[str, float], quantized: dict[str, float]) -> float:
     """The proxy's loss: the larger of the image and pixel AUROC drops from ``reference`` to ``quantized``."""
     return max(reference[k] - quantized[k] for k in SEPARATION_KEYS)

@@ -53,7 +53,7 @@ def short_labels(axes: list[dict[str, str | None]]) -> list[str]:
 
 def proxy_correlation(cells: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Spearman correlation of proxy and test AUROC (image, pixel) over ok cells with a proxy; None under 3 cells."""
-    from scipy.stats import spearmanr
+    from qtool.proxy import rank_correlation
 
     rows = [c for c in cells if c["status"] == "ok" and c.get("proxy")]
     if len(rows) < 3:
@@ -62,8 +62,7 @@ def proxy_correlation(cells: list[dict[str, Any]]) -> dict[str, Any] | None:
     for key in ("image_auroc", "pixel_auroc"):
         pairs = [(c["proxy"]["quantized"].get(key), c["metrics"].get(key)) for c in rows]
         pairs = [p for p in pairs if None not in p]
-        rho = spearmanr(*zip(*pairs)).statistic if len(pairs) >= 3 else None
-        out[key] = float(rho) if rho is not None and math.isfinite(rho) else None
+        out[key] = rank_correlation(*map(list, zip(*pairs, strict=True))) if pairs else None
     return out
 
 

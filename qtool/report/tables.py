@@ -103,7 +103,7 @@ def models_table(report: dict[str, Any]) -> Table:
 
 
 def proxy_table(report: dict[str, Any]) -> Table | None:
-    """Per quantized cell with a search stage: the proxy vs the test metric, and the layers mixed precision kept float."""
+    """Per quantized cell with a search stage: proxy vs test metric, and the layers mixed precision kept float."""
     rows = []
     for c in report["cells"]:
         p, fb, m = c.get("proxy"), c.get("fallback"), c.get("metrics")
