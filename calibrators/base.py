@@ -87,6 +87,8 @@ class Calibrator(abc.ABC):
     #: True for a calibrator that searches by running candidate quantized graphs: the driver then
     #: also streams the search images through ``observe`` and calls :meth:`refine` after ``compute``.
     needs_graph: ClassVar[bool] = False
+    #: What the last :meth:`refine` did, for the run report (``search`` in ``report.json``); None if nothing.
+    search_summary: dict[str, Any] | None = None
 
     def __init__(self, *, symmetric: bool = False, num_bits: int = 8, **options: Any) -> None:
         name = type(self).__name__

@@ -1,8 +1,9 @@
 """Map-aware calibrator: per tensor, the histogram candidate range that best preserves the anomaly map.
 
 Candidates come from the standard rules over one shared histogram (min/max, KL, MSE, percentiles);
-``refine`` picks among them greedily in graph order by running the quantized graph on normal
-calibration images and synthetic anomalies, judged by :class:`qtool.proxy.MapDistortion`.
+``refine`` scores each whole rule, then improves the best one tensor by tensor (coordinate descent),
+by running the quantized graph on normal calibration images and synthetic anomalies, judged by
+:class:`qtool.proxy.MapDistortion`.
 """
 
 from __future__ import annotations
@@ -31,13 +32,20 @@ class MapAwareCalibrator(Calibrator):
 
     ``compute`` returns the ``initial`` rule's ranges (TensorRT-style entropy by default) and keeps
     every rule's candidate per tensor (rules whose bounds agree within half a quantization step are one
-    candidate). ``refine`` then walks the tensors in graph order; for each it
-    builds the QDQ graph that quantizes the nodes touching the tensors decided so far plus this one
-    (earlier choices kept, later tensors still float where no decided tensor needs them), runs it on
-    the search set and keeps the candidate of lowest map distortion (fp32 map error over the upper
-    tail and the synthetic defect regions, plus flipped normal/anomaly score pairs). Ties keep the
-    earlier candidate, ``initial`` first, so the search is deterministic. When ``time_budget_s`` runs
-    out, the current tensor keeps its best candidate so far and the rest keep ``initial``.
+    candidate). ``refine`` searches on the fully quantized graph, judged by map distortion (fp32 map
+    error over the upper tail and the synthetic defect regions, plus flipped normal/anomaly score
+    pairs) on the search set, in two stages:
+
+    1. rules: every tensor at one rule's range, for each rule (``initial`` first); the rule of lowest
+       distortion is the base;
+    2. tensors: coordinate descent from the base, one tensor at a time (those whose candidates differ
+       by the most quantization steps first, then graph order): each other candidate is tried with
+       every other tensor at its current range, and kept only if it lowers the distortion.
+
+    So the result never distorts more than the best whole rule on the search set. Ties keep the
+    earlier choice (``initial`` first), so the search is deterministic. When ``time_budget_s`` runs
+    out, the remaining tensors keep the base rule's range (``initial``'s if no rule was scored).
+    After ``refine``, :attr:`search_summary` holds the rule losses, the base and the counts.
 
     Options: ``num_bins`` (2048), ``percentiles`` ([99.9, 99.99, 99.999]), ``initial`` ("entropy";
     or "minmax", "mse", "percentile-P"), ``time_budget_s`` (300), ``tail_quantile`` (0.99: fp32 map
@@ -110,7 +118,7 @@ class MapAwareCalibrator(Calibrator):
                 else:
                     same[0].append(label)
             self.candidates[name] = cands
-            out[name] = self._with_meta(name, 0, [], "not searched")
+            out[name] = self._with_meta(name, 0, {}, "not searched")
         return out
 
     def _same(self, a: TensorRange, b: TensorRange) -> bool:
@@ -118,44 +126,85 @@ class MapAwareCalibrator(Calibrator):
         half_step = 0.5 * (max(a.hi, b.hi) - min(a.lo, b.lo)) / ((1 << self.num_bits) - 1)
         return abs(a.lo - b.lo) <= half_step and abs(a.hi - b.hi) <= half_step
 
-    def _with_meta(self, name: str, chosen: int, losses: list[dict[str, float]], status: str) -> TensorRange:
+    def _with_meta(self, name: str, chosen: int, losses: dict[int, dict[str, float]], status: str,
+                   base: str | None = None) -> TensorRange:
         cands = self.candidates[name]
-        listed = [{"rules": labels, "lo": r.lo, "hi": r.hi, **(losses[i] if i < len(losses) else {})}
-                  for i, (labels, r) in enumerate(cands)]
-        meta = {"chosen": cands[chosen][0], "initial": self.options["initial"], "search": status, "candidates": listed}
+        listed = [{"rules": labels, "lo": r.lo, "hi": r.hi, **losses.get(i, {})} for i, (labels, r) in enumerate(cands)]
+        meta = {"chosen": cands[chosen][0], "initial": self.options["initial"], "base": base or self.options["initial"],
+                "search": status, "candidates": listed}
         return TensorRange(cands[chosen][1].lo, cands[chosen][1].hi, meta)
 
+    def _index_of(self, name: str, rule: str) -> int:
+        """Which candidate of ``name`` holds ``rule``'s range."""
+        return next(i for i, (labels, _) in enumerate(self.candidates[name]) if rule in labels)
+
+    def _spread(self, name: str) -> float:
+        """How many quantization steps the candidates of ``name`` span (bounds' spread over the widest step)."""
+        cands = [r for _, r in self.candidates[name]]
+        lo, hi = min(r.lo for r in cands), max(r.hi for r in cands)
+        step = (hi - lo) / ((1 << self.num_bits) - 1) or 1.0
+        return (max(r.hi for r in cands) - min(r.hi for r in cands) + max(r.lo for r in cands)
+                - min(r.lo for r in cands)) / step
+
     def refine(self, ranges: dict[str, TensorRange], context: SearchContext) -> dict[str, TensorRange]:
-        """Greedy search in graph order for the candidate range that best preserves the map (see the class)."""
+        """Whole rules, then coordinate descent per tensor, on the quantized graph (see the class)."""
         loss = MapDistortion(*context.reference, context.masks, context.labels,
                              self.options["tail_quantile"], self.options["rank_weight"])
         t0 = time.monotonic()
-        deadline = t0 + self.options["time_budget_s"]
-        current = dict(ranges)
-        out = dict(ranges)
-        decided: list[str] = []
-        evaluations = changed = 0
-        for name in [t for t in context.tensors if t in self.candidates]:
-            decided.append(name)
+        budget = self.options["time_budget_s"]
+
+        def spent() -> bool:
+            return budget <= 0 or time.monotonic() - t0 > budget
+
+        def distortion(assignment: dict[str, TensorRange]) -> dict[str, float]:
+            return loss(*context.run(context.build(assignment, None)))
+
+        names = [t for t in context.tensors if t in self.candidates]
+        rule_losses: dict[str, dict[str, float]] = {}
+        for rule in self._rule_order() if names else []:
+            if spent():
+                break
+            rule_losses[rule] = distortion({**ranges, **{n: self.candidates[n][self._index_of(n, rule)][1]
+                                                          for n in names}})
+        base = min(rule_losses, key=lambda k: rule_losses[k]["loss"]) if rule_losses else self.options["initial"]
+        index = {n: self._index_of(n, base) for n in names}
+        current = {**ranges, **{n: self.candidates[n][index[n]][1] for n in names}}
+        best = rule_losses.get(base)
+        out: dict[str, TensorRange] = {}
+        evaluations, changed = len(rule_losses), 0
+        for name in sorted(names, key=lambda n: -self._spread(n)):  # stable: graph order among equals
             cands = self.candidates[name]
-            if len(cands) < 2 or time.monotonic() > deadline:
-                status = "single candidate" if len(cands) < 2 else "time budget spent: initial kept"
-                out[name] = self._with_meta(name, 0, [], status)
-                current[name] = out[name]
+            losses: dict[int, dict[str, float]] = {}
+            if len(cands) < 2:
+                status = "single candidate"
+            elif best is None or spent():
+                status = "time budget spent: base kept"
             else:
-                losses: list[dict[str, float]] = []
-                for _, r in cands:
-                    if losses and time.monotonic() > deadline:
+                losses[index[name]] = best
+                for i in (i for i in range(len(cands)) if i != index[name]):
+                    if spent():
                         break
-                    maps, scores = context.run(context.build({**current, name: r}, decided))
-                    losses.append(loss(maps, scores))
-                evaluations += len(losses)
-                best = min(range(len(losses)), key=lambda i: losses[i]["loss"])
+                    losses[i] = distortion({**current, name: cands[i][1]})
+                evaluations += len(losses) - 1
                 status = "searched" if len(losses) == len(cands) else "time budget spent: best so far"
-                out[name] = current[name] = self._with_meta(name, best, losses, status)
-                changed += best != 0
+                pick = min(losses, key=lambda i: (losses[i]["loss"], i != index[name]))  # ties keep the current
+                if pick != index[name]:
+                    index[name], best, changed = pick, losses[pick], changed + 1
+                    current[name] = cands[pick][1]
+            out[name] = self._with_meta(name, index[name], losses, status, base)
             if context.progress:
                 context.progress(1)
-        log.info("map-aware search: %d tensors, %d candidate graphs run, %d ranges changed from %s, %.1f s",
-                 len(decided), evaluations, changed, self.options["initial"], time.monotonic() - t0)
-        return out
+        seconds = time.monotonic() - t0
+        self.search_summary = {
+            "rule_losses": rule_losses, "base": base, "final": best, "graphs_run": evaluations,
+            "tensors": len(names), "tensors_changed_from_base": changed, "seconds": round(seconds, 3),
+            "budget_s": budget, "budget_spent": spent(),
+        }
+        log.info("map-aware search: base rule %s (of %d scored), %d tensors, %d graphs run, %d ranges changed, %.1f s",
+                 base, len(rule_losses), len(names), evaluations, changed, seconds)
+        return {**ranges, **{n: out[n] for n in names}}
+
+    def _rule_order(self) -> list[str]:
+        """The rules in scoring order: ``initial`` first, then min/max and the histogram rules."""
+        initial = self.options["initial"]
+        return [initial, *(k for k in ["minmax", *self.rules] if k != initial)]

@@ -53,7 +53,8 @@ def run_search_stages(calibrator: Calibrator, ranges: dict[str, TensorRange], pr
         progress: called with 1 per search step (tensor searched, layer scanned).
 
     Returns:
-        (ranges, spec, report entries: ``search_set``, ``proxy``, ``layers``, and ``mixed_precision``).
+        (ranges, spec, report entries: ``search_set``, ``proxy``, ``layers``, and ``search`` (the
+        calibrator's summary) and ``mixed_precision`` when present).
     """
     with stage("search_set"):
         harness = Harness(prepared, spec, search, threads)
@@ -63,6 +64,8 @@ def run_search_stages(calibrator: Calibrator, ranges: dict[str, TensorRange], pr
             ranges = calibrator.refine(ranges, harness.context(progress))
     # a searching calibrator's histograms include the search images, so its candidates cover the anomalies
     extra: dict[str, Any] = {"search_set": {**search.description, "streamed_to_calibrator": calibrator.needs_graph}}
+    if calibrator.search_summary is not None:
+        extra["search"] = calibrator.search_summary
     sensitivity: dict[str, dict[str, float]] = {}
     fallback: list[str] = []
     if cfg.mixed_precision is not None:

@@ -61,6 +61,10 @@ def test_report_shows_per_layer_ranges_candidates_sensitivity_and_precision(sear
     assert all(row["sensitivity"] is not None for row in layers[: mp["layers_scanned"]])
     searched_tensors = [r for row in layers for r in row["tensors"].values() if r["search"] == "searched"]
     assert searched_tensors and all("loss" in c for r in searched_tensors for c in r["candidates"])
+    search = report["search"]  # the calibrator's summary: every rule scored, the best one is the base
+    assert search["base"] == min(search["rule_losses"], key=lambda k: search["rule_losses"][k]["loss"])
+    assert search["final"]["loss"] <= search["rule_losses"][search["base"]]["loss"]
+    assert all(r["base"] == search["base"] for row in layers for r in row["tensors"].values())
     assert report["proxy"]["drop"] == pytest.approx(mp["final"]["drop"], abs=1e-9)
     assert report["proxy"]["drop"] <= 0.01 or len(fallback) == mp["layers"]
     assert report["plan"]["quantized_nodes"] and "mixed precision" in stdout

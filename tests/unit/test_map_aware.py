@@ -47,7 +47,9 @@ def map_aware(model, spec, normals, search, **options):
     tensors = spec.tensors_to_calibrate()
     initial = calibrate(model, tensors, [normals, search.images], cal, threads=1)
     harness = Harness(model, spec, search, threads=1)
-    return initial, cal.refine(initial, harness.context()), harness
+    chosen = cal.refine(initial, harness.context())
+    assert cal.search_summary["tensors"] == len([t for t in tensors if t in initial])
+    return initial, chosen, harness
 
 
 def test_map_aware_keeps_the_outlier_range_that_clipping_calibrators_lose(setup):
@@ -91,10 +93,47 @@ def test_spent_time_budget_keeps_the_initial_ranges_without_running_graphs(setup
     normals, model, search = setup
     spec = spec_at(model, 4)
     initial, chosen, harness = map_aware(model, spec, normals, search, time_budget_s=0.0)
-    assert harness.runs == 1  # the fp32 reference only
+    assert harness.runs == 1  # the fp32 reference only: no rule scored, no candidate tried
     for name, r in chosen.items():
         assert (r.lo, r.hi) == (initial[name].lo, initial[name].hi)
-        assert r.meta["search"] in ("time budget spent: initial kept", "single candidate"), r.meta
+        assert r.meta["search"] in ("time budget spent: base kept", "single candidate"), r.meta
+        assert r.meta["base"] == "entropy", r.meta
+
+
+def outputs(model, search):
+    """Independent of the harness: maps (N, S, S) and scores (N,) from one plain ORT session, image by image."""
+    sess = session(model, "ORT_ENABLE_BASIC")
+    runs = [sess.run(["anomaly_map", "score"], {"image": x[None]}) for x in search.images]
+    return np.concatenate([m[:, 0] for m, _ in runs]), np.concatenate([s for _, s in runs])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_search_never_distorts_more_than_the_best_whole_rule(setup, bits):
+    """Stage 1 scores each rule on the full graph; coordinate descent only accepts improvements.
+
+    Oracle: MapDistortion of the search's final ranges and of each standard calibrator's own ranges
+    (run separately), each on a model built with insert_qdq and run in a plain ORT session.
+    """
+    from qtool.proxy import MapDistortion
+
+    normals, model, search = setup
+    spec = spec_at(model, bits)
+    cal = get_calibrator("map-aware", num_bits=bits)
+    tensors = spec.tensors_to_calibrate()
+    initial = calibrate(model, tensors, [normals, search.images], cal, threads=1)
+    chosen = cal.refine(initial, Harness(model, spec, search, threads=1).context())
+    summary = cal.search_summary
+    assert set(summary["rule_losses"]) == {"entropy", "minmax", "mse", "percentile-99.9", "percentile-99.99",
+                                           "percentile-99.999"}
+    assert summary["base"] == min(summary["rule_losses"], key=lambda k: summary["rule_losses"][k]["loss"])
+    assert all(r.meta["base"] == summary["base"] for r in chosen.values())
+
+    distortion = MapDistortion(*outputs(model, search), search.masks, search.labels)
+    final = distortion(*outputs(insert_qdq(model, spec, chosen), search))["loss"]
+    assert final == pytest.approx(summary["final"]["loss"], rel=1e-6, abs=1e-9)
+    for rule in ("minmax", "entropy", "mse"):
+        own = calibrate(model, tensors, [normals, search.images], get_calibrator(rule, num_bits=bits), threads=1)
+        assert final <= distortion(*outputs(insert_qdq(model, spec, own), search))["loss"] + 1e-6, rule
 
 
 def test_map_aware_is_registered_and_declares_it_needs_the_graph():
