@@ -15,8 +15,8 @@ WideResNet-50-2 [256,512,1024]); the levels must double in stride (4, 8, 16 for 
   and batch, summed over levels. (The original takes one cosine of the flattened per-sample vectors;
   the per-position form is the one the anomaly map uses, so training and scoring agree.)
 - Map: per level 1 - cosine over channels, bilinearly upsampled to the input size, summed over
-  levels (the original); score = map maximum. The original's evaluation-time Gaussian blur
-  (sigma 4) is not applied.
+  levels (the original), smoothed with the original's evaluation-time Gaussian blur (option
+  ``map_sigma``, default 4; 0 turns it off); score = maximum of the smoothed map.
 The trainable OCBE and decoder both live in ``student`` so "student" is every trainable inference part.
 """
 
@@ -28,7 +28,7 @@ from torch import nn
 from qtool.errors import ModelError
 from qtool.models.backbones import build_backbone
 from qtool.models.base import MODELS, KDModel, freeze
-from qtool.models.head import AnomalyMapHead, cosine_distance
+from qtool.models.head import AnomalyMapHead, cosine_distance, map_sigma
 from qtool.recipe import ModelConfig
 
 
@@ -135,9 +135,10 @@ def _check_geometry(reductions: list[int], image_size: int, backbone: str) -> No
 
 
 class ReverseDistillation(KDModel):
-    """Reverse Distillation; options: ``embed_channels`` (default 2*c_last), ``ocbe_blocks`` (default 1)."""
+    """Reverse Distillation; options: ``embed_channels`` (default 2*c_last), ``ocbe_blocks`` (default 1),
+    ``map_sigma`` (default 4.0, the map blur)."""
 
-    OPTIONS = ("embed_channels", "ocbe_blocks")
+    OPTIONS = ("embed_channels", "ocbe_blocks", "map_sigma")
 
     def __init__(self, cfg: ModelConfig, image_size: int) -> None:
         super().__init__()
@@ -152,7 +153,8 @@ class ReverseDistillation(KDModel):
         if embed < 1 or blocks < 1:
             raise ModelError(f"rd options embed_channels={embed} and ocbe_blocks={blocks} must be >= 1")
         self.student = RdStudent(channels, embed, blocks)
-        self.head = AnomalyMapHead("cosine", "sum", map_size=image_size, out_size=image_size)
+        sigma = map_sigma(cfg.options.get("map_sigma", 4.0), "rd")
+        self.head = AnomalyMapHead("cosine", "sum", map_size=image_size, out_size=image_size, sigma=sigma)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference graph: encoder, OCBE + decoder, cosine-distance head."""

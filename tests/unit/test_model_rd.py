@@ -101,3 +101,44 @@ def test_decoder_upsampling_policy_per_target(tmp_path: Path, target: str) -> No
     student_convs = [n for n in graph.graph.node if n.op_type == "Conv" and n.name.startswith("/student/")]
     assert sum(op == "QLinearConv" and name.startswith("/student/") for op, name in ops) == len(student_convs)
     assert not [name for op, name in ops if op in ("Conv", "FusedConv") and name.startswith("/student/")]
+
+
+def test_map_blur_matches_scipy_gaussian_and_smooths_the_score() -> None:
+    """Oracle: scipy.ndimage.gaussian_filter (mirror edges = torch reflect, truncate 4) of the unblurred map."""
+    import numpy as np
+    from scipy.ndimage import gaussian_filter
+
+    torch.manual_seed(0)
+    blurred, plain = _rd("resnet18"), _rd("resnet18", map_sigma=0)
+    plain.load_state_dict(blurred.state_dict())  # no weights of its own: the same state dict fits both
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        m_plain, _ = plain(x)
+        m_blur, s_blur = blurred(x)
+    want = np.stack([gaussian_filter(m.numpy()[0].astype(np.float64), 4.0, mode="mirror", truncate=4.0)
+                     for m in m_plain])
+    assert np.allclose(m_blur[:, 0].numpy(), want, atol=1e-5)
+    assert torch.allclose(s_blur, m_blur.flatten(1).amax(1))
+    assert blurred.head.blur.sigma == 4.0 and plain.head.blur is None
+
+
+def test_map_blur_exports_as_float_head_convs(tmp_path: Path) -> None:
+    import numpy as np
+    import onnxruntime as ort
+
+    model = _rd("resnet18", embed_channels=32)
+    path = export_onnx(model, tmp_path / "rd.onnx", 64)
+    graph = onnx.load(str(path)).graph
+    assert [n.name for n in graph.node if n.op_type == "Conv" and n.name.startswith("/head/")] == [
+        "/head/blur/Conv", "/head/blur/Conv_1"]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x)[0].numpy()
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})[0]
+    assert np.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [-1.0, "4", float("nan"), True])
+def test_bad_map_sigma_is_a_model_error(bad) -> None:
+    with pytest.raises(ModelError, match="rd option map_sigma="):
+        _rd("resnet18", map_sigma=bad)
