@@ -84,6 +84,8 @@ def bench_model(name: str, ckpt: Path, args: argparse.Namespace, overrides: list
         "onnx_mb": round(onnx_path.stat().st_size / 2**20, 2),
         "params": params, "parity": exported["parity"],
         "epochs": extra.get("epoch"), "train_seconds": extra.get("train_seconds"),
+        "map_sigma": blur.sigma if (blur := getattr(model.head, "blur", None)) is not None else 0.0,
+        "holdout_curve": [round(h["holdout_loss"], 4) for h in extra.get("history", []) if "holdout_loss" in h],
     }
 
 
@@ -100,12 +102,12 @@ def write_markdown(path: Path, meta: dict, rows: list[dict]) -> None:
              f"machine: {meta['machine']}; threads {meta['threads']}; batch 1; warmup {meta['warmup']}, "
              f"median of {meta['iters']}", "",
              "| model | backbone | image AUROC | pixel AUROC | AUPRO | F1-max | ms (median) | ONNX MB | "
-             "student params | epochs | train s |", "|---" * 11 + "|"]
+             "student params | epochs | train s | map blur sigma |", "|---" * 12 + "|"]
     for r in rows:
         cells = [f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in KEYS]
         lines.append(f"| {r['model']} | {r['backbone']} | " + " | ".join(cells) +
                      f" | {r['latency']['median_ms']} | {r['onnx_mb']} | {r['params']['student']:,} | "
-                     f"{r['epochs']} | {r['train_seconds'] and round(r['train_seconds'])} |")
+                     f"{r['epochs']} | {r['train_seconds'] and round(r['train_seconds'])} | {r['map_sigma']:g} |")
     lines += ["", "versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v)]
     path.write_text("\n".join(lines) + "\n")
 

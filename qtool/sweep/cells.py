@@ -177,6 +177,12 @@ def _compare(job: CellJob, res: dict[str, Any], maps: np.ndarray, out: Path, ove
     return {"fidelity": fidelity, "fp32_threshold": ref["threshold"], "overlay": overlay}
 
 
+#: Timing note of cells whose activations are narrower than 8 bits (verified on ORT CPU: no QLinearConv is fused).
+EMULATED_ACTIVATIONS_NOTE = (
+    "activations below 8 bits are emulated with a float Clip before each QuantizeLinear, which keeps ONNX Runtime "
+    "from fusing integer kernels (the QDQ graph runs in float): not a deployment speed of the width")
+
+
 def _bench(job: CellJob, recipe: Recipe, model: Path, out: Path) -> dict[str, Any]:
     from qtool.backends import BenchOptions
     from qtool.backends.runner import run_bench
@@ -187,12 +193,14 @@ def _bench(job: CellJob, recipe: Recipe, model: Path, out: Path) -> dict[str, An
                         ssh_options=list(b.ssh_options))
     r = run_bench(b.device, model, [b.batch], opts, out / "bench.json")[0]
     lat = r.latency_ms
+    bits = PRECISIONS.get(job.cell.precision).activation_bits
     return {"device": r.device, "device_name": r.device_name, "batch": r.batch, "threads": r.threads,
             "iterations": r.iterations, "p50_ms": lat.p50, "p90_ms": lat.p90, "p99_ms": lat.p99, "mean_ms": lat.mean,
             "throughput_ips": r.throughput_ips, "peak_rss_mb": r.peak_rss_mb,
             "model_rss_mb": r.extra.get("model_rss_mb"), "simulated": r.simulated,
             "notes": [*r.notes, *([f"timed while up to {job.parallel} sweep cells ran in parallel (--jobs)"]
-                                  if job.parallel > 1 else [])],
+                                  if job.parallel > 1 else []),
+                      *([EMULATED_ACTIVATIONS_NOTE] if bits is not None and bits < 8 else [])],
             "model_size_bytes": r.model_size_bytes}
 
 

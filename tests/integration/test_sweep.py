@@ -98,7 +98,19 @@ def test_metrics_thresholds_and_fidelity_independently(sweep):
         "train:int8-ptq-minmax-train-both-cpu"]["fidelity"]["pixel_pearson"]
 
 
-def test_latency_memory_size_and_stage_times(sweep):
+def fused_integer_convs(model: Path, tmp: Path) -> int:
+    """QLinearConv nodes in the graph ONNX Runtime CPU actually runs (its saved optimised model)."""
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp / f"{model.parent.name}-optimised.onnx")
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    return sum(n.op_type == "QLinearConv" for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+
+def test_latency_memory_size_and_stage_times(sweep, tmp_path):
     by_id = cells(sweep.report)
     for c in sweep.report["cells"]:
         lat = c["latency"]
@@ -110,6 +122,14 @@ def test_latency_memory_size_and_stage_times(sweep):
         build = Path(c["entry"]).parents[1] / "builds" / c["build_key"] / "model.onnx"
         assert c["model_size_bytes"] == build.stat().st_size
         assert {"build", "eval", "fidelity", "bench"} <= set(c["stage_seconds"])
+    # the int4 cell's timing says its QDQ runs in float; checked against ORT's own optimised graph
+    from qtool.sweep.cells import EMULATED_ACTIVATIONS_NOTE
+
+    for cid, emulated in [("train:int4-ptq-minmax-train-both-cpu", True), ("train:int8-ptq-minmax-train-both-cpu", False)]:
+        c = by_id[cid]
+        assert (EMULATED_ACTIVATIONS_NOTE in c["latency"]["notes"]) is emulated, cid
+        fused = fused_integer_convs(Path(c["entry"]).parents[1] / "builds" / c["build_key"] / "model.onnx", tmp_path)
+        assert (fused == 0) is emulated, (cid, fused)
     size = {k: c["model_size_bytes"] for k, c in by_id.items()}
     # a tiny model: QDQ scales and zero points weigh as much as the int8 savings over fp16
     assert size["train:int8-ptq-minmax-train-both-cpu"] < 0.6 * size["train:fp32"]
