@@ -92,7 +92,7 @@ def spearman(rows: list[dict], proxy_key: str, real_key: str) -> float | None:
     from qtool.proxy import rank_correlation
 
     pairs = [(r["proxy"][proxy_key], r[real_key]) for r in rows if r.get(real_key) is not None]
-    rho = rank_correlation(*map(list, zip(*pairs, strict=True))) if pairs else None  # constant inputs: None
+    rho = rank_correlation(pairs)  # None under 3 pairs or for constant inputs
     return None if rho is None else round(rho, 4)
 
 

@@ -105,8 +105,7 @@ class MapAwareCalibrator(Calibrator):
         if not names:
             raise CalibrationError("no calibration data observed")
         by_rule = {"minmax": {n: self._minmax(n) for n in names}, **{k: r.compute() for k, r in self.rules.items()}}
-        initial = self.options["initial"]
-        order = [initial, *(k for k in by_rule if k != initial)]
+        order = self._rule_order()
         out: dict[str, TensorRange] = {}
         for name in names:
             cands: list[tuple[list[str], TensorRange]] = []
@@ -140,11 +139,10 @@ class MapAwareCalibrator(Calibrator):
 
     def _spread(self, name: str) -> float:
         """How many quantization steps the candidates of ``name`` span (bounds' spread over the widest step)."""
-        cands = [r for _, r in self.candidates[name]]
-        lo, hi = min(r.lo for r in cands), max(r.hi for r in cands)
-        step = (hi - lo) / ((1 << self.num_bits) - 1) or 1.0
-        return (max(r.hi for r in cands) - min(r.hi for r in cands) + max(r.lo for r in cands)
-                - min(r.lo for r in cands)) / step
+        los = [r.lo for _, r in self.candidates[name]]
+        his = [r.hi for _, r in self.candidates[name]]
+        step = (max(his) - min(los)) / ((1 << self.num_bits) - 1) or 1.0
+        return (max(his) - min(his) + max(los) - min(los)) / step
 
     def refine(self, ranges: dict[str, TensorRange], context: SearchContext) -> dict[str, TensorRange]:
         """Whole rules, then coordinate descent per tensor, on the quantized graph (see the class)."""

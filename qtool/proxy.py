@@ -34,10 +34,11 @@ def separation(maps: np.ndarray, scores: np.ndarray, masks: np.ndarray, labels: 
     return {"image_auroc": image_auroc(labels, scores), "pixel_auroc": pixel_auroc(masks, maps)}
 
 
-def rank_correlation(xs: list[float], ys: list[float]) -> float | None:
-    """Spearman correlation of paired values (proxy vs test AUROC across cells); None under 3 pairs or if undefined."""
+def rank_correlation(pairs: list[tuple[float, float]]) -> float | None:
+    """Spearman correlation of (x, y) pairs (proxy vs test AUROC across cells); None under 3 pairs or if undefined."""
     from scipy.stats import spearmanr
 
+    xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
     if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:  # constant input: no correlation defined
         return None
     rho = float(spearmanr(xs, ys).statistic)

@@ -62,7 +62,7 @@ def proxy_correlation(cells: list[dict[str, Any]]) -> dict[str, Any] | None:
     for key in ("image_auroc", "pixel_auroc"):
         pairs = [(c["proxy"]["quantized"].get(key), c["metrics"].get(key)) for c in rows]
         pairs = [p for p in pairs if None not in p]
-        out[key] = rank_correlation(*map(list, zip(*pairs, strict=True))) if pairs else None
+        out[key] = rank_correlation(pairs)
     return out
 
 
