@@ -18,6 +18,7 @@ from qtool.data import ImageTransform, load_splits
 from qtool.evaluate import Progress, evaluate
 from qtool.export import export_onnx, parity
 from qtool.modelio import open_model, stamp_data_config
+from qtool.models import build_model
 from qtool.recipe import Recipe, dump_recipe
 from qtool.train import train
 
@@ -31,9 +32,10 @@ def run_train(recipe: Recipe, out_dir: Path, export: bool = True, progress: Prog
         Summary: checkpoints, ONNX files, epochs, seconds, final losses.
     """
     out_dir = Path(out_dir)
+    splits = load_splits(recipe.data)
+    build_model(recipe.model, recipe.data.image_size)  # bad options, geometry or weights fail here, before any file
     out_dir.mkdir(parents=True, exist_ok=True)
     dump_recipe(recipe, out_dir / "recipe.yaml")
-    splits = load_splits(recipe.data)
     write_json(out_dir / "split.json", splits.to_json())
     results = train(recipe, splits, out_dir, progress)
     summary: dict[str, Any] = {"models": []}

@@ -225,6 +225,15 @@ def test_ptq_on_a_broken_onnx(kd, broken_models, tmp_path, name):
                 broken_models / name, "not a valid ONNX model", out=out)
 
 
+@pytest.mark.parametrize(("override", "needle"), [("model.options.map_sigma=-1", "map_sigma=-1"),
+                                                   ("data.root=/nonexistent/qtool-data", "/nonexistent/qtool-data")])
+def test_train_with_a_bad_model_option_or_data_root_writes_nothing(kd, tmp_path, override, needle):
+    out = tmp_path / "train"
+    clean_error(invoke("train", "--recipe", kd.recipe_file, "--out", out, "--set", "model.name=rd",
+                       "--set", override), needle)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("name", ["truncated.onnx", "junk.pt", "missing.onnx", "model.txt"])
 def test_eval_on_a_broken_or_missing_model(kd, broken_models, tmp_path, name):
     path = broken_models / name
