@@ -22,6 +22,7 @@ import numpy as np
 
 from qtool.artifacts import bench_meta, write_results
 from qtool.modelio import open_model
+from qtool.models.checkpoint import read_checkpoint
 from qtool.recipe import load_recipe
 from qtool.runs import run_eval, run_export, run_train
 
@@ -73,7 +74,8 @@ def bench_model(name: str, ckpt: Path, args: argparse.Namespace, overrides: list
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     exported = run_export(ckpt, onnx_path, recipe)
     result = run_eval(onnx_path, recipe)
-    extra = opened_extra(ckpt)
+    payload = read_checkpoint(ckpt)
+    extra, stored = dict(payload["extra"]), payload["model"]
     params = {part: sum(p.numel() for p in getattr(model, part).parameters()) for part in ("teacher", "student")}
     return {
         "model": name, "checkpoint": str(ckpt), "backbone": recipe.model.backbone,
@@ -84,16 +86,10 @@ def bench_model(name: str, ckpt: Path, args: argparse.Namespace, overrides: list
         "onnx_mb": round(onnx_path.stat().st_size / 2**20, 2),
         "params": params, "parity": exported["parity"],
         "epochs": extra.get("epoch"), "train_seconds": extra.get("train_seconds"),
+        "map_levels": stored.get("options", {}).get("map_levels", stored.get("levels")),
         "map_sigma": blur.sigma if (blur := getattr(model.head, "blur", None)) is not None else 0.0,
         "holdout_curve": [round(h["holdout_loss"], 4) for h in extra.get("history", []) if "holdout_loss" in h],
     }
-
-
-def opened_extra(ckpt: Path) -> dict:
-    """The checkpoint's ``extra`` facts (epochs, training time)."""
-    from qtool.models.checkpoint import read_checkpoint
-
-    return dict(read_checkpoint(ckpt)["extra"])
 
 
 def write_markdown(path: Path, meta: dict, rows: list[dict]) -> None:
@@ -102,12 +98,13 @@ def write_markdown(path: Path, meta: dict, rows: list[dict]) -> None:
              f"machine: {meta['machine']}; threads {meta['threads']}; batch 1; warmup {meta['warmup']}, "
              f"median of {meta['iters']}", "",
              "| model | backbone | image AUROC | pixel AUROC | AUPRO | F1-max | ms (median) | ONNX MB | "
-             "student params | epochs | train s | map blur sigma |", "|---" * 12 + "|"]
+             "student params | epochs | train s | map levels | map blur sigma |", "|---" * 13 + "|"]
     for r in rows:
         cells = [f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in KEYS]
         lines.append(f"| {r['model']} | {r['backbone']} | " + " | ".join(cells) +
                      f" | {r['latency']['median_ms']} | {r['onnx_mb']} | {r['params']['student']:,} | "
-                     f"{r['epochs']} | {r['train_seconds'] and round(r['train_seconds'])} | {r['map_sigma']:g} |")
+                     f"{r['epochs']} | {r['train_seconds'] and round(r['train_seconds'])} | {r.get('map_levels')} | "
+                     f"{r['map_sigma']:g} |")
     lines += ["", "versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v)]
     path.write_text("\n".join(lines) + "\n")
 

@@ -20,7 +20,7 @@ import torch
 from qtool.artifacts import write_json
 from qtool.data import ImageTransform, Sample, Splits
 from qtool.errors import ModelError
-from qtool.models import build_model, save_checkpoint
+from qtool.models import MODELS, build_model, save_checkpoint
 from qtool.models.checkpoint import read_checkpoint
 from qtool.recipe import Recipe, TrainConfig
 from qtool.registry import Registry
@@ -50,9 +50,15 @@ class TrainResult:
 
 
 def recipe_fingerprint(recipe: Recipe) -> str:
-    """Hash of the sections that determine a training run (resume only continues an identical run)."""
-    keys = {"seed": recipe.seed, "data": recipe.data.model_dump(mode="json"),
-            "model": recipe.model.model_dump(mode="json"),
+    """Hash of the sections that determine a training run (resume only continues an identical run).
+
+    Left out: the epoch count (a run may be extended) and the model's map-only options (``MAP_OPTIONS``:
+    they change the anomaly map, not what is trained, so a trained run can be re-mapped by resuming it).
+    """
+    model = recipe.model.model_dump(mode="json")
+    map_only = getattr(MODELS.get(recipe.model.name), "MAP_OPTIONS", ())
+    model["options"] = {k: v for k, v in model["options"].items() if k not in map_only}
+    keys = {"seed": recipe.seed, "data": recipe.data.model_dump(mode="json"), "model": model,
             "train": recipe.train.model_dump(mode="json", exclude={"epochs", "num_workers", "threads"})}
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qtool.errors import ModelError
 from qtool.recipe import ModelConfig, TrainConfig
 from qtool.registry import Registry
 
@@ -22,6 +23,7 @@ class KDModel(nn.Module):
     teacher: nn.Module
     student: nn.Module
     head: nn.Module
+    MAP_OPTIONS: tuple[str, ...] = ()  # options that change only the map head, never training (not fingerprinted)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (anomaly map (B,1,H,W), image score (B,))."""
@@ -70,6 +72,18 @@ def build_model(cfg: ModelConfig, image_size: int) -> KDModel:
         RegistryError: unknown model name (lists the available ones). ModelError: bad options.
     """
     return MODELS.get(cfg.name)(cfg, image_size)
+
+
+def check_options(cfg: ModelConfig, allowed: Iterable[str]) -> None:
+    """Refuse a model option ``cfg.name`` does not know.
+
+    Raises:
+        ModelError: naming the first unknown option and the allowed ones.
+    """
+    allowed = tuple(allowed)
+    unknown = sorted(set(cfg.options) - set(allowed))
+    if unknown:
+        raise ModelError(f"unknown {cfg.name} option {unknown[0]!r}; allowed: {', '.join(allowed) or 'none'}")
 
 
 def freeze(module: nn.Module) -> nn.Module:

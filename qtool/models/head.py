@@ -81,6 +81,25 @@ class GaussianBlur(nn.Module):
         return F.conv2d(F.pad(amap, (0, 0, r, r), mode="reflect"), self.kernel_v)
 
 
+def map_levels(value: object, levels: list[int], model: str) -> tuple[int, ...] | None:
+    """A model's ``map_levels`` option checked: which of ``model.levels`` feed the anomaly map.
+
+    Training still matches every level; only the map (and so the score) uses the chosen ones.
+    Returns: their positions in ``levels`` (ascending), or None for all (option absent).
+    Raises:
+        ModelError: not a non-empty list of distinct entries of ``levels`` (the message names both).
+    """
+    from qtool.errors import ModelError
+
+    if value is None:
+        return None
+    ok = (isinstance(value, (list, tuple)) and len(value) > 0 and len(set(value)) == len(value)
+          and all(isinstance(v, int) and not isinstance(v, bool) and v in levels for v in value))
+    if not ok:
+        raise ModelError(f"{model} option map_levels={value!r}: expected distinct entries of model.levels {levels}")
+    return tuple(sorted(levels.index(v) for v in value))
+
+
 def map_sigma(value: object, model: str) -> float:
     """A model's ``map_sigma`` option checked: a finite number >= 0 (0: no smoothing).
 
@@ -104,9 +123,12 @@ class AnomalyMapHead(nn.Module):
         map_size: common resolution the level maps are upsampled to before combining.
         out_size: output map resolution (the input image size).
         sigma: Gaussian smoothing of the output map before the score (0: none).
+        levels: positions of the levels that feed the map (None: all); the others are ignored, so
+            the exported graph drops whatever computes only them.
     """
 
-    def __init__(self, distance: str, combine: str, map_size: int, out_size: int, sigma: float = 0.0) -> None:
+    def __init__(self, distance: str, combine: str, map_size: int, out_size: int, sigma: float = 0.0,
+                 levels: tuple[int, ...] | None = None) -> None:
         super().__init__()
         self.distance_name, self.combine_name = distance, combine
         self._distance = DISTANCES.get(distance)
@@ -114,6 +136,7 @@ class AnomalyMapHead(nn.Module):
         self.map_size = map_size
         self.out_size = out_size
         self.blur = GaussianBlur(sigma) if sigma > 0 else None
+        self.levels = levels
 
     def level_maps(self, teacher: list[torch.Tensor], student: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per-level distance maps at ``map_size``."""
@@ -125,6 +148,8 @@ class AnomalyMapHead(nn.Module):
 
     def forward(self, teacher: list[torch.Tensor], student: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the anomaly map at ``out_size`` and the per-image maximum as score."""
+        if self.levels is not None:
+            teacher, student = [teacher[i] for i in self.levels], [student[i] for i in self.levels]
         amap = self._combine(self.level_maps(teacher, student))
         if self.out_size != self.map_size:
             amap = F.interpolate(amap, size=(self.out_size, self.out_size), mode="bilinear", align_corners=False)

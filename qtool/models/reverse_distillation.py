@@ -16,7 +16,11 @@ WideResNet-50-2 [256,512,1024]); the levels must double in stride (4, 8, 16 for 
   the per-position form is the one the anomaly map uses, so training and scoring agree.)
 - Map: per level 1 - cosine over channels, bilinearly upsampled to the input size, summed over
   levels (the original), smoothed with the original's evaluation-time Gaussian blur (option
-  ``map_sigma``, default 4; 0 turns it off); score = maximum of the smoothed map.
+  ``map_sigma``, default 4; 0 turns it off); score = maximum of the smoothed map. Option
+  ``map_levels`` (entries of ``model.levels``) restricts the map to some levels; training still
+  reconstructs all of them. On MTD the unweighted sum is dominated by the shallowest level (its
+  normal-data distances are ~3x the deepest's) although it separates worst; ``recipes/mtd_rd.yaml``
+  maps the deepest level only (bench/results/mtd_map_levels.md).
 The trainable OCBE and decoder both live in ``student`` so "student" is every trainable inference part.
 """
 
@@ -27,8 +31,8 @@ from torch import nn
 
 from qtool.errors import ModelError
 from qtool.models.backbones import build_backbone
-from qtool.models.base import MODELS, KDModel, freeze
-from qtool.models.head import AnomalyMapHead, cosine_distance, map_sigma
+from qtool.models.base import MODELS, KDModel, check_options, freeze
+from qtool.models.head import AnomalyMapHead, cosine_distance, map_levels, map_sigma
 from qtool.recipe import ModelConfig
 
 
@@ -135,16 +139,18 @@ def _check_geometry(reductions: list[int], image_size: int, backbone: str) -> No
 
 
 class ReverseDistillation(KDModel):
-    """Reverse Distillation; options: ``embed_channels`` (default 2*c_last), ``ocbe_blocks`` (default 1),
-    ``map_sigma`` (default 4.0, the map blur)."""
+    """Reverse Distillation.
 
-    OPTIONS = ("embed_channels", "ocbe_blocks", "map_sigma")
+    Options: ``embed_channels`` (default 2*c_last), ``ocbe_blocks`` (default 1), ``map_sigma``
+    (default 4.0, the map blur), ``map_levels`` (default all levels).
+    """
+
+    MAP_OPTIONS = ("map_sigma", "map_levels")
+    OPTIONS = ("embed_channels", "ocbe_blocks", *MAP_OPTIONS)
 
     def __init__(self, cfg: ModelConfig, image_size: int) -> None:
         super().__init__()
-        unknown = sorted(set(cfg.options) - set(self.OPTIONS))
-        if unknown:
-            raise ModelError(f"unknown rd option {unknown[0]!r}; allowed: {', '.join(self.OPTIONS)}")
+        check_options(cfg, self.OPTIONS)
         self.teacher = freeze(build_backbone(cfg.backbone, cfg.levels, cfg.weights))
         channels, reductions = self.teacher.channels, self.teacher.reductions
         _check_geometry(reductions, image_size, cfg.backbone)
@@ -154,7 +160,8 @@ class ReverseDistillation(KDModel):
             raise ModelError(f"rd options embed_channels={embed} and ocbe_blocks={blocks} must be >= 1")
         self.student = RdStudent(channels, embed, blocks)
         sigma = map_sigma(cfg.options.get("map_sigma", 4.0), "rd")
-        self.head = AnomalyMapHead("cosine", "sum", map_size=image_size, out_size=image_size, sigma=sigma)
+        self.head = AnomalyMapHead("cosine", "sum", map_size=image_size, out_size=image_size, sigma=sigma,
+                                   levels=map_levels(cfg.options.get("map_levels"), cfg.levels, "rd"))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference graph: encoder, OCBE + decoder, cosine-distance head."""

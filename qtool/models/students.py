@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qtool.errors import ModelError
-from qtool.models.base import MODELS, KDModel, freeze
+from qtool.models.base import MODELS, KDModel, check_options, freeze
 from qtool.models.head import AnomalyMapHead, ensemble_error_variance
 from qtool.recipe import ModelConfig, TrainConfig
 from qtool.registry import Registry
@@ -126,9 +126,7 @@ class EnsembleHead(AnomalyMapHead):
 
 
 def _options(cfg: ModelConfig) -> dict[str, Any]:
-    unknown = sorted(set(cfg.options) - set(DEFAULTS))
-    if unknown:
-        raise ModelError(f"unknown us option {unknown[0]!r}; allowed: {', '.join(DEFAULTS)}")
+    check_options(cfg, DEFAULTS)
     opts = {**DEFAULTS, **cfg.options}
     sizes = opts["patch_sizes"] = [int(p) for p in (opts["patch_sizes"] or [])]
     bad = [p for p in sizes if p not in PATCH_NETS]
