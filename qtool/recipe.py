@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qtool.errors import RecipeError
 
@@ -90,6 +90,17 @@ class TrainConfig(Section):
     num_workers: int = Field(0, ge=0)
     threads: int = Field(2, ge=1)
     checkpoint_every: int = Field(1, ge=1)
+    # Label-free validation: every ``proxy_every`` epochs (and at the last), the image and pixel AUROC of
+    # synthetic anomalies made from the held-out normals (kinds and seed of ``ptq.search``); 0: off.
+    proxy_every: int = Field(0, ge=0)
+    # ``proxy``: model.pt is the epoch with the best proxy (pixel AUROC, ties by image AUROC), not the last.
+    select: Literal["last", "proxy"] = "last"
+
+    @model_validator(mode="after")
+    def _select_needs_proxy(self) -> TrainConfig:
+        if self.select == "proxy" and self.proxy_every == 0:
+            raise ValueError("train.select=proxy needs train.proxy_every >= 1")
+        return self
 
 
 class ExportConfig(Section):

@@ -41,7 +41,8 @@ def run_train(recipe: Recipe, out_dir: Path, export: bool = True, progress: Prog
     summary: dict[str, Any] = {"models": []}
     for res in results:
         entry = {"category": res.category, "checkpoint": str(res.checkpoint), "epochs": res.epochs,
-                 "train_seconds": round(res.seconds, 2), "final": res.history[-1] if res.history else None}
+                 "train_seconds": round(res.seconds, 2), "final": res.history[-1] if res.history else None,
+                 **({"selected_epoch": res.selected_epoch} if res.selected_epoch is not None else {})}
         if export:
             entry["onnx"] = str(run_export(res.checkpoint, res.checkpoint.with_suffix(".onnx"), recipe)["onnx"])
         summary["models"].append(entry)

@@ -2,6 +2,9 @@
 
 Checkpoints every ``train.checkpoint_every`` epochs to ``last.pt`` (with optimizer state and the
 learning curve) and resumes from it when the same recipe is run again into the same folder.
+With ``train.proxy_every`` the curve also records a label-free proxy (image and pixel AUROC of
+synthetic anomalies made from the held-out normals); ``train.select=proxy`` keeps the best such
+epoch (``best.pt``) as ``model.pt``.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ import torch
 from qtool.artifacts import write_json
 from qtool.data import ImageTransform, Sample, Splits
 from qtool.errors import ModelError
-from qtool.models import MODELS, build_model, save_checkpoint
+from qtool.models import MODELS, KDModel, build_model, save_checkpoint
 from qtool.models.checkpoint import read_checkpoint
+from qtool.proxy import separation
 from qtool.recipe import Recipe, TrainConfig
 from qtool.registry import Registry
+from qtool.search import SearchSet, search_set_from_arrays
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int], None] | None
@@ -47,19 +52,23 @@ class TrainResult:
     epochs: int
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+    selected_epoch: int | None = None  # the best-proxy epoch model.pt holds (train.select=proxy), else None
 
 
 def recipe_fingerprint(recipe: Recipe) -> str:
     """Hash of the sections that determine a training run (resume only continues an identical run).
 
-    Left out: the epoch count (a run may be extended) and the model's map-only options (``MAP_OPTIONS``:
-    they change the anomaly map, not what is trained, so a trained run can be re-mapped by resuming it).
+    Left out: the epoch count (a run may be extended), the validation settings (``proxy_every``,
+    ``select``: they read the model, never change its trajectory) and the model's map-only options
+    (``MAP_OPTIONS``: they change the anomaly map, not what is trained, so a trained run can be
+    re-mapped by resuming it).
     """
     model = recipe.model.model_dump(mode="json")
     map_only = getattr(MODELS.get(recipe.model.name), "MAP_OPTIONS", ())
     model["options"] = {k: v for k, v in model["options"].items() if k not in map_only}
     keys = {"seed": recipe.seed, "data": recipe.data.model_dump(mode="json"), "model": model,
-            "train": recipe.train.model_dump(mode="json", exclude={"epochs", "num_workers", "threads"})}
+            "train": recipe.train.model_dump(mode="json", exclude={"epochs", "num_workers", "threads",
+                                                                    "proxy_every", "select"})}
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -79,6 +88,41 @@ def _mean_loss(model: torch.nn.Module, images: torch.Tensor, batch_size: int) ->
     losses = [float(model.training_loss(images[i : i + batch_size])["loss"]) * len(images[i : i + batch_size])
               for i in range(0, len(images), batch_size)]
     return sum(losses) / max(1, len(images))
+
+
+@torch.no_grad()
+def proxy_metrics(model: torch.nn.Module, search: SearchSet, batch_size: int) -> dict[str, float]:
+    """``{"proxy_image_auroc", "proxy_pixel_auroc"}`` of ``model`` (eval mode) on a search set."""
+    model.eval()
+    maps, scores = [], []
+    for batch in search.batches(batch_size):
+        m, s = model(torch.from_numpy(batch))
+        maps.append(m[:, 0].numpy())
+        scores.append(s.numpy())
+    sep = separation(np.concatenate(maps), np.concatenate(scores), search.masks, search.labels)
+    return {f"proxy_{k}": v for k, v in sep.items()}
+
+
+def _proxy_key(row: dict[str, float]) -> tuple[float, float]:
+    return row["proxy_pixel_auroc"], row["proxy_image_auroc"]
+
+
+class _Best:
+    """The best-proxy epoch so far, mirrored in ``best.pt`` so a resumed run keeps it."""
+
+    def __init__(self, path: Path, fingerprint: str) -> None:
+        self.path, self.row, self.state = path, None, None
+        if path.is_file():
+            payload = read_checkpoint(path)
+            if payload["extra"].get("fingerprint") == fingerprint:
+                self.row, self.state = payload["extra"]["row"], payload["state_dict"]
+
+    def offer(self, model: KDModel, row: dict[str, float], recipe: Recipe, fingerprint: str) -> None:
+        if self.row is not None and _proxy_key(row) <= _proxy_key(self.row):
+            return
+        self.row = row
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        save_checkpoint(model, self.path, recipe, {"row": row, "fingerprint": fingerprint})
 
 
 def _resume(path: Path, fingerprint: str, model: torch.nn.Module,
@@ -125,9 +169,13 @@ def fit(recipe: Recipe, train: list[Sample], holdout: list[Sample], out_dir: Pat
     Returns:
         The final checkpoint ``out_dir/model.pt`` and the learning curve.
     Raises:
-        ModelError: a ``last.pt`` from another recipe is in the way.
+        ModelError: a ``last.pt`` from another recipe is in the way; ``train.proxy_every`` without
+            at least 2 held-out normals (checked before anything is written).
     """
     cfg: TrainConfig = recipe.train
+    if cfg.proxy_every and len(holdout) < 2:
+        raise ModelError(f"train.proxy_every needs at least 2 held-out normals, the split has {len(holdout)} "
+                         "(raise data.holdout_fraction)")
     torch.manual_seed(recipe.seed)
     np.random.seed(recipe.seed)
     torch.set_num_threads(cfg.threads)
@@ -139,6 +187,8 @@ def fit(recipe: Recipe, train: list[Sample], holdout: list[Sample], out_dir: Pat
     start, history, prepared = _resume(out_dir / "last.pt", fingerprint, model, opt)
     images = load_images(train, transform)
     val_images = load_images(holdout, transform) if holdout else None
+    search = _proxy_set(recipe, val_images)
+    best = _Best(out_dir / "best.pt", fingerprint) if cfg.select == "proxy" else None
     if start == 0:  # a model-specific stage before KD (US: distil the descriptor teacher); resumed runs have it
         prepared = model.prepare_training(images, cfg, recipe.seed)
         if prepared:
@@ -154,6 +204,10 @@ def fit(recipe: Recipe, train: list[Sample], holdout: list[Sample], out_dir: Pat
         row = {"epoch": epoch + 1, **train_epoch(model, images, order, cfg.batch_size, opt, progress)}
         if val_images is not None:
             row["holdout_loss"] = _mean_loss(model, val_images, cfg.batch_size)
+        if search is not None and ((epoch + 1) % cfg.proxy_every == 0 or epoch + 1 == cfg.epochs):
+            row.update(proxy_metrics(model, search, cfg.batch_size))
+            if best is not None:
+                best.offer(model, row, recipe, fingerprint)
         row["seconds"] = time.perf_counter() - t0
         t_total += row["seconds"]
         history.append(row)
@@ -162,14 +216,27 @@ def fit(recipe: Recipe, train: list[Sample], holdout: list[Sample], out_dir: Pat
             extra = {"epoch": epoch + 1, "history": history, "optimizer": opt.state_dict(),
                      "fingerprint": fingerprint, "category": category, "prepare": prepared}
             save_checkpoint(model, out_dir / "last.pt", recipe, extra)
+    selected = {}
+    if best is not None and best.state is not None:
+        model.load_state_dict(best.state)
+        selected = {"selected_epoch": best.row["epoch"], "selected_by": "proxy pixel AUROC, then image AUROC"}
+        log.info("selected epoch %d by the proxy %s", best.row["epoch"], _proxy_key(best.row))
     # model-specific statistics of normal data (US: map normalisation); holdout normals when there are any
     finished = model.finish_training(val_images if val_images is not None else images, cfg)
     final = save_checkpoint(model.eval(), out_dir / "model.pt", recipe,
                             {"epoch": cfg.epochs, "history": history, "fingerprint": fingerprint,
                              "category": category, "train_seconds": t_total, "prepare": prepared,
-                             "finish": finished})
+                             "finish": finished, **selected})
     write_json(out_dir / "history.json", history)
-    return TrainResult(final, category, cfg.epochs, t_total, history)
+    return TrainResult(final, category, cfg.epochs, t_total, history, selected.get("selected_epoch"))
+
+
+def _proxy_set(recipe: Recipe, val_images: torch.Tensor | None) -> SearchSet | None:
+    """The held-out normals plus a synthetic anomaly from each, when ``train.proxy_every`` asks for it."""
+    if not recipe.train.proxy_every or val_images is None:
+        return None
+    cfg = recipe.ptq.search
+    return search_set_from_arrays(val_images.numpy(), cfg.kinds, cfg.seed)
 
 
 def train(recipe: Recipe, splits: Splits, out_dir: Path, progress: Progress = None) -> list[TrainResult]:

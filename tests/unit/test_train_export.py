@@ -196,3 +196,44 @@ def test_eval_of_checkpoint_and_onnx_agree(kd, tmp_path):
             assert row[k] == pytest.approx(rows_ox[cat][k], abs=1e-4), f"{cat} {k}"
     assert sorted(pt["metrics"]["per_category"]) == ["disc", "grid"]
     assert json.loads((tmp_path / "pt.json").read_text())["n_test"] == pt["n_test"]
+
+
+# ---------------------------------------------------------------- label-free validation (proxy)
+
+
+def test_proxy_validation_records_the_curve_selects_the_best_epoch_and_leaves_training_unchanged(kd, tmp_path):
+    data = "data.holdout_fraction=0.4"
+    splits = load_splits(kd.recipe(data).data)
+    assert len(splits.holdout) >= 2
+    with_proxy = fit(kd.recipe(data, "train.epochs=3", "train.proxy_every=1", "train.select=proxy"),
+                     splits.train, splits.holdout, tmp_path / "proxy", "all")
+    plain = fit(kd.recipe(data, "train.epochs=3"), splits.train, splits.holdout, tmp_path / "plain", "all")
+
+    rows = with_proxy.history
+    assert all(0.0 <= r["proxy_pixel_auroc"] <= 1.0 and 0.0 <= r["proxy_image_auroc"] <= 1.0 for r in rows)
+    assert not any("proxy_pixel_auroc" in r for r in plain.history)
+    a, b = _state(tmp_path / "proxy" / "last.pt"), _state(tmp_path / "plain" / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a), "the proxy changed the training trajectory"
+
+    best = max(rows, key=lambda r: (r["proxy_pixel_auroc"], r["proxy_image_auroc"]))
+    extra = torch.load(with_proxy.checkpoint, map_location="cpu", weights_only=True)["extra"]
+    assert extra["selected_epoch"] == with_proxy.selected_epoch == best["epoch"]
+    chosen, best_pt = _state(with_proxy.checkpoint), _state(tmp_path / "proxy" / "best.pt")
+    assert all(torch.equal(chosen[k], best_pt[k]) for k in chosen)
+    if best["epoch"] != 3:  # a selected earlier epoch is really that epoch's weights, not the last ones
+        assert any(not torch.equal(chosen[k], a[k]) for k in chosen if k.startswith("student."))
+
+
+def test_select_proxy_needs_proxy_every(kd):
+    from qtool.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="train.select=proxy needs train.proxy_every"):
+        kd.recipe("train.select=proxy")
+
+
+def test_proxy_without_held_out_normals_is_refused_before_anything_is_written(kd, tmp_path):
+    recipe = kd.recipe("data.holdout_fraction=0", "train.proxy_every=1")
+    splits = load_splits(recipe.data)
+    with pytest.raises(ModelError, match="train.proxy_every needs at least 2 held-out normals, the split has 0"):
+        fit(recipe, splits.train, splits.holdout, tmp_path / "out", "all")
+    assert not (tmp_path / "out").exists()
