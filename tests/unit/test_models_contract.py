@@ -95,7 +95,7 @@ def test_checkpoint_round_trip(trained, tmp_path: Path) -> None:
         assert torch.equal(model(x)[0], again(x)[0])
 
 
-@pytest.mark.parametrize("name", ["mtd_rd.yaml", "mtd_us.yaml"])
+@pytest.mark.parametrize("name", ["mtd_stfpm.yaml", "mtd_rd.yaml", "mtd_us.yaml"])
 def test_model_recipes_load_and_build(name: str) -> None:
     from qtool.recipe import load_recipe
 
