@@ -1,4 +1,4 @@
-"""Which levels should feed an MTD model's anomaly map? Every level subset, on the proxy and on test.
+"""Which levels (and blur) should feed an MTD model's anomaly map? Each variant on the proxy and on test.
 
 For each trained checkpoint: one forward per batch captures the head's inputs (teacher and student
 features); a head rebuilt with each ``map_levels`` subset (the model's own distance, combiner and
@@ -12,8 +12,8 @@ AUROC (ties: proxy image AUROC). The test columns are reported for every subset 
 judged; they choose nothing.
 
 Run: .venv/bin/python bench/mtd_map_levels.py --model stfpm=bench/work/mtd-stfpm/model.pt \
-    --model rd=bench/work/models/rd/model.pt
-Writes bench/results/mtd_map_levels.{json,md}.
+    --model rd=bench/work/models/rd/model.pt [--subsets 3,2+3] [--sigmas 0,2,4,8]
+Writes bench/results/mtd_map_levels.{json,md} (``--out`` elsewhere).
 """
 
 from __future__ import annotations
@@ -42,14 +42,17 @@ ROOT = Path(__file__).resolve().parents[1]
 class Mapper:
     """Captures a model's head inputs and maps them with one head per level subset."""
 
-    def __init__(self, model: torch.nn.Module, cfg: ModelConfig, size: int) -> None:
+    def __init__(self, model: torch.nn.Module, cfg: ModelConfig, size: int, subsets: list[list[int]] | None = None,
+                 sigmas: list[float] | None = None) -> None:
         self.model, self.levels, self.inputs = model, list(cfg.levels), None
-        self.subsets = [list(c) for r in range(len(self.levels), 0, -1) for c in itertools.combinations(self.levels, r)]
+        every = [list(c) for r in range(len(self.levels), 0, -1) for c in itertools.combinations(self.levels, r)]
+        own = [model.head.blur.sigma if model.head.blur is not None else 0.0]
+        self.variants = [(sub, sigma) for sub in (subsets or every) for sigma in (sigmas or own)]
         self.heads = {}
-        for sub in self.subsets:
-            opts = {**cfg.options, "map_levels": sub}
-            self.heads[tuple(sub)] = build_model(cfg.model_copy(update={"options": opts, "weights": "none"}),
-                                                 size).head.eval()
+        for sub, sigma in self.variants:
+            opts = {**cfg.options, "map_levels": sub, "map_sigma": sigma}
+            self.heads[(tuple(sub), sigma)] = build_model(cfg.model_copy(update={"options": opts, "weights": "none"}),
+                                                          size).head.eval()
         model.head.register_forward_hook(self._capture)
 
     def _capture(self, module, args, output) -> None:
@@ -80,28 +83,29 @@ class Mapper:
                 for lv, v in zip(self.levels, vals)]
 
 
-def bench(name: str, ckpt: Path, recipe, splits, transform, search, test) -> dict:
-    """Proxy and test metrics of every level subset of one checkpoint."""
+def bench(name: str, ckpt: Path, splits, transform, search, test, subsets=None, sigmas=None) -> dict:
+    """Proxy and test metrics of every (level subset, map sigma) variant of one checkpoint."""
     t0 = time.perf_counter()
     model, meta = load_checkpoint(ckpt)
     cfg = ModelConfig.model_validate(meta["model"])
-    mapper = Mapper(model, cfg, int(meta["image_size"]))
+    mapper = Mapper(model, cfg, int(meta["image_size"]), subsets, sigmas)
     train_imgs = np.stack([transform.image(s.path) for s in splits.train[::5]])
     stats = mapper.level_stats(train_imgs)
     proxy = mapper.maps(search.images)
     images, masks, labels = test
     tested = mapper.maps(images)
     rows = []
-    for sub in mapper.subsets:
-        pm, ps = proxy[tuple(sub)]
-        tm, ts = tested[tuple(sub)]
+    for sub, sigma in mapper.variants:
+        pm, ps = proxy[(tuple(sub), sigma)]
+        tm, ts = tested[(tuple(sub), sigma)]
         sep = separation(pm, ps, search.masks, search.labels)
-        rows.append({"map_levels": sub, "proxy_image_auroc": sep["image_auroc"],
+        rows.append({"map_levels": sub, "map_sigma": sigma, "proxy_image_auroc": sep["image_auroc"],
                      "proxy_pixel_auroc": sep["pixel_auroc"],
                      "image_auroc": image_auroc(labels, ts), "pixel_auroc": pixel_auroc(masks, tm),
                      "aupro": aupro(masks, tm)})
         print(name, rows[-1], flush=True)
-    chosen = max(rows, key=lambda r: (r["proxy_pixel_auroc"], r["proxy_image_auroc"]))["map_levels"]
+    best = max(rows, key=lambda r: (r["proxy_pixel_auroc"], r["proxy_image_auroc"]))
+    chosen = {"map_levels": best["map_levels"], "map_sigma": best["map_sigma"]}
     return {"model": name, "checkpoint": str(ckpt), "sha256": sha256_file(ckpt), "options": cfg.options,
             "levels": cfg.levels, "combine": model.head.combine_name,
             "map_sigma": model.head.blur.sigma if model.head.blur is not None else 0.0,
@@ -111,20 +115,21 @@ def bench(name: str, ckpt: Path, recipe, splits, transform, search, test) -> dic
 
 def write_markdown(path: Path, meta: dict, results: list[dict]) -> None:
     """The table of every model's subsets, the proxy's choice marked."""
-    lines = ["# Which levels feed the anomaly map (MTD, fp32)", "", f"`{meta['command']}`", "",
+    lines = ["# Which levels and blur feed the anomaly map (MTD, fp32)", "", f"`{meta['command']}`", "",
              f"machine: {meta['machine']}; proxy: {meta['proxy']}; rule: {meta['rule']}", ""]
     for r in results:
         stats = ", ".join(f"level {s['level']} {s['mean']:.3f} +- {s['std']:.3f}"
                           for s in r["level_stats_train_normals"])
-        lines += [f"## {r['model']} ({r['combine']} of levels, map blur sigma {r['map_sigma']:g})", "",
-                  f"distance on training normals (mean +- std): {stats}", "",
-                  "| map_levels | proxy image | proxy pixel | image AUROC | pixel AUROC | AUPRO | |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [f"## {r['model']} ({r['combine']} of levels; checkpoint's map blur sigma {r['map_sigma']:g})", "",
+                  f"`{r['checkpoint']}`; distance on training normals (mean +- std): {stats}", "",
+                  "| map_levels | map_sigma | proxy image | proxy pixel | image AUROC | pixel AUROC | AUPRO | |",
+                  "|---|---|---|---|---|---|---|---|"]
         for row in r["subsets"]:
-            marks = [m for m, hit in (("proxy's choice", row["map_levels"] == r["proxy_choice"]),
-                                      ("all levels", row["map_levels"] == r["levels"])) if hit]
-            mark = "; ".join(marks)
-            lines.append(f"| {row['map_levels']} | {row['proxy_image_auroc']:.4f} | {row['proxy_pixel_auroc']:.4f} | "
+            picked = [row["map_levels"], row["map_sigma"]] == list(r["proxy_choice"].values())
+            marks = (("proxy's choice", picked), ("all levels", row["map_levels"] == r["levels"]))
+            mark = "; ".join(m for m, hit in marks if hit)
+            lines.append(f"| {row['map_levels']} | {row['map_sigma']:g} | {row['proxy_image_auroc']:.4f} | "
+                         f"{row['proxy_pixel_auroc']:.4f} | "
                          f"{row['image_auroc']:.4f} | {row['pixel_auroc']:.4f} | {row['aupro']:.4f} | {mark} |")
         lines.append("")
     lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))
@@ -138,6 +143,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", action="append", required=True, help="name=checkpoint.pt")
     ap.add_argument("--recipe", default=str(ROOT / "recipes/mtd_stfpm.yaml"), help="data section and split")
     ap.add_argument("--normals", type=int, default=0, help="proxy normals (0: every held-out normal)")
+    ap.add_argument("--subsets", type=lambda v: [[int(x) for x in g.split("+")] for g in v.split(",")], default=None,
+                    help="level subsets to try, e.g. 3,2+3 (default: every non-empty subset)")
+    ap.add_argument("--sigmas", type=lambda v: [float(x) for x in v.split(",")], default=None,
+                    help="map blur sigmas to try, e.g. 0,2,4,8 (default: the checkpoint's own)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/mtd_map_levels"))
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
@@ -150,11 +159,13 @@ def main(argv: list[str] | None = None) -> None:
     test = (np.stack([transform.image(s.path) for s in splits.test]),
             np.stack([transform.mask(s) for s in splits.test]), np.array([s.label for s in splits.test]))
     pairs = [m.split("=", 1) for m in args.model]
-    results = [bench(name, Path(path), recipe, splits, transform, search, test) for name, path in pairs]
+    results = [bench(name, Path(path), splits, transform, search, test, args.subsets, args.sigmas)
+               for name, path in pairs]
     meta = bench_meta("bench/mtd_map_levels.py", argv, n_test=len(splits.test),
                       proxy=f"{len(pool)} held-out normals + one synthetic anomaly each "
                             "(patch, scratch, noise; seed 0)",
-                      rule="highest proxy pixel AUROC, ties by proxy image AUROC (fixed before comparing)")
+                      rule="highest proxy pixel AUROC, ties by proxy image AUROC (fixed before comparing)",
+                      subsets=args.subsets, sigmas=args.sigmas)
     write_results(Path(args.out), {"meta": meta, "results": results}, lambda p: write_markdown(p, meta, results))
 
 

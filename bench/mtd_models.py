@@ -22,6 +22,7 @@ import numpy as np
 
 from qtool.artifacts import bench_meta, write_results
 from qtool.modelio import open_model
+from qtool.models import MODELS
 from qtool.models.checkpoint import read_checkpoint
 from qtool.recipe import load_recipe
 from qtool.runs import run_eval, run_export, run_train
@@ -85,8 +86,10 @@ def bench_model(name: str, ckpt: Path, args: argparse.Namespace, overrides: list
         "latency": ort_latency_ms(onnx_path, size, args.threads, args.warmup, args.iters),
         "onnx_mb": round(onnx_path.stat().st_size / 2**20, 2),
         "params": params, "parity": exported["parity"],
-        "epochs": extra.get("epoch"), "train_seconds": extra.get("train_seconds"),
-        "map_levels": stored.get("options", {}).get("map_levels", stored.get("levels")),
+        "epochs": extra.get("epoch"), "selected_epoch": extra.get("selected_epoch"),
+        "train_seconds": extra.get("train_seconds"),
+        "map_levels": (stored.get("options", {}).get("map_levels", stored.get("levels"))
+                       if "map_levels" in getattr(MODELS.get(name), "MAP_OPTIONS", ()) else None),
         "map_sigma": blur.sigma if (blur := getattr(model.head, "blur", None)) is not None else 0.0,
         "holdout_curve": [round(h["holdout_loss"], 4) for h in extra.get("history", []) if "holdout_loss" in h],
     }
@@ -103,10 +106,16 @@ def write_markdown(path: Path, meta: dict, rows: list[dict]) -> None:
         cells = [f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in KEYS]
         lines.append(f"| {r['model']} | {r['backbone']} | " + " | ".join(cells) +
                      f" | {r['latency']['median_ms']} | {r['onnx_mb']} | {r['params']['student']:,} | "
-                     f"{r['epochs']} | {r['train_seconds'] and round(r['train_seconds'])} | {r.get('map_levels')} | "
-                     f"{r['map_sigma']:g} |")
+                     f"{r['epochs']}{_selected(r)} | {r['train_seconds'] and round(r['train_seconds'])} | "
+                     f"{r.get('map_levels') or '-'} | {r['map_sigma']:g} |")
     lines += ["", "versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v)]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _selected(row: dict) -> str:
+    """`` (model: epoch K, best proxy)`` when the checkpoint holds a proxy-selected epoch, else nothing."""
+    sel = row.get("selected_epoch")
+    return f" (model: epoch {sel}, best proxy)" if sel is not None else ""
 
 
 def main(argv: list[str] | None = None) -> None:
