@@ -31,26 +31,41 @@ ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
 
 
-def ort_latency_ms(path: Path, size: int, threads: int, warmup: int, iters: int) -> dict[str, float]:
-    """Median / min / p90 milliseconds of one batch-1 ONNX Runtime CPU run on a fixed random image."""
+def ort_latency_ms(models: dict[str, tuple[Path, int]], threads: int, warmup: int, iters: int
+                   ) -> dict[str, dict[str, float]]:
+    """Median / min / p90 ms of batch-1 ONNX Runtime CPU runs, the models interleaved round by round.
+
+    Every round runs each model once on its fixed random image, so a slow spell of the machine hits
+    all models alike and their ratios are side by side. Thread spinning is off: the spinning pools
+    of the idle sessions would otherwise take the cores from the running one (measured: every
+    model about 2x slower interleaved with spinning on, the same as alone with it off).
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    feed = {sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal((1, 3, size, size), np.float32)}
-    for _ in range(warmup):
-        sess.run(None, feed)
-    times = []
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    runs = {}
+    for name, (path, size) in models.items():
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        feed = {sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal((1, 3, size, size), np.float32)}
+        for _ in range(warmup):
+            sess.run(None, feed)
+        runs[name] = (sess, feed)
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(iters):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        times.append(1000 * (time.perf_counter() - t0))
-    times.sort()
-    return {"median_ms": round(statistics.median(times), 2), "min_ms": round(times[0], 2),
-            "p90_ms": round(times[min(len(times) - 1, int(0.9 * len(times)))], 2)}
+        for name, (sess, feed) in runs.items():
+            t0 = time.perf_counter()
+            sess.run(None, feed)
+            times[name].append(1000 * (time.perf_counter() - t0))
+    out = {}
+    for name, t in times.items():
+        t.sort()
+        out[name] = {"median_ms": round(statistics.median(t), 2), "min_ms": round(t[0], 2),
+                     "p90_ms": round(t[min(len(t) - 1, int(0.9 * len(t)))], 2)}
+    return out
 
 
 def checkpoint_for(name: str, args: argparse.Namespace, given: dict[str, str], overrides: list[str]) -> Path:
@@ -83,7 +98,7 @@ def bench_model(name: str, ckpt: Path, args: argparse.Namespace, overrides: list
         "options": recipe.model.options, "image_size": size,
         **{k: result["metrics"]["mean"].get(k) for k in KEYS},
         "n_test": result["n_test"],
-        "latency": ort_latency_ms(onnx_path, size, args.threads, args.warmup, args.iters),
+        "onnx": str(onnx_path),
         "onnx_mb": round(onnx_path.stat().st_size / 2**20, 2),
         "params": params, "parity": exported["parity"],
         "epochs": extra.get("epoch"), "selected_epoch": extra.get("selected_epoch"),
@@ -99,13 +114,14 @@ def write_markdown(path: Path, meta: dict, rows: list[dict]) -> None:
     """Short Markdown table of the rows with the command, machine and versions."""
     lines = ["# Bundled KD models on MTD (fp32, ONNX Runtime CPU)", "", f"`{meta['command']}`", "",
              f"machine: {meta['machine']}; threads {meta['threads']}; batch 1; warmup {meta['warmup']}, "
-             f"median of {meta['iters']}", "",
-             "| model | backbone | image AUROC | pixel AUROC | AUPRO | F1-max | ms (median) | ONNX MB | "
+             f"median of {meta['iters']} rounds, the models interleaved in each", "",
+             "| model | backbone | image AUROC | pixel AUROC | AUPRO | F1-max | ms median (min, p90) | ONNX MB | "
              "student params | epochs | train s | map levels | map blur sigma |", "|---" * 13 + "|"]
     for r in rows:
         cells = [f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in KEYS]
         lines.append(f"| {r['model']} | {r['backbone']} | " + " | ".join(cells) +
-                     f" | {r['latency']['median_ms']} | {r['onnx_mb']} | {r['params']['student']:,} | "
+                     f" | {r['latency']['median_ms']} ({r['latency']['min_ms']}, {r['latency']['p90_ms']}) | "
+                     f"{r['onnx_mb']} | {r['params']['student']:,} | "
                      f"{r['epochs']}{_selected(r)} | {r['train_seconds'] and round(r['train_seconds'])} | "
                      f"{r.get('map_levels') or '-'} | {r['map_sigma']:g} |")
     lines += ["", "versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v)]
@@ -141,7 +157,12 @@ def main(argv: list[str] | None = None) -> None:
                      for o in args.set if ":" not in o.split("=", 1)[0] or o.startswith(f"{name}:")]
         ckpt = checkpoint_for(name, args, given, overrides)
         rows.append(bench_model(name, ckpt, args, overrides))
-        print({k: rows[-1][k] for k in ("model", *KEYS, "latency", "onnx_mb")}, flush=True)
+        print({k: rows[-1][k] for k in ("model", *KEYS, "onnx_mb")}, flush=True)
+    latency = ort_latency_ms({r["model"]: (Path(r["onnx"]), r["image_size"]) for r in rows}, args.threads,
+                             args.warmup, args.iters)
+    for r in rows:
+        r["latency"] = latency[r["model"]]
+        print(r["model"], r["latency"], flush=True)
     meta = bench_meta("bench/mtd_models.py", argv if argv is not None else sys.argv[1:], threads=args.threads,
                       warmup=args.warmup, iters=args.iters)
     write_results(Path(args.out), {"meta": meta, "rows": rows}, lambda md: write_markdown(md, meta, rows))
