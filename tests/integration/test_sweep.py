@@ -125,8 +125,8 @@ def test_latency_memory_size_and_stage_times(sweep, tmp_path):
     # the int4 cell's timing says its QDQ runs in float; checked against ORT's own optimised graph
     from qtool.sweep.cells import EMULATED_ACTIVATIONS_NOTE
 
-    cells = [("train:int4-ptq-minmax-train-both-cpu", True), ("train:int8-ptq-minmax-train-both-cpu", False)]
-    for cid, emulated in cells:
+    expected = [("train:int4-ptq-minmax-train-both-cpu", True), ("train:int8-ptq-minmax-train-both-cpu", False)]
+    for cid, emulated in expected:
         c = by_id[cid]
         assert (EMULATED_ACTIVATIONS_NOTE in c["latency"]["notes"]) is emulated, cid
         fused = fused_integer_convs(Path(c["entry"]).parents[1] / "builds" / c["build_key"] / "model.onnx", tmp_path)
