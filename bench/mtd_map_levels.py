@@ -32,7 +32,7 @@ from qtool.data import ImageTransform
 from qtool.data.datasets import load_splits
 from qtool.metrics import aupro, image_auroc, pixel_auroc
 from qtool.models import build_model, load_checkpoint
-from qtool.proxy import separation
+from qtool.proxy import proxy_rank, separation
 from qtool.recipe import ModelConfig, load_recipe
 from qtool.search import search_set_from_arrays
 
@@ -104,7 +104,7 @@ def bench(name: str, ckpt: Path, splits, transform, search, test, subsets=None, 
                      "image_auroc": image_auroc(labels, ts), "pixel_auroc": pixel_auroc(masks, tm),
                      "aupro": aupro(masks, tm)})
         print(name, rows[-1], flush=True)
-    best = max(rows, key=lambda r: (r["proxy_pixel_auroc"], r["proxy_image_auroc"]))
+    best = max(rows, key=proxy_rank)
     chosen = {"map_levels": best["map_levels"], "map_sigma": best["map_sigma"]}
     return {"model": name, "checkpoint": str(ckpt), "sha256": sha256_file(ckpt), "options": cfg.options,
             "levels": cfg.levels, "combine": model.head.combine_name,

@@ -21,9 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from qtool.artifacts import bench_meta, write_results
-from qtool.modelio import open_model
-from qtool.models import MODELS
-from qtool.models.checkpoint import read_checkpoint
+from qtool.models import MODELS, load_checkpoint
 from qtool.recipe import load_recipe
 from qtool.runs import run_eval, run_export, run_train
 
@@ -84,14 +82,12 @@ def checkpoint_for(name: str, args: argparse.Namespace, given: dict[str, str], o
 def bench_model(name: str, ckpt: Path, args: argparse.Namespace, overrides: list[str]) -> dict:
     """Export, evaluate and time one model."""
     recipe = load_recipe(Path(args.recipe_dir) / f"mtd_{name}.yaml", overrides)
-    opened = open_model(ckpt)
-    model, size = opened.torch_model, int(opened.data["image_size"])
+    model, meta = load_checkpoint(ckpt)
+    size, extra, stored = int(meta["image_size"]), dict(meta["extra"]), meta["model"]
     onnx_path = Path(args.work) / name / "bench.onnx"
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     exported = run_export(ckpt, onnx_path, recipe)
     result = run_eval(onnx_path, recipe)
-    payload = read_checkpoint(ckpt)
-    extra, stored = dict(payload["extra"]), payload["model"]
     params = {part: sum(p.numel() for p in getattr(model, part).parameters()) for part in ("teacher", "student")}
     return {
         "model": name, "checkpoint": str(ckpt), "backbone": recipe.model.backbone,

@@ -34,6 +34,14 @@ def separation(maps: np.ndarray, scores: np.ndarray, masks: np.ndarray, labels: 
     return {"image_auroc": image_auroc(labels, scores), "pixel_auroc": pixel_auroc(masks, maps)}
 
 
+SELECTION_RULE = "proxy pixel AUROC, then proxy image AUROC"
+
+
+def proxy_rank(row: dict[str, float]) -> tuple[float, float]:
+    """Sort key of a row with ``proxy_pixel_auroc`` / ``proxy_image_auroc``: higher is better (``SELECTION_RULE``)."""
+    return row["proxy_pixel_auroc"], row["proxy_image_auroc"]
+
+
 def rank_correlation(pairs: list[tuple[float, float]]) -> float | None:
     """Spearman correlation of (x, y) pairs (proxy vs test AUROC across cells); None under 3 pairs or if undefined."""
     from scipy.stats import spearmanr

@@ -23,9 +23,10 @@ import torch
 from qtool.artifacts import write_json
 from qtool.data import ImageTransform, Sample, Splits
 from qtool.errors import ModelError
+from qtool.evaluate import TorchPredictor
 from qtool.models import MODELS, KDModel, build_model, save_checkpoint
 from qtool.models.checkpoint import read_checkpoint
-from qtool.proxy import separation
+from qtool.proxy import SELECTION_RULE, proxy_rank, separation
 from qtool.recipe import Recipe, TrainConfig
 from qtool.registry import Registry
 from qtool.search import SearchSet, search_set_from_arrays
@@ -90,39 +91,29 @@ def _mean_loss(model: torch.nn.Module, images: torch.Tensor, batch_size: int) ->
     return sum(losses) / max(1, len(images))
 
 
-@torch.no_grad()
-def proxy_metrics(model: torch.nn.Module, search: SearchSet, batch_size: int) -> dict[str, float]:
+def proxy_metrics(model: KDModel, search: SearchSet, batch_size: int) -> dict[str, float]:
     """``{"proxy_image_auroc", "proxy_pixel_auroc"}`` of ``model`` (eval mode) on a search set."""
-    model.eval()
-    maps, scores = [], []
-    for batch in search.batches(batch_size):
-        m, s = model(torch.from_numpy(batch))
-        maps.append(m[:, 0].numpy())
-        scores.append(s.numpy())
+    predict = TorchPredictor(model)
+    maps, scores = zip(*(predict(batch) for batch in search.batches(batch_size)), strict=True)
     sep = separation(np.concatenate(maps), np.concatenate(scores), search.masks, search.labels)
     return {f"proxy_{k}": v for k, v in sep.items()}
 
 
-def _proxy_key(row: dict[str, float]) -> tuple[float, float]:
-    return row["proxy_pixel_auroc"], row["proxy_image_auroc"]
-
-
 class _Best:
-    """The best-proxy epoch so far, mirrored in ``best.pt`` so a resumed run keeps it."""
+    """The best-proxy epoch so far (its learning-curve row); its weights are ``best.pt``, which a resumed run keeps."""
 
     def __init__(self, path: Path, fingerprint: str) -> None:
-        self.path, self.row, self.state = path, None, None
+        self.path, self.row = path, None
         if path.is_file():
-            payload = read_checkpoint(path)
-            if payload["extra"].get("fingerprint") == fingerprint:
-                self.row, self.state = payload["extra"]["row"], payload["state_dict"]
+            extra = read_checkpoint(path)["extra"]
+            if extra.get("fingerprint") == fingerprint:
+                self.row = extra["row"]
 
     def offer(self, model: KDModel, row: dict[str, float], recipe: Recipe, fingerprint: str) -> None:
-        if self.row is not None and _proxy_key(row) <= _proxy_key(self.row):
-            return
-        self.row = row
-        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        save_checkpoint(model, self.path, recipe, {"row": row, "fingerprint": fingerprint})
+        """Keep ``model`` in ``best.pt`` if its ``row`` ranks above the best so far (ties keep the earlier)."""
+        if self.row is None or proxy_rank(row) > proxy_rank(self.row):
+            self.row = row
+            save_checkpoint(model, self.path, recipe, {"row": row, "fingerprint": fingerprint})
 
 
 def _resume(path: Path, fingerprint: str, model: torch.nn.Module,
@@ -217,10 +208,10 @@ def fit(recipe: Recipe, train: list[Sample], holdout: list[Sample], out_dir: Pat
                      "fingerprint": fingerprint, "category": category, "prepare": prepared}
             save_checkpoint(model, out_dir / "last.pt", recipe, extra)
     selected = {}
-    if best is not None and best.state is not None:
-        model.load_state_dict(best.state)
-        selected = {"selected_epoch": best.row["epoch"], "selected_by": "proxy pixel AUROC, then image AUROC"}
-        log.info("selected epoch %d by the proxy %s", best.row["epoch"], _proxy_key(best.row))
+    if best is not None and best.row is not None:
+        model.load_state_dict(read_checkpoint(best.path)["state_dict"])
+        selected = {"selected_epoch": best.row["epoch"], "selected_by": SELECTION_RULE}
+        log.info("selected epoch %d by the proxy %s", best.row["epoch"], proxy_rank(best.row))
     # model-specific statistics of normal data (US: map normalisation); holdout normals when there are any
     finished = model.finish_training(val_images if val_images is not None else images, cfg)
     final = save_checkpoint(model.eval(), out_dir / "model.pt", recipe,
