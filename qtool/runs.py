@@ -20,7 +20,7 @@ from qtool.export import export_onnx, parity
 from qtool.modelio import open_model, stamp_data_config
 from qtool.models import build_model
 from qtool.recipe import Recipe, dump_recipe
-from qtool.train import train
+from qtool.train import check_splits, train
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ def run_train(recipe: Recipe, out_dir: Path, export: bool = True, progress: Prog
     out_dir = Path(out_dir)
     splits = load_splits(recipe.data)
     build_model(recipe.model, recipe.data.image_size)  # bad options, geometry or weights fail here, before any file
+    check_splits(recipe, splits)
     out_dir.mkdir(parents=True, exist_ok=True)
     dump_recipe(recipe, out_dir / "recipe.yaml")
     write_json(out_dir / "split.json", splits.to_json())

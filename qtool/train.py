@@ -164,9 +164,7 @@ def fit(recipe: Recipe, train: list[Sample], holdout: list[Sample], out_dir: Pat
             at least 2 held-out normals (checked before anything is written).
     """
     cfg: TrainConfig = recipe.train
-    if cfg.proxy_every and len(holdout) < 2:
-        raise ModelError(f"train.proxy_every needs at least 2 held-out normals, the split has {len(holdout)} "
-                         "(raise data.holdout_fraction)")
+    _check_holdout(cfg, holdout, category)
     torch.manual_seed(recipe.seed)
     np.random.seed(recipe.seed)
     torch.set_num_threads(cfg.threads)
@@ -228,6 +226,25 @@ def _proxy_set(recipe: Recipe, val_images: torch.Tensor | None) -> SearchSet | N
         return None
     cfg = recipe.ptq.search
     return search_set_from_arrays(val_images.numpy(), cfg.kinds, cfg.seed)
+
+
+def _check_holdout(cfg: TrainConfig, holdout: list[Sample], category: str) -> None:
+    if cfg.proxy_every and len(holdout) < 2:
+        raise ModelError(f"train.proxy_every needs at least 2 held-out normals, the split has {len(holdout)} "
+                         f"for {category!r} (raise data.holdout_fraction)")
+
+
+def check_splits(recipe: Recipe, splits: Splits) -> None:
+    """Refuse, before anything is written, a split the recipe cannot train on (the proxy's held-out normals).
+
+    Raises:
+        ModelError: ``train.proxy_every`` and a model (unified, or one category) with under 2 held-out normals.
+    """
+    if recipe.train.mode == "unified":
+        _check_holdout(recipe.train, splits.holdout, "all")
+    else:
+        for cat in splits.categories():
+            _check_holdout(recipe.train, splits.filter(cat).holdout, cat)
 
 
 def train(recipe: Recipe, splits: Splits, out_dir: Path, progress: Progress = None) -> list[TrainResult]:

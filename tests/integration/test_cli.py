@@ -226,11 +226,19 @@ def test_ptq_on_a_broken_onnx(kd, broken_models, tmp_path, name):
 
 
 @pytest.mark.parametrize(("override", "needle"), [("model.options.map_sigma=-1", "map_sigma=-1"),
+                                                   ("model.options.map_levels=[9]", "map_levels=[9]"),
                                                    ("data.root=/nonexistent/qtool-data", "/nonexistent/qtool-data")])
 def test_train_with_a_bad_model_option_or_data_root_writes_nothing(kd, tmp_path, override, needle):
     out = tmp_path / "train"
     clean_error(invoke("train", "--recipe", kd.recipe_file, "--out", out, "--set", "model.name=rd",
                        "--set", override), needle)
+    assert not out.exists()
+
+
+def test_train_with_the_proxy_but_no_held_out_normals_writes_nothing(kd, tmp_path):
+    out = tmp_path / "train"
+    clean_error(invoke("train", "--recipe", kd.recipe_file, "--out", out, "--set", "train.proxy_every=1",
+                       "--set", "data.holdout_fraction=0"), "train.proxy_every needs at least 2 held-out normals")
     assert not out.exists()
 
 
