@@ -90,15 +90,47 @@ def pixel_auroc(
     pos, tot = np.zeros(bins, np.int64), np.zeros(bins, np.int64)
     step = max(1, _CHUNK_PIXELS // (m.shape[1] * m.shape[2]))
     for i in range(0, m.shape[0], step):
-        idx = ((a[i : i + step].astype(np.float64) - lo) * (bins / (hi - lo))).astype(np.int64).ravel()
-        np.minimum(idx, bins - 1, out=idx)
+        idx = _bin_index(a[i : i + step], lo, hi, bins)
         tot += np.bincount(idx, minlength=bins)
         pos += np.bincount(idx, weights=m[i : i + step].ravel(), minlength=bins).astype(np.int64)
     neg = tot - pos
-    tpr = np.concatenate(([0.0], np.cumsum(pos[::-1]) / n_pos))
-    fpr = np.concatenate(([0.0], np.cumsum(neg[::-1]) / (m.size - n_pos)))
     bound = 0.5 * float(np.dot(pos, neg)) / (n_pos * (m.size - n_pos))
     log.debug("histogram pixel AUROC over %d pixels, %d bins: error bound %.2e", m.size, bins, bound)
+    return auroc_from_counts(pos, neg)
+
+
+def _bin_index(maps: np.ndarray, lo: float, hi: float, bins: int) -> np.ndarray:
+    """Flat bin index in [0, bins) of each value of ``maps`` over equal bins of [lo, hi]."""
+    scale = bins / (hi - lo) if hi > lo else 0.0
+    idx = ((maps.astype(np.float64) - lo) * scale).astype(np.int64).ravel()
+    return np.clip(idx, 0, bins - 1, out=idx)
+
+
+def pixel_histograms(masks: np.ndarray, maps: np.ndarray, bins: int, lo: float, hi: float
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Per image, how many defect and normal pixels fall in each of ``bins`` equal bins over [lo, hi].
+
+    Inputs as validated by ``pixel_auroc`` (bool masks, finite maps, (N, H, W)). Summed over images
+    (with multiplicities, for a bootstrap) the counts give :func:`auroc_from_counts`.
+    Returns: (defect counts (N, bins), normal counts (N, bins)), int64.
+    """
+    n = masks.shape[0]
+    pos, tot = np.zeros((n, bins), np.int64), np.zeros((n, bins), np.int64)
+    for i in range(n):
+        idx = _bin_index(maps[i], lo, hi, bins)
+        tot[i] = np.bincount(idx, minlength=bins)
+        pos[i] = np.bincount(idx, weights=masks[i].ravel(), minlength=bins).astype(np.int64)
+    return pos, tot - pos
+
+
+def auroc_from_counts(pos: np.ndarray, neg: np.ndarray) -> float:
+    """AUROC from per-bin positive and negative counts over ascending score bins (same-bin pairs count 1/2)."""
+    pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
+    n_pos, n_neg = pos.sum(), neg.sum()
+    if n_pos <= 0 or n_neg <= 0:
+        raise DataError("AUROC needs both positives and negatives")
+    tpr = np.concatenate(([0.0], np.cumsum(pos[::-1]) / n_pos))
+    fpr = np.concatenate(([0.0], np.cumsum(neg[::-1]) / n_neg))
     return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
 
 

@@ -97,6 +97,19 @@ def test_pixel_auroc_histogram_is_exact_on_distinct_bin_values():
     assert metrics.pixel_auroc(masks, maps, exact_limit=0, bins=64) == pytest.approx(exact, abs=1e-12)
 
 
+def test_pixel_histograms_weighted_sum_is_the_auroc_of_repeated_images():
+    # counting image 0 twice and dropping image 2 (a bootstrap draw) equals the AUROC of that stack
+    masks, maps = random_case(2, n=4, size=16, levels=10)
+    pos, neg = metrics.pixel_histograms(masks.astype(bool), maps, 64, float(maps.min()), float(maps.max()))
+    assert pos.shape == neg.shape == (4, 64) and (pos + neg).sum() == masks.size
+    w = np.array([2.0, 1.0, 0.0, 1.0])
+    stack = [0, 0, 1, 3]
+    want = roc_auc_score(masks[stack].ravel(), maps[stack].ravel())
+    assert metrics.auroc_from_counts(w @ pos, w @ neg) == pytest.approx(want, abs=1e-12)
+    with pytest.raises(DataError, match="both positives and negatives"):
+        metrics.auroc_from_counts(np.zeros(4), np.ones(4))
+
+
 def test_pixel_auroc_needs_both_pixel_classes():
     with pytest.raises(DataError, match="only label 0"):
         metrics.pixel_auroc(np.zeros((2, 3, 3)), np.random.default_rng(0).random((2, 3, 3)))

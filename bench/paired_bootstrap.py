@@ -1,0 +1,126 @@
+"""Is one model's test AUROC really above another's? A paired, stratified bootstrap over test images.
+
+Both ONNX models are run once on the recipe's test split (ONNX Runtime CPU). Each bootstrap round
+draws the normal and the defective test images with replacement (separately, so both classes stay
+present) and scores both models on the same draw: image AUROC, and pixel AUROC from per-image
+histograms of defect and normal pixels (``--bins`` equal bins per model over its map range; pairs in
+one bin count one half, as ``qtool.metrics.pixel_auroc`` above its exact limit). Reported per
+metric: each model's value on the full test split, the difference B - A, its 95 % percentile
+interval, and the share of rounds in which B >= A. AUPRO is not bootstrapped (one AUPRO takes
+seconds; a thousand rounds would take an hour here).
+
+Run: .venv/bin/python bench/paired_bootstrap.py --onnx stfpm=bench/work/models-s8/stfpm/bench.onnx \
+         --onnx rd=bench/work/models-s8/rd/bench.onnx [--recipe recipes/mtd_stfpm.yaml] [--rounds 1000]
+Writes PATH.{json,md} (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from qtool.artifacts import bench_meta, sha256_file, write_results
+from qtool.data import ImageTransform
+from qtool.data.datasets import load_splits
+from qtool.evaluate import OnnxPredictor, predict
+from qtool.metrics import auroc_from_counts, image_auroc, pixel_auroc, pixel_histograms
+from qtool.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def draws(labels: np.ndarray, rounds: int, seed: int) -> np.ndarray:
+    """(rounds, N) multiplicities of a stratified bootstrap: normals and anomalies resampled apart."""
+    rng = np.random.default_rng(seed)
+    w = np.zeros((rounds, len(labels)), np.float64)
+    for cls in (0, 1):
+        idx = np.flatnonzero(labels == cls)
+        for r in range(rounds):
+            np.add.at(w[r], rng.choice(idx, size=idx.size, replace=True), 1.0)
+    return w
+
+
+def weighted_image_auroc(labels: np.ndarray, scores: np.ndarray, w: np.ndarray) -> float:
+    """Image AUROC with each image counted ``w`` times."""
+    from sklearn.metrics import roc_auc_score
+
+    keep = w > 0
+    return float(roc_auc_score(labels[keep], scores[keep], sample_weight=w[keep]))
+
+
+def bootstrap(outputs: dict[str, tuple[np.ndarray, np.ndarray]], masks: np.ndarray, labels: np.ndarray,
+              rounds: int, bins: int, seed: int) -> dict[str, dict[str, np.ndarray]]:
+    """Per model, per metric: the ``rounds`` bootstrap values (the same draws for every model)."""
+    w = draws(labels, rounds, seed)
+    m = masks.astype(bool)
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for name, (maps, scores) in outputs.items():
+        pos, neg = pixel_histograms(m, maps, bins, float(maps.min()), float(maps.max()))
+        pix = []
+        for i in range(0, rounds, 100):  # (100, N) @ (N, bins) at a time: bounded memory
+            p, n = w[i : i + 100] @ pos, w[i : i + 100] @ neg
+            pix += [auroc_from_counts(p[j], n[j]) for j in range(len(p))]
+        out[name] = {"image_auroc": np.array([weighted_image_auroc(labels, scores, wr) for wr in w]),
+                     "pixel_auroc": np.array(pix)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse arguments, run both models, bootstrap, write the results."""
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--onnx", action="append", required=True, metavar="NAME=PATH", help="exactly two: A then B")
+    ap.add_argument("--recipe", default=str(ROOT / "recipes/mtd_stfpm.yaml"), help="data section and split")
+    ap.add_argument("--rounds", type=int, default=1000)
+    ap.add_argument("--bins", type=int, default=1 << 14)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    if len(args.onnx) != 2:
+        sys.exit("error: give exactly two --onnx NAME=PATH (A, then B)")
+    models = dict(o.split("=", 1) for o in args.onnx)
+    recipe = load_recipe(Path(args.recipe))
+    splits = load_splits(recipe.data)
+    transform = ImageTransform(recipe.data)
+    outputs, masks = {}, None
+    for name, path in models.items():
+        maps, scores, masks, _ = predict(OnnxPredictor(Path(path)), splits.test, transform, 8)
+        outputs[name] = (maps, scores)
+    labels = np.array([s.label for s in splits.test])
+    full = {n: {"image_auroc": image_auroc(labels, s), "pixel_auroc": pixel_auroc(masks, m)}
+            for n, (m, s) in outputs.items()}
+    boot = bootstrap(outputs, masks, labels, args.rounds, args.bins, args.seed)
+    a, b = list(models)
+    rows = []
+    for metric in ("image_auroc", "pixel_auroc"):
+        d = boot[b][metric] - boot[a][metric]
+        lo, hi = np.percentile(d, [2.5, 97.5])
+        rows.append({"metric": metric, a: full[a][metric], b: full[b][metric],
+                     "difference": full[b][metric] - full[a][metric], "ci95": [float(lo), float(hi)],
+                     "share_b_at_least_a": float(np.mean(d >= 0))})
+    meta = bench_meta("bench/paired_bootstrap.py", argv, rounds=args.rounds, bins=args.bins, seed=args.seed,
+                      n_test=len(labels), n_defective=int(labels.sum()))
+    payload = {"meta": meta, "models": {n: {"onnx": p, "sha256": sha256_file(Path(p))} for n, p in models.items()},
+               "rows": rows}
+
+    def markdown(path: Path) -> None:
+        lines = [f"# Paired bootstrap: {b} vs {a} on the test split", "", f"`{meta['command']}`", "",
+                 f"machine: {meta['machine']}; {len(labels)} test images ({int(labels.sum())} defective); "
+                 f"{args.rounds} stratified rounds, seed {args.seed}; pixel AUROC over {args.bins} bins per model", "",
+                 f"| metric | {a} | {b} | {b} - {a} | 95 % interval | rounds with {b} >= {a} |",
+                 "|---|---|---|---|---|---|"]
+        lines += [f"| {r['metric']} | {r[a]:.4f} | {r[b]:.4f} | {r['difference']:+.4f} | "
+                  f"[{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}] | {r['share_b_at_least_a']:.1%} |" for r in rows]
+        lines += ["", "versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())]
+        path.write_text("\n".join(lines) + "\n")
+
+    write_results(Path(args.out), payload, markdown)
+    for r in rows:
+        print(r)
+
+
+if __name__ == "__main__":
+    main()
