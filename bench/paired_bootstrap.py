@@ -1,11 +1,11 @@
 """Is one model's test AUROC really above another's? A paired, stratified bootstrap over test images.
 
-Both ONNX models are run once on the recipe's test split (ONNX Runtime CPU). Each bootstrap round
+The first ``--onnx`` is the anchor A; every other model B is compared with it. All are run once on the recipe's test split (ONNX Runtime CPU). Each bootstrap round
 draws the normal and the defective test images with replacement (separately, so both classes stay
 present) and scores both models on the same draw: image AUROC, and pixel AUROC from per-image
 histograms of defect and normal pixels (``--bins`` equal bins per model over its map range; pairs in
 one bin count one half, as ``qtool.metrics.pixel_auroc`` above its exact limit). Reported per
-metric: each model's value on the full test split, the difference B - A, its 95 % percentile
+metric and B: both values on the full test split, the difference B - A, its 95 % percentile
 interval, and the share of rounds in which B >= A. AUPRO is not bootstrapped (one AUPRO takes
 seconds; a thousand rounds would take an hour here).
 
@@ -72,16 +72,17 @@ def main(argv: list[str] | None = None) -> None:
     """Parse arguments, run both models, bootstrap, write the results."""
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--onnx", action="append", required=True, metavar="NAME=PATH", help="exactly two: A then B")
+    ap.add_argument("--onnx", action="append", required=True, metavar="NAME=PATH",
+                    help="the anchor A, then one or more models B")
     ap.add_argument("--recipe", default=str(ROOT / "recipes/mtd_stfpm.yaml"), help="data section and split")
     ap.add_argument("--rounds", type=int, default=1000)
     ap.add_argument("--bins", type=int, default=1 << 14)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    if len(args.onnx) != 2:
-        sys.exit("error: give exactly two --onnx NAME=PATH (A, then B)")
     models = dict(o.split("=", 1) for o in args.onnx)
+    if len(models) < 2:
+        sys.exit("error: give at least two --onnx NAME=PATH with distinct names (the anchor A, then B)")
     recipe = load_recipe(Path(args.recipe))
     splits = load_splits(recipe.data)
     transform = ImageTransform(recipe.data)
@@ -93,27 +94,29 @@ def main(argv: list[str] | None = None) -> None:
     full = {n: {"image_auroc": image_auroc(labels, s), "pixel_auroc": pixel_auroc(masks, m)}
             for n, (m, s) in outputs.items()}
     boot = bootstrap(outputs, masks, labels, args.rounds, args.bins, args.seed)
-    a, b = list(models)
+    a, *others = list(models)
     rows = []
-    for metric in ("image_auroc", "pixel_auroc"):
-        d = boot[b][metric] - boot[a][metric]
-        lo, hi = np.percentile(d, [2.5, 97.5])
-        rows.append({"metric": metric, a: full[a][metric], b: full[b][metric],
-                     "difference": full[b][metric] - full[a][metric], "ci95": [float(lo), float(hi)],
-                     "share_b_at_least_a": float(np.mean(d >= 0))})
+    for b in others:
+        for metric in ("image_auroc", "pixel_auroc"):
+            d = boot[b][metric] - boot[a][metric]
+            lo, hi = np.percentile(d, [2.5, 97.5])
+            rows.append({"metric": metric, "a": a, "b": b, "a_value": full[a][metric], "b_value": full[b][metric],
+                         "difference": full[b][metric] - full[a][metric], "ci95": [float(lo), float(hi)],
+                         "share_b_at_least_a": float(np.mean(d >= 0))})
     meta = bench_meta("bench/paired_bootstrap.py", argv, rounds=args.rounds, bins=args.bins, seed=args.seed,
                       n_test=len(labels), n_defective=int(labels.sum()))
     payload = {"meta": meta, "models": {n: {"onnx": p, "sha256": sha256_file(Path(p))} for n, p in models.items()},
                "rows": rows}
 
     def markdown(path: Path) -> None:
-        lines = [f"# Paired bootstrap: {b} vs {a} on the test split", "", f"`{meta['command']}`", "",
+        lines = [f"# Paired bootstrap against {a} on the test split", "", f"`{meta['command']}`", "",
                  f"machine: {meta['machine']}; {len(labels)} test images ({int(labels.sum())} defective); "
                  f"{args.rounds} stratified rounds, seed {args.seed}; pixel AUROC over {args.bins} bins per model", "",
-                 f"| metric | {a} | {b} | {b} - {a} | 95 % interval | rounds with {b} >= {a} |",
-                 "|---|---|---|---|---|---|"]
-        lines += [f"| {r['metric']} | {r[a]:.4f} | {r[b]:.4f} | {r['difference']:+.4f} | "
-                  f"[{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}] | {r['share_b_at_least_a']:.1%} |" for r in rows]
+                 "| metric | A | B | A value | B value | B - A | 95 % interval | rounds with B >= A |",
+                 "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['metric']} | {r['a']} | {r['b']} | {r['a_value']:.4f} | {r['b_value']:.4f} | "
+                  f"{r['difference']:+.4f} | [{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}] | "
+                  f"{r['share_b_at_least_a']:.1%} |" for r in rows]
         lines += ["", "versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())]
         path.write_text("\n".join(lines) + "\n")
 
