@@ -68,8 +68,36 @@ def bootstrap(outputs: dict[str, tuple[np.ndarray, np.ndarray]], masks: np.ndarr
     return out
 
 
+def run_models(models: dict[str, str], splits, transform) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]],
+                                                                  np.ndarray, np.ndarray]:
+    """Each ONNX model on the test split: ({name: (maps, scores)}, masks, labels)."""
+    outputs, masks = {}, None
+    for name, path in models.items():
+        maps, scores, masks, _ = predict(OnnxPredictor(Path(path)), splits.test, transform, 8)
+        outputs[name] = (maps, scores)
+    return outputs, masks, np.array([s.label for s in splits.test])
+
+
+def compare(outputs: dict[str, tuple[np.ndarray, np.ndarray]], masks: np.ndarray, labels: np.ndarray,
+            rounds: int, bins: int, seed: int) -> list[dict]:
+    """Rows of every model B against the first (the anchor A), per metric (see the module)."""
+    full = {n: {"image_auroc": image_auroc(labels, s), "pixel_auroc": pixel_auroc(masks, m)}
+            for n, (m, s) in outputs.items()}
+    boot = bootstrap(outputs, masks, labels, rounds, bins, seed)
+    a, *others = list(outputs)
+    rows = []
+    for b in others:
+        for metric in ("image_auroc", "pixel_auroc"):
+            d = boot[b][metric] - boot[a][metric]
+            lo, hi = np.percentile(d, [2.5, 97.5])
+            rows.append({"metric": metric, "a": a, "b": b, "a_value": full[a][metric], "b_value": full[b][metric],
+                         "difference": full[b][metric] - full[a][metric], "ci95": [float(lo), float(hi)],
+                         "share_b_at_least_a": float(np.mean(d >= 0))})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Parse arguments, run both models, bootstrap, write the results."""
+    """Parse arguments, run the models, bootstrap, write the results."""
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--onnx", action="append", required=True, metavar="NAME=PATH",
@@ -84,45 +112,32 @@ def main(argv: list[str] | None = None) -> None:
     if len(models) < 2:
         sys.exit("error: give at least two --onnx NAME=PATH with distinct names (the anchor A, then B)")
     recipe = load_recipe(Path(args.recipe))
-    splits = load_splits(recipe.data)
-    transform = ImageTransform(recipe.data)
-    outputs, masks = {}, None
-    for name, path in models.items():
-        maps, scores, masks, _ = predict(OnnxPredictor(Path(path)), splits.test, transform, 8)
-        outputs[name] = (maps, scores)
-    labels = np.array([s.label for s in splits.test])
-    full = {n: {"image_auroc": image_auroc(labels, s), "pixel_auroc": pixel_auroc(masks, m)}
-            for n, (m, s) in outputs.items()}
-    boot = bootstrap(outputs, masks, labels, args.rounds, args.bins, args.seed)
-    a, *others = list(models)
-    rows = []
-    for b in others:
-        for metric in ("image_auroc", "pixel_auroc"):
-            d = boot[b][metric] - boot[a][metric]
-            lo, hi = np.percentile(d, [2.5, 97.5])
-            rows.append({"metric": metric, "a": a, "b": b, "a_value": full[a][metric], "b_value": full[b][metric],
-                         "difference": full[b][metric] - full[a][metric], "ci95": [float(lo), float(hi)],
-                         "share_b_at_least_a": float(np.mean(d >= 0))})
+    outputs, masks, labels = run_models(models, load_splits(recipe.data), ImageTransform(recipe.data))
+    rows = compare(outputs, masks, labels, args.rounds, args.bins, args.seed)
     meta = bench_meta("bench/paired_bootstrap.py", argv, rounds=args.rounds, bins=args.bins, seed=args.seed,
                       n_test=len(labels), n_defective=int(labels.sum()))
     payload = {"meta": meta, "models": {n: {"onnx": p, "sha256": sha256_file(Path(p))} for n, p in models.items()},
                "rows": rows}
 
     def markdown(path: Path) -> None:
-        lines = [f"# Paired bootstrap against {a} on the test split", "", f"`{meta['command']}`", "",
+        lines = [f"# Paired bootstrap against {next(iter(models))} on the test split", "", f"`{meta['command']}`", "",
                  f"machine: {meta['machine']}; {len(labels)} test images ({int(labels.sum())} defective); "
                  f"{args.rounds} stratified rounds, seed {args.seed}; pixel AUROC over {args.bins} bins per model", "",
-                 "| metric | A | B | A value | B value | B - A | 95 % interval | rounds with B >= A |",
-                 "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['metric']} | {r['a']} | {r['b']} | {r['a_value']:.4f} | {r['b_value']:.4f} | "
-                  f"{r['difference']:+.4f} | [{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}] | "
-                  f"{r['share_b_at_least_a']:.1%} |" for r in rows]
-        lines += ["", "versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())]
+                 *table(rows), "", "versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())]
         path.write_text("\n".join(lines) + "\n")
 
     write_results(Path(args.out), payload, markdown)
     for r in rows:
         print(r)
+
+
+def table(rows: list[dict]) -> list[str]:
+    """Markdown table lines of comparison rows."""
+    lines = ["| metric | A | B | A value | B value | B - A | 95 % interval | rounds with B >= A |",
+             "|---|---|---|---|---|---|---|---|"]
+    return lines + [f"| {r['metric']} | {r['a']} | {r['b']} | {r['a_value']:.4f} | {r['b_value']:.4f} | "
+                    f"{r['difference']:+.4f} | [{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}] | "
+                    f"{r['share_b_at_least_a']:.1%} |" for r in rows]
 
 
 if __name__ == "__main__":

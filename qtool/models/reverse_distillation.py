@@ -5,11 +5,15 @@ WideResNet-50-2 [256,512,1024]); the levels must double in stride (4, 8, 16 for 
 - OCBE (multi-scale fusion): each shallower level goes through strided 3x3 conv + BN + ReLU steps
   (channels c_i -> c_{i+1} -> ... -> c_last, as the original 256->512->1024) to the deepest level's
   resolution; the levels are concatenated (3*c_last) and ``ocbe_blocks`` (default 1) bottleneck
-  residual blocks, the first with stride 2, give the compact embedding (``embed_channels``,
-  default 2*c_last, the original's 2048 for WRN-50 and 512 for ResNet-18).
+  residual blocks, the first with stride ``embed_stride`` (2, the original; or 1), give the compact
+  embedding (``embed_channels``, default 2*c_last, the original's 2048 for WRN-50 and 512 for
+  ResNet-18). With ``embed_stride: 1`` the embedding keeps the deepest level's resolution (16 x 16
+  instead of 8 x 8 at 256 px, stride 16), for a finer map of the deepest level.
 - Decoder (the student's second half), deepest level first: per level one upsampling residual block
   (ConvTranspose2d k2 s2 + BN + ReLU + 3x3 conv + BN, shortcut ConvTranspose2d k2 s2 + BN, ReLU)
-  then a linear 1x1 conv to the teacher level's channels. The linear output is our change: teachers
+  then a linear 1x1 conv to the teacher level's channels. With ``embed_stride: 1`` the deepest
+  level's block does not upsample (3x3 conv in place of the ConvTranspose2d, 1x1 conv shortcut), so
+  a map of the deepest level only has no ConvTranspose2d left in the graph. The linear output is our change: teachers
   such as EfficientNet-Lite0 emit signed features that a ReLU output could not match in direction.
 - Loss: per level, 1 - cosine similarity over channels at every position, averaged over positions
   and batch, summed over levels. (The original takes one cosine of the flattened per-sample vectors;
@@ -60,7 +64,7 @@ class Bottleneck(nn.Module):
 class Ocbe(nn.Module):
     """One-class bottleneck embedding: multi-scale feature fusion + residual block(s) with stride 2."""
 
-    def __init__(self, channels: list[int], embed: int, blocks: int = 1) -> None:
+    def __init__(self, channels: list[int], embed: int, blocks: int = 1, stride: int = 2) -> None:
         super().__init__()
         last = len(channels) - 1
         self.down = nn.ModuleList()
@@ -70,38 +74,49 @@ class Ocbe(nn.Module):
                 steps += [*_conv_bn(channels[j], channels[j + 1], 3, 2), nn.ReLU()]
             self.down.append(nn.Sequential(*steps))
         fused = channels[-1] * len(channels)
-        self.blocks = nn.Sequential(Bottleneck(fused, embed, 2), *(Bottleneck(embed, embed) for _ in range(blocks - 1)))
+        self.blocks = nn.Sequential(Bottleneck(fused, embed, stride),
+                                    *(Bottleneck(embed, embed) for _ in range(blocks - 1)))
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
-        """Encoder features (shallow to deep) -> embedding at half the deepest resolution."""
+        """Encoder features (shallow to deep) -> embedding at the deepest resolution over ``stride``."""
         n = len(self.down)  # index, never iterate, ``feats``: torch.fx traces the student on its own (QAT)
         fused = torch.cat([self.down[i](feats[i]) for i in range(n)] + [feats[n]], dim=1)
         return self.blocks(fused)
 
 
 class UpBlock(nn.Module):
-    """Upsampling residual block: ConvTranspose2d(k2, s2) main path and shortcut, BN, ReLU."""
+    """Upsampling residual block: ConvTranspose2d(k2, s2) main path and shortcut, BN, ReLU.
 
-    def __init__(self, cin: int, cout: int) -> None:
+    ``scale`` 1: the same block at the same resolution (3x3 conv main path, 1x1 conv shortcut).
+    """
+
+    def __init__(self, cin: int, cout: int, scale: int = 2) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.ConvTranspose2d(cin, cout, 2, 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
-                                  *_conv_bn(cout, cout, 3))
-        self.shortcut = nn.Sequential(nn.ConvTranspose2d(cin, cout, 2, 2, bias=False), nn.BatchNorm2d(cout))
+        if scale == 2:
+            first = [nn.ConvTranspose2d(cin, cout, 2, 2, bias=False), nn.BatchNorm2d(cout)]
+            shortcut = [nn.ConvTranspose2d(cin, cout, 2, 2, bias=False), nn.BatchNorm2d(cout)]
+        else:
+            first, shortcut = _conv_bn(cin, cout, 3), _conv_bn(cin, cout, 1)
+        self.body = nn.Sequential(*first, nn.ReLU(), *_conv_bn(cout, cout, 3))
+        self.shortcut = nn.Sequential(*shortcut)
         self.relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Double the resolution."""
+        """Double the resolution (``scale`` 2) or keep it (1)."""
         return self.relu(self.body(x) + self.shortcut(x))
 
 
 class Decoder(nn.Module):
-    """Reverse of the encoder: one upsampling block per level (deep to shallow) and a linear 1x1 output."""
+    """Reverse of the encoder: one upsampling block per level (deep to shallow) and a linear 1x1 output.
 
-    def __init__(self, channels: list[int], embed: int) -> None:
+    ``first_scale``: the deepest block's upsampling (2, or 1 for an embedding at that level's resolution).
+    """
+
+    def __init__(self, channels: list[int], embed: int, first_scale: int = 2) -> None:
         super().__init__()
         ups, outs, cin = [], [], embed
-        for c in reversed(channels):
-            ups.append(UpBlock(cin, c))
+        for i, c in enumerate(reversed(channels)):
+            ups.append(UpBlock(cin, c, first_scale if i == 0 else 2))
             outs.append(nn.Conv2d(c, c, 1))
             cin = c
         self.ups = nn.ModuleList(ups)
@@ -119,21 +134,21 @@ class Decoder(nn.Module):
 class RdStudent(nn.Module):
     """The trainable inference part: OCBE then decoder."""
 
-    def __init__(self, channels: list[int], embed: int, blocks: int) -> None:
+    def __init__(self, channels: list[int], embed: int, blocks: int, stride: int = 2) -> None:
         super().__init__()
-        self.ocbe = Ocbe(channels, embed, blocks)
-        self.decoder = Decoder(channels, embed)
+        self.ocbe = Ocbe(channels, embed, blocks, stride)
+        self.decoder = Decoder(channels, embed, stride)
 
     def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         """Teacher features -> reconstructed teacher features."""
         return self.decoder(self.ocbe(feats))
 
 
-def _check_geometry(reductions: list[int], image_size: int, backbone: str) -> None:
+def _check_geometry(reductions: list[int], image_size: int, backbone: str, stride: int) -> None:
     for a, b in zip(reductions, reductions[1:]):
         if b != 2 * a:
             raise ModelError(f"rd needs encoder levels that double in stride; {backbone} levels have {reductions}")
-    unit = 2 * reductions[-1]
+    unit = stride * reductions[-1]
     if image_size % unit:
         raise ModelError(f"rd with strides {reductions} needs image_size divisible by {unit}, got {image_size}")
 
@@ -141,24 +156,27 @@ def _check_geometry(reductions: list[int], image_size: int, backbone: str) -> No
 class ReverseDistillation(KDModel):
     """Reverse Distillation.
 
-    Options: ``embed_channels`` (default 2*c_last), ``ocbe_blocks`` (default 1), ``map_sigma``
-    (default 4.0, the map blur), ``map_levels`` (default all levels).
+    Options: ``embed_channels`` (default 2*c_last), ``ocbe_blocks`` (default 1), ``embed_stride``
+    (2, the original; or 1), ``map_sigma`` (default 4.0, the map blur), ``map_levels`` (default all levels).
     """
 
     MAP_OPTIONS = ("map_sigma", "map_levels")
-    OPTIONS = ("embed_channels", "ocbe_blocks", *MAP_OPTIONS)
+    OPTIONS = ("embed_channels", "ocbe_blocks", "embed_stride", *MAP_OPTIONS)
 
     def __init__(self, cfg: ModelConfig, image_size: int) -> None:
         super().__init__()
         check_options(cfg, self.OPTIONS)
         self.teacher = freeze(build_backbone(cfg.backbone, cfg.levels, cfg.weights))
         channels, reductions = self.teacher.channels, self.teacher.reductions
-        _check_geometry(reductions, image_size, cfg.backbone)
+        stride = cfg.options.get("embed_stride", 2)
+        if stride not in (1, 2) or isinstance(stride, bool):
+            raise ModelError(f"rd option embed_stride={stride!r}: expected 2 (the original) or 1")
+        _check_geometry(reductions, image_size, cfg.backbone, stride)
         embed = int(cfg.options.get("embed_channels", 2 * channels[-1]))
         blocks = int(cfg.options.get("ocbe_blocks", 1))
         if embed < 1 or blocks < 1:
             raise ModelError(f"rd options embed_channels={embed} and ocbe_blocks={blocks} must be >= 1")
-        self.student = RdStudent(channels, embed, blocks)
+        self.student = RdStudent(channels, embed, blocks, stride)
         sigma = map_sigma(cfg.options.get("map_sigma", 4.0), "rd")
         self.head = AnomalyMapHead("cosine", "sum", map_size=image_size, out_size=image_size, sigma=sigma,
                                    levels=map_levels(cfg.options.get("map_levels"), cfg.levels, "rd"))

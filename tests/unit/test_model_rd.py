@@ -52,6 +52,35 @@ def test_onnx_has_conv_transpose_in_student(tmp_path: Path) -> None:
     assert all(n.startswith("/student/decoder/ups.") for n in bns)
 
 
+def test_embed_stride_1_keeps_the_deepest_grid_and_drops_every_conv_transpose(tmp_path: Path) -> None:
+    import numpy as np
+    import onnxruntime as ort
+
+    model = _rd("tf_efficientnet_lite0", size=32, embed_stride=1, map_levels=[3], map_sigma=0)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = model.teacher(x)
+        embed = model.student.ocbe(feats)
+        recon = model.student(feats)
+        amap, _ = model(x)
+    assert embed.shape == (2, 224, 2, 2) == (2, 2 * feats[2].shape[1], *feats[2].shape[2:])  # stride 16 at 32 px
+    assert [r.shape for r in recon] == [f.shape for f in feats]
+    path = export_onnx(model, tmp_path / "rd.onnx", 32)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "ConvTranspose" not in ops  # the deepest block does not upsample; the shallower ones are pruned
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": x[:1].numpy()})[0]
+    assert np.allclose(got, amap[:1].numpy(), atol=1e-5)
+    full = [n.op_type for n in onnx.load(str(export_onnx(_rd("resnet18", size=48, embed_stride=1),
+                                                        tmp_path / "full.onnx", 48))).graph.node]
+    assert full.count("ConvTranspose") == 4  # all levels mapped: the two shallower blocks still upsample
+
+
+@pytest.mark.parametrize("bad", [0, 3, True, "2"])
+def test_bad_embed_stride_is_a_model_error(bad) -> None:
+    with pytest.raises(ModelError, match="embed_stride"):
+        _rd("resnet18", embed_stride=bad)
+
+
 def test_loss_is_per_position_cosine_distance() -> None:
     model = _rd("resnet18", embed_channels=32).train()
     x = torch.randn(2, 3, 64, 64)

@@ -1,0 +1,120 @@
+"""Is map-aware calibration significantly below the best standard calibrator in any cell?
+
+Reads the quantized models of a ``bench/map_aware.py`` run (``--work``; every cell must have run).
+For each setup, width and calibration source it runs the map-aware model and the four standard
+calibrators' models on the test split. Then, with ``bench/paired_bootstrap.py``'s paired, stratified
+bootstrap (map-aware is the anchor A), it compares map-aware with the standard calibrator that is
+best on the full test split, per metric (image and pixel AUROC; AUPRO is not bootstrapped).
+
+Picking the best of four on the test split favours the standard side (winner's curse), so the
+comparison is conservative for map-aware. Verdict per cell and metric: "below" when the 95 %
+interval of best - map-aware lies above 0, "above" when it lies below 0, otherwise "tie".
+Cell groups already compared are read back from ``--cache`` (resumable).
+
+Run: .venv/bin/python bench/map_aware_bootstrap.py --work bench/work/map_aware_mtd \
+         --setup mtd-stfpm --setup mtd-rd [--bits 8,6,4] [--sources train,random-normal,mix]
+Writes PATH.{json,md} (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from paired_bootstrap import compare, run_models
+
+from qtool.artifacts import bench_meta, write_json, write_results
+from qtool.data import ImageTransform
+from qtool.data.datasets import load_splits
+from qtool.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+STANDARD = ("minmax", "percentile", "entropy", "mse")
+
+
+def cell_models(work: Path, setup: str, source: str, bits: int) -> dict[str, str]:
+    """map-aware first, then the standard calibrators: name -> quantized ONNX of that cell."""
+    models = {}
+    for calib in ("map-aware", *STANDARD):
+        path = work / setup / f"{calib}-{source}-{bits}bit" / "ptq" / "model.onnx"
+        if not path.is_file():
+            sys.exit(f"error: {path} is missing; run bench/map_aware.py for that cell first")
+        models[calib] = str(path)
+    return models
+
+
+def verdicts(rows: list[dict]) -> list[dict]:
+    """Per metric: map-aware against the best standard calibrator (on the full test split)."""
+    out = []
+    for metric in ("image_auroc", "pixel_auroc"):
+        best = max((r for r in rows if r["metric"] == metric), key=lambda r: r["difference"])
+        lo, hi = best["ci95"]
+        verdict = "below" if lo > 0 else "above" if hi < 0 else "tie"
+        out.append({"metric": metric, "map_aware": best["a_value"], "best": best["b"], "best_value": best["b_value"],
+                    "best_minus_map_aware": best["difference"], "ci95": best["ci95"], "verdict": verdict})
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse arguments, compare every cell group, write the results."""
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", required=True, help="the --work folder of a bench/map_aware.py run")
+    ap.add_argument("--setup", action="append", required=True, help="e.g. mtd-stfpm (a folder under --work)")
+    ap.add_argument("--bits", type=lambda v: [int(b) for b in v.split(",")], default=[8, 6, 4])
+    ap.add_argument("--sources", type=lambda v: v.split(","), default=["train", "random-normal", "mix"])
+    ap.add_argument("--recipe", default=str(ROOT / "recipes/mtd_stfpm.yaml"), help="data section and split")
+    ap.add_argument("--rounds", type=int, default=500)
+    ap.add_argument("--bins", type=int, default=1 << 14)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache", default=str(ROOT / "bench/work/map_aware_bootstrap"))
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    recipe = load_recipe(Path(args.recipe))
+    splits, transform = load_splits(recipe.data), ImageTransform(recipe.data)
+    cache = Path(args.cache)
+    cells = []
+    for setup in args.setup:
+        for bits in args.bits:
+            for source in args.sources:
+                hit = cache / f"{setup}-{source}-{bits}bit.json"
+                if hit.is_file():
+                    rows = json.loads(hit.read_text())["rows"]
+                else:
+                    models = cell_models(Path(args.work), setup, source, bits)
+                    rows = compare(*run_models(models, splits, transform), args.rounds, args.bins, args.seed)
+                    write_json(hit, {"models": models, "rounds": args.rounds, "seed": args.seed, "rows": rows})
+                cell = {"setup": setup, "bits": bits, "source": source, "rows": rows, "verdicts": verdicts(rows)}
+                cells.append(cell)
+                print(setup, bits, source, [(v["metric"], v["best"], round(v["best_minus_map_aware"], 4),
+                                             v["verdict"]) for v in cell["verdicts"]], flush=True)
+    meta = bench_meta("bench/map_aware_bootstrap.py", argv, rounds=args.rounds, bins=args.bins, seed=args.seed,
+                      n_test=len(splits.test))
+    counts = {v: sum(x["verdict"] == v for c in cells for x in c["verdicts"]) for v in ("below", "tie", "above")}
+
+    def markdown(path: Path) -> None:
+        lines = ["# Map-aware against the best standard calibrator, per cell: paired bootstrap on test", "",
+                 f"`{meta['command']}`", "",
+                 f"machine: {meta['machine']}; {len(splits.test)} test images; {args.rounds} stratified rounds, "
+                 f"seed {args.seed}. Best = the standard calibrator (minmax, percentile, entropy, mse; same source "
+                 "and width) with the highest value on the full test split, which favours it. below / above: the "
+                 "95 % interval of best - map-aware lies above / below 0; tie otherwise.", "",
+                 f"Verdicts over {sum(counts.values())} cell metrics: map-aware below {counts['below']}, "
+                 f"tie {counts['tie']}, above {counts['above']}.", "",
+                 "| setup | bits | source | metric | map-aware | best standard | best - map-aware | 95 % interval "
+                 "| verdict |", "|---|---|---|---|---|---|---|---|---|"]
+        for c in cells:
+            for v in c["verdicts"]:
+                lines.append(f"| {c['setup']} | {c['bits']} | {c['source']} | {v['metric']} | {v['map_aware']:.4f} | "
+                             f"{v['best']} {v['best_value']:.4f} | {v['best_minus_map_aware']:+.4f} | "
+                             f"[{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}] | {v['verdict']} |")
+        lines += ["", "versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())]
+        path.write_text("\n".join(lines) + "\n")
+
+    write_results(Path(args.out), {"meta": meta, "counts": counts, "cells": cells}, markdown)
+
+
+if __name__ == "__main__":
+    main()
