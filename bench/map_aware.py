@@ -105,11 +105,16 @@ def cell_overrides(calib: str, source: str, bits: int, args: argparse.Namespace,
     return out
 
 
+def setup_folder(name: str) -> str:
+    """The folder under ``--work`` of a setup named ``DATASET:MODEL``."""
+    return name.replace(":", "-")
+
+
 def bench_setup(name: str, model: Path, recipe: Recipe, args: argparse.Namespace) -> dict:
     """fp32 row, every cell, and the proxy's rank correlations for one setup."""
     from qtool.runs import run_eval, run_export
 
-    work = Path(args.work) / name.replace(":", "-")
+    work = Path(args.work) / setup_folder(name)
     work.mkdir(parents=True, exist_ok=True)
     if model.suffix == ".pt":  # export once, not once per cell
         onnx_path = work / "fp32.onnx"

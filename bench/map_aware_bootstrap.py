@@ -1,4 +1,4 @@
-"""Is map-aware calibration significantly below the best standard calibrator in any cell?
+"""Per cell, a paired bootstrap: is map-aware calibration significantly below the best standard one.
 
 Reads the quantized models of a ``bench/map_aware.py`` run (``--work``; every cell must have run).
 For each setup, width and calibration source it runs the map-aware model and the standard
@@ -26,6 +26,7 @@ import json
 import sys
 from pathlib import Path
 
+from map_aware import CALIBRATORS, setup_folder
 from paired_bootstrap import compare, run_models
 
 from qtool.artifacts import bench_meta, write_json, write_results
@@ -34,12 +35,12 @@ from qtool.data.datasets import load_splits
 from qtool.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-STANDARD = ("minmax", "percentile", "entropy", "mse")
+STANDARD = tuple(c for c in CALIBRATORS if c != "map-aware")
 
 
 def best_standard(results: dict, setup: str, source: str, bits: int) -> list[str]:
     """The standard calibrators best on image or pixel AUROC in a map_aware.py results JSON."""
-    entry = next((s for s in results["setups"] if s["setup"].replace(":", "-") == setup), None)
+    entry = next((s for s in results["setups"] if setup_folder(s["setup"]) == setup), None)
     if entry is None:
         sys.exit(f"error: setup {setup} is not in the results file")
     cells = [c for c in entry["cells"] if c["bits"] == bits and c["source"] == source and c["calibrator"] in STANDARD]

@@ -1,7 +1,8 @@
-"""Is one model's test AUROC really above another's? A paired, stratified bootstrap over test images.
+"""Paired, stratified bootstrap over test images: is one model's test AUROC really above another's.
 
-The first ``--onnx`` is the anchor A; every other model B is compared with it. All are run once on the recipe's test split (ONNX Runtime CPU). Each bootstrap round
-draws the normal and the defective test images with replacement (separately, so both classes stay
+The first ``--onnx`` is the anchor A; every other model B is compared with it. All are run once on
+the recipe's test split (ONNX Runtime CPU; the images are read once). Each bootstrap round draws the
+normal and the defective test images with replacement (separately, so both classes stay
 present) and scores both models on the same draw: image AUROC, and pixel AUROC from per-image
 histograms of defect and normal pixels (``--bins`` equal bins per model over its map range; pairs in
 one bin count one half, as ``qtool.metrics.pixel_auroc`` above its exact limit). Reported per
@@ -25,7 +26,7 @@ import numpy as np
 from qtool.artifacts import bench_meta, sha256_file, write_results
 from qtool.data import ImageTransform
 from qtool.data.datasets import load_splits
-from qtool.evaluate import OnnxPredictor, predict
+from qtool.evaluate import OnnxPredictor
 from qtool.metrics import auroc_from_counts, image_auroc, pixel_auroc, pixel_histograms
 from qtool.recipe import load_recipe
 
@@ -70,11 +71,14 @@ def bootstrap(outputs: dict[str, tuple[np.ndarray, np.ndarray]], masks: np.ndarr
 
 def run_models(models: dict[str, str], splits, transform) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]],
                                                                   np.ndarray, np.ndarray]:
-    """Each ONNX model on the test split: ({name: (maps, scores)}, masks, labels)."""
-    outputs, masks = {}, None
+    """Each ONNX model on the test split: ({name: (maps, scores)}, masks, labels); images read once."""
+    images = np.stack([transform.image(s.path) for s in splits.test])
+    masks = np.stack([transform.mask(s) for s in splits.test]).astype(np.uint8)
+    outputs = {}
     for name, path in models.items():
-        maps, scores, masks, _ = predict(OnnxPredictor(Path(path)), splits.test, transform, 8)
-        outputs[name] = (maps, scores)
+        predictor = OnnxPredictor(Path(path))
+        runs = [predictor(images[i : i + 8]) for i in range(0, len(images), 8)]
+        outputs[name] = (np.concatenate([m for m, _ in runs]).astype(np.float32), np.concatenate([s for _, s in runs]))
     return outputs, masks, np.array([s.label for s in splits.test])
 
 

@@ -13,8 +13,9 @@ WideResNet-50-2 [256,512,1024]); the levels must double in stride (4, 8, 16 for 
   (ConvTranspose2d k2 s2 + BN + ReLU + 3x3 conv + BN, shortcut ConvTranspose2d k2 s2 + BN, ReLU)
   then a linear 1x1 conv to the teacher level's channels. With ``embed_stride: 1`` the deepest
   level's block does not upsample (3x3 conv in place of the ConvTranspose2d, 1x1 conv shortcut), so
-  a map of the deepest level only has no ConvTranspose2d left in the graph. The linear output is our change: teachers
-  such as EfficientNet-Lite0 emit signed features that a ReLU output could not match in direction.
+  a map of the deepest level only has no ConvTranspose2d left in the graph. The linear output is
+  our change: teachers such as EfficientNet-Lite0 emit signed features that a ReLU output could not
+  match in direction.
 - Loss: per level, 1 - cosine similarity over channels at every position, averaged over positions
   and batch, summed over levels. (The original takes one cosine of the flattened per-sample vectors;
   the per-position form is the one the anomaly map uses, so training and scoring agree.)

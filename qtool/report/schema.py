@@ -41,7 +41,7 @@ class CategoryMetrics(Metrics):
 
 
 class Fidelity(_Strict):
-    """How closely the cell's maps and scores follow fp32's on the test split (``qtool.metrics.map_fidelity``)."""
+    """How closely the cell's maps and scores follow fp32's on the test split (``qtool.fidelity.map_fidelity``)."""
 
     pixel_pearson: float | None
     map_max_abs_diff: float | None

@@ -20,7 +20,8 @@ import numpy as np
 
 from qtool.artifacts import write_json
 from qtool.errors import DataError, QtoolError
-from qtool.metrics import f1_at, map_fidelity
+from qtool.fidelity import map_fidelity
+from qtool.metrics import f1_at
 from qtool.ptq import StageTimer
 from qtool.recipe import Recipe
 from qtool.registry import Registry
