@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="level subsets to try, e.g. 3,2+3 (default: every non-empty subset)")
     ap.add_argument("--sigmas", type=lambda v: [float(x) for x in v.split(",")], default=None,
                     help="map blur sigmas to try, e.g. 0,2,4,8 (default: the checkpoint's own)")
+    ap.add_argument("--kinds", default="patch,scratch,noise", help="synthetic anomaly kinds of the proxy")
     ap.add_argument("--out", default=str(ROOT / "bench/results/mtd_map_levels"))
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     transform = ImageTransform(recipe.data)
     pool = splits.holdout[: args.normals or None]
     normals = np.stack([transform.image(s.path) for s in pool])
-    search = search_set_from_arrays(normals, ["patch", "scratch", "noise"], 0, [str(s.path) for s in pool])
+    search = search_set_from_arrays(normals, args.kinds.split(","), 0, [str(s.path) for s in pool])
     test = (np.stack([transform.image(s.path) for s in splits.test]),
             np.stack([transform.mask(s) for s in splits.test]), np.array([s.label for s in splits.test]))
     pairs = [m.split("=", 1) for m in args.model]
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
                for name, path in pairs]
     meta = bench_meta("bench/mtd_map_levels.py", argv, n_test=len(splits.test),
                       proxy=f"{len(pool)} held-out normals + one synthetic anomaly each "
-                            "(patch, scratch, noise; seed 0)",
+                            f"({args.kinds.replace(',', ', ')}; seed 0)",
                       rule="highest proxy pixel AUROC, ties by proxy image AUROC (fixed before comparing)",
                       subsets=args.subsets, sigmas=args.sigmas)
     write_results(Path(args.out), {"meta": meta, "results": results}, lambda p: write_markdown(p, meta, results))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,10 +23,51 @@ from calibrators.histogram import HistogramCalibrator, HistogramCollector
 from calibrators.mse import MseCalibrator
 from calibrators.percentile import PercentileCalibrator
 from qtool.errors import CalibrationError
-from qtool.proxy import MapDistortion
+from qtool.proxy import MapDistortion, separation
+from qtool.registry import Registry
 
 log = logging.getLogger(__name__)
+#: Up to this many search-set pixels the separation's pixel AUROC is exact; above, binned (error ~1e-6).
+SEARCH_EXACT_PIXELS = 1 << 20
+Scores = dict[str, float]
 
+
+@dataclass(frozen=True)
+class Objective:
+    """How the search chooses the base rule and which tensor changes it may keep.
+
+    ``choose(scores)``: the base among the scored rules (in scoring order, so ties keep the earlier).
+    ``keeps(new, current)``: whether a tensor's candidate may replace the current range at all (it
+    must also lower the distortion). ``separates``: the scores include the search set's separation.
+    """
+
+    choose: Callable[[dict[str, Scores]], str]
+    keeps: Callable[[Scores, Scores], bool]
+    separates: bool
+
+
+#: Under ``separation``, rules whose image AUROC trails the best rule's by more than this are not chosen.
+IMAGE_TOLERANCE = 0.1
+
+
+def by_separation(scores: dict[str, Scores]) -> str:
+    """Highest pixel AUROC, then image AUROC, then lowest distortion: the project's proxy selection rule.
+
+    Only among rules whose image AUROC is within :data:`IMAGE_TOLERANCE` of the best rule's, so a rule
+    that wins pixels by losing the image ranking is not chosen.
+    """
+    best_image = max(s["image_auroc"] for s in scores.values())
+    eligible = [k for k, s in scores.items() if s["image_auroc"] >= best_image - IMAGE_TOLERANCE]
+    return min(eligible, key=lambda k: (-scores[k]["pixel_auroc"], -scores[k]["image_auroc"], scores[k]["loss"]))
+
+
+OBJECTIVES: Registry[Objective] = Registry("map-aware objective")
+OBJECTIVES.add("distortion", Objective(choose=lambda scores: min(scores, key=lambda k: scores[k]["loss"]),
+                                       keeps=lambda new, cur: True, separates=False))
+OBJECTIVES.add("separation", Objective(
+    choose=by_separation,
+    keeps=lambda new, cur: new["pixel_auroc"] >= cur["pixel_auroc"] and new["image_auroc"] >= cur["image_auroc"],
+    separates=True))
 
 
 class MapAwareCalibrator(Calibrator):
@@ -32,28 +75,34 @@ class MapAwareCalibrator(Calibrator):
 
     ``compute`` returns the ``initial`` rule's ranges (TensorRT-style entropy by default) and keeps
     every rule's candidate per tensor (rules whose bounds agree within half a quantization step are one
-    candidate). ``refine`` searches on the fully quantized graph, judged by map distortion (fp32 map
-    error over the upper tail and the synthetic defect regions, plus flipped normal/anomaly score
-    pairs) on the search set, in two stages:
+    candidate). ``refine`` searches on the fully quantized graph, run on the search set (normal
+    calibration images and synthetic anomalies), in two stages:
 
-    1. rules: every tensor at one rule's range, for each rule (``initial`` first); the rule of lowest
-       distortion is the base;
+    1. rules: every tensor at one rule's range, for each rule (``initial`` first); the best by the
+       ``objective`` is the base. ``separation`` (default): the highest pixel AUROC of the synthetic
+       anomalies against the normals, then image AUROC, then the lowest map distortion, among the
+       rules whose image AUROC is within ``IMAGE_TOLERANCE`` (0.1) of the best rule's;
+       ``distortion``: the lowest map distortion (fp32 map error over the upper tail and the synthetic
+       defect regions, plus flipped normal/anomaly score pairs).
     2. tensors: coordinate descent from the base, one tensor at a time (those whose candidates differ
        by the most quantization steps first, then graph order): each other candidate is tried with
-       every other tensor at its current range, and kept only if it lowers the distortion.
+       every other tensor at its current range, and kept only if it lowers the distortion and, under
+       ``separation``, lowers neither AUROC.
 
-    So the result never distorts more than the best whole rule on the search set. Ties keep the
-    earlier choice (``initial`` first), so the search is deterministic. When ``time_budget_s`` runs
-    out, the remaining tensors keep the base rule's range (``initial``'s if no rule was scored).
-    After ``refine``, :attr:`search_summary` holds the rule losses, the base and the counts.
+    So the result never distorts more than the base and, under ``separation``, never separates the
+    search set worse than the best whole rule. Ties keep the earlier choice (``initial`` first), so the
+    search is deterministic. When ``time_budget_s`` runs out, the remaining tensors keep the base
+    rule's range (``initial``'s if no rule was scored). After ``refine``, :attr:`search_summary` holds
+    the rule scores, the base and the counts.
 
     Options: ``num_bins`` (2048), ``percentiles`` ([99.9, 99.99, 99.999]), ``initial`` ("entropy";
-    or "minmax", "mse", "percentile-P"), ``time_budget_s`` (300), ``tail_quantile`` (0.99: fp32 map
-    values above this quantile on normals count as tail), ``rank_weight`` (1.0: weight of flipped pairs).
+    or "minmax", "mse", "percentile-P"), ``objective`` ("separation" or "distortion"),
+    ``time_budget_s`` (300), ``tail_quantile`` (0.99: fp32 map values above this quantile on normals
+    count as tail), ``rank_weight`` (1.0: weight of flipped pairs in the distortion).
     """
 
     OPTIONS = {"num_bins": 2048, "percentiles": [99.9, 99.99, 99.999], "initial": "entropy",
-               "time_budget_s": 300.0, "tail_quantile": 0.99, "rank_weight": 1.0}
+               "objective": "separation", "time_budget_s": 300.0, "tail_quantile": 0.99, "rank_weight": 1.0}
     needs_graph = True
 
     def __init__(self, **options: Any) -> None:
@@ -71,6 +120,9 @@ class MapAwareCalibrator(Calibrator):
             raise self._option_error("tail_quantile", "a number in (0, 1)")
         if o["rank_weight"] < 0:
             raise self._option_error("rank_weight", "a number >= 0")
+        if o["objective"] not in OBJECTIVES.names():
+            raise self._option_error("objective", "one of " + ", ".join(OBJECTIVES.names()))
+        self.objective = OBJECTIVES.get(o["objective"])
         common = {"symmetric": self.symmetric, "num_bits": self.num_bits, "num_bins": o["num_bins"]}
         rules: dict[str, HistogramCalibrator] = {"entropy": EntropyCalibrator(**common), "mse": MseCalibrator(**common)}
         rules.update({f"percentile-{float(p):g}": PercentileCalibrator(percentile=float(p), **common) for p in ps})
@@ -148,58 +200,64 @@ class MapAwareCalibrator(Calibrator):
         """Whole rules, then coordinate descent per tensor, on the quantized graph (see the class)."""
         loss = MapDistortion(*context.reference, context.masks, context.labels,
                              self.options["tail_quantile"], self.options["rank_weight"])
+        objective = self.objective
         t0 = time.monotonic()
         budget = self.options["time_budget_s"]
 
         def spent() -> bool:
             return budget <= 0 or time.monotonic() - t0 > budget
 
-        def distortion(assignment: dict[str, TensorRange]) -> dict[str, float]:
-            return loss(*context.run(context.build(assignment, None)))
+        def score(assignment: dict[str, TensorRange]) -> Scores:
+            maps, scores = context.run(context.build(assignment, None))
+            out = loss(maps, scores)
+            if objective.separates:
+                out.update(separation(maps, scores, context.masks, context.labels, exact_limit=SEARCH_EXACT_PIXELS))
+            return out
 
         names = [t for t in context.tensors if t in self.candidates]
-        rule_losses: dict[str, dict[str, float]] = {}
+        rule_scores: dict[str, Scores] = {}
         for rule in self._rule_order() if names else []:
             if spent():
                 break
-            rule_losses[rule] = distortion({**ranges, **{n: self.candidates[n][self._index_of(n, rule)][1]
-                                                          for n in names}})
-        base = min(rule_losses, key=lambda k: rule_losses[k]["loss"]) if rule_losses else self.options["initial"]
+            rule_scores[rule] = score({**ranges, **{n: self.candidates[n][self._index_of(n, rule)][1] for n in names}})
+        initial = self.options["initial"]
+        base = objective.choose(rule_scores) if rule_scores else initial
         index = {n: self._index_of(n, base) for n in names}
         current = {**ranges, **{n: self.candidates[n][index[n]][1] for n in names}}
-        best = rule_losses.get(base)
+        best = rule_scores.get(base)
         out: dict[str, TensorRange] = {}
-        evaluations, changed = len(rule_losses), 0
+        evaluations, changed = len(rule_scores), 0
         for name in sorted(names, key=lambda n: -self._spread(n)):  # stable: graph order among equals
             cands = self.candidates[name]
-            losses: dict[int, dict[str, float]] = {}
+            tried: dict[int, Scores] = {}
             if len(cands) < 2:
                 status = "single candidate"
             elif best is None or spent():
                 status = "time budget spent: base kept"
             else:
-                losses[index[name]] = best
+                tried[index[name]] = best
                 for i in (i for i in range(len(cands)) if i != index[name]):
                     if spent():
                         break
-                    losses[i] = distortion({**current, name: cands[i][1]})
-                evaluations += len(losses) - 1
-                status = "searched" if len(losses) == len(cands) else "time budget spent: best so far"
-                pick = min(losses, key=lambda i: (losses[i]["loss"], i != index[name]))  # ties keep the current
+                    tried[i] = score({**current, name: cands[i][1]})
+                evaluations += len(tried) - 1
+                status = "searched" if len(tried) == len(cands) else "time budget spent: best so far"
+                kept = [i for i in tried if i == index[name] or objective.keeps(tried[i], best)]
+                pick = min(kept, key=lambda i: (tried[i]["loss"], i != index[name]))  # ties keep the current
                 if pick != index[name]:
-                    index[name], best, changed = pick, losses[pick], changed + 1
+                    index[name], best, changed = pick, tried[pick], changed + 1
                     current[name] = cands[pick][1]
-            out[name] = self._with_meta(name, index[name], losses, status, base)
+            out[name] = self._with_meta(name, index[name], tried, status, base)
             if context.progress:
                 context.progress(1)
         seconds = time.monotonic() - t0
         self.search_summary = {
-            "rule_losses": rule_losses, "base": base, "final": best, "graphs_run": evaluations,
-            "tensors": len(names), "tensors_changed_from_base": changed, "seconds": round(seconds, 3),
-            "budget_s": budget, "budget_spent": spent(),
+            "objective": self.options["objective"], "rule_losses": rule_scores, "base": base, "final": best,
+            "graphs_run": evaluations, "tensors": len(names), "tensors_changed_from_base": changed,
+            "seconds": round(seconds, 3), "budget_s": budget, "budget_spent": spent(),
         }
-        log.info("map-aware search: base rule %s (of %d scored), %d tensors, %d graphs run, %d ranges changed, %.1f s",
-                 base, len(rule_losses), len(names), evaluations, changed, seconds)
+        log.info("map-aware search (%s): base rule %s (of %d scored), %d tensors, %d graphs run, %d ranges changed, "
+                 "%.1f s", self.options["objective"], base, len(rule_scores), len(names), evaluations, changed, seconds)
         return {**ranges, **{n: out[n] for n in names}}
 
     def _rule_order(self) -> list[str]:

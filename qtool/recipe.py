@@ -130,7 +130,7 @@ class SearchConfig(Section):
     synthetic anomaly (pasted patch, scratch or noise blob, with its mask) made from each.
     """
 
-    normals: int = Field(8, ge=2)  # the search runs every candidate graph on 2 x normals images
+    normals: int = Field(32, ge=2)  # the search runs every candidate graph on 2 x normals images
     kinds: list[str] = Field(default_factory=lambda: ["patch", "scratch", "noise"], min_length=1)
     seed: int = 0
     proxy: bool = False  # report the proxy (search-set AUROC) of every run, e.g. to correlate it with test AUROC

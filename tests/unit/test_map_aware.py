@@ -73,7 +73,10 @@ def test_map_aware_keeps_the_outlier_range_that_clipping_calibrators_lose(setup)
     assert teacher.meta["search"] == "searched" and teacher.meta["chosen"] != ["entropy"]
     assert fp32 - image_auroc(insert_qdq(model, spec, chosen), search) <= 0.02
     listed = teacher.meta["candidates"]
-    best = min(listed, key=lambda c: c["loss"])
+    current = next(c for c in listed if teacher.meta["base"] in c["rules"])  # the tensor starts at the base rule
+    # the lowest distortion among the candidates that keep both AUROCs of the range they replace
+    kept = [c for c in listed if all(c[k] >= current[k] for k in ("pixel_auroc", "image_auroc"))]
+    best = min(kept, key=lambda c: c["loss"])
     assert (best["lo"], best["hi"]) == (teacher.lo, teacher.hi)
     assert {"minmax", "entropy", "mse", "percentile-99.9"} <= {r for c in listed for r in c["rules"]}
 
@@ -108,32 +111,54 @@ def outputs(model, search):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_search_never_distorts_more_than_the_best_whole_rule(setup, bits):
+@pytest.mark.parametrize("objective", ["separation", "distortion"])
+def test_search_keeps_what_its_objective_promises_against_every_whole_rule(setup, bits, objective):
     """Stage 1 scores each rule on the full graph; coordinate descent only accepts improvements.
 
-    Oracle: MapDistortion of the search's final ranges and of each standard calibrator's own ranges
-    (run separately), each on a model built with insert_qdq and run in a plain ORT session.
+    Oracle: each standard calibrator's own ranges (run separately) and the search's final ranges, each
+    built with insert_qdq and run in a plain ORT session; distortion by MapDistortion, separation by
+    sklearn. ``distortion``: the result distorts no more than any rule. ``separation``: the base is the
+    rule of highest pixel AUROC (then image AUROC) among those within the image tolerance, and the
+    result separates no worse than it and distorts no more.
     """
+    from calibrators.map_aware import IMAGE_TOLERANCE
     from qtool.proxy import MapDistortion
 
     normals, model, search = setup
     spec = spec_at(model, bits)
-    cal = get_calibrator("map-aware", num_bits=bits)
+    cal = get_calibrator("map-aware", num_bits=bits, objective=objective)
     tensors = spec.tensors_to_calibrate()
     initial = calibrate(model, tensors, [normals, search.images], cal, threads=1)
     chosen = cal.refine(initial, Harness(model, spec, search, threads=1).context())
     summary = cal.search_summary
-    assert set(summary["rule_losses"]) == {"entropy", "minmax", "mse", "percentile-99.9", "percentile-99.99",
-                                           "percentile-99.999"}
-    assert summary["base"] == min(summary["rule_losses"], key=lambda k: summary["rule_losses"][k]["loss"])
+    rules = summary["rule_losses"]
+    assert set(rules) == {"entropy", "minmax", "mse", "percentile-99.9", "percentile-99.99", "percentile-99.999"}
     assert all(r.meta["base"] == summary["base"] for r in chosen.values())
 
     distortion = MapDistortion(*outputs(model, search), search.masks, search.labels)
-    final = distortion(*outputs(insert_qdq(model, spec, chosen), search))["loss"]
-    assert final == pytest.approx(summary["final"]["loss"], rel=1e-6, abs=1e-9)
-    for rule in ("minmax", "entropy", "mse"):
-        own = calibrate(model, tensors, [normals, search.images], get_calibrator(rule, num_bits=bits), threads=1)
-        assert final <= distortion(*outputs(insert_qdq(model, spec, own), search))["loss"] + 1e-6, rule
+
+    def scores(m) -> dict[str, float]:
+        maps, s = outputs(m, search)
+        return {"loss": distortion(maps, s)["loss"], "image_auroc": float(roc_auc_score(search.labels, s)),
+                "pixel_auroc": float(roc_auc_score(search.masks.ravel() > 0, maps.ravel()))}
+
+    final = scores(insert_qdq(model, spec, chosen))
+    assert final["loss"] == pytest.approx(summary["final"]["loss"], rel=1e-6, abs=1e-9)
+    if objective == "distortion":
+        assert summary["base"] == min(rules, key=lambda k: rules[k]["loss"])
+        for rule in ("minmax", "entropy", "mse"):
+            own = calibrate(model, tensors, [normals, search.images], get_calibrator(rule, num_bits=bits), threads=1)
+            assert final["loss"] <= scores(insert_qdq(model, spec, own))["loss"] + 1e-6, rule
+        return
+    best_image = max(r["image_auroc"] for r in rules.values())
+    eligible = [k for k in rules if rules[k]["image_auroc"] >= best_image - IMAGE_TOLERANCE]
+    assert summary["base"] == max(eligible, key=lambda k: (rules[k]["pixel_auroc"], rules[k]["image_auroc"],
+                                                           -rules[k]["loss"], -list(rules).index(k)))
+    base = rules[summary["base"]]
+    for key in ("image_auroc", "pixel_auroc"):
+        assert final[key] == pytest.approx(summary["final"][key], abs=1e-6)
+        assert final[key] >= base[key] - 1e-6, key
+    assert final["loss"] <= base["loss"] + 1e-9
 
 
 def test_map_aware_is_registered_and_declares_it_needs_the_graph():
@@ -146,6 +171,7 @@ def test_map_aware_is_registered_and_declares_it_needs_the_graph():
     ({"percentiles": [20.0]}, "percentiles"), ({"percentiles": "99"}, "percentiles"),
     ({"initial": "kl"}, "initial"), ({"time_budget_s": -1.0}, "time_budget_s"),
     ({"tail_quantile": 1.0}, "tail_quantile"), ({"rank_weight": -0.5}, "rank_weight"),
+    ({"objective": "auroc"}, "objective"),
 ])
 def test_bad_map_aware_options_name_the_option(options: dict, key: str):
     with pytest.raises(CalibrationError, match=f"option {key}="):

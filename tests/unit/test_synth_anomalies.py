@@ -35,12 +35,32 @@ def test_anomalies_change_only_their_masked_pixels_and_are_seeded():
     np.testing.assert_array_equal(synthesize(normals[:4], kinds, seed=4).masks, a.masks[:4])
 
 
-def test_scratch_and_noise_stay_within_the_pool_values():
+def test_every_kind_stays_within_the_pool_values():
     normals = smooth_normals(4, seed=2)
     lo, hi = normals.min(axis=(0, 2, 3)), normals.max(axis=(0, 2, 3))
-    for kind in ("scratch", "noise"):
+    for kind in ANOMALY_KINDS.names():
         out = synthesize(normals, [kind], seed=0).images
         assert np.all(out.min(axis=(0, 2, 3)) >= lo - 1e-6) and np.all(out.max(axis=(0, 2, 3)) <= hi + 1e-6), kind
+
+
+def test_mtd_like_kinds_keep_the_texture_and_are_low_contrast():
+    normals = smooth_normals(6, seed=5)
+    std = normals.std(axis=(0, 2, 3))
+    lo, hi = normals.min(axis=(0, 2, 3)), normals.max(axis=(0, 2, 3))
+    for kind, (least, most) in {"stain": (0.5, 1.2), "crack": (1.0, 2.5)}.items():
+        out = synthesize(normals, [kind], seed=1)
+        for i, (img, mask) in enumerate(zip(out.images, out.masks, strict=True)):
+            inside = mask > 0
+            for c in range(3):
+                delta = img[c][inside] - normals[i][c][inside]
+                unclipped = (img[c][inside] > lo[c] + 1e-6) & (img[c][inside] < hi[c] - 1e-6)
+                assert unclipped.any(), (kind, i)
+                shift = delta[unclipped] / std[c]  # the same offset everywhere: the texture is kept
+                np.testing.assert_allclose(shift, shift[0], atol=1e-4)
+                assert least - 1e-4 <= abs(shift[0]) <= most + 1e-4, (kind, i, shift[0])
+    holes = synthesize(normals, ["hole"], seed=1)
+    for i, (img, mask) in enumerate(zip(holes.images, holes.masks, strict=True)):
+        assert 1 <= mask.sum() <= 0.05 * mask.size and np.all(img[:, mask > 0] <= normals[i][:, mask > 0] + 1e-6)
 
 
 def test_pasted_patch_comes_from_another_pool_image():
