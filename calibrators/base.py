@@ -85,7 +85,8 @@ class Calibrator(abc.ABC):
 
     OPTIONS: ClassVar[Mapping[str, Any]] = {}
     #: True for a calibrator that searches by running candidate quantized graphs: the driver then
-    #: also streams the search images through ``observe`` and calls :meth:`refine` after ``compute``.
+    #: also streams the search images through ``observe`` (after :meth:`begin_search_images`) and calls
+    #: :meth:`refine` after ``compute``.
     needs_graph: ClassVar[bool] = False
     #: What the last :meth:`refine` did, for the run report (``search`` in ``report.json``); None if nothing.
     search_summary: dict[str, Any] | None = None
@@ -122,6 +123,14 @@ class Calibrator(abc.ABC):
         Raises:
             CalibrationError: nothing was observed.
         """
+
+    def begin_search_images(self) -> None:
+        """Called once when ``needs_graph``, before the driver streams the search images through ``observe``.
+
+        The batches before were the calibration source; those after are the search set's normals and
+        synthetic anomalies. The default does nothing (every batch is alike to it).
+        """
+        return None
 
     def refine(self, ranges: dict[str, TensorRange], context: SearchContext) -> dict[str, TensorRange]:
         """Improve ``compute``'s ranges by running quantized graphs; called only when ``needs_graph``.

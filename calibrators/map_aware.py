@@ -70,13 +70,60 @@ OBJECTIVES.add("separation", Objective(
     separates=True))
 
 
+#: Suffix of the rules computed on the calibration source plus the search images (``mse+search``).
+SEARCH_SUFFIX = "+search"
+
+
+class RuleBank:
+    """The standard rules (min/max, entropy, MSE, percentiles) over one shared set of histograms."""
+
+    def __init__(self, symmetric: bool, num_bits: int, num_bins: int, percentiles: list[float]) -> None:
+        common = {"symmetric": symmetric, "num_bits": num_bits, "num_bins": num_bins}
+        self.symmetric = symmetric
+        self.rules: dict[str, HistogramCalibrator] = {"entropy": EntropyCalibrator(**common),
+                                                      "mse": MseCalibrator(**common)}
+        self.rules.update({f"percentile-{float(p):g}": PercentileCalibrator(percentile=float(p), **common)
+                           for p in percentiles})
+        self.collectors = {True: HistogramCollector(num_bins, absolute=True)}
+        if not symmetric:
+            self.collectors[False] = HistogramCollector(num_bins, absolute=False)
+        for rule in self.rules.values():
+            rule.share_collector(self.collectors[rule.collector.absolute])
+
+    @property
+    def labels(self) -> list[str]:
+        """The rule names, min/max first."""
+        return ["minmax", *self.rules]
+
+    def add(self, name: str, values: tuple) -> None:
+        """Add checked values (see :func:`calibrators.base.finite_values`) of ``name`` to every histogram."""
+        for collector in self.collectors.values():
+            collector.add(name, *values)
+
+    def names(self) -> list[str]:
+        """The tensors observed."""
+        return self.collectors[True].names()
+
+    def ranges(self) -> dict[str, dict[str, TensorRange]]:
+        """Per rule label, every observed tensor's range."""
+        def minmax(name: str) -> TensorRange:
+            _, lo, hi = self.collectors[True].stats(name)
+            m = max(-lo, hi)
+            return TensorRange(-m, m) if self.symmetric else TensorRange(lo, hi)
+
+        return {"minmax": {n: minmax(n) for n in self.names()}, **{k: r.compute() for k, r in self.rules.items()}}
+
+
 class MapAwareCalibrator(Calibrator):
     """Choose each tensor's clipping range by what it does to the final anomaly map and image scores.
 
     ``compute`` returns the ``initial`` rule's ranges (TensorRT-style entropy by default) and keeps
     every rule's candidate per tensor (rules whose bounds agree within half a quantization step are one
-    candidate). ``refine`` searches on the fully quantized graph, run on the search set (normal
-    calibration images and synthetic anomalies), in two stages:
+    candidate): each rule on the calibration source alone (the range its standalone calibrator gives)
+    and, with ``search_candidates``, each rule again on the source plus the search images
+    (``mse+search``...), whose ranges cover the synthetic anomalies. ``refine`` searches on the fully
+    quantized graph, run on the search set (normal calibration images and synthetic anomalies), in
+    two stages:
 
     1. rules: every tensor at one rule's range, for each rule (``initial`` first); the best by the
        ``objective`` is the base. ``separation`` (default): the highest pixel AUROC of the synthetic
@@ -97,12 +144,14 @@ class MapAwareCalibrator(Calibrator):
 
     Options: ``num_bins`` (2048), ``percentiles`` ([99.9, 99.99, 99.999]), ``initial`` ("entropy";
     or "minmax", "mse", "percentile-P"), ``objective`` ("separation" or "distortion"),
+    ``search_candidates`` (True),
     ``time_budget_s`` (300), ``tail_quantile`` (0.99: fp32 map values above this quantile on normals
     count as tail), ``rank_weight`` (1.0: weight of flipped pairs in the distortion).
     """
 
     OPTIONS = {"num_bins": 2048, "percentiles": [99.9, 99.99, 99.999], "initial": "entropy",
-               "objective": "separation", "time_budget_s": 300.0, "tail_quantile": 0.99, "rank_weight": 1.0}
+               "objective": "separation", "search_candidates": True, "time_budget_s": 300.0, "tail_quantile": 0.99,
+               "rank_weight": 1.0}
     needs_graph = True
 
     def __init__(self, **options: Any) -> None:
@@ -123,40 +172,40 @@ class MapAwareCalibrator(Calibrator):
         if o["objective"] not in OBJECTIVES.names():
             raise self._option_error("objective", "one of " + ", ".join(OBJECTIVES.names()))
         self.objective = OBJECTIVES.get(o["objective"])
-        common = {"symmetric": self.symmetric, "num_bits": self.num_bits, "num_bins": o["num_bins"]}
-        rules: dict[str, HistogramCalibrator] = {"entropy": EntropyCalibrator(**common), "mse": MseCalibrator(**common)}
-        rules.update({f"percentile-{float(p):g}": PercentileCalibrator(percentile=float(p), **common) for p in ps})
-        self.collectors = {True: HistogramCollector(o["num_bins"], absolute=True)}
-        if not self.symmetric:
-            self.collectors[False] = HistogramCollector(o["num_bins"], absolute=False)
-        for rule in rules.values():
-            rule.share_collector(self.collectors[rule.collector.absolute])
-        self.rules = rules
-        labels = ["minmax", *rules]
-        if o["initial"] not in labels:
-            raise self._option_error("initial", "one of " + ", ".join(labels))
+        def bank() -> RuleBank:
+            return RuleBank(self.symmetric, self.num_bits, o["num_bins"], ps)
+
+        # "": the calibration source only (each rule as its standalone calibrator computes it);
+        # SEARCH_SUFFIX: the source plus the search images, whose ranges cover the synthetic anomalies
+        self.banks = {"": bank(), **({SEARCH_SUFFIX: bank()} if o["search_candidates"] else {})}
+        self.labels = self.banks[""].labels
+        if o["initial"] not in self.labels:
+            raise self._option_error("initial", "one of " + ", ".join(self.labels))
         self.candidates: dict[str, list[tuple[list[str], TensorRange]]] = {}
+        self._search_images = False
 
     def observe(self, name: str, array: np.ndarray) -> None:
-        """Add one batch of ``name`` to the shared histograms (see :meth:`Calibrator.observe`)."""
+        """Add one batch of ``name`` to the shared histograms (see :meth:`Calibrator.observe`).
+
+        Calibration-source batches go to both rule banks; after :meth:`begin_search_images`, only to
+        the ``+search`` bank.
+        """
         checked = finite_values(name, array)
         if checked is not None:
-            for collector in self.collectors.values():
-                collector.add(name, *checked)
+            for suffix, bank in self.banks.items():
+                if suffix == SEARCH_SUFFIX or not self._search_images:
+                    bank.add(name, checked)
 
-    def _minmax(self, name: str) -> TensorRange:
-        _, lo, hi = self.collectors[True].stats(name)
-        if self.symmetric:
-            m = max(-lo, hi)
-            return TensorRange(-m, m)
-        return TensorRange(lo, hi)
+    def begin_search_images(self) -> None:
+        """What follows are search images (normals and synthetic anomalies), not the calibration source."""
+        self._search_images = True
 
     def compute(self) -> dict[str, TensorRange]:
         """Every rule's range per tensor as candidates; returns the ``initial`` rule's (see :meth:`refine`)."""
-        names = self.collectors[True].names()
+        names = self.banks[""].names()
         if not names:
             raise CalibrationError("no calibration data observed")
-        by_rule = {"minmax": {n: self._minmax(n) for n in names}, **{k: r.compute() for k, r in self.rules.items()}}
+        by_rule = {label + suffix: r for suffix, bank in self.banks.items() for label, r in bank.ranges().items()}
         order = self._rule_order()
         out: dict[str, TensorRange] = {}
         for name in names:
@@ -216,17 +265,21 @@ class MapAwareCalibrator(Calibrator):
 
         names = [t for t in context.tensors if t in self.candidates]
         rule_scores: dict[str, Scores] = {}
+        seen: dict[tuple[int, ...], Scores] = {}
         for rule in self._rule_order() if names else []:
             if spent():
                 break
-            rule_scores[rule] = score({**ranges, **{n: self.candidates[n][self._index_of(n, rule)][1] for n in names}})
+            key = tuple(self._index_of(n, rule) for n in names)  # a rule whose every range another rule has: no run
+            if key not in seen:
+                seen[key] = score({**ranges, **{n: self.candidates[n][i][1] for n, i in zip(names, key)}})
+            rule_scores[rule] = seen[key]
         initial = self.options["initial"]
         base = objective.choose(rule_scores) if rule_scores else initial
         index = {n: self._index_of(n, base) for n in names}
         current = {**ranges, **{n: self.candidates[n][index[n]][1] for n in names}}
         best = rule_scores.get(base)
         out: dict[str, TensorRange] = {}
-        evaluations, changed = len(rule_scores), 0
+        evaluations, changed = len(seen), 0
         for name in sorted(names, key=lambda n: -self._spread(n)):  # stable: graph order among equals
             cands = self.candidates[name]
             tried: dict[int, Scores] = {}
@@ -261,6 +314,7 @@ class MapAwareCalibrator(Calibrator):
         return {**ranges, **{n: out[n] for n in names}}
 
     def _rule_order(self) -> list[str]:
-        """The rules in scoring order: ``initial`` first, then min/max and the histogram rules."""
+        """The rules in scoring order: ``initial`` first, then min/max and the histogram rules, each bank in turn."""
         initial = self.options["initial"]
-        return [initial, *(k for k in ["minmax", *self.rules] if k != initial)]
+        plain = [initial, *(k for k in self.labels if k != initial)]
+        return [label + suffix for suffix in self.banks for label in plain]

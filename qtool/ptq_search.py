@@ -37,10 +37,19 @@ def search_set_for(calibrator: Calibrator, cfg: PtqConfig, splits: Splits, trans
 
 def observed_batches(calib: CalibrationSet, search: SearchSet | None, calibrator: Calibrator,
                      batch_size: int) -> Iterator[np.ndarray]:
-    """The calibration batches, then the search images for a calibrator that is judged on them."""
+    """The calibration batches, then the search images for a calibrator that is judged on them.
+
+    The calibrator's ``begin_search_images`` runs between the two, when the last calibration batch
+    has been consumed.
+    """
     if search is None or not calibrator.needs_graph:
         return calib.batches()
-    return itertools.chain(calib.batches(), search.batches(batch_size))
+
+    def search_batches() -> Iterator[np.ndarray]:
+        calibrator.begin_search_images()
+        yield from search.batches(batch_size)
+
+    return itertools.chain(calib.batches(), search_batches())
 
 
 def run_search_stages(calibrator: Calibrator, ranges: dict[str, TensorRange], prepared: onnx.ModelProto,

@@ -41,11 +41,18 @@ def image_auroc(model, search) -> float:
     return float(roc_auc_score(search.labels, scores))
 
 
+def source_then_search(cal, normals, search):
+    """The PTQ driver's order: the calibration source, then (announced to the calibrator) the search images."""
+    yield normals
+    cal.begin_search_images()
+    yield search.images
+
+
 def map_aware(model, spec, normals, search, **options):
     """Calibrate like the PTQ driver does for a graph-searching calibrator, then refine."""
     cal = get_calibrator("map-aware", num_bits=spec.activation_bits, **options)
     tensors = spec.tensors_to_calibrate()
-    initial = calibrate(model, tensors, [normals, search.images], cal, threads=1)
+    initial = calibrate(model, tensors, source_then_search(cal, normals, search), cal, threads=1)
     harness = Harness(model, spec, search, threads=1)
     chosen = cal.refine(initial, harness.context())
     assert cal.search_summary["tensors"] == len([t for t in tensors if t in initial])
@@ -64,7 +71,7 @@ def test_map_aware_keeps_the_outlier_range_that_clipping_calibrators_lose(setup)
     assert fp32 - image_auroc(insert_qdq(model, spec, on_normals), search) > 0.25
 
     initial, chosen, _ = map_aware(model, spec, normals, search)
-    # premise: the search's starting point (entropy at 4 bits, on normals + synthetic anomalies) clips too
+    # premise: the search's starting point (entropy at 4 bits on the normals) clips too
     assert initial[TEACHER_TENSOR].hi < normal_hi
     assert fp32 - image_auroc(insert_qdq(model, spec, initial), search) > 0.25
 
@@ -128,11 +135,12 @@ def test_search_keeps_what_its_objective_promises_against_every_whole_rule(setup
     spec = spec_at(model, bits)
     cal = get_calibrator("map-aware", num_bits=bits, objective=objective)
     tensors = spec.tensors_to_calibrate()
-    initial = calibrate(model, tensors, [normals, search.images], cal, threads=1)
+    initial = calibrate(model, tensors, source_then_search(cal, normals, search), cal, threads=1)
     chosen = cal.refine(initial, Harness(model, spec, search, threads=1).context())
     summary = cal.search_summary
     rules = summary["rule_losses"]
-    assert set(rules) == {"entropy", "minmax", "mse", "percentile-99.9", "percentile-99.99", "percentile-99.999"}
+    plain = ["entropy", "minmax", "mse", "percentile-99.9", "percentile-99.99", "percentile-99.999"]
+    assert list(rules) == [*plain, *(f"{r}+search" for r in plain)]
     assert all(r.meta["base"] == summary["base"] for r in chosen.values())
 
     distortion = MapDistortion(*outputs(model, search), search.masks, search.labels)
@@ -146,9 +154,10 @@ def test_search_keeps_what_its_objective_promises_against_every_whole_rule(setup
     assert final["loss"] == pytest.approx(summary["final"]["loss"], rel=1e-6, abs=1e-9)
     if objective == "distortion":
         assert summary["base"] == min(rules, key=lambda k: rules[k]["loss"])
-        for rule in ("minmax", "entropy", "mse"):
-            own = calibrate(model, tensors, [normals, search.images], get_calibrator(rule, num_bits=bits), threads=1)
-            assert final["loss"] <= scores(insert_qdq(model, spec, own))["loss"] + 1e-6, rule
+        for rule in ("minmax", "entropy", "mse"):  # standalone, on the source alone and with the search images
+            for batches in ([normals], [normals, search.images]):
+                own = calibrate(model, tensors, batches, get_calibrator(rule, num_bits=bits), threads=1)
+                assert final["loss"] <= scores(insert_qdq(model, spec, own))["loss"] + 1e-6, rule
         return
     best_image = max(r["image_auroc"] for r in rules.values())
     eligible = [k for k in rules if rules[k]["image_auroc"] >= best_image - IMAGE_TOLERANCE]
@@ -201,3 +210,29 @@ def test_candidates_are_the_standard_rules_on_one_shared_histogram():
                 assert (lo, hi) == pytest.approx((r.lo, r.hi), rel=1e-9, abs=1e-12), (symmetric, name)
         assert (out.lo, out.hi) == got["entropy"] and out.meta["search"] == "not searched"
         assert len(cands) >= 2
+
+
+def test_source_candidates_ignore_the_search_images_and_search_candidates_cover_them():
+    rng = np.random.default_rng(4)
+    source = [rng.normal(0.0, 1.0, 4000).astype(np.float32) for _ in range(2)]
+    search = rng.normal(0.0, 1.0, 4000).astype(np.float32) * 6.0  # synthetic anomalies: wider values
+    cal = get_calibrator("map-aware", percentiles=[99.9])
+    for b in source:
+        cal.observe("x", b)
+    cal.begin_search_images()
+    cal.observe("x", search)
+    cands = cal.compute()["x"].meta["candidates"]
+    got = {rule: (c["lo"], c["hi"]) for c in cands for rule in c["rules"]}
+    for name, batches in (("minmax", source), ("minmax+search", [*source, search]),
+                          ("mse", source), ("mse+search", [*source, search])):
+        ref = get_calibrator(name.removesuffix("+search"))
+        for b in batches:
+            ref.observe("x", b)
+        r = ref.compute()["x"]
+        assert got[name] == pytest.approx((r.lo, r.hi), rel=1e-9, abs=1e-12), name
+    assert got["minmax+search"][1] > 3 * got["minmax"][1]
+    plain = get_calibrator("map-aware", search_candidates=False)
+    plain.observe("x", source[0])
+    plain.begin_search_images()
+    plain.observe("x", search)
+    assert all(not r.endswith("+search") for c in plain.compute()["x"].meta["candidates"] for r in c["rules"])
