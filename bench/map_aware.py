@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from qtool.artifacts import package_versions, write_json
+from qtool.artifacts import package_versions, versions_line, write_json
 from qtool.recipe import (
     CalibDataConfig,
     DataConfig,
@@ -206,7 +206,7 @@ def write_markdown(path: Path, meta: dict, setups: list[dict]) -> None:
         corr = s["proxy_rank_correlation"]
         lines += ["", f"Spearman (proxy vs test, across cells): image {corr['image_auroc']}, "
                   f"pixel {corr['pixel_auroc']}", ""]
-    lines += ["versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v)]
+    lines += [versions_line(meta["versions"], skip_missing=True)]
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from map_aware import CALIBRATORS, setup_folder
 from paired_bootstrap import compare, run_models
 
-from qtool.artifacts import bench_meta, write_json, write_results
+from qtool.artifacts import bench_meta, versions_line, write_json, write_results
 from qtool.data import ImageTransform
 from qtool.data.datasets import load_splits
 from qtool.recipe import load_recipe
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
                 lines.append(f"| {c['setup']} | {c['bits']} | {c['source']} | {v['metric']} | {v['map_aware']:.4f} | "
                              f"{v['best']} {v['best_value']:.4f} | {v['best_minus_map_aware']:+.4f} | "
                              f"[{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}] | {v['verdict']} |")
-        lines += ["", "versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())]
+        lines += ["", versions_line(meta["versions"])]
         path.write_text("\n".join(lines) + "\n")
 
     write_results(Path(args.out), {"meta": meta, "counts": counts, "cells": cells}, markdown)

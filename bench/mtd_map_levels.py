@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qtool.artifacts import bench_meta, sha256_file, write_results
+from qtool.artifacts import bench_meta, sha256_file, versions_line, write_results
 from qtool.data import ImageTransform
 from qtool.data.datasets import load_splits
 from qtool.metrics import aupro, image_auroc, pixel_auroc
@@ -132,7 +132,7 @@ def write_markdown(path: Path, meta: dict, results: list[dict]) -> None:
                          f"{row['proxy_pixel_auroc']:.4f} | "
                          f"{row['image_auroc']:.4f} | {row['pixel_auroc']:.4f} | {row['aupro']:.4f} | {mark} |")
         lines.append("")
-    lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))
+    lines.append(versions_line(meta["versions"]))
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qtool.artifacts import bench_meta, write_results
+from qtool.artifacts import bench_meta, versions_line, write_results
 from qtool.models import MODELS, load_checkpoint
 from qtool.recipe import load_recipe
 from qtool.runs import run_eval, run_export, run_train
@@ -120,7 +120,7 @@ def write_markdown(path: Path, meta: dict, rows: list[dict]) -> None:
                      f"{r['onnx_mb']} | {r['params']['student']:,} | "
                      f"{r['epochs']}{_selected(r)} | {r['train_seconds'] and round(r['train_seconds'])} | "
                      f"{r.get('map_levels') or '-'} | {r['map_sigma']:g} |")
-    lines += ["", "versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v)]
+    lines += ["", versions_line(meta["versions"], skip_missing=True)]
     path.write_text("\n".join(lines) + "\n")
 
 

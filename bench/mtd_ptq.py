@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from calibrators import Calibrator, HistogramCalibrator, get_calibrator
-from qtool.artifacts import package_versions, sha256_file, write_json
+from qtool.artifacts import package_versions, sha256_file, versions_line, write_json
 from qtool.calib_data import calibration_set
 from qtool.calibrate import calibrate
 from qtool.data import ImageTransform, iter_batches, load_splits
@@ -229,7 +229,7 @@ def write_markdown(path: Path, doc: dict) -> None:
     lines += ["", f"best int8 cpu cell: {doc['best_cpu']}", "",
               "calibration seconds per source (one pass feeding all calibrators): "
               + ", ".join(f"{k} {v}" for k, v in doc["calibration_seconds"].items()), "",
-              "versions: " + ", ".join(f"{k} {v}" for k, v in doc["meta"]["versions"].items() if v)]
+              versions_line(doc["meta"]["versions"], skip_missing=True)]
     path.write_text("\n".join(lines) + "\n")
 
 

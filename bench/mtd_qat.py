@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from qtool.artifacts import bench_meta, write_results
+from qtool.artifacts import bench_meta, versions_line, write_results
 from qtool.ptq import run_ptq
 from qtool.qat.run import run_qat
 from qtool.recipe import Recipe, load_recipe
@@ -97,7 +97,7 @@ def write_markdown(path: Path, meta: dict, rows: list[dict]) -> None:
         method = r["method"] + (" (best)" if r.get("best") else "")
         lines.append(f"| {method} | {r['bits']} | {calib} | " + " | ".join(fmt(r.get(k)) for k in KEYS)
                      + f" | {'' if r.get('mean_epoch_seconds') is None else round(r['mean_epoch_seconds'], 1)} |")
-    lines += ["", "versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v)]
+    lines += ["", versions_line(meta["versions"], skip_missing=True)]
     path.write_text("\n".join(lines) + "\n")
 
 

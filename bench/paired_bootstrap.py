@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qtool.artifacts import bench_meta, sha256_file, write_results
+from qtool.artifacts import bench_meta, sha256_file, versions_line, write_results
 from qtool.data import ImageTransform
 from qtool.data.datasets import load_splits
 from qtool.evaluate import OnnxPredictor
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         lines = [f"# Paired bootstrap against {next(iter(models))} on the test split", "", f"`{meta['command']}`", "",
                  f"machine: {meta['machine']}; {len(labels)} test images ({int(labels.sum())} defective); "
                  f"{args.rounds} stratified rounds, seed {args.seed}; pixel AUROC over {args.bins} bins per model", "",
-                 *table(rows), "", "versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())]
+                 *table(rows), "", versions_line(meta["versions"])]
         path.write_text("\n".join(lines) + "\n")
 
     write_results(Path(args.out), payload, markdown)

@@ -31,15 +31,14 @@ from pathlib import Path
 import numpy as np
 
 from calibrators.map_aware import by_separation
-from qtool.artifacts import bench_meta, write_results
+from qtool.artifacts import bench_meta, versions_line, write_results
 from qtool.calib_data import normal_pool
 from qtool.data import ImageTransform, load_splits
-from qtool.data.synth_anomalies import synthesize
 from qtool.errors import QtoolError
 from qtool.evaluate import OnnxPredictor
 from qtool.proxy import rank_correlation, separation
 from qtool.recipe import load_recipe
-from qtool.search import RUN_LEVEL
+from qtool.search import RUN_LEVEL, search_set_from_arrays
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from map_aware import KEYS, RECIPES, setup_folder  # noqa: E402
@@ -59,21 +58,25 @@ def parse_kinds(items: list[str]) -> dict[str, list[str]]:
 
 
 def search_images(dataset: str, normals: int, kind_sets: dict[str, list[str]], seed: int
-                  ) -> tuple[np.ndarray, dict[str, tuple[slice, np.ndarray, np.ndarray]]]:
-    """The normals, then each kind set's anomalies; per kind set: (its anomalies' slice, masks, labels)."""
+                  ) -> tuple[np.ndarray, dict[str, tuple[slice, np.ndarray, np.ndarray]], int]:
+    """The normals, then each kind set's anomalies; per kind set (anomalies' slice, masks, labels); normals' count.
+
+    A kind set's masks and labels are those of its own search set (normals first), built as ptq builds it.
+    """
+    if dataset not in RECIPES:
+        sys.exit(f"error: setup dataset {dataset!r} has no recipe here; expected one of {', '.join(RECIPES)}")
     recipe = load_recipe(RECIPES[dataset])
     pool = normal_pool(load_splits(recipe.data), normals)
     transform = ImageTransform(recipe.data)
     base = np.stack([transform.image(s.path) for s in pool])
-    n, size = len(base), base.shape[-1]
+    n = len(base)
     images, layout = [base], {}
     for name, kinds in kind_sets.items():
-        synth = synthesize(base, kinds, seed)
-        start = sum(len(x) for x in images)
-        images.append(synth.images)
-        layout[name] = (slice(start, start + n), np.concatenate([np.zeros((n, size, size), np.float32), synth.masks]),
-                        np.concatenate([np.zeros(n, np.int64), np.ones(n, np.int64)]))
-    return np.concatenate(images), layout
+        search = search_set_from_arrays(base, kinds, seed)
+        start = n * len(images)
+        images.append(search.images[n:])
+        layout[name] = (slice(start, start + n), search.masks, search.labels)
+    return np.concatenate(images), layout, n
 
 
 def proxies(model: Path, images: np.ndarray, layout: dict, n: int) -> dict[str, dict[str, float]]:
@@ -157,7 +160,7 @@ def write_markdown(path: Path, meta: dict, setups: list[dict], kind_sets: dict[s
                          + " | ".join(f"{r['picks_the_best'][k]} of {len(r['groups'])}" for k in KEYS) + " | "
                          + " ".join(g["pick"] for g in r["groups"]) + " |")
         lines.append("")
-    lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))
+    lines.append(versions_line(meta["versions"]))
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -179,6 +182,10 @@ def main(argv: list[str] | None = None) -> None:
             previous = json.loads(Path(args.rescore).read_text())
         except (OSError, ValueError) as e:
             sys.exit(f"error: cannot read --rescore {args.rescore}: {e}")
+        cells = [c for s in previous["setups"] for c in s["cells"]]
+        missing = sorted({k for k in kind_sets for c in cells if k not in c["proxies"]})
+        if missing:
+            sys.exit(f"error: --rescore {args.rescore} has no proxies for kind set {missing[0]!r}")
         setups = [{**s, "tracking": {k: tracking(s["cells"], k) for k in kind_sets},
                    "rule_choice": {k: rule_choice(s["cells"], k) for k in kind_sets}} for s in previous["setups"]]
         meta = {**previous["meta"], "rescored_by": bench_meta("bench/proxy_kinds.py", argv)["command"]}
@@ -195,8 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for setup in grid["setups"]:
             dataset = setup["setup"].split(":", 1)[0]
-            images, layout = search_images(dataset, args.normals, kind_sets, args.seed)
-            n = len(images) - sum(p.stop - p.start for p, _, _ in layout.values())
+            images, layout, n = search_images(dataset, args.normals, kind_sets, args.seed)
             folder = Path(args.work) / setup_folder(setup["setup"])
             fp32 = proxies(folder / "fp32.onnx", images, layout, n)
             cells = []

@@ -104,6 +104,11 @@ def bench_meta(script: str, argv: list[str], **extra: Any) -> dict[str, Any]:
             "python": platform.python_version(), "versions": package_versions(), **extra}
 
 
+def versions_line(versions: dict[str, str | None], skip_missing: bool = False) -> str:
+    """The ``versions: pkg 1.2, ...`` line closing a bench result's Markdown; ``skip_missing`` drops absent ones."""
+    return "versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v or not skip_missing)
+
+
 def write_results(out: Path, payload: dict[str, Any], markdown: Callable[[Path], None]) -> None:
     """``out``.json (``payload``) and ``out``.md (written by ``markdown(path)``), folders made as needed."""
     out = Path(out)
