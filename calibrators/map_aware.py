@@ -118,10 +118,10 @@ class MapAwareCalibrator(Calibrator):
     """Choose each tensor's clipping range by what it does to the final anomaly map and image scores.
 
     ``compute`` returns the ``initial`` rule's ranges (TensorRT-style entropy by default) and keeps
-    every rule's candidate per tensor (rules whose bounds agree within half a quantization step are one
-    candidate): each rule on the calibration source alone (the range its standalone calibrator gives)
-    and, with ``search_candidates``, each rule again on the source plus the search images
-    (``mse+search``...), whose ranges cover the synthetic anomalies. ``refine`` searches on the fully
+    every rule's candidate per tensor (rules with identical bounds are one candidate): each rule on
+    the calibration source alone (the range its standalone calibrator gives) and, with
+    ``search_candidates``, each rule again on the source plus the search images (``mse+search``...),
+    whose ranges cover the synthetic anomalies. ``refine`` searches on the fully
     quantized graph, run on the search set (normal calibration images and synthetic anomalies), in
     two stages:
 
@@ -221,10 +221,10 @@ class MapAwareCalibrator(Calibrator):
             out[name] = self._with_meta(name, 0, {}, "not searched")
         return out
 
-    def _same(self, a: TensorRange, b: TensorRange) -> bool:
-        """Both bounds within half a quantization step: the two ranges quantize (nearly) alike; one candidate."""
-        half_step = 0.5 * (max(a.hi, b.hi) - min(a.lo, b.lo)) / ((1 << self.num_bits) - 1)
-        return abs(a.lo - b.lo) <= half_step and abs(a.hi - b.hi) <= half_step
+    @staticmethod
+    def _same(a: TensorRange, b: TensorRange) -> bool:
+        """Identical bounds: one candidate; near-equal ranges stay apart, so each rule's candidate is its own range."""
+        return a.lo == b.lo and a.hi == b.hi
 
     def _with_meta(self, name: str, chosen: int, losses: dict[int, dict[str, float]], status: str,
                    base: str | None = None) -> TensorRange:

@@ -200,14 +200,11 @@ def test_candidates_are_the_standard_rules_on_one_shared_histogram():
         out = cal.compute()["x"]
         cands = out.meta["candidates"]
         got = {rule: (c["lo"], c["hi"]) for c in cands for rule in c["rules"]}
-        half_step = 0.5 * (max(c["hi"] for c in cands) - min(c["lo"] for c in cands)) / 255
-        for name, c in ref.items():  # each rule's range, or one within half a step of it (merged)
+        for name, c in ref.items():  # each rule's candidate is exactly its standalone calibrator's range
             r = c.compute()["x"]
             key = "percentile-99.9" if name == "percentile" else name
-            lo, hi = got[key]
-            assert abs(lo - r.lo) <= half_step and abs(hi - r.hi) <= half_step, (symmetric, name)
-            if next(x for x in cands if key in x["rules"])["rules"][0] == key:  # a group keeps its first rule's
-                assert (lo, hi) == pytest.approx((r.lo, r.hi), rel=1e-9, abs=1e-12), (symmetric, name)
+            assert got[key] == pytest.approx((r.lo, r.hi), rel=1e-9, abs=1e-12), (symmetric, name)
+        assert len({(c["lo"], c["hi"]) for c in cands}) == len(cands)  # merged only when identical
         assert (out.lo, out.hi) == got["entropy"] and out.meta["search"] == "not searched"
         assert len(cands) >= 2
 
