@@ -53,7 +53,7 @@ def prepare(
     if simplify:
         m = _simplify(m)
     if n := fold_batchnorm(m):
-        log.info("folded %d BatchNormalization nodes into Conv", n)
+        log.info("folded %d BatchNormalization nodes into Conv / ConvTranspose", n)
     if n := fuse_pad_into_conv(m):
         log.info("fused %d zero Pad nodes into their Conv's pads", n)
     return infer_shapes(m)
@@ -137,11 +137,41 @@ def _attr(node: onnx.NodeProto, name: str, default: float | int) -> float | int:
     return default
 
 
-def fold_batchnorm(model: onnx.ModelProto) -> int:
-    """Fold inference-mode BatchNormalization nodes into the Conv that feeds them, in place.
+def folded_conv_bn(weight: np.ndarray, bias: np.ndarray | None, gamma: np.ndarray | None, beta: np.ndarray | None,
+                   mean: np.ndarray, var: np.ndarray, eps: float, transposed: bool = False, groups: int = 1
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Weight and bias of a convolution with the inference BatchNorm after it folded in (float64).
 
-    The Conv keeps its name and takes over the BN output; folded weights get new initializers (the
-    originals may be shared). BNs after anything else, in training mode, or with non-constant
+    ``W' = W * g / sqrt(v + eps)`` per output channel, ``b' = (b - m) * g / sqrt(v + eps) + beta``. The
+    output channel is axis 0 of a Conv weight ``(C_out, C_in / groups, k...)``; a ConvTranspose weight
+    is ``(C_in, C_out / groups, k...)``, output channel ``c`` at group ``c // (C_out / groups)``, column
+    ``c % (C_out / groups)``. The one arithmetic of the ONNX fold (:func:`fold_batchnorm`) and of QAT's
+    (:mod:`qtool.qat.fold`), so both quantize the same weights.
+    """
+    w = np.asarray(weight, np.float64)
+    mean = np.asarray(mean, np.float64)
+    f = (np.ones_like(mean) if gamma is None else np.asarray(gamma, np.float64)) / np.sqrt(
+        np.asarray(var, np.float64) + eps)
+    b = np.zeros_like(mean) if bias is None else np.asarray(bias, np.float64)
+    b_new = (b - mean) * f + (0.0 if beta is None else np.asarray(beta, np.float64))
+    kernel = [1] * (w.ndim - 2)
+    if transposed:
+        cin, cout_g = w.shape[:2]
+        grouped = w.reshape(groups, cin // groups, cout_g, *w.shape[2:])
+        w_new = (grouped * f.reshape(groups, 1, cout_g, *kernel)).reshape(w.shape)
+    else:
+        w_new = w * f.reshape(-1, 1, *kernel)
+    return w_new, b_new
+
+
+FOLDABLE = frozenset({"Conv", "ConvTranspose"})
+
+
+def fold_batchnorm(model: onnx.ModelProto) -> int:
+    """Fold inference-mode BatchNormalization nodes into the Conv or ConvTranspose that feeds them, in place.
+
+    The convolution keeps its name and takes over the BN output; folded weights get new initializers
+    (the originals may be shared). BNs after anything else, in training mode, or with non-constant
     parameters are left alone.
 
     Returns:
@@ -155,19 +185,19 @@ def fold_batchnorm(model: onnx.ModelProto) -> int:
             continue
         x = bn.input[0]
         conv = idx.producer.get(x)
-        if conv is None or conv.op_type != "Conv" or len(idx.consumers[x]) != 1 or x in idx.graph_outputs:
+        if conv is None or conv.op_type not in FOLDABLE or len(idx.consumers[x]) != 1 or x in idx.graph_outputs:
             continue
         names = [conv.input[1], *bn.input[1:5]] + ([conv.input[2]] if len(conv.input) > 2 and conv.input[2] else [])
         if not all(n in idx.initializers for n in names):
             continue
         w = numpy_helper.to_array(idx.initializers[conv.input[1]])
-        gamma, beta, mean, var = (numpy_helper.to_array(idx.initializers[n]).astype(np.float64) for n in bn.input[1:5])
-        bias = numpy_helper.to_array(idx.initializers[names[5]]).astype(np.float64) if len(names) > 5 else 0.0
-        f = gamma / np.sqrt(var + float(_attr(bn, "epsilon", 1e-5)))
-        w_new = (w.astype(np.float64) * f.reshape(-1, *([1] * (w.ndim - 1)))).astype(w.dtype)
-        b_new = ((bias - mean) * f + beta).astype(w.dtype)
+        gamma, beta, mean, var = (numpy_helper.to_array(idx.initializers[n]) for n in bn.input[1:5])
+        bias = numpy_helper.to_array(idx.initializers[names[5]]) if len(names) > 5 else None
+        w_new, b_new = folded_conv_bn(w, bias, gamma, beta, mean, var, float(_attr(bn, "epsilon", 1e-5)),
+                                      conv.op_type == "ConvTranspose", int(_attr(conv, "group", 1)))
         w_name, b_name = scope.new(f"{conv.name}.weight_bnfold"), scope.new(f"{conv.name}.bias_bnfold")
-        model.graph.initializer.extend([numpy_helper.from_array(w_new, w_name), numpy_helper.from_array(b_new, b_name)])
+        model.graph.initializer.extend([numpy_helper.from_array(w_new.astype(w.dtype), w_name),
+                                        numpy_helper.from_array(b_new.astype(w.dtype), b_name)])
         del conv.input[1:]
         conv.input.extend([w_name, b_name])
         conv.output[0] = bn.output[0]

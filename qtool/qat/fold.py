@@ -1,19 +1,23 @@
 """Fold inference-mode BatchNorm into the preceding convolution of an fx graph.
 
-Two patterns are folded: a conv module followed by a BatchNorm module, and a conv module followed by
-``F.batch_norm`` on attribute tensors (what tracing through timm's ``BatchNormAct2d`` gives). The
-arithmetic is the exporter's and :func:`qtool.graph.prepare.fold_batchnorm`'s (in float64, stored as
-float32): ``W' = W * g / sqrt(v + eps)``, ``b' = (b - m) * g / sqrt(v + eps) + beta``, so the weights
-QAT fake-quantizes are the ones the ONNX graph (and PTQ) quantizes.
+Two patterns are folded: a conv module (Conv or ConvTranspose) followed by a BatchNorm module, and
+a conv module followed by ``F.batch_norm`` on attribute tensors (what tracing through timm's
+``BatchNormAct2d`` gives). The arithmetic is :func:`qtool.graph.prepare.folded_conv_bn`, the ONNX
+fold's (in float64, stored as float32): ``W' = W * g / sqrt(v + eps)``,
+``b' = (b - m) * g / sqrt(v + eps) + beta``, so the weights QAT fake-quantizes are the ones the ONNX
+graph (and PTQ) quantizes.
 """
 
 from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import fx, nn
+
+from qtool.graph.prepare import folded_conv_bn
 
 log = logging.getLogger(__name__)
 
@@ -57,21 +61,20 @@ def _bn_stats(gm: fx.GraphModule, node: fx.Node) -> tuple[torch.Tensor, ...] | N
 
 def fold_conv_bn(conv: nn.Module, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None,
                  bias: torch.Tensor | None, eps: float) -> None:
-    """Fold BatchNorm statistics into ``conv`` (a Conv, not transposed) in place.
+    """Fold BatchNorm statistics into ``conv`` (a Conv or a transposed conv) in place.
 
-    The weight is scaled per output channel; the bias is created or updated.
+    The weight is scaled per output channel (:func:`qtool.graph.prepare.folded_conv_bn`, the ONNX
+    fold's arithmetic); the bias is created or updated.
     """
-    with torch.no_grad():
-        f = (weight.double() if weight is not None else torch.ones_like(mean, dtype=torch.float64)) / torch.sqrt(
-            var.double() + eps
-        )
-        w = conv.weight.double()
-        shape = [-1] + [1] * (w.ndim - 1)
-        b = conv.bias.double() if conv.bias is not None else torch.zeros_like(mean, dtype=torch.float64)
-        new_b = (b - mean.double()) * f + (bias.double() if bias is not None else 0.0)
-        grad = conv.weight.requires_grad
-        conv.weight = nn.Parameter((w * f.reshape(shape)).to(conv.weight.dtype), requires_grad=grad)
-        conv.bias = nn.Parameter(new_b.to(conv.weight.dtype), requires_grad=grad)
+    def arr(t: torch.Tensor | None) -> np.ndarray | None:
+        return None if t is None else t.detach().double().cpu().numpy()
+
+    transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
+    w_new, b_new = folded_conv_bn(arr(conv.weight), arr(conv.bias), arr(weight), arr(bias), arr(mean), arr(var),
+                                  eps, transposed, conv.groups)
+    grad, dtype = conv.weight.requires_grad, conv.weight.dtype
+    conv.weight = nn.Parameter(torch.from_numpy(w_new).to(dtype), requires_grad=grad)
+    conv.bias = nn.Parameter(torch.from_numpy(b_new).to(dtype), requires_grad=grad)
 
 
 def fold_batchnorm(gm: fx.GraphModule) -> int:
@@ -89,8 +92,7 @@ def fold_batchnorm(gm: fx.GraphModule) -> int:
         if not (isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1):
             continue
         conv = gm.get_submodule(src.target)
-        # only Conv, as the exporter and qtool.graph.prepare: a transposed conv keeps its BatchNorm
-        if not isinstance(conv, nn.modules.conv._ConvNd) or isinstance(conv, nn.modules.conv._ConvTransposeNd):
+        if not isinstance(conv, nn.modules.conv._ConvNd):  # Conv or ConvTranspose, as qtool.graph.prepare
             continue
         fold_conv_bn(conv, *stats)
         node.replace_all_uses_with(src)

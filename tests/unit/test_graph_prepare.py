@@ -116,6 +116,29 @@ def test_batchnorm_is_folded_into_conv(tmp_path):
     np.testing.assert_allclose(run(p, x)[0][0], run(m, x)[0][0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_batchnorm_is_folded_into_conv_transpose(tmp_path, groups):
+    """ConvTranspose weights are (C_in, C_out / groups, k...): the fold scales axis 1 within each group."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.ConvTranspose2d(4, 6, 2, 2, groups=groups, bias=groups == 2), nn.BatchNorm2d(6),
+                        nn.ReLU()).eval()
+    net[1].running_mean.uniform_(-1, 1)
+    net[1].running_var.uniform_(0.5, 2)
+    net[1].weight.data.uniform_(0.2, 2.0)
+    net[1].bias.data.uniform_(-0.5, 0.5)
+    path = tmp_path / "bnt.onnx"
+    torch.onnx.export(net, (torch.randn(1, 4, 5, 5),), str(path), dynamo=False, opset_version=17,
+                      training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
+                      input_names=["input"], output_names=["out"])
+    m = load_model(path)
+    assert [n.op_type for n in m.graph.node if n.op_type != "Identity"] == ["ConvTranspose", "BatchNormalization",
+                                                                            "Relu"]
+    p = prepare(m)
+    assert [n.op_type for n in p.graph.node] == ["ConvTranspose", "Relu"]
+    x = [{"input": np.random.default_rng(0).standard_normal((1, 4, 5, 5)).astype(np.float32)}]
+    np.testing.assert_allclose(run(p, x)[0][0], run(m, x)[0][0], rtol=1e-5, atol=1e-5)
+
+
 def test_add_outputs_exposes_intermediates(tmp_path):
     m = prepare(tiny_model(tmp_path))
     probe = add_outputs(m, ["input", "/student/Add_output_0", "score"])

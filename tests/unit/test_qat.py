@@ -129,7 +129,7 @@ def test_stfpm_placement_equals_policy(stfpm, quantize, target):
 
 @pytest.mark.parametrize(("name", "quantize"), [("rd", "student"), ("us", "both")])
 def test_other_bundled_models_place_the_spec(tmp_path, name, quantize):
-    """RD's decoder reads the encoder's outputs and keeps BatchNorm after ConvTranspose; US stacks students."""
+    """RD's decoder reads the encoder's outputs and folds BatchNorm into ConvTranspose; US stacks students."""
     from helpers.kd_recipes import TINY
 
     torch.manual_seed(0)
@@ -138,9 +138,17 @@ def test_other_bundled_models_place_the_spec(tmp_path, name, quantize):
     feeds = [{"image": np.random.default_rng(1).standard_normal((1, 3, 64, 64)).astype(np.float32)}]
     spec = build_spec(graph, PtqConfig(target="tensorrt", quantize=quantize))
     ranges = minmax_ranges(graph, spec.tensors_to_calibrate(), feeds)
+    if name == "rd":  # every BatchNorm folded, the ConvTransposes' too, in the graph and in the fx parts alike
+        assert not any(n.op_type == "BatchNormalization" for n in graph.graph.node)
+        assert any(n.op_type == "ConvTranspose" for n in graph.graph.node)
+        smap = build_spec_map(model, graph, spec)
+        assert not smap.extras
+        inits = {t.name: onnx.numpy_helper.to_array(t) for t in graph.graph.initializer}
+        for w, site in smap.weights.items():  # the fx-folded weights are the ONNX fold's
+            mod = smap.parts[site.part].get_submodule(site.module)
+            np.testing.assert_allclose(mod.weight.detach().numpy(), inits[w], rtol=1e-5, atol=1e-7, err_msg=w)
     qm = prepare_qat(model, graph, spec, ranges)
     _check_placement(qm.smap, spec)
-    assert name != "rd" or len(qm.smap.extras) == 24  # 6 unfolded BatchNorms x 4 tensors, trained and exported
     ref = run(insert_qdq_report(graph, spec, ranges)[0], feeds)[0][0]
     with torch.no_grad():
         out = qm.model.eval()(torch.from_numpy(feeds[0]["image"]))[0].numpy()
