@@ -93,13 +93,14 @@ class UpBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int, scale: int = 2) -> None:
         super().__init__()
-        if scale == 2:
-            first = [nn.ConvTranspose2d(cin, cout, 2, 2, bias=False), nn.BatchNorm2d(cout)]
-            shortcut = [nn.ConvTranspose2d(cin, cout, 2, 2, bias=False), nn.BatchNorm2d(cout)]
-        else:
-            first, shortcut = _conv_bn(cin, cout, 3), _conv_bn(cin, cout, 1)
-        self.body = nn.Sequential(*first, nn.ReLU(), *_conv_bn(cout, cout, 3))
-        self.shortcut = nn.Sequential(*shortcut)
+        # built body first, then shortcut: the order of random initialisation of every release before
+        # embed_stride, so a recipe and seed give the same weights
+        def up(k: int) -> list[nn.Module]:
+            return [nn.ConvTranspose2d(cin, cout, 2, 2, bias=False), nn.BatchNorm2d(cout)] if scale == 2 else \
+                _conv_bn(cin, cout, k)
+
+        self.body = nn.Sequential(*up(3), nn.ReLU(), *_conv_bn(cout, cout, 3))
+        self.shortcut = nn.Sequential(*up(1))
         self.relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

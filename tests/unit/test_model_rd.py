@@ -81,6 +81,25 @@ def test_bad_embed_stride_is_a_model_error(bad) -> None:
         _rd("resnet18", embed_stride=bad)
 
 
+def test_up_block_initialises_body_before_shortcut() -> None:
+    """Seeded weights follow the construction order; the body's layers come first (every release's order)."""
+    from torch import nn
+
+    from qtool.models.reverse_distillation import UpBlock
+
+    torch.manual_seed(0)
+    block = UpBlock(8, 4)
+    torch.manual_seed(0)
+    body_t = nn.ConvTranspose2d(8, 4, 2, 2, bias=False)
+    nn.BatchNorm2d(4)
+    body_conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+    shortcut_t = nn.ConvTranspose2d(8, 4, 2, 2, bias=False)
+    convs = [m for m in block.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    assert [type(m) for m in convs] == [nn.ConvTranspose2d, nn.Conv2d, nn.ConvTranspose2d]
+    for got, want in zip(convs, (body_t, body_conv, shortcut_t)):
+        assert torch.equal(got.weight, want.weight)
+
+
 def test_loss_is_per_position_cosine_distance() -> None:
     model = _rd("resnet18", embed_channels=32).train()
     x = torch.randn(2, 3, 64, 64)
