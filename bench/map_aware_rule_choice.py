@@ -1,0 +1,125 @@
+"""Which base-rule choice would serve map-aware best? Replayed from a grid's own reports, no model run.
+
+Map-aware's first stage scores every whole rule on the search set (its report's
+``search.rule_losses``: image / pixel AUROC of synthetic anomalies vs normals, and map distortion
+against fp32). The calibration-source rules minmax, entropy, mse and percentile-99.99 give exactly
+the ranges of the standalone calibrators, whose cells the same grid ran on the test split. So for
+each (width, source) of a ``bench/map_aware.py`` run, and each candidate choice rule, this replays
+which of those four the rule would choose from the proxy scores, and looks up that calibrator's
+test metrics: regret = the test's best standard calibrator (chosen with hindsight) minus the
+chosen one, per metric. Only the base choice is replayed, not the tensor descent that follows it.
+
+Choice rules: ``separation`` (:func:`calibrators.map_aware.by_separation`, the default objective),
+``distortion`` (the lowest map distortion), ``fixed-entropy`` (no search; the recipes' default), and
+``distortion-within-D`` (the lowest distortion among rules within D of the best proxy pixel AUROC
+and within the image tolerance of the best proxy image AUROC).
+
+Run: .venv/bin/python bench/map_aware_rule_choice.py --work bench/work/map_aware_k3 --setup mtd-rd
+Writes ``--out`` .json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from calibrators.map_aware import IMAGE_TOLERANCE, by_separation
+from qtool.artifacts import bench_meta, versions_line, write_results
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from map_aware import KEYS  # noqa: E402
+
+#: map-aware rule label -> the standalone calibrator whose cell holds its exact ranges
+STANDARD = {"minmax": "minmax", "entropy": "entropy", "mse": "mse", "percentile-99.99": "percentile"}
+Scores = dict[str, dict[str, float]]
+
+
+def within(tolerance: float) -> Callable[[Scores], str]:
+    """The lowest distortion among rules within ``tolerance`` of the best pixel AUROC (and the image tolerance)."""
+    def choose(scores: Scores) -> str:
+        best_image = max(s["image_auroc"] for s in scores.values())
+        eligible = {k: s for k, s in scores.items() if s["image_auroc"] >= best_image - IMAGE_TOLERANCE}
+        best_pixel = max(s["pixel_auroc"] for s in eligible.values())
+        return min((k for k, s in eligible.items() if s["pixel_auroc"] >= best_pixel - tolerance),
+                   key=lambda k: eligible[k]["loss"])
+    return choose
+
+
+CHOICES: dict[str, Callable[[Scores], str]] = {
+    "separation": by_separation,
+    "distortion": lambda scores: min(scores, key=lambda k: scores[k]["loss"]),
+    "fixed-entropy": lambda scores: "entropy",
+    **{f"distortion-within-{d:g}": within(d) for d in (0.001, 0.002, 0.005, 0.01)},
+}
+
+
+def replay(setup: Path) -> list[dict]:
+    """One row per map-aware cell of ``setup``: proxy scores, each choice's pick and its test metrics."""
+    rows = []
+    for report in sorted(setup.glob("map-aware-*bit/ptq/report.json")):
+        cell = report.parts[-3].removeprefix("map-aware-")
+        search = json.loads(report.read_text()).get("search") or {}
+        if "rule_losses" not in search:
+            sys.exit(f"error: {report}: no search.rule_losses (not a map-aware report of this release)")
+        scores = {r: search["rule_losses"][r] for r in STANDARD}
+        test = {}
+        for rule, calib in STANDARD.items():
+            path = setup / f"{calib}-{cell}" / "cell.json"
+            if not path.exists():
+                sys.exit(f"error: {path} is missing: run the grid's standard cells first")
+            test[rule] = {k: json.loads(path.read_text())[k] for k in KEYS}
+        best = {k: max(t[k] for t in test.values()) for k in KEYS}
+        picks = {name: choose(scores) for name, choose in CHOICES.items()}
+        rows.append({"cell": cell, "proxy": scores, "test": test, "best": best, "picks": picks,
+                     "regret": {name: {k: best[k] - test[p][k] for k in KEYS} for name, p in picks.items()}})
+    if not rows:
+        sys.exit(f"error: no map-aware cells under {setup}")
+    return rows
+
+
+def markdown(path: Path, payload: dict) -> None:
+    """The replay tables."""
+    lines = ["# Map-aware's base-rule choice, replayed from the grid's reports", "", f"`{payload['meta']['command']}`",
+             "", "Regret = the test's best standard calibrator (hindsight) minus the one the choice rule picks from "
+             "the search-set proxy; only the base choice, not the tensor descent after it.", ""]
+    for name, rows in payload["setups"].items():
+        lines += [f"## {name} ({len(rows)} cells)", "", "| choice rule | mean regret, image AUROC | pixel AUROC | "
+                  "AUPRO | picks the best (image / pixel / AUPRO) |", "|---|---|---|---|---|"]
+        for choice in CHOICES:
+            mean = {k: sum(r["regret"][choice][k] for r in rows) / len(rows) for k in KEYS}
+            hits = "/".join(str(sum(r["regret"][choice][k] <= 0 for r in rows)) for k in KEYS)
+            lines.append(f"| {choice} | {mean['image_auroc']:.4f} | {mean['pixel_auroc']:.4f} | "
+                         f"{mean['aupro']:.4f} | {hits} of {len(rows)} |")
+        lines += ["", "| cell | proxy pixel AUROC / distortion: minmax, entropy, mse, percentile | separation picks | "
+                  "distortion picks |", "|---|---|---|---|"]
+        for r in rows:
+            proxy = ", ".join(f"{r['proxy'][k]['pixel_auroc']:.4f} / {r['proxy'][k]['loss']:.3f}" for k in STANDARD)
+            lines.append(f"| {r['cell']} | {proxy} | {r['picks']['separation']} | {r['picks']['distortion']} |")
+        lines.append("")
+    lines.append(versions_line(payload["meta"]["versions"]))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse arguments, replay every setup, write the results."""
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", required=True, help="the --work folder of a bench/map_aware.py run")
+    ap.add_argument("--setup", action="append", required=True, help="e.g. mtd-rd (a folder under --work)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    setups = {}
+    for name in args.setup:
+        folder = Path(args.work) / name
+        if not folder.is_dir():
+            sys.exit(f"error: no setup folder {folder}")
+        setups[name] = replay(folder)
+    payload = {"meta": bench_meta("bench/map_aware_rule_choice.py", argv), "setups": setups}
+    write_results(Path(args.out), payload, lambda p: markdown(p, payload))
+
+
+if __name__ == "__main__":
+    main()
