@@ -9,10 +9,10 @@ which of those four the rule would choose from the proxy scores, and looks up th
 test metrics: regret = the test's best standard calibrator (chosen with hindsight) minus the
 chosen one, per metric. Only the base choice is replayed, not the tensor descent that follows it.
 
-Choice rules: ``separation`` (:func:`calibrators.map_aware.by_separation`, the default objective),
-``distortion`` (the lowest map distortion), ``fixed-entropy`` (no search; the recipes' default), and
-``distortion-within-D`` (the lowest distortion among rules within D of the best proxy pixel AUROC
-and within the image tolerance of the best proxy image AUROC).
+Choice rules: ``separation`` and ``distortion`` (the map-aware objectives' own whole-rule choice,
+:data:`calibrators.map_aware.OBJECTIVES`), ``fixed-entropy`` (no search; the recipes' default),
+and ``distortion-within-D`` (the lowest distortion among rules within D of the best proxy pixel
+AUROC and within the image tolerance of the best proxy image AUROC).
 
 Run: .venv/bin/python bench/map_aware_rule_choice.py --work bench/work/map_aware_k3 --setup mtd-rd
 Writes ``--out`` .json and .md.
@@ -26,34 +26,43 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from calibrators.map_aware import IMAGE_TOLERANCE, by_separation
+from calibrators.map_aware import OBJECTIVES, image_eligible
+from calibrators.percentile import PercentileCalibrator
 from qtool.artifacts import bench_meta, versions_line, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from map_aware import KEYS  # noqa: E402
 
-#: map-aware rule label -> the standalone calibrator whose cell holds its exact ranges
-STANDARD = {"minmax": "minmax", "entropy": "entropy", "mse": "mse", "percentile-99.99": "percentile"}
+#: map-aware rule label -> the standalone calibrator whose cell holds its exact ranges (percentile at its default)
+STANDARD = {"minmax": "minmax", "entropy": "entropy", "mse": "mse",
+            f"percentile-{PercentileCalibrator.OPTIONS['percentile']:g}": "percentile"}
 Scores = dict[str, dict[str, float]]
 
 
 def within(tolerance: float) -> Callable[[Scores], str]:
-    """The lowest distortion among rules within ``tolerance`` of the best pixel AUROC (and the image tolerance)."""
+    """The lowest distortion among image-eligible rules within ``tolerance`` of their best pixel AUROC."""
     def choose(scores: Scores) -> str:
-        best_image = max(s["image_auroc"] for s in scores.values())
-        eligible = {k: s for k, s in scores.items() if s["image_auroc"] >= best_image - IMAGE_TOLERANCE}
-        best_pixel = max(s["pixel_auroc"] for s in eligible.values())
-        return min((k for k, s in eligible.items() if s["pixel_auroc"] >= best_pixel - tolerance),
-                   key=lambda k: eligible[k]["loss"])
+        eligible = image_eligible(scores)
+        best_pixel = max(scores[k]["pixel_auroc"] for k in eligible)
+        return min((k for k in eligible if scores[k]["pixel_auroc"] >= best_pixel - tolerance),
+                   key=lambda k: scores[k]["loss"])
     return choose
 
 
 CHOICES: dict[str, Callable[[Scores], str]] = {
-    "separation": by_separation,
-    "distortion": lambda scores: min(scores, key=lambda k: scores[k]["loss"]),
+    "separation": OBJECTIVES.get("separation").choose,
+    "distortion": OBJECTIVES.get("distortion").choose,
     "fixed-entropy": lambda scores: "entropy",
     **{f"distortion-within-{d:g}": within(d) for d in (0.001, 0.002, 0.005, 0.01)},
 }
+
+
+def read_json(path: Path) -> dict:
+    """A grid file, or a one-line exit naming it (missing, unreadable, not JSON)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {path}: {e.__class__.__name__}: {e}".splitlines()[0])
 
 
 def replay(setup: Path) -> list[dict]:
@@ -61,16 +70,19 @@ def replay(setup: Path) -> list[dict]:
     rows = []
     for report in sorted(setup.glob("map-aware-*bit/ptq/report.json")):
         cell = report.parts[-3].removeprefix("map-aware-")
-        search = json.loads(report.read_text()).get("search") or {}
-        if "rule_losses" not in search:
-            sys.exit(f"error: {report}: no search.rule_losses (not a map-aware report of this release)")
+        search = read_json(report).get("search") or {}
+        if not all(r in search.get("rule_losses", {}) for r in STANDARD):
+            sys.exit(f"error: {report}: search.rule_losses lacks a standard rule (not a map-aware report)")
         scores = {r: search["rule_losses"][r] for r in STANDARD}
         test = {}
         for rule, calib in STANDARD.items():
             path = setup / f"{calib}-{cell}" / "cell.json"
             if not path.exists():
                 sys.exit(f"error: {path} is missing: run the grid's standard cells first")
-            test[rule] = {k: json.loads(path.read_text())[k] for k in KEYS}
+            metrics = read_json(path)
+            if not all(k in metrics for k in KEYS):
+                sys.exit(f"error: {path}: no {', '.join(KEYS)}")
+            test[rule] = {k: metrics[k] for k in KEYS}
         best = {k: max(t[k] for t in test.values()) for k in KEYS}
         picks = {name: choose(scores) for name, choose in CHOICES.items()}
         rows.append({"cell": cell, "proxy": scores, "test": test, "best": best, "picks": picks,

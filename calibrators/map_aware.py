@@ -50,15 +50,20 @@ class Objective:
 IMAGE_TOLERANCE = 0.1
 
 
+def image_eligible(scores: dict[str, Scores]) -> list[str]:
+    """The rules whose image AUROC is within :data:`IMAGE_TOLERANCE` of the best rule's."""
+    best_image = max(s["image_auroc"] for s in scores.values())
+    return [k for k, s in scores.items() if s["image_auroc"] >= best_image - IMAGE_TOLERANCE]
+
+
 def by_separation(scores: dict[str, Scores]) -> str:
     """Highest pixel AUROC, then image AUROC, then lowest distortion: the project's proxy selection rule.
 
-    Only among rules whose image AUROC is within :data:`IMAGE_TOLERANCE` of the best rule's, so a rule
-    that wins pixels by losing the image ranking is not chosen.
+    Only among :func:`image_eligible` rules, so a rule that wins pixels by losing the image ranking is
+    not chosen.
     """
-    best_image = max(s["image_auroc"] for s in scores.values())
-    eligible = [k for k, s in scores.items() if s["image_auroc"] >= best_image - IMAGE_TOLERANCE]
-    return min(eligible, key=lambda k: (-scores[k]["pixel_auroc"], -scores[k]["image_auroc"], scores[k]["loss"]))
+    return min(image_eligible(scores),
+               key=lambda k: (-scores[k]["pixel_auroc"], -scores[k]["image_auroc"], scores[k]["loss"]))
 
 
 OBJECTIVES: Registry[Objective] = Registry("map-aware objective")

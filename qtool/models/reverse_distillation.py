@@ -93,14 +93,15 @@ class UpBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int, scale: int = 2) -> None:
         super().__init__()
-        # built body first, then shortcut: the order of random initialisation of every release before
-        # embed_stride, so a recipe and seed give the same weights
-        def up(k: int) -> list[nn.Module]:
-            return [nn.ConvTranspose2d(cin, cout, 2, 2, bias=False), nn.BatchNorm2d(cout)] if scale == 2 else \
-                _conv_bn(cin, cout, k)
+        def first(kernel: int) -> list[nn.Module]:  # the resolution step: ConvTranspose k2 s2, or a same-size conv
+            if scale == 2:
+                return [nn.ConvTranspose2d(cin, cout, 2, 2, bias=False), nn.BatchNorm2d(cout)]
+            return _conv_bn(cin, cout, kernel)
 
-        self.body = nn.Sequential(*up(3), nn.ReLU(), *_conv_bn(cout, cout, 3))
-        self.shortcut = nn.Sequential(*up(1))
+        # body first, then shortcut: the order of seeded initialisation before embed_stride, so a recipe
+        # and seed keep giving the same weights
+        self.body = nn.Sequential(*first(3), nn.ReLU(), *_conv_bn(cout, cout, 3))
+        self.shortcut = nn.Sequential(*first(1))
         self.relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
