@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> None:
                 else:
                     standard = best_standard(results, setup, source, bits) if results else list(STANDARD)
                     models = cell_models(Path(args.work), setup, source, bits, standard)
-                    rows = compare(*run_models(models, splits, transform), args.rounds, args.bins, args.seed)
+                    outputs, masks, labels = run_models(list(models.values()), splits, transform)
+                    rows = compare(outputs, {n: [p] for n, p in models.items()}, masks, labels, args.rounds,
+                                   args.bins, args.seed)
                     write_json(hit, {"models": models, "rounds": args.rounds, "seed": args.seed, "rows": rows})
                 cell = {"setup": setup, "bits": bits, "source": source, "rows": rows, "verdicts": verdicts(rows)}
                 cells.append(cell)

@@ -1,9 +1,11 @@
 """Which base-rule choice would serve map-aware best? Replayed from a grid's own reports, no model run.
 
-Map-aware's first stage scores every whole rule on the search set (its report's
-``search.rule_losses``: image / pixel AUROC of synthetic anomalies vs normals, and map distortion
-against fp32). The calibration-source rules minmax, entropy, mse and percentile-99.99 give exactly
-the ranges of the standalone calibrators, whose cells the same grid ran on the test split. So for
+Map-aware's first stage scores every whole rule on the search set: image / pixel AUROC of synthetic
+anomalies vs normals, and map distortion against fp32. Its calibration-source rules minmax,
+entropy, mse and percentile-99.99 give exactly the ranges of the standalone calibrators, whose
+cells the same grid ran on the test split with the same proxy on the same search set (read from
+those cells when their proxy has the distortion, else from the map-aware cell's
+``search.rule_losses``; so a grid of the standard cells alone can be replayed). So for
 each (width, source) of a ``bench/map_aware.py`` run, and each candidate choice rule, this replays
 which of those four the rule would choose from the proxy scores, and looks up that calibrator's
 test metrics: regret = the test's best standard calibrator (chosen with hindsight) minus the
@@ -65,30 +67,45 @@ def read_json(path: Path) -> dict:
         sys.exit(f"error: {path}: {e.__class__.__name__}: {e}".splitlines()[0])
 
 
+def proxy_scores(setup: Path, cell: str, cells: dict[str, dict]) -> tuple[dict[str, dict[str, float]], str]:
+    """Each standard rule's search-set scores in ``cell``, and where they came from.
+
+    The standard cells' own proxy when it carries the map distortion (``loss``; grids run since the
+    proxy records it), else the map-aware cell's whole-rule scores (``search.rule_losses``).
+    """
+    if all("loss" in (cells[r].get("proxy") or {}) for r in STANDARD):
+        return {r: cells[r]["proxy"] for r in STANDARD}, "standard cells' proxy"
+    report = setup / f"map-aware-{cell}" / "ptq" / "report.json"
+    if not report.exists():
+        sys.exit(f"error: {setup / (STANDARD['minmax'] + '-' + cell)}: its proxy has no distortion and "
+                 f"{report} is missing: re-run the cell with the current bench/map_aware.py")
+    losses = (read_json(report).get("search") or {}).get("rule_losses", {})
+    if not all(r in losses and "pixel_auroc" in losses[r] for r in STANDARD):
+        sys.exit(f"error: {report}: search.rule_losses lacks a standard rule's separation")
+    return {r: losses[r] for r in STANDARD}, "map-aware's rule_losses"
+
+
 def replay(setup: Path) -> list[dict]:
-    """One row per map-aware cell of ``setup``: proxy scores, each choice's pick and its test metrics."""
+    """One row per (width, source) cell of ``setup``: proxy scores, each choice's pick and its test metrics."""
     rows = []
-    for report in sorted(setup.glob("map-aware-*bit/ptq/report.json")):
-        cell = report.parts[-3].removeprefix("map-aware-")
-        search = read_json(report).get("search") or {}
-        if not all(r in search.get("rule_losses", {}) for r in STANDARD):
-            sys.exit(f"error: {report}: search.rule_losses lacks a standard rule (not a map-aware report)")
-        scores = {r: search["rule_losses"][r] for r in STANDARD}
-        test = {}
+    for first in sorted(setup.glob(f"{STANDARD['minmax']}-*bit/cell.json")):
+        cell = first.parts[-2].removeprefix(f"{STANDARD['minmax']}-")
+        cells = {}
         for rule, calib in STANDARD.items():
             path = setup / f"{calib}-{cell}" / "cell.json"
             if not path.exists():
                 sys.exit(f"error: {path} is missing: run the grid's standard cells first")
-            metrics = read_json(path)
-            if not all(k in metrics for k in KEYS):
+            cells[rule] = read_json(path)
+            if not all(k in cells[rule] for k in KEYS):
                 sys.exit(f"error: {path}: no {', '.join(KEYS)}")
-            test[rule] = {k: metrics[k] for k in KEYS}
+        scores, source = proxy_scores(setup, cell, cells)
+        test = {rule: {k: c[k] for k in KEYS} for rule, c in cells.items()}
         best = {k: max(t[k] for t in test.values()) for k in KEYS}
         picks = {name: choose(scores) for name, choose in CHOICES.items()}
-        rows.append({"cell": cell, "proxy": scores, "test": test, "best": best, "picks": picks,
+        rows.append({"cell": cell, "proxy_from": source, "proxy": scores, "test": test, "best": best, "picks": picks,
                      "regret": {name: {k: best[k] - test[p][k] for k in KEYS} for name, p in picks.items()}})
     if not rows:
-        sys.exit(f"error: no map-aware cells under {setup}")
+        sys.exit(f"error: no standard cells under {setup}")
     return rows
 
 

@@ -10,8 +10,14 @@ metric and B: both values on the full test split, the difference B - A, its 95 %
 interval, and the share of rounds in which B >= A. AUPRO is not bootstrapped (one AUPRO takes
 seconds; a thousand rounds would take an hour here).
 
+Several training seeds per model: repeat a name (``--onnx stfpm=seed0.onnx --onnx stfpm=seed1.onnx``).
+A model's value is then the mean over its seeds, and each round also redraws every model's seeds
+with replacement (a two-level bootstrap: test images and training runs), so the interval covers
+the seed-to-seed spread as well as the test sample. The rows also give each seed's full-split value.
+
 Run: .venv/bin/python bench/paired_bootstrap.py --onnx stfpm=bench/work/models-s8/stfpm/bench.onnx \
          --onnx rd=bench/work/models-s8/rd/bench.onnx [--recipe recipes/mtd_stfpm.yaml] [--rounds 1000]
+     (a name given more than once: that model's seeds)
 Writes PATH.{json,md} (``--out``).
 """
 
@@ -31,6 +37,7 @@ from qtool.metrics import auroc_from_counts, image_auroc, pixel_auroc, pixel_his
 from qtool.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
+METRICS = ("image_auroc", "pixel_auroc")
 
 
 def draws(labels: np.ndarray, rounds: int, seed: int) -> np.ndarray:
@@ -54,7 +61,7 @@ def weighted_image_auroc(labels: np.ndarray, scores: np.ndarray, w: np.ndarray) 
 
 def bootstrap(outputs: dict[str, tuple[np.ndarray, np.ndarray]], masks: np.ndarray, labels: np.ndarray,
               rounds: int, bins: int, seed: int) -> dict[str, dict[str, np.ndarray]]:
-    """Per model, per metric: the ``rounds`` bootstrap values (the same draws for every model)."""
+    """Per ONNX file, per metric: the ``rounds`` bootstrap values (the same image draws for every file)."""
     w = draws(labels, rounds, seed)
     m = masks.astype(bool)
     out: dict[str, dict[str, np.ndarray]] = {}
@@ -69,33 +76,48 @@ def bootstrap(outputs: dict[str, tuple[np.ndarray, np.ndarray]], masks: np.ndarr
     return out
 
 
-def run_models(models: dict[str, str], splits, transform) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]],
-                                                                  np.ndarray, np.ndarray]:
-    """Each ONNX model on the test split: ({name: (maps, scores)}, masks, labels); images read once."""
+def run_models(paths: list[str], splits, transform) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]],
+                                                              np.ndarray, np.ndarray]:
+    """Each ONNX file on the test split: ({path: (maps, scores)}, masks, labels); images read once."""
     images = np.stack([transform.image(s.path) for s in splits.test])
     masks = np.stack([transform.mask(s) for s in splits.test]).astype(np.uint8)
     outputs = {}
-    for name, path in models.items():
+    for path in paths:
         predictor = OnnxPredictor(Path(path))
         runs = [predictor(images[i : i + 8]) for i in range(0, len(images), 8)]
-        outputs[name] = (np.concatenate([m for m, _ in runs]).astype(np.float32), np.concatenate([s for _, s in runs]))
+        outputs[path] = (np.concatenate([m for m, _ in runs]).astype(np.float32), np.concatenate([s for _, s in runs]))
     return outputs, masks, np.array([s.label for s in splits.test])
 
 
-def compare(outputs: dict[str, tuple[np.ndarray, np.ndarray]], masks: np.ndarray, labels: np.ndarray,
-            rounds: int, bins: int, seed: int) -> list[dict]:
+def seed_means(boot: dict[str, dict[str, np.ndarray]], models: dict[str, list[str]], rounds: int,
+               seed: int) -> dict[str, dict[str, np.ndarray]]:
+    """Per model, per metric: each round's mean over its seeds, redrawn with replacement (one seed: itself)."""
+    rng = np.random.default_rng(seed + 1)  # apart from the image draws
+    out = {}
+    for name, paths in models.items():
+        pick = rng.integers(0, len(paths), size=(rounds, len(paths))) if len(paths) > 1 else np.zeros((rounds, 1), int)
+        out[name] = {m: np.take_along_axis(np.stack([boot[p][m] for p in paths], axis=1), pick, axis=1).mean(axis=1)
+                     for m in METRICS}
+    return out
+
+
+def compare(outputs: dict[str, tuple[np.ndarray, np.ndarray]], models: dict[str, list[str]], masks: np.ndarray,
+            labels: np.ndarray, rounds: int, bins: int, seed: int) -> list[dict]:
     """Rows of every model B against the first (the anchor A), per metric (see the module)."""
-    full = {n: {"image_auroc": image_auroc(labels, s), "pixel_auroc": pixel_auroc(masks, m)}
-            for n, (m, s) in outputs.items()}
-    boot = bootstrap(outputs, masks, labels, rounds, bins, seed)
-    a, *others = list(outputs)
+    full = {p: {"image_auroc": image_auroc(labels, s), "pixel_auroc": pixel_auroc(masks, m)}
+            for p, (m, s) in outputs.items()}
+    boot = seed_means(bootstrap(outputs, masks, labels, rounds, bins, seed), models, rounds, seed)
+    a, *others = list(models)
     rows = []
     for b in others:
-        for metric in ("image_auroc", "pixel_auroc"):
+        for metric in METRICS:
             d = boot[b][metric] - boot[a][metric]
             lo, hi = np.percentile(d, [2.5, 97.5])
-            rows.append({"metric": metric, "a": a, "b": b, "a_value": full[a][metric], "b_value": full[b][metric],
-                         "difference": full[b][metric] - full[a][metric], "ci95": [float(lo), float(hi)],
+            values = {n: [full[p][metric] for p in models[n]] for n in (a, b)}
+            a_value, b_value = (float(np.mean(values[n])) for n in (a, b))
+            rows.append({"metric": metric, "a": a, "b": b, "a_value": a_value, "b_value": b_value,
+                         "a_seeds": values[a], "b_seeds": values[b],
+                         "difference": b_value - a_value, "ci95": [float(lo), float(hi)],
                          "share_b_at_least_a": float(np.mean(d >= 0))})
     return rows
 
@@ -112,16 +134,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    models = dict(o.split("=", 1) for o in args.onnx)
+    models: dict[str, list[str]] = {}
+    for o in args.onnx:
+        name, sep, path = o.partition("=")
+        if not sep or not name or not path:
+            sys.exit(f"error: --onnx {o!r}: expected NAME=PATH")
+        if path in models.get(name, []):
+            sys.exit(f"error: --onnx {o!r} given twice")
+        models.setdefault(name, []).append(path)
     if len(models) < 2:
         sys.exit("error: give at least two --onnx NAME=PATH with distinct names (the anchor A, then B)")
     recipe = load_recipe(Path(args.recipe))
-    outputs, masks, labels = run_models(models, load_splits(recipe.data), ImageTransform(recipe.data))
-    rows = compare(outputs, masks, labels, args.rounds, args.bins, args.seed)
+    paths = [p for ps in models.values() for p in ps]
+    outputs, masks, labels = run_models(paths, load_splits(recipe.data), ImageTransform(recipe.data))
+    rows = compare(outputs, models, masks, labels, args.rounds, args.bins, args.seed)
     meta = bench_meta("bench/paired_bootstrap.py", argv, rounds=args.rounds, bins=args.bins, seed=args.seed,
                       n_test=len(labels), n_defective=int(labels.sum()))
-    payload = {"meta": meta, "models": {n: {"onnx": p, "sha256": sha256_file(Path(p))} for n, p in models.items()},
-               "rows": rows}
+    payload = {"meta": meta, "models": {n: [{"onnx": p, "sha256": sha256_file(Path(p))} for p in ps]
+                                        for n, ps in models.items()}, "rows": rows}
 
     def markdown(path: Path) -> None:
         lines = [f"# Paired bootstrap against {next(iter(models))} on the test split", "", f"`{meta['command']}`", "",
@@ -136,12 +166,17 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def table(rows: list[dict]) -> list[str]:
-    """Markdown table lines of comparison rows."""
-    lines = ["| metric | A | B | A value | B value | B - A | 95 % interval | rounds with B >= A |",
-             "|---|---|---|---|---|---|---|---|"]
+    """Markdown table lines of comparison rows (values are seed means; each seed's value when there are several)."""
+    lines = ["| metric | A | B | A value | B value | B - A | 95 % interval | rounds with B >= A | A seeds | B seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def seeds(values: list[float] | None) -> str:
+        return ", ".join(f"{v:.4f}" for v in values) if values and len(values) > 1 else "-"
+
     return lines + [f"| {r['metric']} | {r['a']} | {r['b']} | {r['a_value']:.4f} | {r['b_value']:.4f} | "
                     f"{r['difference']:+.4f} | [{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}] | "
-                    f"{r['share_b_at_least_a']:.1%} |" for r in rows]
+                    f"{r['share_b_at_least_a']:.1%} | {seeds(r.get('a_seeds'))} | {seeds(r.get('b_seeds'))} |"
+                    for r in rows]
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qtool.graph import QuantSpec, layer_groups, subset
-from qtool.proxy import MapDistortion, separation_drop
+from qtool.proxy import separation_drop
 from qtool.recipe import SearchConfig
 from qtool.search import Harness
 
@@ -39,7 +39,6 @@ class _Scorer:
 
     def __init__(self, harness: Harness, ranges: Mapping[str, Any], layers: dict[str, list[str]], reason: str) -> None:
         self.harness, self.ranges, self.layers, self.reason = harness, ranges, layers, reason
-        self.distortion = MapDistortion(*harness.reference, harness.search.masks, harness.search.labels)
 
     def nodes(self, quantized: Collection[str]) -> list[str]:
         return [n for layer in self.layers if layer in quantized for n in self.layers[layer]]
@@ -48,9 +47,8 @@ class _Scorer:
         return self.harness.build_nodes(self.ranges, self.nodes(quantized), self.reason)
 
     def __call__(self, quantized: Collection[str]) -> dict[str, float]:
-        out = self.harness.run(self.model(quantized))
-        sep = self.harness.separation(out)
-        return {**sep, "drop": separation_drop(self.harness.reference_separation, sep), **self.distortion(*out)}
+        scores = self.harness.proxy(self.harness.run(self.model(quantized)))
+        return {**scores, "drop": separation_drop(self.harness.reference_separation, scores)}
 
 
 def choose_precision(harness: Harness, ranges: Mapping[str, Any], budget: float, cfg: SearchConfig,

@@ -83,7 +83,7 @@ def run_search_stages(calibrator: Calibrator, ranges: dict[str, TensorRange], pr
         spec, fallback, sensitivity = mp.spec, mp.fallback, mp.sensitivity
         extra["mixed_precision"] = mp.report
     with stage("proxy"):
-        quantized = harness.separation(harness.run(insert_qdq(prepared, spec, ranges)))
+        quantized = harness.proxy(harness.run(insert_qdq(prepared, spec, ranges)))
     extra["proxy"] = {"fp32": harness.reference_separation, "quantized": quantized,
                       "drop": separation_drop(harness.reference_separation, quantized)}
     extra["layers"] = layer_table(prepared, full_spec, ranges, sensitivity, fallback)

@@ -22,7 +22,7 @@ from qtool.data import ImageTransform, Splits
 from qtool.data.synth_anomalies import synthesize
 from qtool.evaluate import OnnxPredictor
 from qtool.graph import QuantSpec, insert_qdq, node_tensors, subset
-from qtool.proxy import separation
+from qtool.proxy import MapDistortion, separation
 from qtool.recipe import SearchConfig
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,7 @@ class Harness:
         self.runs = 0
         self.reference = self.run(model)
         self.reference_separation = self.separation(self.reference)
+        self.distortion = MapDistortion(*self.reference, search.masks, search.labels)
 
     def run(self, model: onnx.ModelProto) -> Outputs:
         """Maps (N, H, W) and scores (N,) of ``model`` on the search images.
@@ -110,6 +111,10 @@ class Harness:
     def separation(self, outputs: Outputs) -> dict[str, float]:
         """Image and pixel AUROC of outputs on the search set (synthetic anomalies vs normals)."""
         return separation(outputs[0], outputs[1], self.search.masks, self.search.labels)
+
+    def proxy(self, outputs: Outputs) -> dict[str, float]:
+        """Separation and the map distortion against fp32 (:class:`qtool.proxy.MapDistortion`, default weights)."""
+        return {**self.separation(outputs), **self.distortion(*outputs)}
 
     def build_nodes(self, ranges: Mapping[str, Any], nodes: Collection[str] | None,
                     reason: str = "kept float") -> onnx.ModelProto:

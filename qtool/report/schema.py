@@ -81,7 +81,9 @@ class Proxy(_Strict):
     """The proxy AD metric of a quantized cell (image/pixel AUROC of synthetic anomalies on the search set).
 
     Present when the build ran a search stage (``ptq.search.proxy``, map-aware calibration or mixed
-    precision); ``drop`` is the larger of the two AUROC drops from ``fp32``.
+    precision); ``drop`` is the larger of the two AUROC drops from ``fp32``. ``quantized`` also has
+    the map distortion against fp32 (``loss``, ``map_rel_rms``, ``order_flips``:
+    :class:`qtool.proxy.MapDistortion` at its default weights).
     """
 
     fp32: dict[str, float | None]

@@ -69,6 +69,9 @@ def test_report_shows_per_layer_ranges_candidates_sensitivity_and_precision(sear
     assert final["pixel_auroc"] >= base["pixel_auroc"] and final["image_auroc"] >= base["image_auroc"]
     assert all(r["base"] == search["base"] for row in layers for r in row["tensors"].values())
     assert report["proxy"]["drop"] == pytest.approx(mp["final"]["drop"], abs=1e-9)
+    # the proxy also has the final graph's map distortion against fp32, as mixed precision scored it
+    assert report["proxy"]["quantized"]["loss"] == pytest.approx(mp["final"]["loss"], abs=1e-9)
+    assert report["proxy"]["quantized"]["loss"] > 0
     assert report["proxy"]["drop"] <= 0.01 or len(fallback) == mp["layers"]
     assert report["plan"]["quantized_nodes"] and "mixed precision" in stdout
     recipe = load_recipe(out / "recipe.yaml")
