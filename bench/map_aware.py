@@ -75,6 +75,9 @@ def run_cell(model: Path, recipe: Recipe, overrides: list[str], work: Path) -> d
            "ptq_seconds": round(ptq_seconds, 2), "proxy": report["proxy"]["quantized"],
            "proxy_fp32": report["proxy"]["fp32"], "search_set": report["search_set"]["what"],
            "calibration": {k: v for k, v in report["calibration"].items() if k != "files"}}
+    if "search" in report:  # a searching calibrator's summary: its base rule and how far the budget let it go
+        row["search"] = {k: report["search"].get(k) for k in ("objective", "base", "graphs_run", "max_graphs",
+                                                              "tensors", "tensors_changed_from_base", "stopped_by")}
     if "mixed_precision" in report:
         mp = report["mixed_precision"]
         lat = mp.get("latency") or {}
@@ -102,6 +105,8 @@ def cell_overrides(calib: str, source: str, bits: int, args: argparse.Namespace,
            f"ptq.weight_bits={bits}", *extra, *args.overrides]
     if calib == "map-aware":
         out.append(f"ptq.calib_options.time_budget_s={args.map_aware_budget}")
+        if args.map_aware_graphs is not None:
+            out.append(f"ptq.calib_options.max_graphs={args.map_aware_graphs}")
     return out
 
 
@@ -224,6 +229,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bits", type=lambda s: [int(b) for b in s.split(",")], default=[8, 6, 4])
     ap.add_argument("--map-aware-budget", type=float, default=1800.0,
                     help="seconds of map-aware search per cell (each candidate graph runs on the search set)")
+    ap.add_argument("--map-aware-graphs", type=int, default=None, metavar="N",
+                    help="quantized graphs map-aware may run per cell: a budget that gives the same cells on any "
+                         "machine (the seconds stay a cap)")
     ap.add_argument("--mixed-precision", type=float, default=None, metavar="BUDGET",
                     help="also, at each width under 8 bits, one mixed-precision cell with this proxy budget")
     ap.add_argument("--mp-calibration", default="entropy/train", metavar="CALIB/SOURCE",

@@ -143,19 +143,22 @@ class MapAwareCalibrator(Calibrator):
 
     So the result never distorts more than the base and, under ``separation``, never separates the
     search set worse than the best whole rule. Ties keep the earlier choice (``initial`` first), so the
-    search is deterministic. When ``time_budget_s`` runs out, the remaining tensors keep the base
-    rule's range (``initial``'s if no rule was scored). After ``refine``, :attr:`search_summary` holds
-    the rule scores, the base and the counts.
+    search is deterministic. Two budgets bound it: ``max_graphs`` quantized graphs run (a budget
+    that gives the same result on any machine) and ``time_budget_s`` seconds (a safety cap; a search
+    it stops depends on the machine's speed, and says so). When one runs out, the remaining tensors
+    keep the base rule's range (``initial``'s if no rule was scored). After ``refine``,
+    :attr:`search_summary` holds the rule scores, the base, the counts and which budget stopped it.
 
     Options: ``num_bins`` (2048), ``percentiles`` ([99.9, 99.99, 99.999]), ``initial`` ("entropy";
     or "minmax", "mse", "percentile-P"), ``objective`` ("separation" or "distortion"),
-    ``search_candidates`` (True),
-    ``time_budget_s`` (300), ``tail_quantile`` (0.99: fp32 map values above this quantile on normals
+    ``search_candidates`` (True), ``max_graphs`` (None: no limit but the time), ``time_budget_s``
+    (300), ``tail_quantile`` (0.99: fp32 map values above this quantile on normals
     count as tail), ``rank_weight`` (1.0: weight of flipped pairs in the distortion).
     """
 
     OPTIONS = {"num_bins": 2048, "percentiles": [99.9, 99.99, 99.999], "initial": "entropy",
-               "objective": "separation", "search_candidates": True, "time_budget_s": 300.0, "tail_quantile": 0.99,
+               "objective": "separation", "search_candidates": True, "max_graphs": None, "time_budget_s": 300.0,
+               "tail_quantile": 0.99,
                "rank_weight": 1.0}
     needs_graph = True
 
@@ -168,6 +171,9 @@ class MapAwareCalibrator(Calibrator):
             raise self._option_error("percentiles", "a list of numbers in [50, 100]")
         if o["num_bins"] < 8:
             raise self._option_error("num_bins", "an integer >= 8")
+        graphs = o["max_graphs"]
+        if graphs is not None and (not isinstance(graphs, int) or isinstance(graphs, bool) or graphs < 0):
+            raise self._option_error("max_graphs", "an integer >= 0, or null for no limit")
         if o["time_budget_s"] < 0:
             raise self._option_error("time_budget_s", "a number of seconds >= 0")
         if not 0.0 < o["tail_quantile"] < 1.0:
@@ -256,12 +262,20 @@ class MapAwareCalibrator(Calibrator):
                              self.options["tail_quantile"], self.options["rank_weight"])
         objective = self.objective
         t0 = time.monotonic()
-        budget = self.options["time_budget_s"]
+        budget, max_graphs = self.options["time_budget_s"], self.options["max_graphs"]
+        runs, stop = 0, None
 
         def spent() -> bool:
-            return budget <= 0 or time.monotonic() - t0 > budget
+            """Whether a budget is spent; ``stop``: the first that cut the search (``graphs`` or ``time``)."""
+            nonlocal stop
+            now = ("graphs" if max_graphs is not None and runs >= max_graphs else
+                   "time" if budget <= 0 or time.monotonic() - t0 > budget else None)
+            stop = stop or now
+            return now is not None
 
         def score(assignment: dict[str, TensorRange]) -> Scores:
+            nonlocal runs
+            runs += 1
             maps, scores = context.run(context.build(assignment, None))
             out = loss(maps, scores)
             if objective.separates:
@@ -284,22 +298,21 @@ class MapAwareCalibrator(Calibrator):
         current = {**ranges, **{n: self.candidates[n][index[n]][1] for n in names}}
         best = rule_scores.get(base)
         out: dict[str, TensorRange] = {}
-        evaluations, changed = len(seen), 0
+        changed = 0
         for name in sorted(names, key=lambda n: -self._spread(n)):  # stable: graph order among equals
             cands = self.candidates[name]
             tried: dict[int, Scores] = {}
             if len(cands) < 2:
                 status = "single candidate"
             elif best is None or spent():
-                status = "time budget spent: base kept"
+                status = f"{stop} budget spent: base kept"
             else:
                 tried[index[name]] = best
                 for i in (i for i in range(len(cands)) if i != index[name]):
                     if spent():
                         break
                     tried[i] = score({**current, name: cands[i][1]})
-                evaluations += len(tried) - 1
-                status = "searched" if len(tried) == len(cands) else "time budget spent: best so far"
+                status = "searched" if len(tried) == len(cands) else f"{stop} budget spent: best so far"
                 kept = [i for i in tried if i == index[name] or objective.keeps(tried[i], best)]
                 pick = min(kept, key=lambda i: (tried[i]["loss"], i != index[name]))  # ties keep the current
                 if pick != index[name]:
@@ -311,11 +324,16 @@ class MapAwareCalibrator(Calibrator):
         seconds = time.monotonic() - t0
         self.search_summary = {
             "objective": self.options["objective"], "rule_losses": rule_scores, "base": base, "final": best,
-            "graphs_run": evaluations, "tensors": len(names), "tensors_changed_from_base": changed,
-            "seconds": round(seconds, 3), "budget_s": budget, "budget_spent": spent(),
+            "graphs_run": runs, "tensors": len(names), "tensors_changed_from_base": changed,
+            "seconds": round(seconds, 3), "budget_s": budget, "max_graphs": max_graphs,
+            "budget_spent": stop is not None, "stopped_by": stop,
         }
+        if stop == "time" and budget > 0:
+            log.warning("map-aware search stopped by its time budget (%g s) after %d graphs: the result depends on "
+                        "this machine's speed; set ptq.calib_options.max_graphs (under %d) for one that does not",
+                        budget, runs, runs)
         log.info("map-aware search (%s): base rule %s (of %d scored), %d tensors, %d graphs run, %d ranges changed, "
-                 "%.1f s", self.options["objective"], base, len(rule_scores), len(names), evaluations, changed, seconds)
+                 "%.1f s", self.options["objective"], base, len(rule_scores), len(names), runs, changed, seconds)
         return {**ranges, **{n: out[n] for n in names}}
 
     def _rule_order(self) -> list[str]:

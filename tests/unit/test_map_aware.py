@@ -110,6 +110,33 @@ def test_spent_time_budget_keeps_the_initial_ranges_without_running_graphs(setup
         assert r.meta["base"] == "entropy", r.meta
 
 
+@pytest.mark.parametrize("max_graphs", [3, 9])
+def test_graph_budget_cuts_the_search_at_the_same_point_whatever_the_time_budget(setup, max_graphs):
+    normals, model, search = setup
+    spec = spec_at(model, 4)
+    runs = {}
+    for time_budget in (300.0, 1e6):
+        cal = get_calibrator("map-aware", num_bits=4, max_graphs=max_graphs, time_budget_s=time_budget)
+        initial = calibrate(model, spec.tensors_to_calibrate(), source_then_search(cal, normals, search), cal,
+                            threads=1)
+        harness = Harness(model, spec, search, threads=1)
+        chosen = cal.refine(initial, harness.context())
+        summary = cal.search_summary
+        assert harness.runs == 1 + max_graphs == 1 + summary["graphs_run"]  # fp32 reference + the budget
+        assert summary["stopped_by"] == "graphs" and summary["budget_spent"], summary
+        runs[time_budget] = ({n: (r.lo, r.hi, r.meta) for n, r in chosen.items()},
+                             {k: v for k, v in summary.items() if k not in ("seconds", "budget_s")})
+    assert runs[300.0] == runs[1e6]
+    statuses = {r[2]["search"] for r in runs[300.0][0].values()}
+    assert statuses & {"graphs budget spent: base kept", "graphs budget spent: best so far"}, statuses
+
+
+def test_unlimited_graph_budget_searches_every_tensor_and_reports_no_cut(setup):
+    normals, model, search = setup
+    _, chosen, _ = map_aware(model, spec_at(model, 8), normals, search, max_graphs=None)
+    assert all(r.meta["search"] in ("searched", "single candidate") for r in chosen.values())
+
+
 def outputs(model, search):
     """Independent of the harness: maps (N, S, S) and scores (N,) from one plain ORT session, image by image."""
     sess = session(model, "ORT_ENABLE_BASIC")
@@ -180,7 +207,7 @@ def test_map_aware_is_registered_and_declares_it_needs_the_graph():
     ({"percentiles": [20.0]}, "percentiles"), ({"percentiles": "99"}, "percentiles"),
     ({"initial": "kl"}, "initial"), ({"time_budget_s": -1.0}, "time_budget_s"),
     ({"tail_quantile": 1.0}, "tail_quantile"), ({"rank_weight": -0.5}, "rank_weight"),
-    ({"objective": "auroc"}, "objective"),
+    ({"objective": "auroc"}, "objective"), ({"max_graphs": -1}, "max_graphs"), ({"max_graphs": 2.5}, "max_graphs"),
 ])
 def test_bad_map_aware_options_name_the_option(options: dict, key: str):
     with pytest.raises(CalibrationError, match=f"option {key}="):
