@@ -13,6 +13,7 @@ from helpers.outlier_model import TEACHER_TENSOR, outlier_model, smooth_normals
 from sklearn.metrics import roc_auc_score
 
 from calibrators import CALIBRATORS, get_calibrator
+from calibrators.map_aware import MapAwareCalibrator
 from qtool.calibrate import calibrate
 from qtool.errors import CalibrationError
 from qtool.graph import build_spec, insert_qdq, prepare
@@ -59,7 +60,8 @@ def map_aware(model, spec, normals, search, **options):
     return initial, chosen, harness
 
 
-def test_map_aware_keeps_the_outlier_range_that_clipping_calibrators_lose(setup):
+@pytest.mark.parametrize("objective", [None, "separation", "distortion"])  # None: the default
+def test_map_aware_keeps_the_outlier_range_that_clipping_calibrators_lose(setup, objective):
     normals, model, search = setup
     spec = spec_at(model, 4)
     fp32 = image_auroc(model, search)
@@ -70,7 +72,7 @@ def test_map_aware_keeps_the_outlier_range_that_clipping_calibrators_lose(setup)
     # premise: min/max on normals clips the teacher tensor's anomaly outliers and destroys separation
     assert fp32 - image_auroc(insert_qdq(model, spec, on_normals), search) > 0.25
 
-    initial, chosen, _ = map_aware(model, spec, normals, search)
+    initial, chosen, _ = map_aware(model, spec, normals, search, **({"objective": objective} if objective else {}))
     # premise: the search's starting point (entropy at 4 bits on the normals) clips too
     assert initial[TEACHER_TENSOR].hi < normal_hi
     assert fp32 - image_auroc(insert_qdq(model, spec, initial), search) > 0.25
@@ -81,8 +83,11 @@ def test_map_aware_keeps_the_outlier_range_that_clipping_calibrators_lose(setup)
     assert fp32 - image_auroc(insert_qdq(model, spec, chosen), search) <= 0.02
     listed = teacher.meta["candidates"]
     current = next(c for c in listed if teacher.meta["base"] in c["rules"])  # the tensor starts at the base rule
-    # the lowest distortion among the candidates that keep both AUROCs of the range they replace
-    kept = [c for c in listed if all(c[k] >= current[k] for k in ("pixel_auroc", "image_auroc"))]
+    if (objective or MapAwareCalibrator.OPTIONS["objective"]) == "separation":
+        # the lowest distortion among the candidates that keep both AUROCs of the range they replace
+        kept = [c for c in listed if all(c[k] >= current[k] for k in ("pixel_auroc", "image_auroc"))]
+    else:  # distortion: the lowest distortion of all
+        kept = listed
     best = min(kept, key=lambda c: c["loss"])
     assert (best["lo"], best["hi"]) == (teacher.lo, teacher.hi)
     assert {"minmax", "entropy", "mse", "percentile-99.9"} <= {r for c in listed for r in c["rules"]}
