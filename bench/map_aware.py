@@ -189,15 +189,19 @@ def write_markdown(path: Path, meta: dict, setups: list[dict]) -> None:
              "normal calibration images (never the test split); calib s = calibrate + search stages", ""]
     for s in setups:
         lines += [f"## {s['setup']}", "", "| calibrator | source | bits | image AUROC | pixel AUROC | AUPRO | "
-                  "calib s | proxy image | proxy pixel |", "|---" * 9 + "|",
+                  "calib s | proxy image | proxy pixel | proxy distortion | search: base, graphs run, stopped by |",
+                  "|---" * 11 + "|",
                   "| fp32 | - | 32 | " + " | ".join(_fmt(s["fp32"][k]) for k in KEYS) + " | - | "
                   + " | ".join(_fmt(s["cells"][0]["proxy_fp32"][k]) if s["cells"] else "-"
-                               for k in ("image_auroc", "pixel_auroc")) + " |"]
+                               for k in ("image_auroc", "pixel_auroc")) + " | 0 | - |"]
         for c in s["cells"]:
+            search = c.get("search")
             lines.append(f"| {c['calibrator']} | {c['source']} | {c['bits']} | "
                          + " | ".join(_fmt(c[k]) for k in KEYS)
                          + f" | {c['calib_seconds']} | {_fmt(c['proxy']['image_auroc'])} | "
-                         f"{_fmt(c['proxy']['pixel_auroc'])} |")
+                         f"{_fmt(c['proxy']['pixel_auroc'])} | {_fmt(c['proxy'].get('loss', '-'))} | "
+                         + (f"{search['base']}, {search['graphs_run']}, {search['stopped_by'] or 'done'} |"
+                            if search else "- |"))
         if s.get("mixed_precision"):
             lines += ["", "Mixed precision (layers kept float until the proxy drop is within the budget; latency: "
                       "ONNX Runtime CPU, search-set batch, all-quantized vs final model):", "",
