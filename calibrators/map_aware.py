@@ -131,14 +131,14 @@ class MapAwareCalibrator(Calibrator):
     two stages:
 
     1. rules: every tensor at one rule's range, for each rule (``initial`` first); the best by the
-       ``objective`` is the base. ``distortion`` (default): the lowest map distortion (fp32 map error
-       over the upper tail and the synthetic defect regions, plus flipped normal/anomaly score
-       pairs); ``separation``: the highest pixel AUROC of the synthetic anomalies against the
-       normals, then image AUROC, then the lowest map distortion, among the rules whose image AUROC
-       is within ``IMAGE_TOLERANCE`` (0.1) of the best rule's. Distortion is the default because
-       on a small search set the rules' AUROCs differ by less than their noise at 8 and 6 bits,
-       while the distortion is a continuous error over every image and pixel
-       (``bench/results/map_aware_rule_choice*.md``).
+       ``objective`` is the base. ``separation`` (default): the highest pixel AUROC of the synthetic
+       anomalies against the normals, then image AUROC, then the lowest map distortion, among the
+       rules whose image AUROC is within ``IMAGE_TOLERANCE`` (0.1) of the best rule's;
+       ``distortion``: the lowest map distortion (fp32 map error over the upper tail and the
+       synthetic defect regions, plus flipped normal/anomaly score pairs). Replayed on two MTD
+       grids, neither choice was reliably better (distortion had less test regret on RD's, more on
+       STFPM's image AUROC and AUPRO: ``bench/results/map_aware_rule_choice*.md``); separation is the
+       default because it is the one that keeps a promise about separation (below).
     2. tensors: coordinate descent from the base, one tensor at a time (those whose candidates differ
        by the most quantization steps first, then graph order): each other candidate is tried with
        every other tensor at its current range, and kept only if it lowers the distortion and, under
@@ -153,14 +153,14 @@ class MapAwareCalibrator(Calibrator):
     :attr:`search_summary` holds the rule scores, the base, the counts and which budget stopped it.
 
     Options: ``num_bins`` (2048), ``percentiles`` ([99.9, 99.99, 99.999]), ``initial`` ("entropy";
-    or "minmax", "mse", "percentile-P"), ``objective`` ("distortion" or "separation"),
+    or "minmax", "mse", "percentile-P"), ``objective`` ("separation" or "distortion"),
     ``search_candidates`` (True), ``max_graphs`` (None: no limit but the time), ``time_budget_s``
     (300), ``tail_quantile`` (0.99: fp32 map values above this quantile on normals
     count as tail), ``rank_weight`` (1.0: weight of flipped pairs in the distortion).
     """
 
     OPTIONS = {"num_bins": 2048, "percentiles": [99.9, 99.99, 99.999], "initial": "entropy",
-               "objective": "distortion", "search_candidates": True, "max_graphs": None, "time_budget_s": 300.0,
+               "objective": "separation", "search_candidates": True, "max_graphs": None, "time_budget_s": 300.0,
                "tail_quantile": 0.99,
                "rank_weight": 1.0}
     needs_graph = True

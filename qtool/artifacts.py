@@ -63,6 +63,23 @@ def package_versions(names: tuple[str, ...] = MANIFEST_PACKAGES) -> dict[str, st
     return out
 
 
+def cpu_isa(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The widest x86 vector ISA this CPU has (``avx512``, ``avx2``, ``sse``) or the architecture's name.
+
+    Float kernels (oneDNN, MKL) pick their code path by it and sum in a different order on each, so a
+    seeded training reproduces bit for bit only on machines that report the same ISA.
+    """
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    for isa, flag in (("avx512", "avx512f"), ("avx2", "avx2"), ("sse", "sse2")):
+        if flag in flags:
+            return isa
+    return platform.machine()
+
+
 def write_manifest(out_dir: Path, inputs: dict[str, Path], extra: dict[str, Any] | None = None) -> Path:
     """Write ``manifest.json``: versions, machine, and SHA-256 of each input and output file.
 
@@ -82,7 +99,8 @@ def write_manifest(out_dir: Path, inputs: dict[str, Path], extra: dict[str, Any]
     manifest = {
         "versions": package_versions(),
         "python": platform.python_version(),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                    "isa": cpu_isa()},
         "inputs": {
             k: {"path": str(v), "sha256": sha256_file(Path(v)) if Path(v).is_file() else None}
             for k, v in inputs.items()
@@ -100,7 +118,8 @@ def bench_meta(script: str, argv: list[str], **extra: Any) -> dict[str, Any]:
     import shlex
 
     return {"command": f"python {script} " + " ".join(shlex.quote(a) for a in argv),
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+            "machine": f"{platform.processor() or platform.machine()} ({cpu_isa()}), {os.cpu_count()} CPUs, "
+                       f"{platform.platform()}",
             "python": platform.python_version(), "versions": package_versions(), **extra}
 
 

@@ -21,6 +21,7 @@ import torch
 from click.testing import CliRunner, Result
 from helpers.kd_run import cli_ptq, copy_data, files_under, sha256, shared
 
+from qtool.artifacts import cpu_isa
 from qtool.cli import main
 from qtool.recipe import load_recipe
 
@@ -184,6 +185,7 @@ def test_ptq_command_writes_model_report_recipe_manifest(kd, tmp_path_factory):
     assert manifest["inputs"]["model"]["sha256"] == sha256(kd.onnx)
     assert manifest["outputs"]["model.onnx"] == sha256(out / "model.onnx")
     assert manifest["versions"]["onnxruntime"]
+    assert manifest["machine"]["isa"] == cpu_isa()
 
 
 @pytest.mark.slow
