@@ -80,6 +80,18 @@ def cpu_isa(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     return platform.machine()
 
 
+ISA_PINS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")
+
+
+def isa_pins() -> dict[str, str]:
+    """The environment variables set that cap the ISA of torch's, oneDNN's and MKL's kernels.
+
+    With ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2`` an AVX-512 machine trains
+    bit for bit like an AVX2 one (``bench/results/mtd_stfpm_history_avx2_pinned_on_avx512.json``).
+    """
+    return {k: os.environ[k] for k in ISA_PINS if os.environ.get(k)}
+
+
 def write_manifest(out_dir: Path, inputs: dict[str, Path], extra: dict[str, Any] | None = None) -> Path:
     """Write ``manifest.json``: versions, machine, and SHA-256 of each input and output file.
 
@@ -100,7 +112,7 @@ def write_manifest(out_dir: Path, inputs: dict[str, Path], extra: dict[str, Any]
         "versions": package_versions(),
         "python": platform.python_version(),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "isa": cpu_isa()},
+                    "isa": cpu_isa(), "isa_pins": isa_pins()},
         "inputs": {
             k: {"path": str(v), "sha256": sha256_file(Path(v)) if Path(v).is_file() else None}
             for k, v in inputs.items()

@@ -21,7 +21,7 @@ import torch
 from click.testing import CliRunner, Result
 from helpers.kd_run import cli_ptq, copy_data, files_under, sha256, shared
 
-from qtool.artifacts import cpu_isa
+from qtool.artifacts import cpu_isa, isa_pins
 from qtool.cli import main
 from qtool.recipe import load_recipe
 
@@ -185,7 +185,7 @@ def test_ptq_command_writes_model_report_recipe_manifest(kd, tmp_path_factory):
     assert manifest["inputs"]["model"]["sha256"] == sha256(kd.onnx)
     assert manifest["outputs"]["model.onnx"] == sha256(out / "model.onnx")
     assert manifest["versions"]["onnxruntime"]
-    assert manifest["machine"]["isa"] == cpu_isa()
+    assert manifest["machine"]["isa"] == cpu_isa() and manifest["machine"]["isa_pins"] == isa_pins()
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import platform
 
 import pytest
 
-from qtool.artifacts import cpu_isa
+from qtool.artifacts import ISA_PINS, cpu_isa, isa_pins
 
 AVX2 = "fpu vme sse sse2 ssse3 fma avx avx2 bmi2"
 
@@ -24,3 +24,12 @@ def test_cpu_isa_without_cpuinfo_or_x86_flags_is_the_architecture(tmp_path):
     assert cpu_isa(tmp_path / "missing") == platform.machine()
     (tmp_path / "arm").write_text("processor\t: 0\nFeatures\t: fp asimd evtstrm\n")
     assert cpu_isa(tmp_path / "arm") == platform.machine()
+
+
+def test_isa_pins_are_the_kernel_isa_caps_set_in_the_environment(monkeypatch):
+    for k in ISA_PINS:
+        monkeypatch.delenv(k, raising=False)
+    assert isa_pins() == {}
+    monkeypatch.setenv("MKL_CBWR", "AVX2")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "")
+    assert isa_pins() == {"MKL_CBWR": "AVX2"}
