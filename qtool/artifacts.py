@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -63,6 +64,7 @@ def package_versions(names: tuple[str, ...] = MANIFEST_PACKAGES) -> dict[str, st
     return out
 
 
+@functools.cache
 def cpu_isa(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """The widest x86 vector ISA this CPU has (``avx512``, ``avx2``, ``sse``) or the architecture's name.
 
@@ -92,6 +94,12 @@ def isa_pins() -> dict[str, str]:
     return {k: os.environ[k] for k in ISA_PINS if os.environ.get(k)}
 
 
+def machine_info() -> dict[str, Any]:
+    """The machine facts a manifest and a bench result record: platform, processor, CPUs, ISA and its pins."""
+    return {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+            "isa": cpu_isa(), "isa_pins": isa_pins()}
+
+
 def write_manifest(out_dir: Path, inputs: dict[str, Path], extra: dict[str, Any] | None = None) -> Path:
     """Write ``manifest.json``: versions, machine, and SHA-256 of each input and output file.
 
@@ -111,8 +119,7 @@ def write_manifest(out_dir: Path, inputs: dict[str, Path], extra: dict[str, Any]
     manifest = {
         "versions": package_versions(),
         "python": platform.python_version(),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "isa": cpu_isa(), "isa_pins": isa_pins()},
+        "machine": machine_info(),
         "inputs": {
             k: {"path": str(v), "sha256": sha256_file(Path(v)) if Path(v).is_file() else None}
             for k, v in inputs.items()
@@ -129,9 +136,9 @@ def bench_meta(script: str, argv: list[str], **extra: Any) -> dict[str, Any]:
     """The ``meta`` block of a bench result: the command that reproduces it, machine, Python, versions, ``extra``."""
     import shlex
 
+    m = machine_info()
     return {"command": f"python {script} " + " ".join(shlex.quote(a) for a in argv),
-            "machine": f"{platform.processor() or platform.machine()} ({cpu_isa()}), {os.cpu_count()} CPUs, "
-                       f"{platform.platform()}",
+            "machine": f"{m['processor'] or platform.machine()} ({m['isa']}), {m['cpus']} CPUs, {m['platform']}",
             "python": platform.python_version(), "versions": package_versions(), **extra}
 
 
