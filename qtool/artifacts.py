@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import platform
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -94,10 +95,39 @@ def isa_pins() -> dict[str, str]:
     return {k: os.environ[k] for k in ISA_PINS if os.environ.get(k)}
 
 
+# ``qtool --isa-cap NAME``: the pins per cap. Only AVX2 is offered: it is the cap measured to reproduce
+# an AVX2 machine's training bit for bit (ONNX Runtime's own kernels ignore these variables).
+ISA_CAPS: dict[str, dict[str, str]] = {
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"},
+}
+
+
+def cap_isa(name: str) -> dict[str, str]:
+    """Set the ``ISA_CAPS[name]`` pins for this process and its children; torch must not be loaded yet.
+
+    Raises:
+        QtoolError: torch is already imported (it reads ``ATEN_CPU_CAPABILITY`` once, at import).
+    """
+    from qtool.errors import QtoolError
+
+    if "torch" in sys.modules:
+        raise QtoolError(f"--isa-cap {name}: torch is already loaded; the cap must be set before it loads")
+    pins = ISA_CAPS[name]
+    os.environ.update(pins)
+    return pins
+
+
 def machine_info() -> dict[str, Any]:
-    """The machine facts a manifest and a bench result record: platform, processor, CPUs, ISA and its pins."""
-    return {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+    """The machine facts a manifest and a bench result record: platform, processor, CPUs, ISA and its pins.
+
+    When torch is loaded, also ``torch_cpu_capability``: the kernel set torch actually dispatches to
+    (``AVX512``, ``AVX2``, ...), which shows whether a pin took effect.
+    """
+    info = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
             "isa": cpu_isa(), "isa_pins": isa_pins()}
+    if "torch" in sys.modules:
+        info["torch_cpu_capability"] = sys.modules["torch"].backends.cpu.get_cpu_capability()
+    return info
 
 
 def write_manifest(out_dir: Path, inputs: dict[str, Path], extra: dict[str, Any] | None = None) -> Path:

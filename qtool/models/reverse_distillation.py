@@ -16,9 +16,11 @@ WideResNet-50-2 [256,512,1024]); the levels must double in stride (4, 8, 16 for 
   a map of the deepest level only has no ConvTranspose2d left in the graph. The linear output is
   our change: teachers such as EfficientNet-Lite0 emit signed features that a ReLU output could not
   match in direction.
-- Loss: per level, 1 - cosine similarity over channels at every position, averaged over positions
-  and batch, summed over levels. (The original takes one cosine of the flattened per-sample vectors;
-  the per-position form is the one the anomaly map uses, so training and scoring agree.)
+- Loss (option ``loss``, registry ``RD_LOSSES``), summed over levels: ``position`` (default), 1 -
+  cosine similarity over channels at every position, averaged over positions and batch, the form the
+  anomaly map uses, so training and scoring agree; ``flat``, the original's one cosine of each
+  sample's flattened (C*h*w) vectors, averaged over the batch. It only asks the decoder to match the
+  whole level's direction, so positions where the teacher's features are small weigh less.
 - Map: per level 1 - cosine over channels, bilinearly upsampled to the input size, summed over
   levels (the original), smoothed with the original's evaluation-time Gaussian blur (option
   ``map_sigma``, default 4; 0 turns it off); score = maximum of the smoothed map. Option
@@ -31,14 +33,33 @@ The trainable OCBE and decoder both live in ``student`` so "student" is every tr
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from qtool.errors import ModelError
+from qtool.errors import ModelError, RegistryError
 from qtool.models.backbones import build_backbone
 from qtool.models.base import MODELS, KDModel, check_options, freeze
 from qtool.models.head import AnomalyMapHead, cosine_distance, map_levels, map_sigma
 from qtool.recipe import ModelConfig
+from qtool.registry import Registry
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+RD_LOSSES: Registry[LossFn] = Registry("rd loss")
+
+
+@RD_LOSSES.register("position")
+def position_loss(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Mean over batch and positions of 1 - channel cosine (the map's distance)."""
+    return cosine_distance(t, s).mean()
+
+
+@RD_LOSSES.register("flat")
+def flat_loss(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of 1 - cosine of the flattened per-sample features (the original RD loss)."""
+    return (1.0 - F.cosine_similarity(t.flatten(1), s.flatten(1), dim=1)).mean()
 
 
 def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1) -> list[nn.Module]:
@@ -160,11 +181,12 @@ class ReverseDistillation(KDModel):
     """Reverse Distillation.
 
     Options: ``embed_channels`` (default 2*c_last), ``ocbe_blocks`` (default 1), ``embed_stride``
-    (2, the original; or 1), ``map_sigma`` (default 4.0, the map blur), ``map_levels`` (default all levels).
+    (2, the original; or 1), ``loss`` (``position``, default, or ``flat``: ``RD_LOSSES``),
+    ``map_sigma`` (default 4.0, the map blur), ``map_levels`` (default all levels).
     """
 
     MAP_OPTIONS = ("map_sigma", "map_levels")
-    OPTIONS = ("embed_channels", "ocbe_blocks", "embed_stride", *MAP_OPTIONS)
+    OPTIONS = ("embed_channels", "ocbe_blocks", "embed_stride", "loss", *MAP_OPTIONS)
 
     def __init__(self, cfg: ModelConfig, image_size: int) -> None:
         super().__init__()
@@ -180,6 +202,10 @@ class ReverseDistillation(KDModel):
         if embed < 1 or blocks < 1:
             raise ModelError(f"rd options embed_channels={embed} and ocbe_blocks={blocks} must be >= 1")
         self.student = RdStudent(channels, embed, blocks, stride)
+        try:
+            self.loss_fn = RD_LOSSES.get(str(cfg.options.get("loss", "position")))
+        except RegistryError as e:
+            raise ModelError(f"rd option loss: {e}") from None
         sigma = map_sigma(cfg.options.get("map_sigma", 4.0), "rd")
         self.head = AnomalyMapHead("cosine", "sum", map_size=image_size, out_size=image_size, sigma=sigma,
                                    levels=map_levels(cfg.options.get("map_levels"), cfg.levels, "rd"))
@@ -190,11 +216,11 @@ class ReverseDistillation(KDModel):
         return self.head(feats, self.student(feats))
 
     def training_loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Sum over levels of the mean per-position cosine distance."""
+        """Sum over levels of the ``loss`` option's cosine distance (default: mean per position)."""
         with torch.no_grad():
             feats = self.teacher(x)
         recon = self.student(feats)
-        terms = {f"cos{i}": cosine_distance(t, s).mean() for i, (t, s) in enumerate(zip(feats, recon))}
+        terms = {f"cos{i}": self.loss_fn(t, s) for i, (t, s) in enumerate(zip(feats, recon))}
         terms["loss"] = sum(terms.values())
         return terms
 

@@ -21,7 +21,7 @@ import torch
 from click.testing import CliRunner, Result
 from helpers.kd_run import cli_ptq, copy_data, files_under, sha256, shared
 
-from qtool.artifacts import cpu_isa, isa_pins
+from qtool.artifacts import ISA_CAPS, cpu_isa, isa_pins
 from qtool.cli import main
 from qtool.recipe import load_recipe
 
@@ -397,6 +397,23 @@ def test_console_script_eval(kd, tmp_path):
     assert p.returncode == 0, p.stderr
     assert re.search(r"^mean: \{'image_auroc'", p.stdout, re.M), p.stdout
     assert json.loads((tmp_path / "res.json").read_text())["n_test"] == 8
+
+
+@pytest.mark.skipif(cpu_isa() not in ("avx2", "avx512"), reason="needs an x86 CPU with AVX2 or wider")
+def test_isa_cap_reaches_torch_and_the_manifest(kd, tmp_path):
+    out = tmp_path / "run"
+    p = _run("--isa-cap", "avx2", "train", "--recipe", kd.recipe_file, "--out", out, "--no-export")
+    assert p.returncode == 0, p.stderr
+    machine = json.loads((out / "manifest.json").read_text())["machine"]
+    assert machine["isa_pins"] == ISA_CAPS["avx2"]
+    assert machine["torch_cpu_capability"] == "AVX2"  # torch dispatched to the capped kernels
+
+
+def test_isa_cap_after_torch_loaded_is_one_line_error():
+    res = invoke("--isa-cap", "avx2", "data", "--help")  # in-process: this test process has torch loaded
+    assert res.exit_code == 2
+    assert res.stderr.strip() == ("error: --isa-cap avx2: torch is already loaded; "
+                                  "the cap must be set before it loads")
 
 
 def test_console_script_bad_input_is_one_line(tmp_path):

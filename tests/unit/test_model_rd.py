@@ -190,3 +190,31 @@ def test_map_blur_exports_as_float_head_convs(tmp_path: Path) -> None:
 def test_bad_map_sigma_is_a_model_error(bad) -> None:
     with pytest.raises(ModelError, match="rd option map_sigma="):
         _rd("resnet18", map_sigma=bad)
+
+
+def test_flat_loss_is_the_original_per_sample_cosine_and_differs_from_the_per_position_one() -> None:
+    from qtool.models.reverse_distillation import RD_LOSSES
+
+    t = torch.randn(2, 4, 3, 3)
+    s = t.clone()
+    s[:, :, 0, 0] *= -1  # one position flipped: 1 of 9 positions wrong, a small share of the flattened vector
+    flat = RD_LOSSES.get("flat")(t, s)
+    position = RD_LOSSES.get("position")(t, s)
+    expected = torch.stack([1 - torch.dot(a.flatten(), b.flatten()) / (a.norm() * b.norm()) for a, b in zip(t, s)])
+    torch.testing.assert_close(flat, expected.mean())
+    torch.testing.assert_close(position, torch.tensor(2.0 / 9))  # distance 2 at one position of nine
+    assert RD_LOSSES.get("flat")(t, t) < 1e-6
+
+
+def test_loss_option_drives_training_loss_and_bad_name_is_a_model_error() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    torch.manual_seed(1)
+    flat = _rd("resnet18", embed_channels=32, loss="flat")
+    torch.manual_seed(1)
+    position = _rd("resnet18", embed_channels=32)
+    terms_flat, terms_pos = flat.training_loss(x), position.training_loss(x)
+    assert set(terms_flat) == {"cos0", "cos1", "cos2", "loss"}
+    assert not torch.isclose(terms_flat["loss"], terms_pos["loss"])
+    with pytest.raises(ModelError, match="rd option loss: unknown rd loss 'global'; available: flat, position"):
+        _rd("resnet18", loss="global")
