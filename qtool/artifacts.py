@@ -15,6 +15,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from qtool.errors import QtoolError
+
 MANIFEST_PACKAGES = ("qtool", "torch", "torchvision", "timm", "onnx", "onnxruntime", "numpy")
 
 
@@ -102,19 +104,15 @@ ISA_CAPS: dict[str, dict[str, str]] = {
 }
 
 
-def cap_isa(name: str) -> dict[str, str]:
+def cap_isa(name: str) -> None:
     """Set the ``ISA_CAPS[name]`` pins for this process and its children; torch must not be loaded yet.
 
     Raises:
         QtoolError: torch is already imported (it reads ``ATEN_CPU_CAPABILITY`` once, at import).
     """
-    from qtool.errors import QtoolError
-
     if "torch" in sys.modules:
         raise QtoolError(f"--isa-cap {name}: torch is already loaded; the cap must be set before it loads")
-    pins = ISA_CAPS[name]
-    os.environ.update(pins)
-    return pins
+    os.environ.update(ISA_CAPS[name])
 
 
 def machine_info() -> dict[str, Any]:
