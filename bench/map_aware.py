@@ -228,8 +228,8 @@ def versus_standard(cells: list[dict], default: str = "entropy") -> list[dict]:
     """
     rows = []
     for ma in (c for c in cells if c["calibrator"] == "map-aware"):
-        std = {c["calibrator"]: c for c in cells if c["calibrator"] not in ("map-aware",)
-               and (c["bits"], c["source"]) == (ma["bits"], ma["source"]) and "mixed_precision" not in c}
+        std = {c["calibrator"]: c for c in cells
+               if c["calibrator"] != "map-aware" and (c["bits"], c["source"]) == (ma["bits"], ma["source"])}
         if not std:
             continue
         best = {k: max(std, key=lambda n, k=k: std[n][k]) for k in KEYS}
