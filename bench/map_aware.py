@@ -170,15 +170,19 @@ def tiny_setups(work: Path) -> list[tuple[str, Path, Recipe]]:
     return out
 
 
-def given_setups(models: list[str]) -> list[tuple[str, Path, Recipe]]:
-    """``DATASET:MODEL=PATH`` items -> (setup name, model path, the dataset's recipe)."""
+def given_setups(models: list[str], overrides: list[str] = ()) -> list[tuple[str, Path, Recipe]]:
+    """``DATASET:MODEL=PATH`` items -> (setup name, model path, the dataset's recipe with ``overrides``).
+
+    The overrides (``--set``) reach the fp32 row and the export too, not only the quantized cells,
+    so a ``data.image_size`` override gives one input size across the whole table.
+    """
     out = []
     for item in models:
         name, _, path = item.partition("=")
         dataset = name.split(":", 1)[0]
         if dataset not in RECIPES or not path:
             sys.exit(f"error: --model {item!r}: expected DATASET:MODEL=PATH with DATASET in {', '.join(RECIPES)}")
-        out.append((name, Path(path), load_recipe(RECIPES[dataset])))
+        out.append((name, Path(path), load_recipe(RECIPES[dataset], list(overrides))))
     return out
 
 
@@ -292,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
                     "with --tiny, WORK/results)")
     args = ap.parse_args(argv)
     work = Path(args.work)
-    setups = tiny_setups(work) if args.tiny else given_setups(args.models)
+    setups = tiny_setups(work) if args.tiny else given_setups(args.models, args.overrides)
     if not setups:
         sys.exit("error: give --model DATASET:MODEL=PATH (repeatable) or --tiny")
     results = [bench_setup(name, path, recipe, args) for name, path, recipe in setups]

@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bits", type=lambda v: [int(b) for b in v.split(",")], default=[8, 6, 4])
     ap.add_argument("--sources", type=lambda v: v.split(","), default=["train", "random-normal", "mix"])
     ap.add_argument("--recipe", default=str(ROOT / "recipes/mtd_stfpm.yaml"), help="data section and split")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="recipe override, as given to bench/map_aware.py (e.g. data.image_size=128)")
     ap.add_argument("--results", default=None, help="the run's results JSON: run only the best standard ones")
     ap.add_argument("--rounds", type=int, default=500)
     ap.add_argument("--bins", type=int, default=1 << 14)
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache", default=str(ROOT / "bench/work/map_aware_bootstrap"))
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    recipe = load_recipe(Path(args.recipe))
+    recipe = load_recipe(Path(args.recipe), args.overrides)
     splits, transform = load_splits(recipe.data), ImageTransform(recipe.data)
     cache = Path(args.cache)
     results = json.loads(Path(args.results).read_text()) if args.results else None
@@ -103,9 +105,9 @@ def main(argv: list[str] | None = None) -> None:
                 else:
                     standard = best_standard(results, setup, source, bits) if results else list(STANDARD)
                     models = cell_models(Path(args.work), setup, source, bits, standard)
-                    outputs, masks, labels = run_models(list(models.values()), splits, transform)
+                    outputs, masks, labels, groups = run_models(list(models.values()), splits, transform)
                     rows = compare(outputs, {n: [p] for n, p in models.items()}, masks, labels, args.rounds,
-                                   args.bins, args.seed)
+                                   args.bins, args.seed, groups)
                     write_json(hit, {"models": models, "rounds": args.rounds, "seed": args.seed, "rows": rows})
                 cell = {"setup": setup, "bits": bits, "source": source, "rows": rows, "verdicts": verdicts(rows)}
                 cells.append(cell)

@@ -2,8 +2,8 @@
 
 The first ``--onnx`` is the anchor A; every other model B is compared with it. All are run once on
 the recipe's test split (ONNX Runtime CPU; the images are read once). Each bootstrap round draws the
-normal and the defective test images with replacement (separately, so both classes stay
-present) and scores both models on the same draw: image AUROC, and pixel AUROC from per-image
+normal and the defective test images with replacement (separately, and per category, so both classes
+stay present in each) and scores both models on the same draw: image AUROC, and pixel AUROC from per-image
 histograms of defect and normal pixels (``--bins`` equal bins per model over its map range; pairs in
 one bin count one half, as ``qtool.metrics.pixel_auroc`` above its exact limit). Reported per
 metric and B: both values on the full test split, the difference B - A, its 95 % percentile
@@ -40,14 +40,16 @@ ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("image_auroc", "pixel_auroc")
 
 
-def draws(labels: np.ndarray, rounds: int, seed: int) -> np.ndarray:
-    """(rounds, N) multiplicities of a stratified bootstrap: normals and anomalies resampled apart."""
+def draws(labels: np.ndarray, rounds: int, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
+    """(rounds, N) multiplicities of a stratified bootstrap: normals and anomalies of each category apart."""
     rng = np.random.default_rng(seed)
+    groups = np.zeros(len(labels), int) if groups is None else groups
     w = np.zeros((rounds, len(labels)), np.float64)
-    for cls in (0, 1):
-        idx = np.flatnonzero(labels == cls)
-        for r in range(rounds):
-            np.add.at(w[r], rng.choice(idx, size=idx.size, replace=True), 1.0)
+    for g in np.unique(groups):
+        for cls in (0, 1):
+            idx = np.flatnonzero((labels == cls) & (groups == g))
+            for r in range(rounds):
+                np.add.at(w[r], rng.choice(idx, size=idx.size, replace=True), 1.0)
     return w
 
 
@@ -60,25 +62,34 @@ def weighted_image_auroc(labels: np.ndarray, scores: np.ndarray, w: np.ndarray) 
 
 
 def bootstrap(outputs: dict[str, tuple[np.ndarray, np.ndarray]], masks: np.ndarray, labels: np.ndarray,
-              rounds: int, bins: int, seed: int) -> dict[str, dict[str, np.ndarray]]:
-    """Per ONNX file, per metric: the ``rounds`` bootstrap values (the same image draws for every file)."""
-    w = draws(labels, rounds, seed)
+              rounds: int, bins: int, seed: int, groups: np.ndarray | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """Per ONNX file, per metric: the ``rounds`` bootstrap values (the same image draws for every file).
+
+    With ``groups`` (each test image's category) a value is the mean over categories of the
+    per-category AUROC, as ``qtool eval`` reports it; one category: the plain AUROC.
+    """
+    groups = np.zeros(len(labels), int) if groups is None else groups
+    w = draws(labels, rounds, seed, groups)
     m = masks.astype(bool)
     out: dict[str, dict[str, np.ndarray]] = {}
     for name, (maps, scores) in outputs.items():
-        pos, neg = pixel_histograms(m, maps, bins, float(maps.min()), float(maps.max()))
-        pix = []
-        for i in range(0, rounds, 100):  # (100, N) @ (N, bins) at a time: bounded memory
-            p, n = w[i : i + 100] @ pos, w[i : i + 100] @ neg
-            pix += [auroc_from_counts(p[j], n[j]) for j in range(len(p))]
-        out[name] = {"image_auroc": np.array([weighted_image_auroc(labels, scores, wr) for wr in w]),
-                     "pixel_auroc": np.array(pix)}
+        img, pix = [], []
+        for g in np.unique(groups):
+            sel = groups == g
+            pos, neg = pixel_histograms(m[sel], maps[sel], bins, float(maps.min()), float(maps.max()))
+            wg, per = w[:, sel], []
+            for i in range(0, rounds, 100):  # (100, N) @ (N, bins) at a time: bounded memory
+                p, n = wg[i : i + 100] @ pos, wg[i : i + 100] @ neg
+                per += [auroc_from_counts(p[j], n[j]) for j in range(len(p))]
+            pix.append(per)
+            img.append([weighted_image_auroc(labels[sel], scores[sel], wr) for wr in wg])
+        out[name] = {"image_auroc": np.mean(img, axis=0), "pixel_auroc": np.mean(pix, axis=0)}
     return out
 
 
 def run_models(paths: list[str], splits, transform) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]],
-                                                              np.ndarray, np.ndarray]:
-    """Each ONNX file on the test split: ({path: (maps, scores)}, masks, labels); images read once."""
+                                                              np.ndarray, np.ndarray, np.ndarray]:
+    """Each ONNX file on the test split: ({path: (maps, scores)}, masks, labels, categories); images read once."""
     images = np.stack([transform.image(s.path) for s in splits.test])
     masks = np.stack([transform.mask(s) for s in splits.test]).astype(np.uint8)
     outputs = {}
@@ -86,7 +97,8 @@ def run_models(paths: list[str], splits, transform) -> tuple[dict[str, tuple[np.
         predictor = OnnxPredictor(Path(path))
         runs = [predictor(images[i : i + 8]) for i in range(0, len(images), 8)]
         outputs[path] = (np.concatenate([m for m, _ in runs]).astype(np.float32), np.concatenate([s for _, s in runs]))
-    return outputs, masks, np.array([s.label for s in splits.test])
+    return (outputs, masks, np.array([s.label for s in splits.test]),
+            np.array([s.category for s in splits.test]))
 
 
 def seed_means(boot: dict[str, dict[str, np.ndarray]], models: dict[str, list[str]], rounds: int,
@@ -102,11 +114,14 @@ def seed_means(boot: dict[str, dict[str, np.ndarray]], models: dict[str, list[st
 
 
 def compare(outputs: dict[str, tuple[np.ndarray, np.ndarray]], models: dict[str, list[str]], masks: np.ndarray,
-            labels: np.ndarray, rounds: int, bins: int, seed: int) -> list[dict]:
+            labels: np.ndarray, rounds: int, bins: int, seed: int, groups: np.ndarray | None = None) -> list[dict]:
     """Rows of every model B against the first (the anchor A), per metric (see the module)."""
-    full = {p: {"image_auroc": image_auroc(labels, s), "pixel_auroc": pixel_auroc(masks, m)}
+    groups = np.zeros(len(labels), int) if groups is None else groups
+    cats = [groups == g for g in np.unique(groups)]
+    full = {p: {"image_auroc": float(np.mean([image_auroc(labels[c], s[c]) for c in cats])),
+                "pixel_auroc": float(np.mean([pixel_auroc(masks[c], m[c]) for c in cats]))}
             for p, (m, s) in outputs.items()}
-    boot = seed_means(bootstrap(outputs, masks, labels, rounds, bins, seed), models, rounds, seed)
+    boot = seed_means(bootstrap(outputs, masks, labels, rounds, bins, seed, groups), models, rounds, seed)
     a, *others = list(models)
     rows = []
     for b in others:
@@ -146,8 +161,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("error: give at least two --onnx NAME=PATH with distinct names (the anchor A, then B)")
     recipe = load_recipe(Path(args.recipe))
     paths = [p for ps in models.values() for p in ps]
-    outputs, masks, labels = run_models(paths, load_splits(recipe.data), ImageTransform(recipe.data))
-    rows = compare(outputs, models, masks, labels, args.rounds, args.bins, args.seed)
+    outputs, masks, labels, groups = run_models(paths, load_splits(recipe.data), ImageTransform(recipe.data))
+    rows = compare(outputs, models, masks, labels, args.rounds, args.bins, args.seed, groups)
     meta = bench_meta("bench/paired_bootstrap.py", argv, rounds=args.rounds, bins=args.bins, seed=args.seed,
                       n_test=len(labels), n_defective=int(labels.sum()))
     payload = {"meta": meta, "models": {n: [{"onnx": p, "sha256": sha256_file(Path(p))} for p in ps]
