@@ -1,0 +1,54 @@
+"""bench/paired_bootstrap.py: the stratified draws and the per-category metric the map-aware bootstrap relies on."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import paired_bootstrap as pb  # noqa: E402
+
+
+def _outputs(n: int = 48, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(n) % 3 == 0).astype(int)
+    groups = np.array(["a", "b"])[np.arange(n) % 2]
+    masks = np.zeros((n, 8, 8), np.uint8)
+    masks[labels == 1, 2:5, 2:5] = 1
+    # category b's scores sit on a different scale: pooling the categories would mix them
+    shift = np.where(groups == "b", 5.0, 0.0)
+    outs = {f"m{i}": ((rng.random((n, 8, 8)) + masks * 0.4 * i + shift[:, None, None]).astype(np.float32),
+                      rng.random(n) + labels * 0.3 * i + shift) for i in range(2)}
+    return outs, masks, labels, groups
+
+
+def test_draws_keep_each_category_and_class_count():
+    _, _, labels, groups = _outputs()
+    w = pb.draws(labels, rounds=20, seed=3, groups=groups)
+    assert np.all(w.sum(axis=1) == len(labels))
+    for g in ("a", "b"):
+        for cls in (0, 1):
+            sel = (groups == g) & (labels == cls)
+            assert np.all(w[:, sel].sum(axis=1) == sel.sum())
+
+
+def test_full_split_value_is_the_mean_over_categories():
+    outs, masks, labels, groups = _outputs()
+    rows = pb.compare(outs, {"a": ["m0"], "b": ["m1"]}, masks, labels, 50, 256, 0, groups)
+    image = next(r for r in rows if r["metric"] == "image_auroc")
+    want = np.mean([roc_auc_score(labels[groups == g], outs["m1"][1][groups == g]) for g in ("a", "b")])
+    assert image["b_value"] == pytest.approx(want)
+    pooled = roc_auc_score(labels, outs["m1"][1])
+    assert abs(pooled - want) > 1e-3  # the shifted category makes the pooled value differ
+
+
+def test_one_category_equals_no_categories():
+    outs, masks, labels, _ = _outputs()
+    models = {"a": ["m0"], "b": ["m1"]}
+    plain = pb.compare(outs, models, masks, labels, 40, 128, 1)
+    grouped = pb.compare(outs, models, masks, labels, 40, 128, 1, np.full(len(labels), "mtd"))
+    assert plain == grouped
