@@ -40,6 +40,7 @@ from qtool.recipe import (
     SearchConfig,
     SynthConfig,
     TrainConfig,
+    build_recipe,
     load_recipe,
 )
 
@@ -60,7 +61,6 @@ def calibration_seconds(stages: dict[str, float]) -> float:
 def run_cell(model: Path, recipe: Recipe, overrides: list[str], work: Path) -> dict:
     """PTQ + evaluation of one cell, cached as ``work/cell.json``."""
     from qtool.ptq import run_ptq
-    from qtool.recipe import build_recipe
     from qtool.runs import run_eval
 
     cached = work / "cell.json"
@@ -170,19 +170,15 @@ def tiny_setups(work: Path) -> list[tuple[str, Path, Recipe]]:
     return out
 
 
-def given_setups(models: list[str], overrides: list[str] = ()) -> list[tuple[str, Path, Recipe]]:
-    """``DATASET:MODEL=PATH`` items -> (setup name, model path, the dataset's recipe with ``overrides``).
-
-    The overrides (``--set``) reach the fp32 row and the export too, not only the quantized cells,
-    so a ``data.image_size`` override gives one input size across the whole table.
-    """
+def given_setups(models: list[str]) -> list[tuple[str, Path, Recipe]]:
+    """``DATASET:MODEL=PATH`` items -> (setup name, model path, the dataset's recipe)."""
     out = []
     for item in models:
         name, _, path = item.partition("=")
         dataset = name.split(":", 1)[0]
         if dataset not in RECIPES or not path:
             sys.exit(f"error: --model {item!r}: expected DATASET:MODEL=PATH with DATASET in {', '.join(RECIPES)}")
-        out.append((name, Path(path), load_recipe(RECIPES[dataset], list(overrides))))
+        out.append((name, Path(path), load_recipe(RECIPES[dataset])))
     return out
 
 
@@ -290,15 +286,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mp-calibration", default="entropy/train", metavar="CALIB/SOURCE",
                     help="calibrator and source of the mixed-precision cells")
     ap.add_argument("--mp-scan-budget", type=float, default=600.0, help="seconds of sensitivity scan per cell")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override for every cell")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="recipe override for every row: fp32, export and cells")
     ap.add_argument("--work", default=str(ROOT / "bench" / "work" / "map_aware"))
     ap.add_argument("--out", default=None, help="results path without suffix (default bench/results/map_aware; "
                     "with --tiny, WORK/results)")
     args = ap.parse_args(argv)
     work = Path(args.work)
-    setups = tiny_setups(work) if args.tiny else given_setups(args.models, args.overrides)
+    setups = tiny_setups(work) if args.tiny else given_setups(args.models)
     if not setups:
         sys.exit("error: give --model DATASET:MODEL=PATH (repeatable) or --tiny")
+    # --set reaches the fp32 row and the export too (one input size across the table); the cells re-apply it last
+    setups = [(name, path, build_recipe(r.model_dump(mode="json"), args.overrides)) for name, path, r in setups]
     results = [bench_setup(name, path, recipe, args) for name, path, recipe in setups]
     out = Path(args.out) if args.out else (work / "results" if args.tiny else ROOT / "bench" / "results" / "map_aware")
     out.parent.mkdir(parents=True, exist_ok=True)
