@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from qtool.artifacts import package_versions, versions_line, write_json
+from qtool.errors import QtoolError
 from qtool.recipe import (
     CalibDataConfig,
     DataConfig,
@@ -310,4 +311,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except QtoolError as e:  # a bad recipe, override, image or model: one line, non-zero exit, nothing written
+        sys.exit(f"error: {e}")

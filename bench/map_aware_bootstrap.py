@@ -32,6 +32,7 @@ from paired_bootstrap import compare, run_models
 from qtool.artifacts import bench_meta, versions_line, write_json, write_results
 from qtool.data import ImageTransform
 from qtool.data.datasets import load_splits
+from qtool.errors import QtoolError
 from qtool.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,4 +142,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except QtoolError as e:  # a bad recipe, override, image or model: one line, non-zero exit, nothing written
+        sys.exit(f"error: {e}")

@@ -32,6 +32,7 @@ import numpy as np
 from qtool.artifacts import bench_meta, sha256_file, versions_line, write_results
 from qtool.data import ImageTransform
 from qtool.data.datasets import load_splits
+from qtool.errors import QtoolError
 from qtool.evaluate import OnnxPredictor
 from qtool.metrics import auroc_from_counts, image_auroc, pixel_auroc, pixel_histograms
 from qtool.recipe import load_recipe
@@ -195,4 +196,7 @@ def table(rows: list[dict]) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except QtoolError as e:  # a bad recipe, override, image or model: one line, non-zero exit, nothing written
+        sys.exit(f"error: {e}")
