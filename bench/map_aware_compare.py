@@ -1,0 +1,136 @@
+"""Two ``bench/map_aware.py`` runs of the same model side by side: whether a setting change helped map-aware.
+
+For each setup present in both results JSONs (matched by setup name, e.g. ``mtd:stfpm``) it prints,
+per run, map-aware's mean margin against the hindsight-best standard calibrator of the same width and
+source (image / pixel AUROC / AUPRO, mean over the cells), how many cell-metrics are at or above the
+best and at or above entropy, the proxy-to-test Spearman and the map-aware calibration seconds. The
+standard cells of the two runs must agree (same model, same test split): the script checks that their
+test values match to 1e-9 and stops otherwise, so a comparison of different models cannot pass as one
+of settings.
+
+Run: .venv/bin/python bench/map_aware_compare.py A.json B.json --label A=search32 --label B=search128 \
+         [--out bench/results/NAME]
+Writes NAME.{md,json} with ``--out``; prints the markdown either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from map_aware import KEYS, versus_standard
+
+from qtool.artifacts import write_json
+
+DEFAULT = "entropy"
+
+
+def standard_values(cells: list[dict]) -> dict[tuple, tuple]:
+    """(calibrator, source, bits) -> test values of every standard (not map-aware) cell."""
+    return {(c["calibrator"], c["source"], c["bits"]): tuple(c[k] for k in KEYS)
+            for c in cells if c["calibrator"] != "map-aware"}
+
+
+def summary(setup: dict) -> dict:
+    """Map-aware against the standard calibrators in one run of one setup."""
+    rows = versus_standard(setup["cells"], DEFAULT)
+    ma = [c for c in setup["cells"] if c["calibrator"] == "map-aware"]
+    n = len(rows)
+    return {
+        "cells": n,
+        "mean_minus_best": {k: sum(r["minus_best"][k] for r in rows) / n for k in KEYS} if n else None,
+        "at_or_above_best": sum(v >= 0 for r in rows for v in r["minus_best"].values()),
+        "at_or_above_default": sum(v >= 0 for r in rows if r["minus_default"] for v in r["minus_default"].values()),
+        "cell_metrics": n * len(KEYS),
+        "spearman": setup["proxy_rank_correlation"],
+        "map_aware_seconds": [min(c["calib_seconds"] for c in ma), max(c["calib_seconds"] for c in ma)] if ma else None,
+    }
+
+
+def overrides(command: str) -> list[str]:
+    """The ``--set`` items of a run's command line: what differs between two runs of one model."""
+    words = shlex.split(command)
+    out = [w.split("=", 1)[1] for w in words if w.startswith("--set=")]
+    return out + [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--set"]
+
+
+def compare(a: dict, b: dict) -> dict[str, dict]:
+    """Per setup in both runs: the two summaries; exits if their standard cells differ."""
+    by_name = {s["setup"]: s for s in b["setups"]}
+    out = {}
+    for sa in a["setups"]:
+        sb = by_name.get(sa["setup"])
+        if sb is None:
+            continue
+        va, vb = standard_values(sa["cells"]), standard_values(sb["cells"])
+        shared = va.keys() & vb.keys()
+        bad = [k for k in shared if any(abs(x - y) > 1e-9 for x, y in zip(va[k], vb[k]))]
+        if not shared or bad:
+            sys.exit(f"error: {sa['setup']}: the two runs' standard cells differ ({len(bad)} of {len(shared)}): "
+                     "not the same model and test split")
+        out[sa["setup"]] = {"a": {**summary(sa), "set": overrides(a["meta"]["command"])},
+                            "b": {**summary(sb), "set": overrides(b["meta"]["command"])},
+                            "standard_cells_checked": len(shared)}
+    if not out:
+        sys.exit("error: no setup is in both results files")
+    return out
+
+
+def markdown(result: dict[str, dict], labels: dict[str, str], command: str) -> str:
+    """One table per setup: a row per run."""
+    lines = ["# Map-aware: two runs of the same models compared", "", f"`{command}`", "",
+             "Mean margin = map-aware minus the best standard calibrator of the same width and source (hindsight, "
+             "per metric), averaged over the map-aware cells; image / pixel AUROC / AUPRO.", ""]
+    for setup, r in result.items():
+        lines += [f"## {setup} ({r['standard_cells_checked']} standard cells identical in both runs)", "",
+                  "| run | --set | mean margin vs best | at/above best | at/above entropy | "
+                  "Spearman image / pixel | map-aware calib s |", "|---" * 7 + "|"]
+        for key in ("a", "b"):
+            s = r[key]
+            margin = " / ".join(f"{s['mean_minus_best'][k]:+.4f}" for k in KEYS) if s["mean_minus_best"] else "-"
+            lo_hi = s["map_aware_seconds"]
+            secs = f"{lo_hi[0]:.0f} to {lo_hi[1]:.0f}" if lo_hi else "-"
+            lines.append(f"| {labels[key]} | {', '.join(s['set']) or '-'} | {margin} | "
+                         f"{s['at_or_above_best']} of {s['cell_metrics']} | {s['at_or_above_default']} of "
+                         f"{s['cell_metrics']} | {s['spearman']['image_auroc']} / {s['spearman']['pixel_auroc']} | "
+                         f"{secs} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("a", type=Path)
+    ap.add_argument("b", type=Path)
+    ap.add_argument("--label", action="append", default=[], metavar="A=TEXT|B=TEXT")
+    ap.add_argument("--out", type=Path, default=None, help="results path without suffix")
+    args = ap.parse_args(argv)
+    labels = {"a": str(args.a), "b": str(args.b)}
+    for item in args.label:
+        key, sep, text = item.partition("=")
+        if key.lower() not in labels or not sep:
+            sys.exit(f"error: --label {item!r}: expected A=TEXT or B=TEXT")
+        labels[key.lower()] = text
+    runs = []
+    for path in (args.a, args.b):
+        try:
+            runs.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: {path}: not a readable results JSON ({e})")
+        if not isinstance(runs[-1], dict) or "setups" not in runs[-1]:
+            sys.exit(f"error: {path}: not a bench/map_aware.py results JSON (no 'setups')")
+    result = compare(*runs)
+    command = "python bench/map_aware_compare.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = markdown(result, labels, command)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(args.out.with_suffix(".json"), {"command": command, "labels": labels, "setups": result})
+        args.out.with_suffix(".md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
