@@ -241,6 +241,13 @@ def versus_standard(cells: list[dict], default: str = "entropy") -> list[dict]:
     return rows
 
 
+def at_or_above(rows: list[dict]) -> tuple[int, int, int]:
+    """Of :func:`versus_standard`'s rows: cell-metrics at or above the best, at or above the default, and in all."""
+    at_best = sum(v >= 0 for r in rows for v in r["minus_best"].values())
+    at_default = sum(v >= 0 for r in rows if r["minus_default"] for v in r["minus_default"].values())
+    return at_best, at_default, len(rows) * len(KEYS)
+
+
 def versus_standard_lines(cells: list[dict], default: str = "entropy") -> list[str]:
     """Markdown of :func:`versus_standard`, with how many cell-metrics map-aware is at or above each bar."""
     rows = versus_standard(cells, default)
@@ -257,9 +264,7 @@ def versus_standard_lines(cells: list[dict], default: str = "entropy") -> list[s
         lines.append(f"| {r['bits']} | {r['source']} | " + " / ".join(_fmt(r["map_aware"][k]) for k in KEYS) + " | "
                      + ", ".join(f"{r['best'][k][0]} {_fmt(r['best'][k][1])}" for k in KEYS)
                      + f" | {signed(r['minus_best'])} | {signed(r['minus_default'])} |")
-    n = len(rows) * len(KEYS)
-    at_best = sum(v >= 0 for r in rows for v in r["minus_best"].values())
-    at_default = sum(v >= 0 for r in rows if r["minus_default"] for v in r["minus_default"].values())
+    at_best, at_default, n = at_or_above(rows)
     lines += ["", f"At or above the best standard calibrator in {at_best} of {n} cell-metrics; "
               f"at or above {default} in {at_default} of {n}."]
     return lines

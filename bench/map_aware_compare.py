@@ -21,7 +21,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from map_aware import KEYS, versus_standard
+from map_aware import KEYS, at_or_above, versus_standard
 
 from qtool.artifacts import write_json
 
@@ -38,13 +38,13 @@ def summary(setup: dict) -> dict:
     """Map-aware against the standard calibrators in one run of one setup."""
     rows = versus_standard(setup["cells"], DEFAULT)
     ma = [c for c in setup["cells"] if c["calibrator"] == "map-aware"]
-    n = len(rows)
+    at_best, at_default, cell_metrics = at_or_above(rows)
     return {
-        "cells": n,
-        "mean_minus_best": {k: sum(r["minus_best"][k] for r in rows) / n for k in KEYS} if n else None,
-        "at_or_above_best": sum(v >= 0 for r in rows for v in r["minus_best"].values()),
-        "at_or_above_default": sum(v >= 0 for r in rows if r["minus_default"] for v in r["minus_default"].values()),
-        "cell_metrics": n * len(KEYS),
+        "cells": len(rows),
+        "mean_minus_best": {k: sum(r["minus_best"][k] for r in rows) / len(rows) for k in KEYS} if rows else None,
+        "at_or_above_best": at_best,
+        "at_or_above_default": at_default,
+        "cell_metrics": cell_metrics,
         "spearman": setup["proxy_rank_correlation"],
         "map_aware_seconds": [min(c["calib_seconds"] for c in ma), max(c["calib_seconds"] for c in ma)] if ma else None,
     }
