@@ -1,12 +1,13 @@
 """Two ``bench/map_aware.py`` runs of the same model side by side: whether a setting change helped map-aware.
 
-For each setup present in both results JSONs (matched by setup name, e.g. ``mtd:stfpm``) it prints,
-per run, map-aware's mean margin against the hindsight-best standard calibrator of the same width and
-source (image / pixel AUROC / AUPRO, mean over the cells), how many cell-metrics are at or above the
-best and at or above entropy, the proxy-to-test Spearman and the map-aware calibration seconds. The
-standard cells of the two runs must agree (same model, same test split): the script checks that their
-test values match to 1e-9 and stops otherwise, so a comparison of different models cannot pass as one
-of settings.
+For each setup present in both results JSONs (matched by setup name, e.g. ``mtd:stfpm``), on the
+(width, source) cells where both runs have a map-aware cell, it prints per run map-aware's mean margin
+against the hindsight-best standard calibrator of the same width and source (image / pixel AUROC /
+AUPRO, mean over the cells), how many cell-metrics are at or above the best and at or above entropy,
+the map-aware calibration seconds, and the proxy-to-test Spearman (over each run's whole grid, as the
+run reported it). The standard cells the two runs share must agree (same model, same test split): the
+script checks that their test values match to 1e-9 and stops otherwise, so a comparison of different
+models cannot pass as one of settings.
 
 Run: .venv/bin/python bench/map_aware_compare.py A.json B.json --label A=search32 --label B=search128 \
          [--out bench/results/NAME]
@@ -34,10 +35,16 @@ def standard_values(cells: list[dict]) -> dict[tuple, tuple]:
             for c in cells if c["calibrator"] != "map-aware"}
 
 
-def summary(setup: dict) -> dict:
-    """Map-aware against the standard calibrators in one run of one setup."""
-    rows = versus_standard(setup["cells"], DEFAULT)
-    ma = [c for c in setup["cells"] if c["calibrator"] == "map-aware"]
+def map_aware_cells(cells: list[dict]) -> set[tuple[int, str]]:
+    """(bits, source) of every map-aware cell."""
+    return {(c["bits"], c["source"]) for c in cells if c["calibrator"] == "map-aware"}
+
+
+def summary(setup: dict, keep: set[tuple[int, str]]) -> dict:
+    """Map-aware against the standard calibrators in one run of one setup, on the (bits, source) in ``keep``."""
+    cells = [c for c in setup["cells"] if (c["bits"], c["source"]) in keep]
+    rows = versus_standard(cells, DEFAULT)
+    ma = [c for c in cells if c["calibrator"] == "map-aware"]
     at_best, at_default, cell_metrics = at_or_above(rows)
     return {
         "cells": len(rows),
@@ -71,9 +78,11 @@ def compare(a: dict, b: dict) -> dict[str, dict]:
         if not shared or bad:
             sys.exit(f"error: {sa['setup']}: the two runs' standard cells differ ({len(bad)} of {len(shared)}): "
                      "not the same model and test split")
-        out[sa["setup"]] = {"a": {**summary(sa), "set": overrides(a["meta"]["command"])},
-                            "b": {**summary(sb), "set": overrides(b["meta"]["command"])},
-                            "standard_cells_checked": len(shared)}
+        both = map_aware_cells(sa["cells"]) & map_aware_cells(sb["cells"])
+        out[sa["setup"]] = {"a": {**summary(sa, both), "set": overrides(a["meta"]["command"])},
+                            "b": {**summary(sb, both), "set": overrides(b["meta"]["command"])},
+                            "standard_cells_checked": len(shared),
+                            "compared": [f"{bits} bits {source}" for bits, source in sorted(both, reverse=True)]}
     if not out:
         sys.exit("error: no setup is in both results files")
     return out
@@ -86,6 +95,7 @@ def markdown(result: dict[str, dict], labels: dict[str, str], command: str) -> s
              "per metric), averaged over the map-aware cells; image / pixel AUROC / AUPRO.", ""]
     for setup, r in result.items():
         lines += [f"## {setup} ({r['standard_cells_checked']} standard cells identical in both runs)", "",
+                  "Cells compared (map-aware in both runs): " + ", ".join(r["compared"]), "",
                   "| run | --set | mean margin vs best | at/above best | at/above entropy | "
                   "Spearman image / pixel | map-aware calib s |", "|---" * 7 + "|"]
         for key in ("a", "b"):
