@@ -6,8 +6,8 @@ against the hindsight-best standard calibrator of the same width and source (ima
 AUPRO, mean over the cells), how many cell-metrics are at or above the best and at or above entropy,
 the map-aware calibration seconds, and the proxy-to-test Spearman (over each run's whole grid, as the
 run reported it). The standard cells the two runs share must agree (same model, same test split): the
-script checks that their test values match to 1e-9 and stops otherwise, so a comparison of different
-models cannot pass as one of settings.
+script checks that their test values match to within :data:`TOLERANCE` and stops otherwise, so a
+comparison of different models cannot pass as one of settings.
 
 Run: .venv/bin/python bench/map_aware_compare.py A.json B.json --label A=search32 --label B=search128 \
          [--out bench/results/NAME]
@@ -27,6 +27,10 @@ from map_aware import KEYS, at_or_above, versus_standard
 from qtool.artifacts import write_json
 
 DEFAULT = "entropy"
+#: Largest test-metric difference allowed between the runs' shared standard cells. Not 0: ONNX Runtime's
+#: float sums depend on the thread count (1e-5 typical, 0.003 seen on an emulated 4-bit AUPRO); a
+#: different model or split moves them by 0.01 and more.
+TOLERANCE = 0.005
 
 
 def standard_values(cells: list[dict]) -> dict[tuple, tuple]:
@@ -74,14 +78,14 @@ def compare(a: dict, b: dict) -> dict[str, dict]:
             continue
         va, vb = standard_values(sa["cells"]), standard_values(sb["cells"])
         shared = va.keys() & vb.keys()
-        bad = [k for k in shared if any(abs(x - y) > 1e-9 for x, y in zip(va[k], vb[k]))]
-        if not shared or bad:
-            sys.exit(f"error: {sa['setup']}: the two runs' standard cells differ ({len(bad)} of {len(shared)}): "
-                     "not the same model and test split")
+        gap = max((abs(x - y) for k in shared for x, y in zip(va[k], vb[k])), default=0.0)
+        if not shared or gap > TOLERANCE:
+            sys.exit(f"error: {sa['setup']}: the two runs' standard cells differ (by up to {gap:.4f} over "
+                     f"{len(shared)} cells): not the same model and test split")
         both = map_aware_cells(sa["cells"]) & map_aware_cells(sb["cells"])
         out[sa["setup"]] = {"a": {**summary(sa, both), "set": overrides(a["meta"]["command"])},
                             "b": {**summary(sb, both), "set": overrides(b["meta"]["command"])},
-                            "standard_cells_checked": len(shared),
+                            "standard_cells_checked": len(shared), "standard_cells_max_gap": gap,
                             "compared": [f"{bits} bits {source}" for bits, source in sorted(both, reverse=True)]}
     if not out:
         sys.exit("error: no setup is in both results files")
@@ -94,7 +98,8 @@ def markdown(result: dict[str, dict], labels: dict[str, str], command: str) -> s
              "Mean margin = map-aware minus the best standard calibrator of the same width and source (hindsight, "
              "per metric), averaged over the map-aware cells; image / pixel AUROC / AUPRO.", ""]
     for setup, r in result.items():
-        lines += [f"## {setup} ({r['standard_cells_checked']} standard cells identical in both runs)", "",
+        lines += [f"## {setup} ({r['standard_cells_checked']} standard cells in both runs, test values within "
+                  f"{r['standard_cells_max_gap']:.1e})", "",
                   "Cells compared (map-aware in both runs): " + ", ".join(r["compared"]), "",
                   "| run | --set | mean margin vs best | at/above best | at/above entropy | "
                   "Spearman image / pixel | map-aware calib s |", "|---" * 7 + "|"]
