@@ -119,6 +119,7 @@ def markdown(result: dict[str, dict], labels: dict[str, str], command: str) -> s
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Read the two results JSONs, compare, print the Markdown and write ``--out`` .md / .json."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("a", type=Path)
     ap.add_argument("b", type=Path)
