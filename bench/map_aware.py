@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from qtool.artifacts import package_versions, versions_line, write_json
-from qtool.errors import QtoolError
+from qtool.commands.common import fail_cleanly
 from qtool.recipe import (
     CalibDataConfig,
     DataConfig,
@@ -299,6 +299,7 @@ def main(argv: list[str] | None = None) -> None:
                     "with --tiny, WORK/results)")
     args = ap.parse_args(argv)
     work = Path(args.work)
+    build_recipe(Recipe().model_dump(mode="json"), args.overrides)  # a malformed --set fails before any setup is built
     setups = tiny_setups(work) if args.tiny else given_setups(args.models)
     if not setups:
         sys.exit("error: give --model DATASET:MODEL=PATH (repeatable) or --tiny")
@@ -316,7 +317,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except QtoolError as e:  # a bad recipe, override, image or model: one line, non-zero exit, nothing written
-        sys.exit(f"error: {e}")
+    fail_cleanly(main)()  # a bad recipe, override, image or model: one line, non-zero exit, nothing written

@@ -30,9 +30,9 @@ from map_aware import CALIBRATORS, setup_folder
 from paired_bootstrap import compare, run_models
 
 from qtool.artifacts import bench_meta, versions_line, write_json, write_results
+from qtool.commands.common import fail_cleanly
 from qtool.data import ImageTransform
 from qtool.data.datasets import load_splits
-from qtool.errors import QtoolError
 from qtool.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +142,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except QtoolError as e:  # a bad recipe, override, image or model: one line, non-zero exit, nothing written
-        sys.exit(f"error: {e}")
+    fail_cleanly(main)()  # a bad recipe, override, image or model: one line, non-zero exit, nothing written

@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from qtool.artifacts import bench_meta, sha256_file, versions_line, write_results
+from qtool.commands.common import fail_cleanly
 from qtool.data import ImageTransform
 from qtool.data.datasets import load_splits
-from qtool.errors import QtoolError
 from qtool.evaluate import OnnxPredictor
 from qtool.metrics import auroc_from_counts, image_auroc, pixel_auroc, pixel_histograms
 from qtool.recipe import load_recipe
@@ -41,10 +41,15 @@ ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("image_auroc", "pixel_auroc")
 
 
+def categories(labels: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
+    """Each test image's category; without ``groups``, one category for all."""
+    return np.zeros(len(labels), int) if groups is None else groups
+
+
 def draws(labels: np.ndarray, rounds: int, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
     """(rounds, N) multiplicities of a stratified bootstrap: normals and anomalies of each category apart."""
     rng = np.random.default_rng(seed)
-    groups = np.zeros(len(labels), int) if groups is None else groups
+    groups = categories(labels, groups)
     w = np.zeros((rounds, len(labels)), np.float64)
     for g in np.unique(groups):
         for cls in (0, 1):
@@ -69,7 +74,7 @@ def bootstrap(outputs: dict[str, tuple[np.ndarray, np.ndarray]], masks: np.ndarr
     With ``groups`` (each test image's category) a value is the mean over categories of the
     per-category AUROC, as ``qtool eval`` reports it; one category: the plain AUROC.
     """
-    groups = np.zeros(len(labels), int) if groups is None else groups
+    groups = categories(labels, groups)
     w = draws(labels, rounds, seed, groups)
     m = masks.astype(bool)
     out: dict[str, dict[str, np.ndarray]] = {}
@@ -117,7 +122,7 @@ def seed_means(boot: dict[str, dict[str, np.ndarray]], models: dict[str, list[st
 def compare(outputs: dict[str, tuple[np.ndarray, np.ndarray]], models: dict[str, list[str]], masks: np.ndarray,
             labels: np.ndarray, rounds: int, bins: int, seed: int, groups: np.ndarray | None = None) -> list[dict]:
     """Rows of every model B against the first (the anchor A), per metric (see the module)."""
-    groups = np.zeros(len(labels), int) if groups is None else groups
+    groups = categories(labels, groups)
     cats = [groups == g for g in np.unique(groups)]
     full = {p: {"image_auroc": float(np.mean([image_auroc(labels[c], s[c]) for c in cats])),
                 "pixel_auroc": float(np.mean([pixel_auroc(masks[c], m[c]) for c in cats]))}
@@ -196,7 +201,4 @@ def table(rows: list[dict]) -> list[str]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except QtoolError as e:  # a bad recipe, override, image or model: one line, non-zero exit, nothing written
-        sys.exit(f"error: {e}")
+    fail_cleanly(main)()  # a bad recipe, override, image or model: one line, non-zero exit, nothing written
