@@ -17,7 +17,8 @@ and ``distortion-within-D`` (the lowest distortion among rules within D of the b
 AUROC and within the image tolerance of the best proxy image AUROC).
 
 Run: .venv/bin/python bench/map_aware_rule_choice.py --work bench/work/map_aware_k3 --setup mtd-rd
-Writes ``--out`` .json and .md.
+(or ``--grid WORK/SETUP``, repeatable, for setups of several runs). With more than one setup the tables
+end with the choice rules' regret pooled over every cell of every setup. Writes ``--out`` .json and .md.
 """
 
 from __future__ import annotations
@@ -109,25 +110,42 @@ def replay(setup: Path) -> list[dict]:
     return rows
 
 
+def regret_rows(rows: list[dict]) -> list[str]:
+    """Per choice rule: mean regret per metric over ``rows`` and how often it picks the hindsight best."""
+    out = ["| choice rule | mean regret, image AUROC | pixel AUROC | AUPRO | picks the best (image / pixel / AUPRO) |",
+           "|---|---|---|---|---|"]
+    for choice in CHOICES:
+        mean = {k: sum(r["regret"][choice][k] for r in rows) / len(rows) for k in KEYS}
+        hits = "/".join(str(sum(r["regret"][choice][k] <= 0 for r in rows)) for k in KEYS)
+        out.append(f"| {choice} | {mean['image_auroc']:.4f} | {mean['pixel_auroc']:.4f} | "
+                   f"{mean['aupro']:.4f} | {hits} of {len(rows)} |")
+    chance = {k: sum(r["best"][k] - sum(t[k] for t in r["test"].values()) / len(r["test"]) for r in rows) / len(rows)
+              for k in KEYS}
+    out.append(f"| (a rule drawn at random: expected) | {chance['image_auroc']:.4f} | {chance['pixel_auroc']:.4f} | "
+               f"{chance['aupro']:.4f} | - |")
+    return out
+
+
 def markdown(path: Path, payload: dict) -> None:
     """The replay tables."""
     lines = ["# Map-aware's base-rule choice, replayed from the grid's reports", "", f"`{payload['meta']['command']}`",
              "", "Regret = the test's best standard calibrator (hindsight) minus the one the choice rule picks from "
              "the search-set proxy; only the base choice, not the tensor descent after it.", ""]
     for name, rows in payload["setups"].items():
-        lines += [f"## {name} ({len(rows)} cells)", "", "| choice rule | mean regret, image AUROC | pixel AUROC | "
-                  "AUPRO | picks the best (image / pixel / AUPRO) |", "|---|---|---|---|---|"]
-        for choice in CHOICES:
-            mean = {k: sum(r["regret"][choice][k] for r in rows) / len(rows) for k in KEYS}
-            hits = "/".join(str(sum(r["regret"][choice][k] <= 0 for r in rows)) for k in KEYS)
-            lines.append(f"| {choice} | {mean['image_auroc']:.4f} | {mean['pixel_auroc']:.4f} | "
-                         f"{mean['aupro']:.4f} | {hits} of {len(rows)} |")
+        lines += [f"## {name} ({len(rows)} cells)", "", *regret_rows(rows)]
         lines += ["", "| cell | proxy pixel AUROC / distortion: minmax, entropy, mse, percentile | separation picks | "
                   "distortion picks |", "|---|---|---|---|"]
         for r in rows:
             proxy = ", ".join(f"{r['proxy'][k]['pixel_auroc']:.4f} / {r['proxy'][k]['loss']:.3f}" for k in STANDARD)
             lines.append(f"| {r['cell']} | {proxy} | {r['picks']['separation']} | {r['picks']['distortion']} |")
         lines.append("")
+    if len(payload["setups"]) > 1:
+        pooled = [r for rows in payload["setups"].values() for r in rows]
+        lines += [f"## pooled: every cell of the {len(payload['setups'])} setups above ({len(pooled)} cells)", "",
+                  *regret_rows(pooled), ""]
+        for width in sorted({r["cell"].rsplit("-", 1)[1] for r in pooled}, key=lambda w: -int(w.removesuffix("bit"))):
+            rows = [r for r in pooled if r["cell"].endswith("-" + width)]
+            lines += [f"### pooled, {width} cells only ({len(rows)})", "", *regret_rows(rows), ""]
     lines.append(versions_line(payload["meta"]["versions"]))
     path.write_text("\n".join(lines) + "\n")
 
@@ -136,13 +154,20 @@ def main(argv: list[str] | None = None) -> None:
     """Parse arguments, replay every setup, write the results."""
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", required=True, help="the --work folder of a bench/map_aware.py run")
-    ap.add_argument("--setup", action="append", required=True, help="e.g. mtd-rd (a folder under --work)")
+    ap.add_argument("--work", help="the --work folder of a bench/map_aware.py run")
+    ap.add_argument("--setup", action="append", default=[], help="e.g. mtd-rd (a folder under --work)")
+    ap.add_argument("--grid", action="append", default=[], type=Path,
+                    help="a setup folder of any run (WORK/SETUP); repeatable, pooled with --setup's")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
+    if args.setup and not args.work:
+        sys.exit("error: --setup needs --work")
+    folders = {name: Path(args.work) / name for name in args.setup}
+    folders.update({str(g): g for g in args.grid})
+    if not folders:
+        sys.exit("error: no setup: give --work with --setup, or --grid")
     setups = {}
-    for name in args.setup:
-        folder = Path(args.work) / name
+    for name, folder in folders.items():
         if not folder.is_dir():
             sys.exit(f"error: no setup folder {folder}")
         setups[name] = replay(folder)
