@@ -143,9 +143,11 @@ def markdown(path: Path, payload: dict) -> None:
         pooled = [r for rows in payload["setups"].values() for r in rows]
         lines += [f"## pooled: every cell of the {len(payload['setups'])} setups above ({len(pooled)} cells)", "",
                   *regret_rows(pooled), ""]
-        for width in sorted({r["cell"].rsplit("-", 1)[1] for r in pooled}, key=lambda w: -int(w.removesuffix("bit"))):
-            rows = [r for r in pooled if r["cell"].endswith("-" + width)]
-            lines += [f"### pooled, {width} cells only ({len(rows)})", "", *regret_rows(rows), ""]
+        by_width: dict[str, list[dict]] = {}
+        for r in pooled:  # cell names end in the width: "train-8bit"
+            by_width.setdefault(r["cell"].rsplit("-", 1)[1], []).append(r)
+        for width, group in sorted(by_width.items(), key=lambda kv: -int(kv[0].removesuffix("bit"))):
+            lines += [f"### pooled, {width} cells only ({len(group)})", "", *regret_rows(group), ""]
     lines.append(versions_line(payload["meta"]["versions"]))
     path.write_text("\n".join(lines) + "\n")
 
