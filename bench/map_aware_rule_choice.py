@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="a setup folder of any run (WORK/SETUP); repeatable, pooled with --setup's")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    if args.setup and not args.work:
-        sys.exit("error: --setup needs --work")
+    if bool(args.setup) != bool(args.work):
+        sys.exit("error: --setup and --work go together (--grid takes WORK/SETUP alone)")
     folders = {name: Path(args.work) / name for name in args.setup}
     folders.update({str(g): g for g in args.grid})
     if not folders:

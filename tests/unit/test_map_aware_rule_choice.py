@@ -50,7 +50,8 @@ def test_pooled_tables_and_chance(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--setup", "mtd-rd"], "--setup needs --work"),
+    (["--setup", "mtd-rd"], "--setup and --work go together"),
+    (["--work", "bench/work/x", "--grid", "/nonexistent/mtd-rd"], "--setup and --work go together"),
     ([], "no setup"),
     (["--grid", "/nonexistent/mtd-rd"], "no setup folder"),
 ])
