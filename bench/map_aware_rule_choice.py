@@ -16,6 +16,12 @@ Choice rules: ``separation`` and ``distortion`` (the map-aware objectives' own w
 and ``distortion-within-D`` (the lowest distortion among rules within D of the best proxy pixel
 AUROC and within the image tolerance of the best proxy image AUROC).
 
+With ``--kinds crack,hole,stain`` the proxy is not read but measured again: each standard cell's
+quantized graph (and the grid's fp32 graph, the reference of the distortion) runs on a search set of
+the same normal images and seed as the grid's, with synthetic anomalies of the given kinds instead
+(Q/DQ simulated in float, as the search runs them). This asks whether another proxy would have chosen
+better, with the test metrics unchanged.
+
 Run: .venv/bin/python bench/map_aware_rule_choice.py --work bench/work/map_aware_k3 --setup mtd-rd
 (or ``--grid WORK/SETUP``, repeatable, for setups of several runs). With more than one setup the tables
 end with the choice rules' regret pooled over every cell of every setup. Writes ``--out`` .json and .md.
@@ -28,6 +34,8 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 from calibrators.map_aware import OBJECTIVES, image_eligible
 from calibrators.percentile import PercentileCalibrator
@@ -86,8 +94,61 @@ def proxy_scores(setup: Path, cell: str, cells: dict[str, dict]) -> tuple[dict[s
     return {r: losses[r] for r in STANDARD}, "map-aware's rule_losses"
 
 
-def replay(setup: Path) -> list[dict]:
-    """One row per (width, source) cell of ``setup``: proxy scores, each choice's pick and its test metrics."""
+class Rescorer:
+    """Each standard cell's proxy measured again on a search set of other anomaly kinds (same normals, same seed).
+
+    The grid's ``ptq/report.json`` names the fp32 graph and the search set's normal files and seed;
+    the cell's ``ptq/recipe.yaml`` gives the preprocessing. fp32 references are cached per search set.
+    """
+
+    def __init__(self, kinds: list[str], threads: int = 2) -> None:
+        self.kinds, self.threads, self.references = kinds, threads, {}
+
+    def _search(self, ptq: Path) -> tuple[object, object]:
+        from qtool.data import ImageTransform
+        from qtool.proxy import MapDistortion
+        from qtool.recipe import load_recipe
+        from qtool.search import search_set_from_arrays
+
+        report = read_json(ptq / "report.json")
+        what = report.get("search_set") or {}
+        if not what.get("files") or "seed" not in what:
+            sys.exit(f"error: {ptq / 'report.json'}: no search_set files and seed to rebuild the search set from")
+        key = (report["model"], tuple(what["files"]), what["seed"])
+        if key not in self.references:
+            transform = ImageTransform(load_recipe(ptq / "recipe.yaml").data)
+            normals = np.stack([transform.image(Path(f)) for f in what["files"]])
+            search = search_set_from_arrays(normals, self.kinds, what["seed"], what["files"])
+            ref = self._run(Path(report["model"]), search)
+            self.references[key] = (search, MapDistortion(*ref, search.masks, search.labels))
+        return self.references[key]
+
+    def _run(self, model: Path, search) -> tuple[np.ndarray, np.ndarray]:
+        from qtool.evaluate import OnnxPredictor
+        from qtool.search import RUN_LEVEL
+
+        if not model.is_file():
+            sys.exit(f"error: {model} is missing: the grid's graphs are needed to re-score its proxy")
+        return OnnxPredictor(model, self.threads, RUN_LEVEL)(search.images)
+
+    def __call__(self, setup: Path, cell: str) -> tuple[dict[str, dict[str, float]], str]:
+        """Each standard rule's search-set scores in ``cell``, measured on the re-made search set."""
+        from qtool.proxy import separation
+
+        scores = {}
+        for rule, calib in STANDARD.items():
+            ptq = setup / f"{calib}-{cell}" / "ptq"
+            search, distortion = self._search(ptq)
+            outputs = self._run(ptq / "model.onnx", search)
+            scores[rule] = {**separation(*outputs, search.masks, search.labels), **distortion(*outputs)}
+        return scores, f"re-scored on {len(search.images) // 2} normals + anomalies of kinds {', '.join(self.kinds)}"
+
+
+def replay(setup: Path, rescore: Rescorer | None = None) -> list[dict]:
+    """One row per (width, source) cell of ``setup``: proxy scores, each choice's pick and its test metrics.
+
+    ``rescore``: measure the proxy again (:class:`Rescorer`) instead of reading the grid's.
+    """
     rows = []
     for first in sorted(setup.glob(f"{STANDARD['minmax']}-*bit/cell.json")):
         cell = first.parts[-2].removeprefix(f"{STANDARD['minmax']}-")
@@ -99,7 +160,7 @@ def replay(setup: Path) -> list[dict]:
             cells[rule] = read_json(path)
             if not all(k in cells[rule] for k in KEYS):
                 sys.exit(f"error: {path}: no {', '.join(KEYS)}")
-        scores, source = proxy_scores(setup, cell, cells)
+        scores, source = rescore(setup, cell) if rescore else proxy_scores(setup, cell, cells)
         test = {rule: {k: c[k] for k in KEYS} for rule, c in cells.items()}
         best = {k: max(t[k] for t in test.values()) for k in KEYS}
         picks = {name: choose(scores) for name, choose in CHOICES.items()}
@@ -132,7 +193,8 @@ def markdown(path: Path, payload: dict) -> None:
              "", "Regret = the test's best standard calibrator (hindsight) minus the one the choice rule picks from "
              "the search-set proxy; only the base choice, not the tensor descent after it.", ""]
     for name, rows in payload["setups"].items():
-        lines += [f"## {name} ({len(rows)} cells)", "", *regret_rows(rows)]
+        sources = sorted({r["proxy_from"] for r in rows})
+        lines += [f"## {name} ({len(rows)} cells)", "", f"proxy: {'; '.join(sources)}", "", *regret_rows(rows)]
         lines += ["", "| cell | proxy pixel AUROC / distortion: minmax, entropy, mse, percentile | separation picks | "
                   "distortion picks |", "|---|---|---|---|"]
         for r in rows:
@@ -160,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--setup", action="append", default=[], help="e.g. mtd-rd (a folder under --work)")
     ap.add_argument("--grid", action="append", default=[], type=Path,
                     help="a setup folder of any run (WORK/SETUP); repeatable, pooled with --setup's")
+    ap.add_argument("--kinds", help="re-score the proxy with synthetic anomalies of these kinds (comma-separated)")
+    ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads when re-scoring")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     if bool(args.setup) != bool(args.work):
@@ -168,11 +232,20 @@ def main(argv: list[str] | None = None) -> None:
     folders.update({str(g): g for g in args.grid})
     if not folders:
         sys.exit("error: no setup: give --work with --setup, or --grid")
+    rescore = None
+    if args.kinds is not None:
+        from qtool.data.synth_anomalies import ANOMALY_KINDS
+
+        kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+        unknown = [k for k in kinds if k not in ANOMALY_KINDS]
+        if not kinds or unknown:
+            sys.exit(f"error: --kinds {args.kinds!r}: expected names among {', '.join(ANOMALY_KINDS)}")
+        rescore = Rescorer(kinds, args.threads)
     setups = {}
     for name, folder in folders.items():
         if not folder.is_dir():
             sys.exit(f"error: no setup folder {folder}")
-        setups[name] = replay(folder)
+        setups[name] = replay(folder, rescore)
     payload = {"meta": bench_meta("bench/map_aware_rule_choice.py", argv), "setups": setups}
     write_results(Path(args.out), payload, lambda p: markdown(p, payload))
 

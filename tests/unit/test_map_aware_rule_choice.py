@@ -60,3 +60,74 @@ def test_bad_arguments_exit_with_one_line(tmp_path, argv, message):
         rc.main([*argv, "--out", str(tmp_path / "rc")])
     assert message in str(e.value)
     assert not list(tmp_path.iterdir())
+
+
+def _onnx(path: Path, constant: bool) -> Path:
+    """A map model by hand: map = channel mean of the image (or 0.5 everywhere), score = the map's maximum."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[1], keepdims=1)]
+    if constant:
+        nodes += [helper.make_node("Mul", ["m", "zero"], ["m0"]), helper.make_node("Add", ["m0", "half"], ["map"])]
+    else:
+        nodes += [helper.make_node("Identity", ["m"], ["map"])]
+    nodes += [helper.make_node("ReduceMax", ["map"], ["s4"], axes=[1, 2, 3], keepdims=0),
+              helper.make_node("Identity", ["s4"], ["score"])]
+    graph = helper.make_graph(
+        nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 32, 32])],
+        [helper.make_tensor_value_info("map", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("score", TensorProto.FLOAT, None)],
+        [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+         helper.make_tensor("half", TensorProto.FLOAT, [], [0.5])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, path)
+    return path
+
+
+def _rescorable(folder: Path) -> Path:
+    """A grid whose graphs exist: the stored proxies say minmax is best; its graph maps a constant."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(6):
+        f = folder.parent / "normals" / f"n{i}.png"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((rng.random((32, 32)) * 60 + 100).astype(np.uint8)).save(f)
+        files.append(str(f))
+    fp32 = _onnx(folder / "fp32.onnx", constant=False)
+    _grid(folder)
+    for calib in CELL:
+        ptq = folder / f"{calib}-train-8bit" / "ptq"
+        _onnx(ptq / "model.onnx", constant=calib == "minmax")
+        (ptq / "recipe.yaml").write_text("version: 1\nname: t\ndata: {image_size: 32, normalize: per-image}\n")
+        (ptq / "report.json").write_text(json.dumps({"model": str(fp32), "search_set": {"files": files, "seed": 0}}))
+        cell = json.loads((folder / f"{calib}-train-8bit" / "cell.json").read_text())
+        cell["proxy"]["loss"] = 0.0 if calib == "minmax" else 1.0  # what the grid recorded: minmax distorts least
+        (folder / f"{calib}-train-8bit" / "cell.json").write_text(json.dumps(cell))
+    return folder
+
+
+def test_rescored_proxy_is_measured_not_read(tmp_path):
+    grid = _rescorable(tmp_path / "g" / "mtd-rd")
+    assert rc.replay(grid)[0]["picks"]["distortion"] == "minmax"  # the stored proxy
+    row = rc.replay(grid, rc.Rescorer(["crack", "hole"], threads=1))[0]
+    assert "re-scored on 6 normals + anomalies of kinds crack, hole" in row["proxy_from"]
+    assert row["proxy"]["entropy"]["loss"] == 0.0 and row["proxy"]["mse"]["loss"] == 0.0  # identical to fp32
+    assert row["proxy"]["minmax"]["loss"] > 0.1 and row["proxy"]["minmax"]["pixel_auroc"] == 0.5
+    assert row["picks"]["distortion"] != "minmax"
+
+
+def test_rescore_bad_kinds_and_missing_graph(tmp_path):
+    grid = _rescorable(tmp_path / "g" / "mtd-rd")
+    with pytest.raises(SystemExit) as e:
+        rc.main(["--grid", str(grid), "--kinds", "crack,nope", "--out", str(tmp_path / "rc")])
+    assert "--kinds 'crack,nope'" in str(e.value)
+    (grid / "mse-train-8bit" / "ptq" / "model.onnx").unlink()
+    with pytest.raises(SystemExit) as e:
+        rc.main(["--grid", str(grid), "--kinds", "crack", "--out", str(tmp_path / "rc")])
+    assert "model.onnx is missing" in str(e.value)
+    assert not (tmp_path / "rc.md").exists()
