@@ -34,12 +34,18 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from calibrators.map_aware import OBJECTIVES, image_eligible
 from calibrators.percentile import PercentileCalibrator
 from qtool.artifacts import bench_meta, versions_line, write_results
+from qtool.errors import QtoolError
+
+if TYPE_CHECKING:
+    from qtool.proxy import MapDistortion
+    from qtool.search import SearchSet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from map_aware import KEYS  # noqa: E402
@@ -104,7 +110,7 @@ class Rescorer:
     def __init__(self, kinds: list[str], threads: int = 2) -> None:
         self.kinds, self.threads, self.references = kinds, threads, {}
 
-    def _search(self, ptq: Path) -> tuple[object, object]:
+    def _search(self, ptq: Path) -> tuple[SearchSet, MapDistortion]:
         from qtool.data import ImageTransform
         from qtool.proxy import MapDistortion
         from qtool.recipe import load_recipe
@@ -123,7 +129,7 @@ class Rescorer:
             self.references[key] = (search, MapDistortion(*ref, search.masks, search.labels))
         return self.references[key]
 
-    def _run(self, model: Path, search) -> tuple[np.ndarray, np.ndarray]:
+    def _run(self, model: Path, search: SearchSet) -> tuple[np.ndarray, np.ndarray]:
         from qtool.evaluate import OnnxPredictor
         from qtool.search import RUN_LEVEL
 
@@ -245,7 +251,10 @@ def main(argv: list[str] | None = None) -> None:
     for name, folder in folders.items():
         if not folder.is_dir():
             sys.exit(f"error: no setup folder {folder}")
-        setups[name] = replay(folder, rescore)
+        try:
+            setups[name] = replay(folder, rescore)
+        except QtoolError as e:  # re-scoring: an unreadable image or graph of the grid
+            sys.exit(f"error: {folder}: {e}".splitlines()[0])
     payload = {"meta": bench_meta("bench/map_aware_rule_choice.py", argv), "setups": setups}
     write_results(Path(args.out), payload, lambda p: markdown(p, payload))
 

@@ -126,6 +126,13 @@ def test_rescore_bad_kinds_and_missing_graph(tmp_path):
     with pytest.raises(SystemExit) as e:
         rc.main(["--grid", str(grid), "--kinds", "crack,nope", "--out", str(tmp_path / "rc")])
     assert "--kinds 'crack,nope'" in str(e.value)
+    fp32 = grid / "fp32.onnx"
+    good = fp32.read_bytes()
+    fp32.write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.raises(SystemExit) as e:
+        rc.main(["--grid", str(grid), "--kinds", "crack", "--out", str(tmp_path / "rc")])
+    assert "ONNX Runtime cannot load" in str(e.value) and "\n" not in str(e.value)
+    fp32.write_bytes(good)
     (grid / "mse-train-8bit" / "ptq" / "model.onnx").unlink()
     with pytest.raises(SystemExit) as e:
         rc.main(["--grid", str(grid), "--kinds", "crack", "--out", str(tmp_path / "rc")])
