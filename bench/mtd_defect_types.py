@@ -48,15 +48,15 @@ def per_type(types: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.
     return out
 
 
-def region_overlaps(masks: np.ndarray) -> list[tuple[int, np.ndarray]]:
-    """Every defect region (8-connected, as AUPRO) as (image index, boolean mask)."""
+def label_regions(masks: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per image: its defect regions labelled (8-connected, as AUPRO; 0 = normal) and each label's pixel count."""
     from scipy import ndimage
 
-    regions = []
-    for i, mask in enumerate(masks):
+    out = []
+    for mask in masks:
         labeled, n = ndimage.label(mask > 0, structure=np.ones((3, 3), dtype=int))
-        regions += [(i, labeled == r) for r in range(1, n + 1)]
-    return regions
+        out.append((labeled, np.bincount(labeled.ravel(), minlength=n + 1)))
+    return out
 
 
 def fp_sources(types: np.ndarray, masks: np.ndarray, maps: np.ndarray, fprs=FPRS) -> list[dict]:
@@ -66,15 +66,18 @@ def fp_sources(types: np.ndarray, masks: np.ndarray, maps: np.ndarray, fprs=FPRS
     """
     defect = masks > 0
     normal = maps[~defect]
-    regions = region_overlaps(masks)
+    labels = label_regions(masks)
     rows = []
     for fpr in fprs:
         th = float(np.quantile(normal, 1.0 - fpr))
-        fp = {t: int(((maps[types == t] >= th) & ~defect[types == t]).sum()) for t in sorted(set(types.tolist()))}
+        above = maps >= th
+        fp = {t: int((above[types == t] & ~defect[types == t]).sum()) for t in sorted(set(types.tolist()))}
         total = max(1, sum(fp.values()))
         overlap: dict[str, list[float]] = {}
-        for i, reg in regions:
-            overlap.setdefault(str(types[i]), []).append(float((maps[i][reg] >= th).mean()))
+        for i, (labeled, sizes) in enumerate(labels):
+            if len(sizes) > 1:  # the share of each region above the threshold
+                hit = np.bincount(labeled[above[i]], minlength=len(sizes))
+                overlap.setdefault(str(types[i]), []).extend((hit[1:] / sizes[1:]).tolist())
         rows.append({"fpr": fpr, "threshold": th, "fp_share": {t: v / total for t, v in fp.items()},
                      "region_overlap": {t: float(np.mean(v)) for t, v in sorted(overlap.items())},
                      "regions": {t: len(v) for t, v in sorted(overlap.items())}})
