@@ -118,8 +118,8 @@ class Rescorer:
 
         report = read_json(ptq / "report.json")
         what = report.get("search_set") or {}
-        if not what.get("files") or "seed" not in what:
-            sys.exit(f"error: {ptq / 'report.json'}: no search_set files and seed to rebuild the search set from")
+        if not what.get("files") or "seed" not in what or not report.get("model"):
+            sys.exit(f"error: {ptq / 'report.json'}: no fp32 model, or no search_set files and seed, to re-score from")
         key = (report["model"], tuple(what["files"]), what["seed"])
         if key not in self.references:
             transform = ImageTransform(load_recipe(ptq / "recipe.yaml").data)
