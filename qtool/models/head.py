@@ -114,6 +114,23 @@ def map_sigma(value: object, model: str) -> float:
     return float(value)
 
 
+def map_combine(value: object, model: str, default: str) -> str:
+    """A model's ``map_combine`` option checked: the ``COMBINERS`` name that joins its level maps.
+
+    ``product`` keeps a pixel high only where every mapped level is; ``sum`` and ``mean`` follow the
+    level with the largest distances. Returns ``default`` when the option is absent.
+    Raises:
+        ModelError: not a registered combiner (the message names the model and the choices).
+    """
+    from qtool.errors import ModelError
+
+    if value is None:
+        return default
+    if not isinstance(value, str) or value not in COMBINERS:
+        raise ModelError(f"{model} option map_combine={value!r}: expected one of {COMBINERS.names()}")
+    return value
+
+
 class AnomalyMapHead(nn.Module):
     """Teacher/student features -> (anomaly map (B,1,H,W), image score (B,)).
 

@@ -27,7 +27,8 @@ WideResNet-50-2 [256,512,1024]); the levels must double in stride (4, 8, 16 for 
   ``map_levels`` (entries of ``model.levels``) restricts the map to some levels; training still
   reconstructs all of them. On MTD the unweighted sum is dominated by the shallowest level (its
   normal-data distances are ~3x the deepest's) although it separates worst; ``recipes/mtd_rd.yaml``
-  maps the deepest level only (bench/results/mtd_map_levels.md).
+  maps the deepest level only (bench/results/mtd_map_levels.md). Option ``map_combine`` (``COMBINERS``
+  name, default ``sum``) joins the mapped levels otherwise, e.g. ``product`` as STFPM.
 The trainable OCBE and decoder both live in ``student`` so "student" is every trainable inference part.
 """
 
@@ -42,7 +43,7 @@ from torch import nn
 from qtool.errors import ModelError, RegistryError
 from qtool.models.backbones import build_backbone
 from qtool.models.base import MODELS, KDModel, check_options, freeze
-from qtool.models.head import AnomalyMapHead, cosine_distance, map_levels, map_sigma
+from qtool.models.head import AnomalyMapHead, cosine_distance, map_combine, map_levels, map_sigma
 from qtool.recipe import ModelConfig
 from qtool.registry import Registry
 
@@ -182,10 +183,11 @@ class ReverseDistillation(KDModel):
 
     Options: ``embed_channels`` (default 2*c_last), ``ocbe_blocks`` (default 1), ``embed_stride``
     (2, the original; or 1), ``loss`` (``position``, default, or ``flat``: ``RD_LOSSES``),
-    ``map_sigma`` (default 4.0, the map blur), ``map_levels`` (default all levels).
+    ``map_sigma`` (default 4.0, the map blur), ``map_levels`` (default all levels), ``map_combine``
+    (default ``sum``, the original; ``product`` as STFPM).
     """
 
-    MAP_OPTIONS = ("map_sigma", "map_levels")
+    MAP_OPTIONS = ("map_sigma", "map_levels", "map_combine")
     OPTIONS = ("embed_channels", "ocbe_blocks", "embed_stride", "loss", *MAP_OPTIONS)
 
     def __init__(self, cfg: ModelConfig, image_size: int) -> None:
@@ -207,7 +209,8 @@ class ReverseDistillation(KDModel):
         except RegistryError as e:
             raise ModelError(f"rd option loss: {e}") from None
         sigma = map_sigma(cfg.options.get("map_sigma", 4.0), "rd")
-        self.head = AnomalyMapHead("cosine", "sum", map_size=image_size, out_size=image_size, sigma=sigma,
+        combine = map_combine(cfg.options.get("map_combine"), "rd", "sum")
+        self.head = AnomalyMapHead("cosine", combine, map_size=image_size, out_size=image_size, sigma=sigma,
                                    levels=map_levels(cfg.options.get("map_levels"), cfg.levels, "rd"))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,8 +3,9 @@
 Loss (per level): channel-L2-normalise both features, half squared difference summed over channels,
 mean over positions; summed over levels. Map: the same per-level distance, upsampled to the first
 level's resolution, multiplied over levels, resized to the input; image score = map maximum.
-Options (map only, training unchanged): ``map_levels`` (entries of ``model.levels``, default all) and
-``map_sigma`` (Gaussian blur of the map, default 0).
+Options (map only, training unchanged): ``map_levels`` (entries of ``model.levels``, default all),
+``map_sigma`` (Gaussian blur of the map, default 0) and ``map_combine`` (``COMBINERS`` name, default
+``product``).
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ import torch
 from qtool.models.backbones import build_backbone
 from qtool.models.base import MODELS, KDModel, check_options, freeze
 from qtool.models.dcam import Dcam
-from qtool.models.head import AnomalyMapHead, l2norm_distance, map_levels, map_sigma
+from qtool.models.head import AnomalyMapHead, l2norm_distance, map_combine, map_levels, map_sigma
 from qtool.recipe import ModelConfig
 
 
 class Stfpm(KDModel):
     """Student-Teacher Feature Pyramid Matching (Wang et al. 2021), with optional DCAM in training."""
 
-    MAP_OPTIONS = ("map_levels", "map_sigma")
+    MAP_OPTIONS = ("map_levels", "map_sigma", "map_combine")
 
     def __init__(self, cfg: ModelConfig, image_size: int) -> None:
         super().__init__()
@@ -30,7 +31,8 @@ class Stfpm(KDModel):
         self.student = build_backbone(cfg.backbone, cfg.levels, "none")
         levels = map_levels(cfg.options.get("map_levels"), cfg.levels, "stfpm")
         map_size = image_size // self.teacher.reductions[levels[0] if levels else 0]
-        self.head = AnomalyMapHead("l2norm", "product", map_size=map_size, out_size=image_size,
+        self.head = AnomalyMapHead("l2norm", map_combine(cfg.options.get("map_combine"), "stfpm", "product"),
+                                   map_size=map_size, out_size=image_size,
                                    sigma=map_sigma(cfg.options.get("map_sigma", 0.0), "stfpm"), levels=levels)
         self.dcam = Dcam(self.student.channels, cfg.dcam) if cfg.dcam.enabled else None
 
