@@ -1,4 +1,4 @@
-"""The ``map_levels`` option: the map uses only some levels, training and fingerprint are unchanged."""
+"""Map-only options (``map_levels``, ``map_combine``): the map changes, training and fingerprint do not."""
 
 from __future__ import annotations
 
@@ -65,8 +65,45 @@ def test_bad_map_levels_is_a_model_error_naming_the_levels(name: str, bad) -> No
         _model(name, map_levels=bad)
 
 
+def test_rd_product_combiner_multiplies_the_level_maps_and_exports(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    summed, product = _model("rd", map_sigma=0), _model("rd", map_sigma=0, map_combine="product")
+    product.load_state_dict(summed.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = summed.teacher(x)
+        maps = [_upsampled(cosine_distance(t, s)) for t, s in zip(feats, summed.student(feats))]
+        assert torch.allclose(summed(x)[0], maps[0] + maps[1] + maps[2], atol=1e-6)
+        got, _ = product(x)
+        assert torch.allclose(got, maps[0] * maps[1] * maps[2], atol=1e-7)
+        assert torch.equal(summed.training_loss(x)["loss"], product.training_loss(x)["loss"])
+    path = export_onnx(product, tmp_path / "rd.onnx", 64)
+    ort_map = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": x[:1].numpy()})[0]
+    assert np.allclose(ort_map, got[:1].numpy(), rtol=1e-4, atol=1e-8)
+
+
+def test_stfpm_sum_combiner_replaces_its_product() -> None:
+    model = _model("stfpm", map_combine="sum")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        t, s = model.teacher(x), model.student(x)
+        want = sum(_upsampled(l2norm_distance(a, b), 16) for a, b in zip(t, s))
+        got, _ = model(x)
+    assert model.head.combine_name == "sum"
+    assert torch.allclose(got, _upsampled(want), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["rd", "stfpm"])
+@pytest.mark.parametrize("bad", ["max", "", 1, ["sum"]])
+def test_bad_map_combine_is_a_model_error_naming_the_choices(name: str, bad) -> None:
+    with pytest.raises(ModelError, match=rf"{name} option map_combine=.*expected one of \['mean', 'product', 'sum'\]"):
+        _model(name, map_combine=bad)
+
+
 def test_unknown_stfpm_option_is_refused() -> None:
-    with pytest.raises(ModelError, match="unknown stfpm option 'embed_channels'; allowed: map_levels, map_sigma"):
+    allowed = "map_levels, map_sigma, map_combine"
+    with pytest.raises(ModelError, match=f"unknown stfpm option 'embed_channels'; allowed: {allowed}"):
         _model("stfpm", embed_channels=8)
 
 
@@ -76,5 +113,5 @@ def _recipe(**options) -> Recipe:
 
 def test_map_only_options_leave_the_training_fingerprint_alone() -> None:
     base = recipe_fingerprint(_recipe(ocbe_blocks=1))
-    assert recipe_fingerprint(_recipe(ocbe_blocks=1, map_levels=[3], map_sigma=0)) == base
+    assert recipe_fingerprint(_recipe(ocbe_blocks=1, map_levels=[3], map_sigma=0, map_combine="product")) == base
     assert recipe_fingerprint(_recipe(ocbe_blocks=2)) != base
