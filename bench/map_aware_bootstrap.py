@@ -14,8 +14,13 @@ comparison is conservative for map-aware. Verdict per cell and metric: "below" w
 interval of best - map-aware lies above 0, "above" when it lies below 0, otherwise "tie".
 Cell groups already compared are read back from ``--cache`` (resumable).
 
+``--every``: the same judgement for every calibrator in turn (map-aware and each standard one, all
+run): each against the best of the other four on the full test split, on the same bootstrap rounds.
+It asks whether any fixed calibrator meets "at least as good as the best of the others in every
+cell"; the summary counts each calibrator's verdicts.
+
 Run: .venv/bin/python bench/map_aware_bootstrap.py --work bench/work/map_aware_mtd \
-         --setup mtd-stfpm --setup mtd-rd [--bits 8,6,4] [--sources train,random-normal,mix]
+         --setup mtd-stfpm --setup mtd-rd [--bits 8,6,4] [--sources train,random-normal,mix] [--every]
 Writes PATH.{json,md} (``--out``).
 """
 
@@ -62,16 +67,23 @@ def cell_models(work: Path, setup: str, source: str, bits: int, standard: list[s
     return models
 
 
-def verdicts(rows: list[dict]) -> list[dict]:
-    """Per metric: map-aware against the best standard calibrator (on the full test split)."""
+def verdicts(rows: list[dict], anchor: str = "map-aware") -> list[dict]:
+    """Per metric: ``anchor`` against the best of the other calibrators (on the full test split)."""
     out = []
     for metric in ("image_auroc", "pixel_auroc"):
-        best = max((r for r in rows if r["metric"] == metric), key=lambda r: r["difference"])
+        best = max((r for r in rows if r["metric"] == metric and r["a"] == anchor), key=lambda r: r["difference"])
         lo, hi = best["ci95"]
         verdict = "below" if lo > 0 else "above" if hi < 0 else "tie"
-        out.append({"metric": metric, "map_aware": best["a_value"], "best": best["b"], "best_value": best["b_value"],
-                    "best_minus_map_aware": best["difference"], "ci95": best["ci95"], "verdict": verdict})
+        out.append({"anchor": anchor, "metric": metric, "anchor_value": best["a_value"], "best": best["b"],
+                    "best_value": best["b_value"], "best_minus_anchor": best["difference"], "ci95": best["ci95"],
+                    "verdict": verdict})
     return out
+
+
+def verdict_counts(cells: list[dict], anchor: str) -> dict[str, int]:
+    """How many of ``anchor``'s cell metrics are below, tied with, above the best of the others."""
+    return {v: sum(x["verdict"] == v for c in cells for x in c["verdicts"] if x["anchor"] == anchor)
+            for v in ("below", "tie", "above")}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,6 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="recipe override, as given to bench/map_aware.py (e.g. data.image_size=128)")
     ap.add_argument("--results", default=None, help="the run's results JSON: run only the best standard ones")
+    ap.add_argument("--every", action="store_true",
+                    help="judge every calibrator against the best of the others (runs all; ignores --results)")
     ap.add_argument("--rounds", type=int, default=500)
     ap.add_argument("--bins", type=int, default=1 << 14)
     ap.add_argument("--seed", type=int, default=0)
@@ -94,13 +108,13 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     recipe = load_recipe(Path(args.recipe), args.overrides)
     splits, transform = load_splits(recipe.data), ImageTransform(recipe.data)
-    cache = Path(args.cache)
-    results = json.loads(Path(args.results).read_text()) if args.results else None
+    results = None if args.every or not args.results else json.loads(Path(args.results).read_text())
+    anchors = ["map-aware", *STANDARD] if args.every else ["map-aware"]
     cells = []
     for setup in args.setup:
         for bits in args.bits:
             for source in args.sources:
-                hit = cache / f"{setup}-{source}-{bits}bit.json"
+                hit = Path(args.cache) / f"{setup}-{source}-{bits}bit{'-every' if args.every else ''}.json"
                 if hit.is_file():
                     rows = json.loads(hit.read_text())["rows"]
                 else:
@@ -108,37 +122,56 @@ def main(argv: list[str] | None = None) -> None:
                     models = cell_models(Path(args.work), setup, source, bits, standard)
                     outputs, masks, labels, groups = run_models(list(models.values()), splits, transform)
                     rows = compare(outputs, {n: [p] for n, p in models.items()}, masks, labels, args.rounds,
-                                   args.bins, args.seed, groups)
+                                   args.bins, args.seed, groups, anchors=anchors)
                     write_json(hit, {"models": models, "rounds": args.rounds, "seed": args.seed, "rows": rows})
-                cell = {"setup": setup, "bits": bits, "source": source, "rows": rows, "verdicts": verdicts(rows)}
+                cell = {"setup": setup, "bits": bits, "source": source, "rows": rows,
+                        "verdicts": [v for a in anchors for v in verdicts(rows, a)]}
                 cells.append(cell)
-                print(setup, bits, source, [(v["metric"], v["best"], round(v["best_minus_map_aware"], 4),
+                print(setup, bits, source, [(v["anchor"], v["metric"], v["best"], round(v["best_minus_anchor"], 4),
                                              v["verdict"]) for v in cell["verdicts"]], flush=True)
     meta = bench_meta("bench/map_aware_bootstrap.py", argv, rounds=args.rounds, bins=args.bins, seed=args.seed,
-                      n_test=len(splits.test))
-    counts = {v: sum(x["verdict"] == v for c in cells for x in c["verdicts"]) for v in ("below", "tie", "above")}
+                      n_test=len(splits.test), every=args.every)
+    counts = {a: verdict_counts(cells, a) for a in anchors}
+    write_results(Path(args.out), {"meta": meta, "counts": counts, "cells": cells},
+                  lambda path: write_markdown(path, meta, cells, counts, args.every))
 
-    def markdown(path: Path) -> None:
-        lines = ["# Map-aware against the best standard calibrator, per cell: paired bootstrap on test", "",
-                 f"`{meta['command']}`", "",
-                 f"machine: {meta['machine']}; {len(splits.test)} test images; {args.rounds} stratified rounds, "
-                 f"seed {args.seed}. Best = the standard calibrator (minmax, percentile, entropy, mse; same source "
-                 "and width) with the highest value on the full test split, which favours it (with --results, "
-                 "only the best ones were run). below / above: the "
-                 "95 % interval of best - map-aware lies above / below 0; tie otherwise.", "",
-                 f"Verdicts over {sum(counts.values())} cell metrics: map-aware below {counts['below']}, "
-                 f"tie {counts['tie']}, above {counts['above']}.", "",
-                 "| setup | bits | source | metric | map-aware | best standard | best - map-aware | 95 % interval "
-                 "| verdict |", "|---|---|---|---|---|---|---|---|---|"]
-        for c in cells:
-            for v in c["verdicts"]:
-                lines.append(f"| {c['setup']} | {c['bits']} | {c['source']} | {v['metric']} | {v['map_aware']:.4f} | "
-                             f"{v['best']} {v['best_value']:.4f} | {v['best_minus_map_aware']:+.4f} | "
-                             f"[{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}] | {v['verdict']} |")
-        lines += ["", versions_line(meta["versions"])]
-        path.write_text("\n".join(lines) + "\n")
 
-    write_results(Path(args.out), {"meta": meta, "counts": counts, "cells": cells}, markdown)
+#: Table wording per mode (``--every`` or not): title, anchor column, best column, who "best" is among.
+WORDING = {
+    False: ("Map-aware against the best standard calibrator", "map-aware", "best standard",
+            "standard calibrator (minmax, percentile, entropy, mse; same source and width) with the highest value "
+            "on the full test split, which favours it (with --results, only the best ones were run)"),
+    True: ("Each calibrator against the best of the others", "calibrator", "best of the others",
+           "other calibrator (of minmax, percentile, entropy, mse, map-aware; same source and width) with the "
+           "highest value on the full test split, which favours it"),
+}
+
+
+def write_markdown(path: Path, meta: dict, cells: list[dict], counts: dict[str, dict[str, int]], every: bool) -> None:
+    """The verdict counts and every cell metric's comparison."""
+    title, anchor, best, who = WORDING[every]
+    lines = [f"# {title}, per cell: paired bootstrap on test", "", f"`{meta['command']}`", "",
+             f"machine: {meta['machine']}; {meta['n_test']} test images; {meta['rounds']} stratified rounds, "
+             f"seed {meta['seed']}. Best = the {who}. below / above: the 95 % interval of best - {anchor} lies "
+             "above / below 0; tie otherwise.", ""]
+    if every:
+        lines += ["| calibrator | below | tie | above | cell metrics |", "|---|---|---|---|---|"]
+        lines += [f"| {a} | {c['below']} | {c['tie']} | {c['above']} | {sum(c.values())} |" for a, c in counts.items()]
+    else:
+        c = counts["map-aware"]
+        lines.append(f"Verdicts over {sum(c.values())} cell metrics: map-aware below {c['below']}, tie {c['tie']}, "
+                     f"above {c['above']}.")
+    lines += ["", f"| setup | bits | source | metric | {anchor} | {best} | best - {anchor} | 95 % interval | verdict |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for c in cells:
+        for v in c["verdicts"]:
+            name = f"{v['anchor']} " if every else ""
+            lines.append(f"| {c['setup']} | {c['bits']} | {c['source']} | {v['metric']} | "
+                         f"{name}{v['anchor_value']:.4f} | {v['best']} {v['best_value']:.4f} | "
+                         f"{v['best_minus_anchor']:+.4f} | [{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}] | "
+                         f"{v['verdict']} |")
+    lines += ["", versions_line(meta["versions"])]
+    path.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -120,17 +120,22 @@ def seed_means(boot: dict[str, dict[str, np.ndarray]], models: dict[str, list[st
 
 
 def compare(outputs: dict[str, tuple[np.ndarray, np.ndarray]], models: dict[str, list[str]], masks: np.ndarray,
-            labels: np.ndarray, rounds: int, bins: int, seed: int, groups: np.ndarray | None = None) -> list[dict]:
-    """Rows of every model B against the first (the anchor A), per metric (see the module)."""
+            labels: np.ndarray, rounds: int, bins: int, seed: int, groups: np.ndarray | None = None,
+            anchors: list[str] | None = None) -> list[dict]:
+    """Rows of every model B against the anchor A, per metric (see the module).
+
+    ``anchors``: the models that are each an anchor in turn, against every other model, on the same
+    bootstrap rounds (default: the first model only).
+    """
     groups = categories(labels, groups)
     cats = [groups == g for g in np.unique(groups)]
     full = {p: {"image_auroc": float(np.mean([image_auroc(labels[c], s[c]) for c in cats])),
                 "pixel_auroc": float(np.mean([pixel_auroc(masks[c], m[c]) for c in cats]))}
             for p, (m, s) in outputs.items()}
     boot = seed_means(bootstrap(outputs, masks, labels, rounds, bins, seed, groups), models, rounds, seed)
-    a, *others = list(models)
+    pairs = [(a, b) for a in (anchors or list(models)[:1]) for b in models if b != a]
     rows = []
-    for b in others:
+    for a, b in pairs:
         for metric in METRICS:
             d = boot[b][metric] - boot[a][metric]
             lo, hi = np.percentile(d, [2.5, 97.5])
