@@ -52,3 +52,43 @@ def test_one_category_equals_no_categories():
     plain = pb.compare(outs, models, masks, labels, 40, 128, 1)
     grouped = pb.compare(outs, models, masks, labels, 40, 128, 1, np.full(len(labels), "mtd"))
     assert plain == grouped
+
+
+def _three(n: int = 48):
+    outs, masks, labels, groups = _outputs(n)
+    rng = np.random.default_rng(7)
+    outs["m2"] = ((rng.random((n, 8, 8)) + masks * 0.2).astype(np.float32), rng.random(n) + labels * 0.5)
+    return outs, {"a": ["m0"], "b": ["m1"], "c": ["m2"]}, masks, labels, groups
+
+
+def test_several_anchors_share_the_rounds_and_mirror_each_other():
+    outs, models, masks, labels, groups = _three()
+    rows = pb.compare(outs, models, masks, labels, 60, 128, 2, groups, anchors=["a", "b", "c"])
+    assert len(rows) == 3 * 2 * len(pb.METRICS)
+    first = pb.compare(outs, models, masks, labels, 60, 128, 2, groups)
+    assert first == [r for r in rows if r["a"] == "a"]  # the first anchor alone: the default
+    for r in rows:
+        back = next(x for x in rows if (x["a"], x["b"], x["metric"]) == (r["b"], r["a"], r["metric"]))
+        assert back["difference"] == pytest.approx(-r["difference"])
+        assert back["ci95"] == pytest.approx([-r["ci95"][1], -r["ci95"][0]])  # the same rounds, sign flipped
+
+
+def test_every_calibrator_is_judged_against_the_best_of_the_others():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import map_aware_bootstrap as mab
+
+    outs, models, masks, labels, groups = _three()
+    rows = pb.compare(outs, models, masks, labels, 60, 128, 2, groups, anchors=["a", "b", "c"])
+    cells = [{"verdicts": [v for a in models for v in mab.verdicts(rows, a)]}]
+    for v in cells[0]["verdicts"]:
+        others = [r for r in rows if r["a"] == v["anchor"] and r["metric"] == v["metric"]]
+        best = max(others, key=lambda r: r["b_value"])
+        assert (v["best"], v["best_minus_anchor"]) == (best["b"], best["b_value"] - best["a_value"])
+        lo, hi = v["ci95"]
+        assert v["verdict"] == ("below" if lo > 0 else "above" if hi < 0 else "tie")
+    counts = {a: mab.verdict_counts(cells, a) for a in models}
+    assert all(sum(c.values()) == len(pb.METRICS) for c in counts.values())
+    best_image = max(models, key=lambda a: next(r["a_value"] for r in rows
+                                                 if r["a"] == a and r["metric"] == "image_auroc"))
+    assert next(v for v in cells[0]["verdicts"]
+                if v["anchor"] == best_image and v["metric"] == "image_auroc")["best_minus_anchor"] < 0
