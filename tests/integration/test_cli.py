@@ -229,6 +229,7 @@ def test_ptq_on_a_broken_onnx(kd, broken_models, tmp_path, name):
 
 @pytest.mark.parametrize(("override", "needle"), [("model.options.map_sigma=-1", "map_sigma=-1"),
                                                    ("model.options.map_levels=[9]", "map_levels=[9]"),
+                                                   ("model.options.map_combine=max", "map_combine='max'"),
                                                    ("data.root=/nonexistent/qtool-data", "/nonexistent/qtool-data")])
 def test_train_with_a_bad_model_option_or_data_root_writes_nothing(kd, tmp_path, override, needle):
     out = tmp_path / "train"
