@@ -80,10 +80,10 @@ def verdicts(rows: list[dict], anchor: str = "map-aware") -> list[dict]:
     return out
 
 
-def verdict_counts(cells: list[dict], anchor: str) -> dict[str, int]:
-    """How many of ``anchor``'s cell metrics are below, tied with, above the best of the others."""
-    return {v: sum(x["verdict"] == v for c in cells for x in c["verdicts"] if x["anchor"] == anchor)
-            for v in ("below", "tie", "above")}
+def verdict_counts(cells: list[dict], anchor: str, bits: int | None = None) -> dict[str, int]:
+    """How many of ``anchor``'s cell metrics (at ``bits``, or every width) are below, tied with, above the best."""
+    mine = [x for c in cells if bits in (None, c["bits"]) for x in c["verdicts"] if x["anchor"] == anchor]
+    return {v: sum(x["verdict"] == v for x in mine) for v in ("below", "tie", "above")}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -157,6 +157,12 @@ def write_markdown(path: Path, meta: dict, cells: list[dict], counts: dict[str, 
     if every:
         lines += ["| calibrator | below | tie | above | cell metrics |", "|---|---|---|---|---|"]
         lines += [f"| {a} | {c['below']} | {c['tie']} | {c['above']} | {sum(c.values())} |" for a, c in counts.items()]
+        widths = sorted({c["bits"] for c in cells}, reverse=True)
+        lines += ["", "Per width, below / tie / above:", "",
+                  "| calibrator | " + " | ".join(f"{b} bits" for b in widths) + " |", "|---|" + "---|" * len(widths)]
+        for a in counts:
+            per = [verdict_counts(cells, a, b) for b in widths]
+            lines.append(f"| {a} | " + " | ".join(f"{c['below']} / {c['tie']} / {c['above']}" for c in per) + " |")
     else:
         c = counts["map-aware"]
         lines.append(f"Verdicts over {sum(c.values())} cell metrics: map-aware below {c['below']}, tie {c['tie']}, "

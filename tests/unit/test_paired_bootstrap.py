@@ -79,7 +79,7 @@ def test_every_calibrator_is_judged_against_the_best_of_the_others():
 
     outs, models, masks, labels, groups = _three()
     rows = pb.compare(outs, models, masks, labels, 60, 128, 2, groups, anchors=["a", "b", "c"])
-    cells = [{"verdicts": [v for a in models for v in mab.verdicts(rows, a)]}]
+    cells = [{"bits": 8, "verdicts": [v for a in models for v in mab.verdicts(rows, a)]}]
     for v in cells[0]["verdicts"]:
         others = [r for r in rows if r["a"] == v["anchor"] and r["metric"] == v["metric"]]
         best = max(others, key=lambda r: r["b_value"])
@@ -88,6 +88,8 @@ def test_every_calibrator_is_judged_against_the_best_of_the_others():
         assert v["verdict"] == ("below" if lo > 0 else "above" if hi < 0 else "tie")
     counts = {a: mab.verdict_counts(cells, a) for a in models}
     assert all(sum(c.values()) == len(pb.METRICS) for c in counts.values())
+    assert all(mab.verdict_counts(cells, a, 8) == counts[a] for a in models)
+    assert all(sum(mab.verdict_counts(cells, a, 4).values()) == 0 for a in models)  # no 4-bit cell
     best_image = max(models, key=lambda a: next(r["a_value"] for r in rows
                                                  if r["a"] == a and r["metric"] == "image_auroc"))
     assert next(v for v in cells[0]["verdicts"]
