@@ -30,7 +30,7 @@ from qtool.data import ImageTransform
 from qtool.data.datasets import load_splits
 from qtool.errors import QtoolError
 from qtool.evaluate import OnnxPredictor, predict
-from qtool.metrics import aupro, image_auroc, pixel_auroc
+from qtool.metrics import aupro, defect_regions, image_auroc, pixel_auroc
 
 ROOT = Path(__file__).resolve().parents[1]
 FREE = "good"
@@ -48,17 +48,6 @@ def per_type(types: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.
     return out
 
 
-def label_regions(masks: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per image: its defect regions labelled (8-connected, as AUPRO; 0 = normal) and each label's pixel count."""
-    from scipy import ndimage
-
-    out = []
-    for mask in masks:
-        labeled, n = ndimage.label(mask > 0, structure=np.ones((3, 3), dtype=int))
-        out.append((labeled, np.bincount(labeled.ravel(), minlength=n + 1)))
-    return out
-
-
 def fp_sources(types: np.ndarray, masks: np.ndarray, maps: np.ndarray, fprs=FPRS) -> list[dict]:
     """At each pooled FPR: the share of false-positive pixels on each tile type and each type's mean region overlap.
 
@@ -66,7 +55,7 @@ def fp_sources(types: np.ndarray, masks: np.ndarray, maps: np.ndarray, fprs=FPRS
     """
     defect = masks > 0
     normal = maps[~defect]
-    labels = label_regions(masks)
+    labels = [defect_regions(mask > 0) for mask in masks]
     rows = []
     for fpr in fprs:
         th = float(np.quantile(normal, 1.0 - fpr))
