@@ -29,10 +29,12 @@ import numpy as np
 import torch
 
 from qtool.artifacts import bench_meta, sha256_file, versions_line, write_results
+from qtool.commands.common import fail_cleanly
 from qtool.data import ImageTransform
 from qtool.data.datasets import load_splits
 from qtool.metrics import aupro, image_auroc, pixel_auroc
 from qtool.models import build_model, load_checkpoint
+from qtool.models.head import COMBINERS
 from qtool.proxy import proxy_rank, separation
 from qtool.recipe import ModelConfig, load_recipe
 from qtool.search import search_set_from_arrays
@@ -157,6 +159,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kinds", default="patch,scratch,noise", help="synthetic anomaly kinds of the proxy")
     ap.add_argument("--out", default=str(ROOT / "bench/results/mtd_map_levels"))
     args = ap.parse_args(argv)
+    unknown = [c for c in args.combines or [] if c not in COMBINERS]
+    if unknown:
+        sys.exit(f"error: --combines {','.join(args.combines)}: expected names among {', '.join(COMBINERS.names())}")
     torch.set_num_threads(2)
     recipe = load_recipe(Path(args.recipe))
     splits = load_splits(recipe.data)
@@ -178,4 +183,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    fail_cleanly(main)()  # a bad option, recipe or checkpoint: one line, non-zero exit, nothing written
