@@ -48,6 +48,7 @@ from qtool.recipe import (
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {"mtd": ROOT / "recipes" / "mtd_stfpm.yaml", "multiclass": ROOT / "recipes" / "multiclass.yaml"}
 CALIBRATORS = ("minmax", "percentile", "entropy", "mse", "map-aware")
+STANDARD = tuple(c for c in CALIBRATORS if c != "map-aware")
 SOURCES = ("train", "random-normal", "mix")
 KEYS = ("image_auroc", "pixel_auroc", "aupro")
 
@@ -100,10 +101,29 @@ def spearman(rows: list[dict], proxy_key: str, real_key: str) -> float | None:
     return None if rho is None else round(rho, 4)
 
 
+def parse_variant(text: str) -> tuple[str, str, list[str]]:
+    """``LABEL=CALIB:KEY=VALUE,KEY=VALUE`` -> (label, calibrator, ``ptq.calib_options`` overrides).
+
+    A variant is a calibrator with options, run as its own column (cell folders ``LABEL-SOURCE-Nbit``).
+    """
+    label, _, rest = text.partition("=")
+    calib, _, opts = rest.partition(":")
+    pairs = [o for o in opts.split(",") if o]
+    if (not label or not calib or label in CALIBRATORS or "/" in label
+            or any("=" not in o or o.startswith("=") for o in pairs)):
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: expected LABEL=CALIB:KEY=VALUE[,KEY=VALUE], "
+                                         f"LABEL not one of {', '.join(CALIBRATORS)}")
+    return label, calib, [f"ptq.calib_options.{o}" for o in pairs]
+
+
 def cell_overrides(calib: str, source: str, bits: int, args: argparse.Namespace, *extra: str) -> list[str]:
-    """Recipe overrides of one cell: calibrator, source, width, ``extra``, the command line's, the search budget."""
+    """Recipe overrides of one cell: calibrator, source, width, ``extra``, the command line's, the search budget.
+
+    ``calib``: a calibrator name or a ``--variant`` label (its calibrator and options).
+    """
+    calib, options = next(((c, o) for label, c, o in args.variants if label == calib), (calib, []))
     out = [f"ptq.calib={calib}", f"ptq.calib_data.source={source}", f"ptq.activation_bits={bits}",
-           f"ptq.weight_bits={bits}", *extra, *args.overrides]
+           f"ptq.weight_bits={bits}", *options, *extra, *args.overrides]
     if calib == "map-aware":
         out.append(f"ptq.calib_options.time_budget_s={args.map_aware_budget}")
         if args.map_aware_graphs is not None:
@@ -130,7 +150,7 @@ def bench_setup(name: str, model: Path, recipe: Recipe, args: argparse.Namespace
     fp32 = run_eval(model, recipe)["metrics"]["mean"]
     cells, mixed = [], []
     for bits in args.bits:
-        for calib in args.calibrators:
+        for calib in [*args.calibrators, *(label for label, _, _ in args.variants)]:
             for source in args.sources:
                 key = f"{calib}-{source}-{bits}bit"
                 row = {"calibrator": calib, "source": source, "bits": bits,
@@ -230,7 +250,7 @@ def versus_standard(cells: list[dict], default: str = "entropy") -> list[dict]:
     rows = []
     for ma in (c for c in cells if c["calibrator"] == "map-aware"):
         std = {c["calibrator"]: c for c in cells
-               if c["calibrator"] != "map-aware" and (c["bits"], c["source"]) == (ma["bits"], ma["source"])}
+               if c["calibrator"] in STANDARD and (c["bits"], c["source"]) == (ma["bits"], ma["source"])}
         if not std:
             continue
         best = {k: max(std, key=lambda n, k=k: std[n][k]) for k in KEYS}
@@ -280,6 +300,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", dest="models", action="append", default=[], metavar="DATASET:MODEL=PATH")
     ap.add_argument("--tiny", action="store_true", help="smoke run on tiny synthetic data")
     ap.add_argument("--calibrators", type=lambda s: s.split(","), default=list(CALIBRATORS))
+    ap.add_argument("--variant", dest="variants", action="append", default=[], type=parse_variant,
+                    metavar="LABEL=CALIB:KEY=VALUE,...",
+                    help="also run CALIB with these calib_options as a column named LABEL (repeatable)")
     ap.add_argument("--sources", type=lambda s: s.split(","), default=list(SOURCES))
     ap.add_argument("--bits", type=lambda s: [int(b) for b in s.split(",")], default=[8, 6, 4])
     ap.add_argument("--map-aware-budget", type=float, default=1800.0,

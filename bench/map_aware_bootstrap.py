@@ -56,10 +56,10 @@ def best_standard(results: dict, setup: str, source: str, bits: int) -> list[str
     return list(dict.fromkeys(names))
 
 
-def cell_models(work: Path, setup: str, source: str, bits: int, standard: list[str]) -> dict[str, str]:
-    """map-aware first, then the ``standard`` calibrators: name -> quantized ONNX of that cell."""
+def cell_models(work: Path, setup: str, source: str, bits: int, others: list[str]) -> dict[str, str]:
+    """map-aware first, then the ``others`` (standard calibrators, variants): name -> quantized ONNX of that cell."""
     models = {}
-    for calib in ("map-aware", *standard):
+    for calib in ("map-aware", *others):
         path = work / setup / f"{calib}-{source}-{bits}bit" / "ptq" / "model.onnx"
         if not path.is_file():
             sys.exit(f"error: {path} is missing; run bench/map_aware.py for that cell first")
@@ -100,26 +100,31 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--results", default=None, help="the run's results JSON: run only the best standard ones")
     ap.add_argument("--every", action="store_true",
                     help="judge every calibrator against the best of the others (runs all; ignores --results)")
+    ap.add_argument("--variants", type=lambda v: [x for x in v.split(",") if x], default=[], metavar="LABEL,...",
+                    help="with --every: also judge these bench/map_aware.py --variant columns (and judge against them)")
     ap.add_argument("--rounds", type=int, default=500)
     ap.add_argument("--bins", type=int, default=1 << 14)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default=str(ROOT / "bench/work/map_aware_bootstrap"))
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
+    if args.variants and not args.every:
+        sys.exit("error: --variants needs --every (a variant is judged against the best of all the others)")
     recipe = load_recipe(Path(args.recipe), args.overrides)
     splits, transform = load_splits(recipe.data), ImageTransform(recipe.data)
     results = None if args.every or not args.results else json.loads(Path(args.results).read_text())
-    anchors = ["map-aware", *STANDARD] if args.every else ["map-aware"]
+    anchors = ["map-aware", *STANDARD, *args.variants] if args.every else ["map-aware"]
+    suffix = "-every" + "".join(f"+{v}" for v in args.variants) if args.every else ""
     cells = []
     for setup in args.setup:
         for bits in args.bits:
             for source in args.sources:
-                hit = Path(args.cache) / f"{setup}-{source}-{bits}bit{'-every' if args.every else ''}.json"
+                hit = Path(args.cache) / f"{setup}-{source}-{bits}bit{suffix}.json"
                 if hit.is_file():
                     rows = json.loads(hit.read_text())["rows"]
                 else:
-                    standard = best_standard(results, setup, source, bits) if results else list(STANDARD)
-                    models = cell_models(Path(args.work), setup, source, bits, standard)
+                    others = best_standard(results, setup, source, bits) if results else list(anchors[1:])
+                    models = cell_models(Path(args.work), setup, source, bits, others)
                     outputs, masks, labels, groups = run_models(list(models.values()), splits, transform)
                     rows = compare(outputs, {n: [p] for n, p in models.items()}, masks, labels, args.rounds,
                                    args.bins, args.seed, groups, anchors=anchors)
@@ -133,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
                       n_test=len(splits.test), every=args.every)
     counts = {a: verdict_counts(cells, a) for a in anchors}
     write_results(Path(args.out), {"meta": meta, "counts": counts, "cells": cells},
-                  lambda path: write_markdown(path, meta, cells, counts, args.every))
+                  lambda path: write_markdown(path, meta, cells, counts, args.every, anchors))
 
 
 #: Table wording per mode (``--every`` or not): title, anchor column, best column, who "best" is among.
@@ -142,14 +147,16 @@ WORDING = {
             "standard calibrator (minmax, percentile, entropy, mse; same source and width) with the highest value "
             "on the full test split, which favours it (with --results, only the best ones were run)"),
     True: ("Each calibrator against the best of the others", "calibrator", "best of the others",
-           "other calibrator (of minmax, percentile, entropy, mse, map-aware; same source and width) with the "
-           "highest value on the full test split, which favours it"),
+           "other calibrator (of {names}; same source and width) with the highest value on the full test split, "
+           "which favours it"),
 }
 
 
-def write_markdown(path: Path, meta: dict, cells: list[dict], counts: dict[str, dict[str, int]], every: bool) -> None:
-    """The verdict counts and every cell metric's comparison."""
+def write_markdown(path: Path, meta: dict, cells: list[dict], counts: dict[str, dict[str, int]], every: bool,
+                   names: list[str]) -> None:
+    """The verdict counts and every cell metric's comparison (``names``: the calibrators compared)."""
     title, anchor, best, who = WORDING[every]
+    who = who.format(names=", ".join(sorted(names, key=lambda n: n == "map-aware")))
     lines = [f"# {title}, per cell: paired bootstrap on test", "", f"`{meta['command']}`", "",
              f"machine: {meta['machine']}; {meta['n_test']} test images; {meta['rounds']} stratified rounds, "
              f"seed {meta['seed']}. Best = the {who}. below / above: the 95 % interval of best - {anchor} lies "

@@ -39,11 +39,14 @@ class Objective:
     ``choose(scores)``: the base among the scored rules (in scoring order, so ties keep the earlier).
     ``keeps(new, current)``: whether a tensor's candidate may replace the current range at all (it
     must also lower the distortion). ``separates``: the scores include the search set's separation.
+    ``scans``: every whole rule is scored (stage 1); if False only ``initial`` is, and it is the base,
+    so the whole graph budget goes to the tensor descent.
     """
 
     choose: Callable[[dict[str, Scores]], str]
     keeps: Callable[[Scores, Scores], bool]
     separates: bool
+    scans: bool = True
 
 
 #: Under ``separation``, rules whose image AUROC trails the best rule's by more than this are not chosen.
@@ -66,13 +69,20 @@ def by_separation(scores: dict[str, Scores]) -> str:
                key=lambda k: (-scores[k]["pixel_auroc"], -scores[k]["image_auroc"], scores[k]["loss"]))
 
 
+def separates_no_worse(new: Scores, current: Scores) -> bool:
+    """Neither AUROC of the search set's separation drops."""
+    return new["pixel_auroc"] >= current["pixel_auroc"] and new["image_auroc"] >= current["image_auroc"]
+
+
 OBJECTIVES: Registry[Objective] = Registry("map-aware objective")
 OBJECTIVES.add("distortion", Objective(choose=lambda scores: min(scores, key=lambda k: scores[k]["loss"]),
                                        keeps=lambda new, cur: True, separates=False))
-OBJECTIVES.add("separation", Objective(
-    choose=by_separation,
-    keeps=lambda new, cur: new["pixel_auroc"] >= cur["pixel_auroc"] and new["image_auroc"] >= cur["image_auroc"],
-    separates=True))
+OBJECTIVES.add("separation", Objective(choose=by_separation, keeps=separates_no_worse, separates=True))
+# the base is ``initial`` itself (no rule scan, whose proxy pick may not carry over to test data); the descent
+# keeps only a change that lowers the distortion and lowers neither AUROC, so the result is never worse than
+# ``initial`` on the search set
+OBJECTIVES.add("anchored", Objective(choose=lambda scores: next(iter(scores)), keeps=separates_no_worse,
+                                     separates=True, scans=False))
 
 
 #: Suffix of the rules computed on the calibration source plus the search images (``mse+search``).
@@ -139,13 +149,16 @@ class MapAwareCalibrator(Calibrator):
        grids, neither choice was reliably better (distortion had less test regret on RD's, more on
        STFPM's image AUROC and AUPRO: ``bench/results/map_aware_rule_choice*.md``); separation is the
        default because it is the one that keeps a promise about separation (below).
+       ``anchored``: no scan; ``initial`` itself is the base (a proxy-picked rule need not carry
+       over to test data, and one fixed rule, mse, had the fewest shortfalls across the grids:
+       ``bench/results/calibrator_every_*.md``), and the whole budget goes to stage 2.
     2. tensors: coordinate descent from the base, one tensor at a time (those whose candidates differ
        by the most quantization steps first, then graph order): each other candidate is tried with
        every other tensor at its current range, and kept only if it lowers the distortion and, under
-       ``separation``, lowers neither AUROC.
+       ``separation`` and ``anchored``, lowers neither AUROC.
 
     So the result never distorts more than the base and, under ``separation``, never separates the
-    search set worse than the best whole rule. Ties keep the earlier choice (``initial`` first), so the
+    search set worse than the best whole rule (under ``anchored``, than ``initial``). Ties keep the earlier choice (``initial`` first), so the
     search is deterministic. Two budgets bound it: ``max_graphs`` quantized graphs run (a budget
     that gives the same result on any machine) and ``time_budget_s`` seconds (a safety cap; a search
     it stops depends on the machine's speed, and says so). When one runs out, the remaining tensors
@@ -153,7 +166,7 @@ class MapAwareCalibrator(Calibrator):
     :attr:`search_summary` holds the rule scores, the base, the counts and which budget stopped it.
 
     Options: ``num_bins`` (2048), ``percentiles`` ([99.9, 99.99, 99.999]), ``initial`` ("entropy";
-    or "minmax", "mse", "percentile-P"), ``objective`` ("separation" or "distortion"),
+    or "minmax", "mse", "percentile-P"), ``objective`` ("separation", "distortion" or "anchored"),
     ``search_candidates`` (True), ``max_graphs`` (None: no limit but the time), ``time_budget_s``
     (300), ``tail_quantile`` (0.99: fp32 map values above this quantile on normals
     count as tail), ``rank_weight`` (1.0: weight of flipped pairs in the distortion).
@@ -288,7 +301,7 @@ class MapAwareCalibrator(Calibrator):
         names = [t for t in context.tensors if t in self.candidates]
         rule_scores: dict[str, Scores] = {}
         seen: dict[tuple[int, ...], Scores] = {}
-        for rule in self._rule_order() if names else []:
+        for rule in (self._rule_order() if objective.scans else [self.options["initial"]]) if names else []:
             if spent():
                 break
             key = tuple(self._index_of(n, rule) for n in names)  # a rule whose every range another rule has: no run
