@@ -12,7 +12,8 @@ test metrics: regret = the test's best standard calibrator (chosen with hindsigh
 chosen one, per metric. Only the base choice is replayed, not the tensor descent that follows it.
 
 Choice rules: ``separation`` and ``distortion`` (the map-aware objectives' own whole-rule choice,
-:data:`calibrators.map_aware.OBJECTIVES`), ``fixed-entropy`` (no search; the recipes' default),
+:data:`calibrators.map_aware.OBJECTIVES`), ``fixed-RULE`` for each standard rule (no search; ``fixed-entropy`` is the recipes' default,
+``fixed-mse`` the base of map-aware's ``anchored`` objective with ``initial=mse``),
 and ``distortion-within-D`` (the lowest distortion among rules within D of the best proxy pixel
 AUROC and within the image tolerance of the best proxy image AUROC).
 
@@ -69,7 +70,7 @@ def within(tolerance: float) -> Callable[[Scores], str]:
 CHOICES: dict[str, Callable[[Scores], str]] = {
     "separation": OBJECTIVES.get("separation").choose,
     "distortion": OBJECTIVES.get("distortion").choose,
-    "fixed-entropy": lambda scores: "entropy",
+    **{f"fixed-{rule}": (lambda scores, rule=rule: rule) for rule in STANDARD},
     **{f"distortion-within-{d:g}": within(d) for d in (0.001, 0.002, 0.005, 0.01)},
 }
 

@@ -158,10 +158,11 @@ class MapAwareCalibrator(Calibrator):
        ``separation`` and ``anchored``, lowers neither AUROC.
 
     So the result never distorts more than the base and, under ``separation``, never separates the
-    search set worse than the best whole rule (under ``anchored``, than ``initial``). Ties keep the earlier choice (``initial`` first), so the
-    search is deterministic. Two budgets bound it: ``max_graphs`` quantized graphs run (a budget
-    that gives the same result on any machine) and ``time_budget_s`` seconds (a safety cap; a search
-    it stops depends on the machine's speed, and says so). When one runs out, the remaining tensors
+    search set worse than the best whole rule (under ``anchored``, than ``initial``). Ties keep the
+    earlier choice (``initial`` first), so the search is deterministic. Two budgets bound it:
+    ``max_graphs`` quantized graphs run (a budget that gives the same result on any machine) and
+    ``time_budget_s`` seconds (a safety cap; a search it stops depends on the machine's speed, and
+    says so). When one runs out, the remaining tensors
     keep the base rule's range (``initial``'s if no rule was scored). After ``refine``,
     :attr:`search_summary` holds the rule scores, the base, the counts and which budget stopped it.
 

@@ -33,8 +33,8 @@ def _session(model: onnx.ModelProto, threads: int):
 
 
 def calibrate(model: onnx.ModelProto, tensors: list[str], batches: Iterable[np.ndarray], calibrator: Calibrator,
-              threads: int = 2, group: int = 8, progress: Callable[[int], None] | None = None
-              ) -> dict[str, TensorRange]:
+              threads: int = 2, group: int = 8, progress: Callable[[int], None] | None = None,
+              search_batches: Iterable[np.ndarray] | None = None) -> dict[str, TensorRange]:
     """Run ``batches`` through ``model`` and return ``calibrator``'s ranges for ``tensors``.
 
     Args:
@@ -43,6 +43,9 @@ def calibrate(model: onnx.ModelProto, tensors: list[str], batches: Iterable[np.n
         batches: preprocessed input batches (B,3,S,S) float32.
         calibrator: a fresh calibrator; ``observe`` is called per tensor per group, then ``compute``.
         group: images whose activations are concatenated before one ``observe`` call.
+        search_batches: the search images a graph-searching calibrator also observes (None: none).
+            Every calibration batch is observed first, then ``begin_search_images`` is called, then
+            these; a group never mixes the two.
     Raises:
         CalibrationError: empty calibration set, non-finite inputs or activations (naming the tensor).
     """
@@ -52,7 +55,7 @@ def calibrate(model: onnx.ModelProto, tensors: list[str], batches: Iterable[np.n
     fixed = inp.shape[0] if isinstance(inp.shape[0], int) else None
     names = list(tensors)
     buffers: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    seen, buffered = 0, 0
+    buffered = 0
 
     def flush() -> None:
         nonlocal buffered
@@ -62,25 +65,35 @@ def calibrate(model: onnx.ModelProto, tensors: list[str], batches: Iterable[np.n
                 buffers[n].clear()
         buffered = 0
 
-    for bi, batch in enumerate(batches):
-        if not np.isfinite(batch).all():
-            raise CalibrationError(f"calibration batch {bi} holds NaN or Inf input values")
-        step = fixed or len(batch)
-        for i in range(0, len(batch), step):
-            chunk = np.ascontiguousarray(batch[i : i + step], dtype=np.float32)
-            if fixed and len(chunk) != fixed:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - len(chunk), axis=0)])
-            outs = sess.run(names, {inp.name: chunk})
-            for n, arr in zip(names, outs):
-                buffers[n].append(arr)
-            buffered += len(chunk)
-            if buffered >= group:
-                flush()
-        seen += len(batch)
-        if progress:
-            progress(len(batch))
-    flush()
+    def feed(stream: Iterable[np.ndarray], what: str) -> int:
+        """Observe every batch of ``stream``, flushing the last group; returns the images seen."""
+        nonlocal buffered
+        count = 0
+        for bi, batch in enumerate(stream):
+            if not np.isfinite(batch).all():
+                raise CalibrationError(f"{what} batch {bi} holds NaN or Inf input values")
+            step = fixed or len(batch)
+            for i in range(0, len(batch), step):
+                chunk = np.ascontiguousarray(batch[i : i + step], dtype=np.float32)
+                if fixed and len(chunk) != fixed:
+                    chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - len(chunk), axis=0)])
+                outs = sess.run(names, {inp.name: chunk})
+                for n, arr in zip(names, outs):
+                    buffers[n].append(arr)
+                buffered += len(chunk)
+                if buffered >= group:
+                    flush()
+            count += len(batch)
+            if progress:
+                progress(len(batch))
+        flush()
+        return count
+
+    seen = feed(batches, "calibration")
     if seen == 0:
         raise CalibrationError("empty calibration set: no batches were given")
+    if search_batches is not None:
+        calibrator.begin_search_images()
+        seen += feed(search_batches, "search")
     log.info("calibrated %d tensors on %d images", len(names), seen)
     return calibrator.compute()

@@ -26,7 +26,7 @@ from qtool.errors import GraphError
 from qtool.evaluate import OnnxPredictor
 from qtool.graph import build_spec, get_profile, insert_qdq_report, lint, load_model, prepare, save_model
 from qtool.modelio import open_model, stamp_data_config
-from qtool.ptq_search import observed_batches, run_search_stages, search_set_for
+from qtool.ptq_search import run_search_stages, search_batches_for, search_set_for
 from qtool.recipe import Recipe, dump_recipe
 
 log = logging.getLogger(__name__)
@@ -130,8 +130,9 @@ def run_ptq(model_path: Path, recipe: Recipe, out_dir: Path, dry_run: bool = Fal
     search = search_set_for(calibrator, cfg, splits, transform)
     with timer.stage("calibrate"):
         ranges = calibrate(prepared, spec.tensors_to_calibrate(),
-                           observed_batches(calib, search, calibrator, cfg.calib_data.batch_size), calibrator,
-                           threads=recipe.eval.threads, group=cfg.calib_data.batch_size, progress=progress)
+                           calib.batches(), calibrator, threads=recipe.eval.threads, group=cfg.calib_data.batch_size,
+                           progress=progress,
+                           search_batches=search_batches_for(search, calibrator, cfg.calib_data.batch_size))
     searched: dict[str, Any] = {}
     if search is not None:
         ranges, spec, searched = run_search_stages(calibrator, ranges, prepared, spec, search, cfg,

@@ -6,7 +6,6 @@ by ``ptq.search.proxy``. The driver never branches on a calibrator's name.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
@@ -15,7 +14,6 @@ import numpy as np
 import onnx
 
 from calibrators import Calibrator, TensorRange
-from qtool.calib_data import CalibrationSet
 from qtool.data import ImageTransform, Splits
 from qtool.graph import QuantSpec, insert_qdq, layer_groups, node_tensors
 from qtool.mixed_precision import choose_precision
@@ -35,21 +33,16 @@ def search_set_for(calibrator: Calibrator, cfg: PtqConfig, splits: Splits, trans
     return None
 
 
-def observed_batches(calib: CalibrationSet, search: SearchSet | None, calibrator: Calibrator,
-                     batch_size: int) -> Iterator[np.ndarray]:
-    """The calibration batches, then the search images for a calibrator that is judged on them.
+def search_batches_for(search: SearchSet | None, calibrator: Calibrator, batch_size: int
+                       ) -> Iterator[np.ndarray] | None:
+    """The search images a calibrator that is judged on them also observes (after the calibration set), else None.
 
-    The calibrator's ``begin_search_images`` runs between the two, when the last calibration batch
-    has been consumed.
+    :func:`qtool.calibrate.calibrate` observes them after every calibration batch, announced by the
+    calibrator's ``begin_search_images``.
     """
     if search is None or not calibrator.needs_graph:
-        return calib.batches()
-
-    def search_batches() -> Iterator[np.ndarray]:
-        calibrator.begin_search_images()
-        yield from search.batches(batch_size)
-
-    return itertools.chain(calib.batches(), search_batches())
+        return None
+    return search.batches(batch_size)
 
 
 def run_search_stages(calibrator: Calibrator, ranges: dict[str, TensorRange], prepared: onnx.ModelProto,

@@ -73,7 +73,7 @@ def _initial_ranges(recipe: Recipe, prepared: Any, spec: Any, splits: Any, trans
     from calibrators import get_calibrator
     from qtool.calib_data import calibration_set
     from qtool.calibrate import calibrate
-    from qtool.ptq_search import observed_batches
+    from qtool.ptq_search import search_batches_for
     from qtool.search import Harness, build_search_set
 
     calibrator = get_calibrator(ptq.calib, symmetric=spec.profile.activation_symmetric,
@@ -81,8 +81,9 @@ def _initial_ranges(recipe: Recipe, prepared: Any, spec: Any, splits: Any, trans
     calib = calibration_set(splits, transform, ptq.calib_data)
     search = build_search_set(splits, transform, ptq.search) if calibrator.needs_graph else None
     found = calibrate(prepared, spec.tensors_to_calibrate(),
-                      observed_batches(calib, search, calibrator, ptq.calib_data.batch_size), calibrator,
-                      threads=recipe.eval.threads, group=ptq.calib_data.batch_size, progress=progress)
+                      calib.batches(), calibrator, threads=recipe.eval.threads, group=ptq.calib_data.batch_size,
+                      progress=progress,
+                      search_batches=search_batches_for(search, calibrator, ptq.calib_data.batch_size))
     if search is not None:  # a graph-searching calibrator (map-aware) refines on the same spec
         found = calibrator.refine(found, Harness(prepared, spec, search, recipe.eval.threads).context())
     return {t: (float(r.lo), float(r.hi)) for t, r in found.items()}, {"calibrator": ptq.calib,

@@ -186,6 +186,41 @@ def test_calibrate_refuses_an_empty_set(tmp_path):
         calibrate(model, names, iter(()), MinMaxCalibrator(), threads=1)
 
 
+class _Recorder(MinMaxCalibrator):
+    """Min/max that records how many images each observe call held and when the search images began."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[str, int]] = []
+
+    def observe(self, name, array):
+        self.events.append(("observe", len(array)))
+        super().observe(name, array)
+
+    def begin_search_images(self):
+        self.events.append(("search", 0))
+
+
+def test_calibrate_observes_every_source_image_before_announcing_the_search_images(tmp_path):
+    """A group never spans the two: 3 source images with group 2 leave one buffered when the source ends.
+
+    Oracle: the source images observed before ``begin_search_images`` are counted from the events;
+    with only the first tensor probed, one event per group.
+    """
+    model = tiny_model(tmp_path)
+    names = [model.graph.node[0].output[0]]
+    source = [f["input"] for f in calib_batches(3)]
+    search = [f["input"] for f in calib_batches(3, seed=1)]
+    rec = _Recorder()
+    calibrate(model, names, source, rec, threads=1, group=2, search_batches=search)
+    cut = rec.events.index(("search", 0))
+    assert sum(n for _, n in rec.events[:cut]) == 3 and sum(n for _, n in rec.events[cut + 1:]) == 3
+    assert [n for _, n in rec.events[:cut]] == [2, 1]
+    plain = _Recorder()  # no search batches: never announced
+    calibrate(model, names, source, plain, threads=1, group=2)
+    assert ("search", 0) not in plain.events
+
+
 def test_calibrate_ranges_match_numpy_minmax(tmp_path):
     from helpers.ort_utils import minmax_ranges
 

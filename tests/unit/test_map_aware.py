@@ -42,18 +42,16 @@ def image_auroc(model, search) -> float:
     return float(roc_auc_score(search.labels, scores))
 
 
-def source_then_search(cal, normals, search):
-    """The PTQ driver's order: the calibration source, then (announced to the calibrator) the search images."""
-    yield normals
-    cal.begin_search_images()
-    yield search.images
+def observe(model, tensors, cal, normals, search):
+    """Calibrate like the PTQ driver: the calibration source, then (announced to the calibrator) the search images."""
+    return calibrate(model, tensors, [normals], cal, threads=1, search_batches=[search.images])
 
 
 def map_aware(model, spec, normals, search, **options):
     """Calibrate like the PTQ driver does for a graph-searching calibrator, then refine."""
     cal = get_calibrator("map-aware", num_bits=spec.activation_bits, **options)
     tensors = spec.tensors_to_calibrate()
-    initial = calibrate(model, tensors, source_then_search(cal, normals, search), cal, threads=1)
+    initial = observe(model, tensors, cal, normals, search)
     harness = Harness(model, spec, search, threads=1)
     chosen = cal.refine(initial, harness.context())
     assert cal.search_summary["tensors"] == len([t for t in tensors if t in initial])
@@ -122,8 +120,7 @@ def test_graph_budget_cuts_the_search_at_the_same_point_whatever_the_time_budget
     runs = {}
     for time_budget in (300.0, 1e6):
         cal = get_calibrator("map-aware", num_bits=4, max_graphs=max_graphs, time_budget_s=time_budget)
-        initial = calibrate(model, spec.tensors_to_calibrate(), source_then_search(cal, normals, search), cal,
-                            threads=1)
+        initial = observe(model, spec.tensors_to_calibrate(), cal, normals, search)
         harness = Harness(model, spec, search, threads=1)
         chosen = cal.refine(initial, harness.context())
         summary = cal.search_summary
@@ -167,7 +164,7 @@ def test_search_keeps_what_its_objective_promises_against_every_whole_rule(setup
     spec = spec_at(model, bits)
     cal = get_calibrator("map-aware", num_bits=bits, objective=objective)
     tensors = spec.tensors_to_calibrate()
-    initial = calibrate(model, tensors, source_then_search(cal, normals, search), cal, threads=1)
+    initial = observe(model, tensors, cal, normals, search)
     chosen = cal.refine(initial, Harness(model, spec, search, threads=1).context())
     summary = cal.search_summary
     rules = summary["rule_losses"]
@@ -198,6 +195,49 @@ def test_search_keeps_what_its_objective_promises_against_every_whole_rule(setup
     base = rules[summary["base"]]
     for key in ("image_auroc", "pixel_auroc"):
         assert final[key] == pytest.approx(summary["final"][key], abs=1e-6)
+        assert final[key] >= base[key] - 1e-6, key
+    assert final["loss"] <= base["loss"] + 1e-9
+
+
+@pytest.mark.parametrize("initial", ["mse", "minmax"])
+def test_anchored_objective_starts_at_initial_and_never_separates_worse_than_it(setup, initial):
+    """``anchored``: no rule scan, ``initial`` is the base, and the descent keeps what it promises.
+
+    Oracle: the standalone calibrator's own ranges (run separately) equal the base for every tensor the
+    search left unchanged; the final graph's separation (plain ORT session + sklearn) is at least the
+    base's and its distortion no higher, and every graph the search ran went to a tensor candidate.
+    """
+    from qtool.proxy import MapDistortion
+
+    normals, model, search = setup
+    spec = spec_at(model, 4)
+    cal = get_calibrator("map-aware", num_bits=4, objective="anchored", initial=initial)
+    tensors = spec.tensors_to_calibrate()
+    start = observe(model, tensors, cal, normals, search)
+    chosen = cal.refine(start, Harness(model, spec, search, threads=1).context())
+    summary = cal.search_summary
+    assert list(summary["rule_losses"]) == [initial] and summary["base"] == initial
+    tried = sum(len([c for c in r.meta["candidates"] if "loss" in c]) for r in chosen.values()) - sum(
+        1 for r in chosen.values() if r.meta["search"] not in ("single candidate",) and
+        any("loss" in c for c in r.meta["candidates"]))
+    assert summary["graphs_run"] == 1 + tried  # the base, then only tensor candidates
+
+    own = calibrate(model, tensors, [normals], get_calibrator(initial, num_bits=4), threads=1)
+    for name, r in chosen.items():  # the base candidate of every tensor is the standalone calibrator's range
+        base_candidate = next(c for c in r.meta["candidates"] if initial in c["rules"])
+        assert (base_candidate["lo"], base_candidate["hi"]) == pytest.approx((own[name].lo, own[name].hi)), name
+        assert r.meta["base"] == initial
+
+    distortion = MapDistortion(*outputs(model, search), search.masks, search.labels)
+
+    def scores(m) -> dict[str, float]:
+        maps, s = outputs(m, search)
+        return {"loss": distortion(maps, s)["loss"], "image_auroc": float(roc_auc_score(search.labels, s)),
+                "pixel_auroc": float(roc_auc_score(search.masks.ravel() > 0, maps.ravel()))}
+
+    base, final = scores(insert_qdq(model, spec, own)), scores(insert_qdq(model, spec, chosen))
+    assert base["loss"] == pytest.approx(summary["rule_losses"][initial]["loss"], rel=1e-6, abs=1e-9)
+    for key in ("image_auroc", "pixel_auroc"):
         assert final[key] >= base[key] - 1e-6, key
     assert final["loss"] <= base["loss"] + 1e-9
 

@@ -35,6 +35,7 @@ def test_replay_picks_and_regret(tmp_path):
     assert regret["separation"]["pixel_auroc"] == pytest.approx(0.80 - 0.74)
     assert regret["distortion"]["aupro"] == pytest.approx(0.80 - 0.72)
     assert regret["fixed-entropy"]["image_auroc"] == pytest.approx(0.06)
+    assert regret["fixed-mse"]["pixel_auroc"] == pytest.approx(0.80 - 0.72) and picks["fixed-mse"] == "mse"
 
 
 def test_pooled_tables_and_chance(tmp_path):

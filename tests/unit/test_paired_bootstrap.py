@@ -94,3 +94,31 @@ def test_every_calibrator_is_judged_against_the_best_of_the_others():
                                                  if r["a"] == a and r["metric"] == "image_auroc"))
     assert next(v for v in cells[0]["verdicts"]
                 if v["anchor"] == best_image and v["metric"] == "image_auroc")["best_minus_anchor"] < 0
+
+
+def test_a_calibrator_variant_is_parsed_into_its_calibrator_and_options_or_refused():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import argparse
+
+    import map_aware as ma
+
+    label, calib, options = ma.parse_variant("mse-anchored=map-aware:initial=mse,objective=anchored")
+    assert (label, calib) == ("mse-anchored", "map-aware")
+    assert options == ["ptq.calib_options.initial=mse", "ptq.calib_options.objective=anchored"]
+    args = argparse.Namespace(variants=[(label, calib, options)], overrides=[], map_aware_budget=60.0,
+                              map_aware_graphs=None)
+    got = ma.cell_overrides("mse-anchored", "train", 4, args)
+    assert got[0] == "ptq.calib=map-aware" and "ptq.calib_options.objective=anchored" in got
+    assert "ptq.calib_options.time_budget_s=60.0" in got  # a map-aware variant gets the map-aware budget
+    assert ma.cell_overrides("mse", "train", 4, args)[0] == "ptq.calib=mse"
+    for bad in ("map-aware=map-aware:initial=mse", "x", "=map-aware", "v=map-aware:initial", "v=map-aware:=mse"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--variant"):
+            ma.parse_variant(bad)
+
+
+def test_bootstrap_refuses_variants_without_every(capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import map_aware_bootstrap as mab
+
+    with pytest.raises(SystemExit, match="--variants needs --every"):
+        mab.main(["--work", "w", "--setup", "s", "--variants", "v", "--out", "o"])
