@@ -12,9 +12,9 @@ test metrics: regret = the test's best standard calibrator (chosen with hindsigh
 chosen one, per metric. Only the base choice is replayed, not the tensor descent that follows it.
 
 Choice rules: ``separation`` and ``distortion`` (the map-aware objectives' own whole-rule choice,
-:data:`calibrators.map_aware.OBJECTIVES`), ``fixed-RULE`` for each standard rule (no search; ``fixed-entropy`` is the recipes' default,
-``fixed-mse`` the base of map-aware's ``anchored`` objective with ``initial=mse``),
-and ``distortion-within-D`` (the lowest distortion among rules within D of the best proxy pixel
+:data:`calibrators.map_aware.OBJECTIVES`), ``fixed-RULE`` for each standard rule (no search;
+``fixed-entropy`` is the recipes' default, ``fixed-mse`` the base of map-aware's ``anchored``
+objective with ``initial=mse``), and ``distortion-within-D`` (the lowest distortion among rules within D of the best proxy pixel
 AUROC and within the image tolerance of the best proxy image AUROC).
 
 With ``--kinds crack,hole,stain`` the proxy is not read but measured again: each standard cell's

@@ -162,9 +162,9 @@ class MapAwareCalibrator(Calibrator):
     earlier choice (``initial`` first), so the search is deterministic. Two budgets bound it:
     ``max_graphs`` quantized graphs run (a budget that gives the same result on any machine) and
     ``time_budget_s`` seconds (a safety cap; a search it stops depends on the machine's speed, and
-    says so). When one runs out, the remaining tensors
-    keep the base rule's range (``initial``'s if no rule was scored). After ``refine``,
-    :attr:`search_summary` holds the rule scores, the base, the counts and which budget stopped it.
+    says so). When one runs out, the remaining tensors keep the base rule's range (``initial``'s if
+    no rule was scored). After ``refine``, :attr:`search_summary` holds the rule scores, the base,
+    the counts and which budget stopped it.
 
     Options: ``num_bins`` (2048), ``percentiles`` ([99.9, 99.99, 99.999]), ``initial`` ("entropy";
     or "minmax", "mse", "percentile-P"), ``objective`` ("separation", "distortion" or "anchored"),
