@@ -14,8 +14,8 @@ chosen one, per metric. Only the base choice is replayed, not the tensor descent
 Choice rules: ``separation`` and ``distortion`` (the map-aware objectives' own whole-rule choice,
 :data:`calibrators.map_aware.OBJECTIVES`), ``fixed-RULE`` for each standard rule (no search;
 ``fixed-entropy`` is the recipes' default, ``fixed-mse`` the base of map-aware's ``anchored``
-objective with ``initial=mse``), and ``distortion-within-D`` (the lowest distortion among rules within D of the best proxy pixel
-AUROC and within the image tolerance of the best proxy image AUROC).
+objective with ``initial=mse``), and ``distortion-within-D`` (the lowest distortion among rules
+within D of the best proxy pixel AUROC and within the image tolerance of the best proxy image AUROC).
 
 With ``--kinds crack,hole,stain`` the proxy is not read but measured again: each standard cell's
 quantized graph (and the grid's fp32 graph, the reference of the distortion) runs on a search set of
