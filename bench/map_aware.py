@@ -131,6 +131,14 @@ def cell_overrides(calib: str, source: str, bits: int, args: argparse.Namespace,
     return out
 
 
+def check_variant(label: str, args: argparse.Namespace) -> None:
+    """Build the calibrator of variant ``label`` from its recipe overrides; a bad name, option or value raises."""
+    from calibrators import get_calibrator
+
+    ptq = build_recipe(Recipe().model_dump(mode="json"), cell_overrides(label, "train", 8, args)).ptq
+    get_calibrator(ptq.calib, num_bits=ptq.activation_bits, **ptq.calib_options)
+
+
 def setup_folder(name: str) -> str:
     """The folder under ``--work`` of a setup named ``DATASET:MODEL``."""
     return name.replace(":", "-")
@@ -323,6 +331,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     work = Path(args.work)
     build_recipe(Recipe().model_dump(mode="json"), args.overrides)  # a malformed --set fails before any setup is built
+    for label, _, _ in args.variants:  # so does a variant's unknown calibrator, option or value
+        check_variant(label, args)
     setups = tiny_setups(work) if args.tiny else given_setups(args.models)
     if not setups:
         sys.exit("error: give --model DATASET:MODEL=PATH (repeatable) or --tiny")

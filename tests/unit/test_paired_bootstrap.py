@@ -114,6 +114,14 @@ def test_a_calibrator_variant_is_parsed_into_its_calibrator_and_options_or_refus
     for bad in ("map-aware=map-aware:initial=mse", "x", "=map-aware", "v=map-aware:initial", "v=map-aware:=mse"):
         with pytest.raises(argparse.ArgumentTypeError, match="--variant"):
             ma.parse_variant(bad)
+    ma.check_variant("mse-anchored", args)  # a valid variant builds
+    from qtool.errors import QtoolError
+
+    for text, match in (("v=map-aware:objective=bogus", "objective"), ("v=nosuch:", "nosuch"),
+                        ("v=map-aware:nokey=1", "nokey")):
+        bad_args = argparse.Namespace(**{**vars(args), "variants": [ma.parse_variant(text)]})
+        with pytest.raises(QtoolError, match=match):
+            ma.check_variant("v", bad_args)
 
 
 def test_bootstrap_refuses_variants_without_every(capsys):
