@@ -123,12 +123,12 @@ def cell_overrides(calib: str, source: str, bits: int, args: argparse.Namespace,
     """
     calib, options = next(((c, o) for label, c, o in args.variants if label == calib), (calib, []))
     out = [f"ptq.calib={calib}", f"ptq.calib_data.source={source}", f"ptq.activation_bits={bits}",
-           f"ptq.weight_bits={bits}", *options, *extra, *args.overrides]
+           f"ptq.weight_bits={bits}", *extra, *args.overrides]
     if calib == "map-aware":
         out.append(f"ptq.calib_options.time_budget_s={args.map_aware_budget}")
         if args.map_aware_graphs is not None:
             out.append(f"ptq.calib_options.max_graphs={args.map_aware_graphs}")
-    return out
+    return out + options  # last: a variant's own options win over the grid-wide ones (e.g. its max_graphs)
 
 
 def check_variant(label: str, args: argparse.Namespace) -> None:

@@ -111,6 +111,12 @@ def test_a_calibrator_variant_is_parsed_into_its_calibrator_and_options_or_refus
     assert got[0] == "ptq.calib=map-aware" and "ptq.calib_options.objective=anchored" in got
     assert "ptq.calib_options.time_budget_s=60.0" in got  # a map-aware variant gets the map-aware budget
     assert ma.cell_overrides("mse", "train", 4, args)[0] == "ptq.calib=mse"
+    wide = argparse.Namespace(**{**vars(args), "map_aware_graphs": 40,
+                                 "variants": [ma.parse_variant("g120=map-aware:max_graphs=120")]})
+    graphs = [o for o in ma.cell_overrides("g120", "train", 4, wide) if "max_graphs" in o]
+    assert graphs[-1] == "ptq.calib_options.max_graphs=120"  # the variant's own option wins (applied last)
+    assert ma.build_recipe(ma.Recipe().model_dump(mode="json"),
+                           ma.cell_overrides("g120", "train", 4, wide)).ptq.calib_options["max_graphs"] == 120
     for bad in ("map-aware=map-aware:initial=mse", "x", "=map-aware", "v=map-aware:initial", "v=map-aware:=mse"):
         with pytest.raises(argparse.ArgumentTypeError, match="--variant"):
             ma.parse_variant(bad)
