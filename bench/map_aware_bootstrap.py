@@ -31,7 +31,7 @@ import json
 import sys
 from pathlib import Path
 
-from map_aware import CALIBRATORS, setup_folder
+from map_aware import STANDARD, setup_folder
 from paired_bootstrap import compare, run_models
 
 from qtool.artifacts import bench_meta, versions_line, write_json, write_results
@@ -41,7 +41,6 @@ from qtool.data.datasets import load_splits
 from qtool.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-STANDARD = tuple(c for c in CALIBRATORS if c != "map-aware")
 
 
 def best_standard(results: dict, setup: str, source: str, bits: int) -> list[str]:
