@@ -102,9 +102,10 @@ def spearman(rows: list[dict], proxy_key: str, real_key: str) -> float | None:
 
 
 def parse_variant(text: str) -> tuple[str, str, list[str]]:
-    """``LABEL=CALIB:KEY=VALUE,KEY=VALUE`` -> (label, calibrator, ``ptq.calib_options`` overrides).
+    """``LABEL=CALIB:KEY=VALUE,KEY=VALUE`` -> (label, calibrator, recipe overrides).
 
-    A variant is a calibrator with options, run as its own column (cell folders ``LABEL-SOURCE-Nbit``).
+    A variant is a calibrator with options, run as its own column (cell folders ``LABEL-SOURCE-Nbit``). A
+    KEY is a ``ptq.calib_options`` key, or a recipe path starting ``ptq.`` (``ptq.weight_range=mse``).
     """
     label, _, rest = text.partition("=")
     calib, _, opts = rest.partition(":")
@@ -113,7 +114,7 @@ def parse_variant(text: str) -> tuple[str, str, list[str]]:
             or any("=" not in o or o.startswith("=") for o in pairs)):
         raise argparse.ArgumentTypeError(f"--variant {text!r}: expected LABEL=CALIB:KEY=VALUE[,KEY=VALUE], "
                                          f"LABEL not one of {', '.join(CALIBRATORS)}")
-    return label, calib, [f"ptq.calib_options.{o}" for o in pairs]
+    return label, calib, [o if o.startswith("ptq.") else f"ptq.calib_options.{o}" for o in pairs]
 
 
 def cell_overrides(calib: str, source: str, bits: int, args: argparse.Namespace, *extra: str) -> list[str]:

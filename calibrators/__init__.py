@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from calibrators.base import Calibrator, TensorRange
+from calibrators.base import Calibrator, TensorRange, WeightRange
 from calibrators.context import SearchContext
 from calibrators.entropy import EntropyCalibrator
 from calibrators.histogram import HistogramCalibrator, HistogramCollector
@@ -30,6 +30,7 @@ __all__ = [
     "PercentileCalibrator",
     "SearchContext",
     "TensorRange",
+    "WeightRange",
     "get_calibrator",
 ]
 

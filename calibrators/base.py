@@ -47,6 +47,25 @@ class TensorRange:
         return {"lo": self.lo, "hi": self.hi, **self.meta}
 
 
+@dataclass(frozen=True, eq=False)
+class WeightRange:
+    """Float bounds of one weight, one pair per channel (0-d arrays for a per-tensor weight).
+
+    A calibrator may return one under a weight initializer's name: ``insert_qdq`` then quantizes that
+    weight with these bounds instead of the spec's weight range rule (``qtool.graph.weight_ranges``).
+    ``meta`` as in :class:`TensorRange`.
+    """
+
+    lo: np.ndarray
+    hi: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A summary for JSON reports: channels and the widest bounds (not every channel's), plus ``meta``."""
+        return {"channels": int(np.size(self.hi)), "lo_min": float(np.min(self.lo)), "hi_max": float(np.max(self.hi)),
+                **self.meta}
+
+
 def _coerce(cls_name: str, key: str, value: Any, default: Any) -> Any:
     """Check ``value`` against the type of the option's default (bool, int, float); return it."""
     bad = CalibrationError(

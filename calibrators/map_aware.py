@@ -8,6 +8,7 @@ by running the quantized graph on normal calibration images and synthetic anomal
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -15,14 +16,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from onnx import numpy_helper
 
-from calibrators.base import Calibrator, TensorRange, finite_values
+from calibrators.base import Calibrator, TensorRange, WeightRange, finite_values
 from calibrators.context import SearchContext
 from calibrators.entropy import EntropyCalibrator
 from calibrators.histogram import HistogramCalibrator, HistogramCollector
 from calibrators.mse import MseCalibrator
 from calibrators.percentile import PercentileCalibrator
 from qtool.errors import CalibrationError
+from qtool.graph.weight_ranges import WEIGHT_RANGES, weight_bounds
 from qtool.proxy import MapDistortion, separation
 from qtool.registry import Registry
 
@@ -30,6 +33,7 @@ log = logging.getLogger(__name__)
 #: Up to this many search-set pixels the separation's pixel AUROC is exact; above, binned (error ~1e-6).
 SEARCH_EXACT_PIXELS = 1 << 20
 Scores = dict[str, float]
+Candidates = list[tuple[list[str], TensorRange | WeightRange]]
 
 
 @dataclass(frozen=True)
@@ -174,7 +178,8 @@ class MapAwareCalibrator(Calibrator):
     """
 
     OPTIONS = {"num_bins": 2048, "percentiles": [99.9, 99.99, 99.999], "initial": "entropy",
-               "objective": "separation", "search_candidates": True, "max_graphs": None, "time_budget_s": 300.0,
+               "objective": "separation", "search_candidates": True, "search_weights": False, "max_graphs": None,
+               "time_budget_s": 300.0,
                "tail_quantile": 0.99,
                "rank_weight": 1.0}
     needs_graph = True
@@ -209,7 +214,9 @@ class MapAwareCalibrator(Calibrator):
         self.labels = self.banks[""].labels
         if o["initial"] not in self.labels:
             raise self._option_error("initial", "one of " + ", ".join(self.labels))
-        self.candidates: dict[str, list[tuple[list[str], TensorRange]]] = {}
+        self.candidates: dict[str, Candidates] = {}
+        self.weight_levels: dict[str, int] = {}  # integer steps of each searched weight's width
+        self.weight_rules: list[str] = []  # the weight range rules, the spec's first (set by refine)
         self._search_images = False
 
     def observe(self, name: str, array: np.ndarray) -> None:
@@ -255,23 +262,53 @@ class MapAwareCalibrator(Calibrator):
         return a.lo == b.lo and a.hi == b.hi
 
     def _with_meta(self, name: str, chosen: int, losses: dict[int, dict[str, float]], status: str,
-                   base: str | None = None) -> TensorRange:
+                   base: str | None = None, initial: str | None = None) -> TensorRange | WeightRange:
         cands = self.candidates[name]
-        listed = [{"rules": labels, "lo": r.lo, "hi": r.hi, **losses.get(i, {})} for i, (labels, r) in enumerate(cands)]
-        meta = {"chosen": cands[chosen][0], "initial": self.options["initial"], "base": base or self.options["initial"],
-                "search": status, "candidates": listed}
-        return TensorRange(cands[chosen][1].lo, cands[chosen][1].hi, meta)
+        initial = initial or self.options["initial"]
+        listed = [{"rules": labels, **r.to_dict(), **losses.get(i, {})} for i, (labels, r) in enumerate(cands)]
+        meta = {"chosen": cands[chosen][0], "initial": initial, "base": base or initial, "search": status,
+                "candidates": listed}
+        return dataclasses.replace(cands[chosen][1], meta=meta)
 
     def _index_of(self, name: str, rule: str) -> int:
         """Which candidate of ``name`` holds ``rule``'s range."""
         return next(i for i, (labels, _) in enumerate(self.candidates[name]) if rule in labels)
 
     def _spread(self, name: str) -> float:
-        """How many quantization steps the candidates of ``name`` span (bounds' spread over the widest step)."""
-        los = [r.lo for _, r in self.candidates[name]]
-        his = [r.hi for _, r in self.candidates[name]]
-        step = (max(his) - min(los)) / ((1 << self.num_bits) - 1) or 1.0
-        return (max(his) - min(his) + max(los) - min(los)) / step
+        """How many quantization steps the candidates of ``name`` span (bounds' spread over the widest step).
+
+        A weight's is the mean over its channels, each in that channel's own step.
+        """
+        los = np.array([np.asarray(r.lo, np.float64) for _, r in self.candidates[name]])
+        his = np.array([np.asarray(r.hi, np.float64) for _, r in self.candidates[name]])
+        levels = self.weight_levels.get(name, (1 << self.num_bits) - 1)
+        step = (his.max(axis=0) - los.min(axis=0)) / levels
+        step = np.where(step > 0, step, 1.0)
+        return float(np.mean((his.max(axis=0) - his.min(axis=0) + los.max(axis=0) - los.min(axis=0)) / step))
+
+    def _weight_candidates(self, context: SearchContext) -> list[str]:
+        """Each quantized weight's candidate bounds, one per weight range rule (the spec's own first).
+
+        Returns the weights (graph order) whose rules do not all agree, i.e. that have something to search.
+        """
+        spec = context.spec
+        rules = self.weight_rules = [spec.weight_range, *(r for r in WEIGHT_RANGES.names() if r != spec.weight_range)]
+        data = {t.name: t for t in context.model.graph.initializer}
+        searched = []
+        for w, params in spec.weights.items():
+            cands: Candidates = []
+            for rule in rules:
+                lo, hi = weight_bounds(rule, numpy_helper.to_array(data[w]), params)
+                same = next((c for c in cands if np.array_equal(c[1].lo, lo) and np.array_equal(c[1].hi, hi)), None)
+                if same is None:
+                    cands.append(([rule], WeightRange(lo, hi)))
+                else:
+                    same[0].append(rule)
+            self.candidates[w] = cands
+            self.weight_levels[w] = params.qmax - params.qmin
+            if len(cands) > 1:
+                searched.append(w)
+        return searched
 
     def refine(self, ranges: dict[str, TensorRange], context: SearchContext) -> dict[str, TensorRange]:
         """Whole rules, then coordinate descent per tensor, on the quantized graph (see the class)."""
@@ -314,9 +351,26 @@ class MapAwareCalibrator(Calibrator):
         index = {n: self._index_of(n, base) for n in names}
         current = {**ranges, **{n: self.candidates[n][index[n]][1] for n in names}}
         best = rule_scores.get(base)
-        out: dict[str, TensorRange] = {}
+        # weights: every weight at each weight range rule (the spec's first, already scored), the best as their base
+        weights = self._weight_candidates(context) if self.options["search_weights"] and names else []
+        weight_base = context.spec.weight_range if weights else None
+        weight_scores: dict[str, Scores] = {}
+        if weights and best is not None:
+            weight_scores[weight_base] = best
+            for rule in self.weight_rules[1:] if objective.scans else []:
+                if spent():
+                    break
+                weight_scores[rule] = score({**current, **{w: self.candidates[w][self._index_of(w, rule)][1]
+                                                           for w in weights}})
+            weight_base = objective.choose(weight_scores)
+            best = weight_scores[weight_base]
+        for w in weights:
+            index[w] = self._index_of(w, weight_base)
+            current[w] = self.candidates[w][index[w]][1]
+        bases = {**dict.fromkeys(names, base), **dict.fromkeys(weights, weight_base)}
+        out: dict[str, TensorRange | WeightRange] = {}
         changed = 0
-        for name in sorted(names, key=lambda n: -self._spread(n)):  # stable: graph order among equals
+        for name in sorted([*names, *weights], key=lambda n: -self._spread(n)):  # stable: graph order among equals
             cands = self.candidates[name]
             tried: dict[int, Scores] = {}
             if len(cands) < 2:
@@ -335,13 +389,15 @@ class MapAwareCalibrator(Calibrator):
                 if pick != index[name]:
                     index[name], best, changed = pick, tried[pick], changed + 1
                     current[name] = cands[pick][1]
-            out[name] = self._with_meta(name, index[name], tried, status, base)
+            out[name] = self._with_meta(name, index[name], tried, status, bases[name],
+                                        context.spec.weight_range if name in self.weight_levels else None)
             if context.progress:
                 context.progress(1)
         seconds = time.monotonic() - t0
         self.search_summary = {
             "objective": self.options["objective"], "rule_losses": rule_scores, "base": base, "final": best,
             "graphs_run": runs, "tensors": len(names), "tensors_changed_from_base": changed,
+            "weights_searched": len(weights), "weight_rule_scores": weight_scores, "weight_base": weight_base,
             "seconds": round(seconds, 3), "budget_s": budget, "max_graphs": max_graphs,
             "budget_spent": stop is not None, "stopped_by": stop,
         }
@@ -351,7 +407,7 @@ class MapAwareCalibrator(Calibrator):
                         budget, runs, runs)
         log.info("map-aware search (%s): base rule %s (of %d scored), %d tensors, %d graphs run, %d ranges changed, "
                  "%.1f s", self.options["objective"], base, len(rule_scores), len(names), runs, changed, seconds)
-        return {**ranges, **{n: out[n] for n in names}}
+        return {**ranges, **out}
 
     def _rule_order(self) -> list[str]:
         """The rules in scoring order: ``initial`` first, then min/max and the histogram rules, each bank in turn."""

@@ -153,8 +153,9 @@ def run_ptq(model_path: Path, recipe: Recipe, out_dir: Path, dry_run: bool = Fal
     with timer.stage("sqnr"):
         fidelity = output_sqnr(src, out_model, splits, transform, recipe.eval.threads)
     for name, r in ranges.items():
-        if name in qreport["tensors"] and getattr(r, "meta", None):
-            qreport["tensors"][name]["calibrator"] = r.meta
+        for section in ("tensors", "weights"):  # a weight's range may come from the calibrator too (map-aware)
+            if name in qreport[section] and getattr(r, "meta", None):
+                qreport[section][name]["calibrator"] = r.meta
     report.update({
         "calibration": calib.description,
         "calibrator_options": {"symmetric": profile.activation_symmetric, "num_bits": cfg.activation_bits,

@@ -85,16 +85,22 @@ def run_search_stages(calibrator: Calibrator, ranges: dict[str, TensorRange], pr
 
 def layer_table(model: onnx.ModelProto, spec: QuantSpec, ranges: dict[str, TensorRange],
                 sensitivity: dict[str, dict[str, float]], fallback: list[str]) -> list[dict[str, Any]]:
-    """Per layer: nodes, precision kept, sensitivity (if scanned), and each tensor's chosen and candidate ranges."""
+    """Per layer: nodes, precision kept, sensitivity (if scanned), each tensor's chosen and candidate ranges.
+
+    Each layer's weights too: the calibrator's choice where it made one, else the spec's weight range rule.
+    """
     needs = node_tensors(model, spec)
     kept = "fp16" if spec.profile.fp16_fallback else "fp32"
+    inputs = {n.name: n.input for n in model.graph.node}
     rows = []
     for layer, nodes in layer_groups(model, spec).items():
         tensors = dict.fromkeys(t for n in nodes for t in needs[n])
+        weights = [inputs[n][spec.nodes[n].weight] for n in nodes if spec.nodes[n].weight is not None]
         rows.append({
             "layer": layer, "nodes": nodes,
             "precision": kept if layer in fallback else f"w{spec.weight_bits}a{spec.activation_bits}",
             "sensitivity": sensitivity.get(layer),
             "tensors": {t: ranges[t].to_dict() for t in tensors},
+            "weights": {w: ranges[w].to_dict() if w in ranges else {"rule": spec.weight_range} for w in weights},
         })
     return rows

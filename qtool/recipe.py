@@ -147,6 +147,8 @@ class PtqConfig(Section):
     target: str = "cpu"
     activation_bits: int = 8
     weight_bits: int = 8
+    # how each weight's float range is chosen (qtool.graph.weight_ranges): "minmax" (onnxruntime's), "mse"
+    weight_range: str = "minmax"
     quantize: Literal["student", "teacher", "both"] = "both"
     part_globs: dict[str, list[str]] = Field(
         default_factory=lambda: {
@@ -170,6 +172,15 @@ class PtqConfig(Section):
     def _bits(cls, v: int) -> int:
         if v not in (4, 6, 8):
             raise ValueError(f"bit width {v} not supported; allowed: 4, 6, 8")
+        return v
+
+    @field_validator("weight_range")
+    @classmethod
+    def _weight_range(cls, v: str) -> str:
+        from qtool.graph.weight_ranges import WEIGHT_RANGES
+
+        if v not in WEIGHT_RANGES.names():
+            raise ValueError(f"weight range rule {v!r} unknown; allowed: {', '.join(WEIGHT_RANGES.names())}")
         return v
 
 

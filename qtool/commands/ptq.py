@@ -22,6 +22,7 @@ from qtool.commands.train import data_options
 @click.option("--num-calib", type=int, default=None, help="Number of calibration samples.")
 @click.option("--target", default=None, help="Target profile: cpu or tensorrt.")
 @click.option("--bits", type=int, default=None, help="Bit width of weights and activations (8, 6, 4).")
+@click.option("--weight-range", default=None, help="Weight range rule: minmax (default) or mse (per-channel clip).")
 @click.option("--quantize", "part", type=click.Choice(["student", "teacher", "both"]), default=None,
               help="Which part of the KD model is quantized.")
 @click.option("--strict", is_flag=True, default=None, help="Unsupported ops and lint findings are errors.")
@@ -34,7 +35,7 @@ from qtool.commands.train import data_options
 @fail_cleanly
 def ptq_cmd(model_path: str, calib: str | None, mixed_precision: float | None, calib_source: str | None,
             num_calib: int | None,
-            target: str | None, bits: int | None, part: str | None, strict: bool | None,
+            target: str | None, bits: int | None, weight_range: str | None, part: str | None, strict: bool | None,
             input_shapes: tuple[str, ...], out: str | None,
             dry_run: bool, data_root: str | None, data_format: str | None, recipe: str | None,
             overrides: tuple[str, ...]) -> None:
@@ -47,7 +48,8 @@ def ptq_cmd(model_path: str, calib: str | None, mixed_precision: float | None, c
     r = build_recipe(recipe, overrides, {
         "data.root": data_root, "data.format": data_format, "ptq.calib": calib,
         "ptq.calib_data.source": calib_source, "ptq.calib_data.num_samples": num_calib, "ptq.target": target,
-        "ptq.activation_bits": bits, "ptq.weight_bits": bits, "ptq.quantize": part, "ptq.strict": strict,
+        "ptq.activation_bits": bits, "ptq.weight_bits": bits, "ptq.weight_range": weight_range,
+        "ptq.quantize": part, "ptq.strict": strict,
         "ptq.input_shape": parse_input_shapes(input_shapes) or None, "ptq.mixed_precision": mixed_precision})
     if out is not None and Path(out).exists() and any(Path(out).iterdir()) and not dry_run:
         if not (Path(out) / "report.json").exists():

@@ -19,6 +19,7 @@ from qtool.errors import GraphError
 from qtool.graph._index import GraphIndex, NameScope, remove_unused_initializers, topo_sort
 from qtool.graph.policy import ActivationSpec, QuantSpec
 from qtool.graph.profiles import QuantParams, quantize_array, scale_zero_point
+from qtool.graph.weight_ranges import weight_bounds
 
 _INT32 = np.iinfo(np.int32)
 
@@ -28,10 +29,16 @@ def insert_qdq(model: onnx.ModelProto, spec: QuantSpec, ranges: Mapping[str, Any
     return insert_qdq_report(model, spec, ranges)[0]
 
 
-def _bounds(r: Any) -> tuple[float, float]:
+def _array_bounds(r: Any) -> tuple[Any, Any]:
+    """(lo, hi) of a TensorRange-like object or a pair."""
     if hasattr(r, "lo") and hasattr(r, "hi"):
-        return float(r.lo), float(r.hi)
+        return r.lo, r.hi
     lo, hi = r
+    return lo, hi
+
+
+def _bounds(r: Any) -> tuple[float, float]:
+    lo, hi = _array_bounds(r)
     return float(lo), float(hi)
 
 
@@ -49,11 +56,16 @@ def _range(t: str, a: ActivationSpec, idx: GraphIndex, ranges: Mapping[str, Any]
     return lo, hi
 
 
-def _channel_bounds(data: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
-    if axis is None:
-        return np.asarray(data.min()), np.asarray(data.max())
-    flat = np.moveaxis(data, axis, 0).reshape(data.shape[axis], -1)
-    return flat.min(axis=1), flat.max(axis=1)
+def _weight_range(w: str, p: QuantParams, data: np.ndarray, rule: str,
+                  ranges: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """A weight's bounds: given in ``ranges`` (one pair per channel), else the spec's weight range rule's."""
+    if w not in ranges:
+        return weight_bounds(rule, data, p)
+    lo, hi = (np.asarray(b, dtype=np.float32) for b in _array_bounds(ranges[w]))
+    channels = data.shape[p.axis] if p.axis is not None else 1
+    if lo.size != channels or hi.size != channels or not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
+        raise GraphError(f"range given for weight {w!r} must be {channels} finite (lo, hi) pairs")
+    return (lo, hi) if p.axis is not None else (lo.reshape(()), hi.reshape(()))
 
 
 def _adjust_for_bias(w_scale: np.ndarray, in_scale: np.ndarray, bias: np.ndarray) -> np.ndarray:
@@ -165,7 +177,7 @@ def insert_qdq_report(
     # weights: scales first, grown where an int32 bias would overflow, then quantized offline
     w_params: dict[str, tuple[QuantParams, np.ndarray, np.ndarray]] = {}
     for w, p in spec.weights.items():
-        lo, hi = _channel_bounds(numpy_helper.to_array(idx.initializers[w]), p.axis)
+        lo, hi = _weight_range(w, p, numpy_helper.to_array(idx.initializers[w]), spec.weight_range, ranges)
         w_params[w] = (p, *scale_zero_point(lo, hi, p))
     for b in spec.biases.values():
         p, ws, wz = w_params[b.weight]
@@ -181,6 +193,7 @@ def insert_qdq_report(
             "bits": p.bits,
             "axis": p.axis,
             "channels": int(ws.size),
+            "range": "given" if w in ranges else spec.weight_range,
             "scale_min": float(ws.min()),
             "scale_max": float(ws.max()),
         }

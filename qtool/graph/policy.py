@@ -152,6 +152,7 @@ class QuantSpec:
     biases: dict[str, BiasSpec] = field(default_factory=dict)
     nodes: dict[str, QuantizedNode] = field(default_factory=dict)
     decisions: list[NodeDecision] = field(default_factory=list)
+    weight_range: str = "minmax"  # the weight range rule (qtool.graph.weight_ranges) for weights not given a range
 
     @property
     def emulated(self) -> bool:
@@ -173,6 +174,7 @@ class QuantSpec:
             "profile": self.profile.name,
             "activation_bits": self.activation_bits,
             "weight_bits": self.weight_bits,
+            "weight_range": self.weight_range,
             "emulated": self.emulated,
             "activations": {
                 k: {**a.params.to_dict(), "range_of": a.range_of, "constant": a.constant}
@@ -239,7 +241,7 @@ def build_spec(model: onnx.ModelProto, cfg: PtqConfig, profile: str | TargetProf
     if cfg.quantize_head:
         selected.add("head")
     act = prof.activation(cfg.activation_bits)
-    spec = QuantSpec(prof, cfg.activation_bits, cfg.weight_bits)
+    spec = QuantSpec(prof, cfg.activation_bits, cfg.weight_bits, weight_range=cfg.weight_range)
     unsupported: list[onnx.NodeProto] = []
 
     def decide(node: onnx.NodeProto, part: str | None, reason: str | None) -> None:

@@ -6,7 +6,8 @@ and the symmetric int8 range [-127, 127] are exactly the QDQ graph's), scale and
 :func:`qtool.graph.profiles.scale_zero_point` (onnxruntime's formula; zero point 0 for symmetric int8).
 
 Ranges are either *observed* (activations: calibrated ranges, optionally updated by an EMA of batch
-min/max; weights: per-channel min/max of the current weights, recomputed every step, as PTQ does) or
+min/max; weights: per-channel min/max of the current weights, recomputed every step, as PTQ does, times
+a per-channel clip fraction fixed at the start from the spec's weight range rule: 1 for ``minmax``) or
 *learnable*: the scale is ``exp(log_scale)`` (TQT's log-domain threshold: always positive, updates are
 relative), its gradient LSQ's straight-through estimate (``round(x/s) - x/s`` inside the range,
 ``qmin - z`` / ``qmax - z`` outside); the zero point stays at its calibrated value. Freezing stops both.
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from qtool.graph.profiles import QuantParams, scale_zero_point
+from qtool.graph.weight_ranges import clip_fractions, weight_bounds
 
 
 class _LearnableFakeQuant(torch.autograd.Function):
@@ -201,21 +203,38 @@ class WeightFakeQuant(_Scale):
         self._init_scale(n)
         self._cached: tuple | None = None
         self.register_buffer("zero_point", torch.zeros(n, dtype=torch.int32))
+        self.register_buffer("clip", torch.ones(n, dtype=torch.float64))
 
-    def minmax_qparams(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scale and zero point of ``w`` from its per-channel min/max (exactly what PTQ/insert_qdq computes)."""
+    def use_rule(self, rule: str, w: torch.Tensor, bounds: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """Clip each channel at the fraction of its min/max that weight range ``rule`` (or ``bounds``) gives ``w``.
+
+        The fraction stays fixed while ``w`` trains (``minmax``: 1, nothing clipped).
+        """
+        data = w.detach().float().numpy()
+        params = self.params.with_axis(self.axis)
+        lo, hi = bounds if bounds is not None else weight_bounds(rule, data, params)
+        with torch.no_grad():
+            self.clip.copy_(torch.from_numpy(clip_fractions(lo, hi, data, params)))
+
+    def bounds(self, w: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel float bounds of ``w`` now: its min/max times the clip fractions (0-d per-tensor)."""
         data = w.detach().float()
         if self.axis is None:
             lo, hi = np.asarray(float(data.min())), np.asarray(float(data.max()))
         else:
             flat = data.movedim(self.axis, 0).reshape(data.shape[self.axis], -1)
             lo, hi = flat.min(dim=1).values.numpy(), flat.max(dim=1).values.numpy()
-        scale, zp = scale_zero_point(lo, hi, self.params)
+        clip = self.clip.numpy().reshape(np.shape(lo))
+        return (lo * clip).astype(np.float32), (hi * clip).astype(np.float32)
+
+    def observed_qparams(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero point of ``w`` from :meth:`bounds` (exactly what PTQ/insert_qdq computes from them)."""
+        scale, zp = scale_zero_point(*self.bounds(w), self.params)
         return torch.from_numpy(np.atleast_1d(scale)), torch.from_numpy(np.atleast_1d(zp).astype(np.int32))
 
     def init_from(self, w: torch.Tensor) -> None:
-        """Initialise the (learnable) scales and zero points from ``w``'s min/max."""
-        scale, zp = self.minmax_qparams(w)
+        """Initialise the (learnable) scales and zero points from ``w``'s clipped min/max."""
+        scale, zp = self.observed_qparams(w)
         self.put_scale(scale)
         with torch.no_grad():
             self.zero_point.copy_(zp)
@@ -224,7 +243,7 @@ class WeightFakeQuant(_Scale):
         """The scales and zero points used for ``w`` now (learned, or its min/max)."""
         if self.learnable:
             return self.get_scale(), self.zero_point
-        return self.minmax_qparams(w)
+        return self.observed_qparams(w)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         """Fake-quantize the weight tensor."""

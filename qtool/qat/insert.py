@@ -66,9 +66,13 @@ class QatModel:
         """The learnable log-scales of the trained parts (empty with observed ranges)."""
         return [q.scale_parameter for q in self._trainable_quantizers() if q.scale_parameter is not None]
 
-    def ranges(self) -> dict[str, tuple[float, float]]:
-        """Current float range of every range owner (what insert_qdq turns back into the same scale/zp)."""
-        return {t: q.range() for t, q in self.act.items()}
+    def ranges(self) -> dict[str, tuple[Any, Any]]:
+        """Current float range of every range owner, and every weight's per-channel bounds.
+
+        insert_qdq turns them back into the same scales and zero points.
+        """
+        return {**{t: q.range() for t, q in self.act.items()},
+                **{w: q.bounds(self.latent_weight(w)) for w, q in self.weights.items()}}
 
     def part_module(self, part: str, target: str) -> nn.Module:
         """The module ``target`` of part ``part``'s GraphModule."""
@@ -221,6 +225,7 @@ def prepare_qat(model: nn.Module, onnx_model: onnx.ModelProto, spec: QuantSpec,
         trainable = site.part not in frozen
         wq = WeightFakeQuant(site.params, w, site.axis, mod.weight.shape[site.axis], learnable and trainable)
         wq.trainable = trainable
+        wq.use_rule(spec.weight_range, mod.weight)
         wq.init_from(mod.weight)
         parametrize.register_parametrization(mod, "weight", wq)
         weights[w] = wq
@@ -239,9 +244,20 @@ def prepare_qat(model: nn.Module, onnx_model: onnx.ModelProto, spec: QuantSpec,
 def set_ranges(qm: QatModel, ranges: Mapping[str, Any]) -> None:
     """Set every range owner's float range from ``ranges`` (TensorRange-like or ``(lo, hi)``).
 
+    A weight in ``ranges`` (a calibrator's choice: per-channel bounds, or a weight range rule's name)
+    sets that weight's clip fractions; the others keep the spec's weight range rule.
+
     Raises:
         QatError: a range owner missing from ``ranges`` (named) or a non-finite range.
     """
+    for w, wq in qm.weights.items():
+        if w in ranges:
+            r, latent = ranges[w], qm.latent_weight(w)
+            if isinstance(r, str):
+                wq.use_rule(r, latent)
+            else:
+                wq.use_rule(qm.spec.weight_range, latent, (r.lo, r.hi) if hasattr(r, "lo") else tuple(r))
+            wq.init_from(latent)
     for t, q in qm.act.items():
         if t not in ranges:
             raise QatError(f"no initial range for tensor {t!r}; calibrate or give a PTQ report that has it")

@@ -32,8 +32,10 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int], None] | None
 
 
-def ranges_from_report(path: Path, profile: str, activation_bits: int) -> dict[str, tuple[float, float]]:
+def ranges_from_report(path: Path, profile: str, activation_bits: int) -> dict[str, Any]:
     """Per-tensor ``(lo, hi)`` from a PTQ run's ``report.json`` (or its folder), keyed by range owner.
+
+    Per weight, the weight range rule PTQ used (the calibrator's choice where it made one).
 
     Raises:
         QatError: missing/unreadable report, or one made for another target or bit width.
@@ -49,8 +51,11 @@ def ranges_from_report(path: Path, profile: str, activation_bits: int) -> dict[s
     if q.get("profile") != profile or int(q.get("activation_bits", 8)) != activation_bits:
         raise QatError(f"--init-from {path}: the PTQ run is for target {q.get('profile')!r} at "
                        f"{q.get('activation_bits')} bits; this QAT run is {profile!r} at {activation_bits} bits")
-    return {e.get("range_of", t): (float(e["lo"]), float(e["hi"])) for t, e in tensors.items()
-            if not e.get("constant")}
+    rules = {w: ((e.get("calibrator") or {}).get("chosen") or [None])[0] if e.get("range") == "given"
+             else e.get("range") for w, e in q.get("weights", {}).items()}
+    rules = {w: r for w, r in rules.items() if isinstance(r, str)}  # older reports name no rule: the spec's
+    return {**{e.get("range_of", t): (float(e["lo"]), float(e["hi"])) for t, e in tensors.items()
+               if not e.get("constant")}, **rules}
 
 
 def range_report(qm: QatModel, initial: dict[str, tuple[float, float]]) -> dict[str, Any]:
@@ -70,7 +75,7 @@ def _initial_ranges(recipe: Recipe, prepared: Any, spec: Any, splits: Any, trans
     if cfg.init_from:
         return ranges_from_report(Path(cfg.init_from), spec.profile.name, ptq.activation_bits), {
             "init_from": cfg.init_from}
-    from calibrators import get_calibrator
+    from calibrators import WeightRange, get_calibrator
     from qtool.calib_data import calibration_set
     from qtool.calibrate import calibrate
     from qtool.ptq_search import search_batches_for
@@ -86,8 +91,8 @@ def _initial_ranges(recipe: Recipe, prepared: Any, spec: Any, splits: Any, trans
                       search_batches=search_batches_for(search, calibrator, ptq.calib_data.batch_size))
     if search is not None:  # a graph-searching calibrator (map-aware) refines on the same spec
         found = calibrator.refine(found, Harness(prepared, spec, search, recipe.eval.threads).context())
-    return {t: (float(r.lo), float(r.hi)) for t, r in found.items()}, {"calibrator": ptq.calib,
-                                                                      "calibration": calib.description}
+    initial = {t: r if isinstance(r, WeightRange) else (float(r.lo), float(r.hi)) for t, r in found.items()}
+    return initial, {"calibrator": ptq.calib, "calibration": calib.description}
 
 
 def run_qat(model_path: Path, recipe: Recipe, out_dir: Path, progress: Progress = None) -> dict[str, Any]:

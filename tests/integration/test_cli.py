@@ -438,3 +438,14 @@ def test_malformed_input_shape_is_a_usage_error(kd, dynamic_onnx, tmp_path):
     res = invoke("ptq", "--model", dynamic_onnx, "--recipe", kd.recipe_file, "--out", tmp_path / "o",
                  "--input-shape", "image=1,three")
     assert res.exit_code == 2 and "--input-shape" in res.stderr
+
+
+def test_weight_range_flag_sets_every_weights_rule_and_a_bad_rule_is_one_line(kd, tmp_path):
+    out = tmp_path / "mse"
+    ok(invoke("ptq", "--model", kd.onnx, "--recipe", kd.recipe_file, "--out", out, "--calib", "minmax",
+              "--bits", "4", "--weight-range", "mse"))
+    report = json.loads((out / "report.json").read_text())["quantization"]
+    assert report["weights"] and {w["range"] for w in report["weights"].values()} == {"mse"}
+    bad = tmp_path / "bad"
+    clean_error(invoke("ptq", "--model", kd.onnx, "--recipe", kd.recipe_file, "--out", bad, "--weight-range", "kl"),
+                "weight range rule 'kl' unknown", "minmax, mse", out=bad)

@@ -146,6 +146,23 @@ def outputs(model, search):
     return np.concatenate([m[:, 0] for m, _ in runs]), np.concatenate([s for _, s in runs])
 
 
+def graph_scorer(model, search):
+    """``scores(qdq) -> {loss, image_auroc, pixel_auroc}``, independent of the harness.
+
+    Distortion against ``model``'s fp32 outputs and separation by sklearn, all from plain ORT sessions.
+    """
+    from qtool.proxy import MapDistortion
+
+    distortion = MapDistortion(*outputs(model, search), search.masks, search.labels)
+
+    def scores(m) -> dict[str, float]:
+        maps, s = outputs(m, search)
+        return {"loss": distortion(maps, s)["loss"], "image_auroc": float(roc_auc_score(search.labels, s)),
+                "pixel_auroc": float(roc_auc_score(search.masks.ravel() > 0, maps.ravel()))}
+
+    return scores
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("objective", ["separation", "distortion"])
 def test_search_keeps_what_its_objective_promises_against_every_whole_rule(setup, bits, objective):
@@ -158,7 +175,6 @@ def test_search_keeps_what_its_objective_promises_against_every_whole_rule(setup
     result separates no worse than it and distorts no more.
     """
     from calibrators.map_aware import IMAGE_TOLERANCE
-    from qtool.proxy import MapDistortion
 
     normals, model, search = setup
     spec = spec_at(model, bits)
@@ -172,12 +188,7 @@ def test_search_keeps_what_its_objective_promises_against_every_whole_rule(setup
     assert list(rules) == [*plain, *(f"{r}+search" for r in plain)]
     assert all(r.meta["base"] == summary["base"] for r in chosen.values())
 
-    distortion = MapDistortion(*outputs(model, search), search.masks, search.labels)
-
-    def scores(m) -> dict[str, float]:
-        maps, s = outputs(m, search)
-        return {"loss": distortion(maps, s)["loss"], "image_auroc": float(roc_auc_score(search.labels, s)),
-                "pixel_auroc": float(roc_auc_score(search.masks.ravel() > 0, maps.ravel()))}
+    scores = graph_scorer(model, search)
 
     final = scores(insert_qdq(model, spec, chosen))
     assert final["loss"] == pytest.approx(summary["final"]["loss"], rel=1e-6, abs=1e-9)
@@ -207,8 +218,6 @@ def test_anchored_objective_starts_at_initial_and_never_separates_worse_than_it(
     search left unchanged; the final graph's separation (plain ORT session + sklearn) is at least the
     base's and its distortion no higher, and every graph the search ran went to a tensor candidate.
     """
-    from qtool.proxy import MapDistortion
-
     normals, model, search = setup
     spec = spec_at(model, 4)
     cal = get_calibrator("map-aware", num_bits=4, objective="anchored", initial=initial)
@@ -227,18 +236,55 @@ def test_anchored_objective_starts_at_initial_and_never_separates_worse_than_it(
         assert (base_candidate["lo"], base_candidate["hi"]) == pytest.approx((own[name].lo, own[name].hi)), name
         assert r.meta["base"] == initial
 
-    distortion = MapDistortion(*outputs(model, search), search.masks, search.labels)
-
-    def scores(m) -> dict[str, float]:
-        maps, s = outputs(m, search)
-        return {"loss": distortion(maps, s)["loss"], "image_auroc": float(roc_auc_score(search.labels, s)),
-                "pixel_auroc": float(roc_auc_score(search.masks.ravel() > 0, maps.ravel()))}
+    scores = graph_scorer(model, search)
 
     base, final = scores(insert_qdq(model, spec, own)), scores(insert_qdq(model, spec, chosen))
     assert base["loss"] == pytest.approx(summary["rule_losses"][initial]["loss"], rel=1e-6, abs=1e-9)
     for key in ("image_auroc", "pixel_auroc"):
         assert final[key] >= base[key] - 1e-6, key
     assert final["loss"] <= base["loss"] + 1e-9
+
+
+@pytest.mark.parametrize("objective", ["separation", "distortion"])
+def test_weight_search_chooses_each_weights_rule_and_keeps_the_promise(setup, objective):
+    """``search_weights``: every weight whose rules differ gets min/max and mse candidates; the result is
+    what the QDQ graph uses and keeps the objective's promise against all weights at their base rule.
+
+    Oracle: the final graph rebuilt with insert_qdq and scored in plain ORT sessions + sklearn; every
+    weight's bounds equal its chosen rule recomputed by ``weight_bounds``.
+    """
+    from onnx import numpy_helper
+
+    from calibrators import WeightRange
+    from qtool.graph.weight_ranges import weight_bounds
+
+    normals, model, search = setup
+    spec = spec_at(model, 4)
+    cal = get_calibrator("map-aware", num_bits=4, objective=objective, search_weights=True)
+    start = observe(model, spec.tensors_to_calibrate(), cal, normals, search)
+    chosen = cal.refine(start, Harness(model, spec, search, threads=1).context())
+    summary = cal.search_summary
+    weights = {n: r for n, r in chosen.items() if isinstance(r, WeightRange)}
+    assert summary["weights_searched"] == len(weights) > 0
+    assert list(summary["weight_rule_scores"]) == ["minmax", "mse"]
+    data = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for w, r in weights.items():
+        assert {"minmax", "mse"} == {rule for c in r.meta["candidates"] for rule in c["rules"]}
+        assert r.meta["base"] == summary["weight_base"] and r.meta["initial"] == "minmax"
+        lo, hi = weight_bounds(r.meta["chosen"][0], data[w], spec.weights[w])
+        np.testing.assert_array_equal(r.lo, lo, err_msg=w)
+        np.testing.assert_array_equal(r.hi, hi, err_msg=w)
+    scores = graph_scorer(model, search)
+    final = scores(insert_qdq(model, spec, chosen))
+    assert final["loss"] == pytest.approx(summary["final"]["loss"], rel=1e-6, abs=1e-9)
+    base = summary["weight_rule_scores"][summary["weight_base"]]  # every tensor and weight at its base rule
+    assert final["loss"] <= base["loss"] + 1e-9
+    if objective == "separation":
+        for key in ("image_auroc", "pixel_auroc"):
+            assert final[key] >= base[key] - 1e-6, key
+    else:
+        assert summary["weight_base"] == min(summary["weight_rule_scores"],
+                                             key=lambda k: summary["weight_rule_scores"][k]["loss"])
 
 
 def test_map_aware_is_registered_and_declares_it_needs_the_graph():

@@ -121,10 +121,14 @@ def test_a_calibrator_variant_is_parsed_into_its_calibrator_and_options_or_refus
         with pytest.raises(argparse.ArgumentTypeError, match="--variant"):
             ma.parse_variant(bad)
     ma.check_variant("mse-anchored", args)  # a valid variant builds
+    # a ``ptq.`` key is a recipe override, not a calibrator option
+    recipe_variant = argparse.Namespace(**{**vars(args), "variants": [ma.parse_variant("w=mse:ptq.weight_range=mse")]})
+    assert ma.cell_overrides("w", "train", 4, recipe_variant)[-1] == "ptq.weight_range=mse"
+    ma.check_variant("w", recipe_variant)
     from qtool.errors import QtoolError
 
     for text, match in (("v=map-aware:objective=bogus", "objective"), ("v=nosuch:", "nosuch"),
-                        ("v=map-aware:nokey=1", "nokey")):
+                        ("v=map-aware:nokey=1", "nokey"), ("v=mse:ptq.weight_range=kl", "weight range rule")):
         bad_args = argparse.Namespace(**{**vars(args), "variants": [ma.parse_variant(text)]})
         with pytest.raises(QtoolError, match=match):
             ma.check_variant("v", bad_args)

@@ -197,6 +197,33 @@ def test_qat_export_equals_ptq_graph(stfpm, tmp_path, target, bits, learnable):
     assert np.isfinite(out[0]).all() and out[0].shape == (1, 1, 64, 64)
 
 
+def _weight_qparams(model: onnx.ModelProto, report: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    return {w: (inits[f"{w}_quantized"], inits[f"{w}_scale"]) for w in report["weights"]}
+
+
+def test_qat_keeps_the_weight_range_rule_and_a_calibrators_weight_choice(stfpm):
+    """Untrained QAT exports the PTQ graph's weights: the spec's rule (mse), or one weight a calibrator chose."""
+    from calibrators import WeightRange
+    from qtool.graph.weight_ranges import weight_bounds
+
+    model, graph, _, ranges = stfpm
+    mse_spec = build_spec(graph, PtqConfig(activation_bits=4, weight_bits=4, weight_range="mse"))
+    minmax_spec = build_spec(graph, PtqConfig(activation_bits=4, weight_bits=4))
+    w = next(n.input[1] for n in graph.graph.node if n.name.startswith("/student/") and n.op_type == "Conv")
+    data = next(onnx.numpy_helper.to_array(t) for t in graph.graph.initializer if t.name == w)
+    given = {**ranges["cpu"], w: WeightRange(*weight_bounds("mse", data, minmax_spec.weights[w]))}
+    for spec, rngs in ((mse_spec, ranges["cpu"]), (minmax_spec, given)):
+        ptq, ptq_report = insert_qdq_report(graph, spec, rngs)
+        qdq, report = export_qdq(prepare_qat(model, graph, spec, rngs), graph)
+        want, got = _weight_qparams(ptq, ptq_report), _weight_qparams(qdq, report)
+        for name, (ints, scale) in want.items():
+            np.testing.assert_allclose(got[name][1], scale, rtol=1e-6, err_msg=name)
+            assert np.mean(got[name][0] == ints) > 0.999, name  # a scale one ulp off may move a tie
+    ptq_mm, mm_report = insert_qdq_report(graph, minmax_spec, ranges["cpu"])
+    assert not np.array_equal(_weight_qparams(ptq_mm, mm_report)[w][1], _weight_qparams(ptq, ptq_report)[w][1])
+
+
 def test_scales_follow_the_target_profile(tiny):
     model, graph = tiny
     for target, act_dtype in (("tensorrt", "int8"), ("cpu", "uint8")):
@@ -249,7 +276,9 @@ def test_checkpoint_is_weights_only_and_rebuilds_the_model(stfpm, tmp_path):
     x = torch.from_numpy(feeds[1]["image"])
     with torch.no_grad():
         np.testing.assert_array_equal(again.model(x)[0].numpy(), qm.model.eval()(x)[0].numpy())
-    assert again.ranges() == qm.ranges() and meta["ptq"]["target"] == "tensorrt"
+    assert again.ranges().keys() == qm.ranges().keys() and meta["ptq"]["target"] == "tensorrt"
+    for name, bounds in qm.ranges().items():  # activations' (lo, hi) and weights' per-channel bounds
+        np.testing.assert_array_equal(np.asarray(again.ranges()[name]), np.asarray(bounds), err_msg=name)
     a, b = export_qdq(again, graph2)[0], export_qdq(qm, graph)[0]
     assert [t.raw_data for t in a.graph.initializer] == [t.raw_data for t in b.graph.initializer]
 
