@@ -21,6 +21,8 @@ from qtool.recipe import PtqConfig
 from qtool.search import Harness, search_set_from_arrays
 
 KINDS = ["scratch", "noise"]
+#: The activation-range search alone (the weight search has its own test below).
+ACTIVATIONS_ONLY = {"search_weights": False}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,7 @@ def observe(model, tensors, cal, normals, search):
 
 def map_aware(model, spec, normals, search, **options):
     """Calibrate like the PTQ driver does for a graph-searching calibrator, then refine."""
-    cal = get_calibrator("map-aware", num_bits=spec.activation_bits, **options)
+    cal = get_calibrator("map-aware", num_bits=spec.activation_bits, **{**ACTIVATIONS_ONLY, **options})
     tensors = spec.tensors_to_calibrate()
     initial = observe(model, tensors, cal, normals, search)
     harness = Harness(model, spec, search, threads=1)
@@ -119,7 +121,8 @@ def test_graph_budget_cuts_the_search_at_the_same_point_whatever_the_time_budget
     spec = spec_at(model, 4)
     runs = {}
     for time_budget in (300.0, 1e6):
-        cal = get_calibrator("map-aware", num_bits=4, max_graphs=max_graphs, time_budget_s=time_budget)
+        cal = get_calibrator("map-aware", num_bits=4, max_graphs=max_graphs, time_budget_s=time_budget,
+                             **ACTIVATIONS_ONLY)
         initial = observe(model, spec.tensors_to_calibrate(), cal, normals, search)
         harness = Harness(model, spec, search, threads=1)
         chosen = cal.refine(initial, harness.context())
@@ -178,7 +181,7 @@ def test_search_keeps_what_its_objective_promises_against_every_whole_rule(setup
 
     normals, model, search = setup
     spec = spec_at(model, bits)
-    cal = get_calibrator("map-aware", num_bits=bits, objective=objective)
+    cal = get_calibrator("map-aware", num_bits=bits, objective=objective, **ACTIVATIONS_ONLY)
     tensors = spec.tensors_to_calibrate()
     initial = observe(model, tensors, cal, normals, search)
     chosen = cal.refine(initial, Harness(model, spec, search, threads=1).context())
@@ -220,7 +223,7 @@ def test_anchored_objective_starts_at_initial_and_never_separates_worse_than_it(
     """
     normals, model, search = setup
     spec = spec_at(model, 4)
-    cal = get_calibrator("map-aware", num_bits=4, objective="anchored", initial=initial)
+    cal = get_calibrator("map-aware", num_bits=4, objective="anchored", initial=initial, **ACTIVATIONS_ONLY)
     tensors = spec.tensors_to_calibrate()
     start = observe(model, tensors, cal, normals, search)
     chosen = cal.refine(start, Harness(model, spec, search, threads=1).context())
