@@ -172,15 +172,16 @@ class MapAwareCalibrator(Calibrator):
 
     Options: ``num_bins`` (2048), ``percentiles`` ([99.9, 99.99, 99.999]), ``initial`` ("entropy";
     or "minmax", "mse", "percentile-P"), ``objective`` ("separation", "distortion" or "anchored"),
-    ``search_candidates`` (True), ``search_weights`` (False: weights keep the spec's weight range rule;
-    True: each weight's bounds under every rule in ``qtool.graph.weight_ranges`` are candidates too,
-    scanned as whole rules after the activation rules, then searched in the same descent), ``max_graphs`` (None: no
+    ``search_candidates`` (True), ``search_weights`` (True: each weight's bounds under every rule in
+    ``qtool.graph.weight_ranges`` are candidates too, scanned as whole rules after the activation rules,
+    then searched in the same descent; False: weights keep the spec's weight range rule; the default since
+    bench/results/map_aware_weights_decision_rule.txt), ``max_graphs`` (None: no
     limit but the time), ``time_budget_s`` (300), ``tail_quantile`` (0.99: fp32 map values above this
     quantile on normals count as tail), ``rank_weight`` (1.0: weight of flipped pairs in the distortion).
     """
 
     OPTIONS = {"num_bins": 2048, "percentiles": [99.9, 99.99, 99.999], "initial": "entropy",
-               "objective": "separation", "search_candidates": True, "search_weights": False, "max_graphs": None,
+               "objective": "separation", "search_candidates": True, "search_weights": True, "max_graphs": None,
                "time_budget_s": 300.0,
                "tail_quantile": 0.99,
                "rank_weight": 1.0}

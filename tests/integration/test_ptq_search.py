@@ -67,6 +67,9 @@ def test_report_shows_per_layer_ranges_candidates_sensitivity_and_precision(sear
     objective = MapAwareCalibrator.OPTIONS["objective"]  # the default: this run sets none
     assert search["objective"] == objective
     assert search["base"] == OBJECTIVES.get(objective).choose(search["rule_losses"])
+    if search["weights_searched"]:  # then the weights' whole rules are scored too; their pick is the final base
+        assert search["weight_base"] == OBJECTIVES.get(objective).choose(search["weight_rule_scores"])
+        base = search["weight_rule_scores"][search["weight_base"]]
     assert final["loss"] <= base["loss"]
     if OBJECTIVES.get(objective).separates:
         assert final["pixel_auroc"] >= base["pixel_auroc"] and final["image_auroc"] >= base["image_auroc"]
@@ -107,4 +110,8 @@ def test_qat_initial_ranges_come_from_the_search_too(kd, monkeypatch):
     prepared = prepare(load_model(kd.onnx))
     spec = build_spec(prepared, recipe.ptq)
     ranges, _ = _initial_ranges(recipe, prepared, spec, load_splits(recipe.data), ImageTransform(recipe.data), None)
-    assert len(refined) == 1 and ranges == {t: (r.lo, r.hi) for t, r in refined[0].items()}
+    from calibrators import WeightRange
+
+    assert len(refined) == 1 and ranges.keys() == refined[0].keys()
+    for t, r in refined[0].items():  # activations as (lo, hi); a searched weight's bounds handed on as chosen
+        assert ranges[t] is r if isinstance(r, WeightRange) else ranges[t] == (r.lo, r.hi), t
