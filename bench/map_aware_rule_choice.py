@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from calibrators.map_aware import OBJECTIVES, image_eligible
+from calibrators.objectives import OBJECTIVES, image_eligible
 from calibrators.percentile import PercentileCalibrator
 from qtool.artifacts import bench_meta, versions_line, write_results
 from qtool.errors import QtoolError

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibrators.map_aware import by_separation
+from calibrators.objectives import by_separation
 from qtool.artifacts import bench_meta, versions_line, write_results
 from qtool.calib_data import normal_pool
 from qtool.data import ImageTransform, load_splits

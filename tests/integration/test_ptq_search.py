@@ -10,7 +10,8 @@ from click.testing import CliRunner
 from helpers.kd_run import shared
 from helpers.opened_files import opened_images
 
-from calibrators.map_aware import OBJECTIVES, MapAwareCalibrator
+from calibrators.map_aware import MapAwareCalibrator
+from calibrators.objectives import OBJECTIVES
 from qtool.cli import main
 from qtool.data import load_splits
 from qtool.errors import RecipeError

@@ -177,7 +177,7 @@ def test_search_keeps_what_its_objective_promises_against_every_whole_rule(setup
     rule of highest pixel AUROC (then image AUROC) among those within the image tolerance, and the
     result separates no worse than it and distorts no more.
     """
-    from calibrators.map_aware import IMAGE_TOLERANCE
+    from calibrators.objectives import IMAGE_TOLERANCE
 
     normals, model, search = setup
     spec = spec_at(model, bits)
