@@ -244,8 +244,9 @@ class MapAwareCalibrator(Calibrator):
         searched = []
         for w, params in spec.weights.items():
             cands: Candidates = []
+            values = numpy_helper.to_array(data[w])
             for rule in rules:
-                lo, hi = weight_bounds(rule, numpy_helper.to_array(data[w]), params)
+                lo, hi = weight_bounds(rule, values, params)
                 same = next((c for c in cands if np.array_equal(c[1].lo, lo) and np.array_equal(c[1].hi, hi)), None)
                 if same is None:
                     cands.append(([rule], WeightRange(lo, hi)))

@@ -29,8 +29,8 @@ def insert_qdq(model: onnx.ModelProto, spec: QuantSpec, ranges: Mapping[str, Any
     return insert_qdq_report(model, spec, ranges)[0]
 
 
-def _array_bounds(r: Any) -> tuple[Any, Any]:
-    """(lo, hi) of a TensorRange-like object or a pair."""
+def bounds_of(r: Any) -> tuple[Any, Any]:
+    """(lo, hi) of a range object (``.lo``/``.hi``: TensorRange, WeightRange) or of a pair."""
     if hasattr(r, "lo") and hasattr(r, "hi"):
         return r.lo, r.hi
     lo, hi = r
@@ -38,7 +38,7 @@ def _array_bounds(r: Any) -> tuple[Any, Any]:
 
 
 def _bounds(r: Any) -> tuple[float, float]:
-    lo, hi = _array_bounds(r)
+    lo, hi = bounds_of(r)
     return float(lo), float(hi)
 
 
@@ -61,7 +61,7 @@ def _weight_range(w: str, p: QuantParams, data: np.ndarray, rule: str,
     """A weight's bounds: given in ``ranges`` (one pair per channel), else the spec's weight range rule's."""
     if w not in ranges:
         return weight_bounds(rule, data, p)
-    lo, hi = (np.asarray(b, dtype=np.float32) for b in _array_bounds(ranges[w]))
+    lo, hi = (np.asarray(b, dtype=np.float32) for b in bounds_of(ranges[w]))
     channels = data.shape[p.axis] if p.axis is not None else 1
     if lo.size != channels or hi.size != channels or not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
         raise GraphError(f"range given for weight {w!r} must be {channels} finite (lo, hi) pairs")

@@ -55,8 +55,9 @@ def mse_range(data: np.ndarray, params: QuantParams) -> tuple[np.ndarray, np.nda
     point, so what is minimised is what the graph will compute. Deterministic; ties keep the wider range.
     """
     rows = channel_rows(data, params.axis).astype(np.float64)
-    lo, hi = minmax_range(data, params)
-    lo, hi = np.atleast_1d(lo).astype(np.float64), np.atleast_1d(hi).astype(np.float64)
+    if rows.shape[1] == 0:
+        return minmax_range(data, params)
+    lo, hi = rows.min(axis=1), rows.max(axis=1)
     flat = params.with_axis(None)
     best_err = np.full(rows.shape[0], np.inf)
     best = np.ones(rows.shape[0])

@@ -205,16 +205,18 @@ class WeightFakeQuant(_Scale):
         self.register_buffer("zero_point", torch.zeros(n, dtype=torch.int32))
         self.register_buffer("clip", torch.ones(n, dtype=torch.float64))
 
-    def use_rule(self, rule: str, w: torch.Tensor, bounds: tuple[np.ndarray, np.ndarray] | None = None) -> None:
-        """Clip each channel at the fraction of its min/max that weight range ``rule`` (or ``bounds``) gives ``w``.
+    def use_rule(self, rule: str, w: torch.Tensor) -> None:
+        """Clip each channel at the fraction of its min/max that weight range ``rule`` gives ``w``.
 
         The fraction stays fixed while ``w`` trains (``minmax``: 1, nothing clipped).
         """
+        self.use_bounds(*weight_bounds(rule, w.detach().float().numpy(), self.params.with_axis(self.axis)), w)
+
+    def use_bounds(self, lo: np.ndarray, hi: np.ndarray, w: torch.Tensor) -> None:
+        """Clip each channel at the fraction of its min/max that per-channel ``lo``/``hi`` span (a calibrator's)."""
         data = w.detach().float().numpy()
-        params = self.params.with_axis(self.axis)
-        lo, hi = bounds if bounds is not None else weight_bounds(rule, data, params)
         with torch.no_grad():
-            self.clip.copy_(torch.from_numpy(clip_fractions(lo, hi, data, params)))
+            self.clip.copy_(torch.from_numpy(clip_fractions(lo, hi, data, self.params.with_axis(self.axis))))
 
     def bounds(self, w: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Per-channel float bounds of ``w`` now: its min/max times the clip fractions (0-d per-tensor)."""

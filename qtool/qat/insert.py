@@ -22,6 +22,7 @@ from onnx import numpy_helper
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
+from qtool.graph.insert_qdq import bounds_of
 from qtool.graph.policy import QuantSpec
 from qtool.qat.fakequant import ActFakeQuant, WeightFakeQuant
 from qtool.qat.spec_map import SpecMap, build_spec_map
@@ -256,13 +257,13 @@ def set_ranges(qm: QatModel, ranges: Mapping[str, Any]) -> None:
             if isinstance(r, str):
                 wq.use_rule(r, latent)
             else:
-                wq.use_rule(qm.spec.weight_range, latent, (r.lo, r.hi) if hasattr(r, "lo") else tuple(r))
+                wq.use_bounds(*bounds_of(r), latent)
             wq.init_from(latent)
     for t, q in qm.act.items():
         if t not in ranges:
             raise QatError(f"no initial range for tensor {t!r}; calibrate or give a PTQ report that has it")
         r = ranges[t]
-        lo, hi = (r.lo, r.hi) if hasattr(r, "lo") else r
+        lo, hi = bounds_of(r)
         if not (np.isfinite(lo) and np.isfinite(hi)):
             raise QatError(f"initial range of tensor {t!r} is [{lo}, {hi}]; need finite bounds")
         q.set_range(float(lo), float(hi))
