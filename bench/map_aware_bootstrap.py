@@ -19,6 +19,10 @@ run): each against the best of the other four on the full test split, on the sam
 It asks whether any fixed calibrator meets "at least as good as the best of the others in every
 cell"; the summary counts each calibrator's verdicts.
 
+``--pair BASE,VARIANT``: one comparison per cell and metric, the variant column (e.g. a
+``bench/map_aware.py --variant mse-bc=mse:ptq.bias_correction=true``) against its base column, no
+pick of a best: "above" when the variant's interval lies wholly above the base's.
+
 Run: .venv/bin/python bench/map_aware_bootstrap.py --work bench/work/map_aware_mtd \
          --setup mtd-stfpm --setup mtd-rd [--bits 8,6,4] [--sources train,random-normal,mix] [--every]
 Writes PATH.{json,md} (``--out``).
@@ -55,10 +59,10 @@ def best_standard(results: dict, setup: str, source: str, bits: int) -> list[str
     return list(dict.fromkeys(names))
 
 
-def cell_models(work: Path, setup: str, source: str, bits: int, others: list[str]) -> dict[str, str]:
-    """map-aware first, then the ``others`` (standard calibrators, variants): name -> quantized ONNX of that cell."""
+def cell_models(work: Path, setup: str, source: str, bits: int, names: list[str]) -> dict[str, str]:
+    """Each of ``names`` (calibrators, variants; the anchor first): name -> quantized ONNX of that cell."""
     models = {}
-    for calib in ("map-aware", *others):
+    for calib in names:
         path = work / setup / f"{calib}-{source}-{bits}bit" / "ptq" / "model.onnx"
         if not path.is_file():
             sys.exit(f"error: {path} is missing; run bench/map_aware.py for that cell first")
@@ -101,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="judge every calibrator against the best of the others (runs all; ignores --results)")
     ap.add_argument("--variants", type=lambda v: [x for x in v.split(",") if x], default=[], metavar="LABEL,...",
                     help="with --every: also judge these bench/map_aware.py --variant columns (and judge against them)")
+    ap.add_argument("--pair", type=lambda v: v.split(","), default=None, metavar="BASE,VARIANT",
+                    help="judge the VARIANT column against the BASE column only (e.g. mse,mse-bc)")
     ap.add_argument("--rounds", type=int, default=500)
     ap.add_argument("--bins", type=int, default=1 << 14)
     ap.add_argument("--seed", type=int, default=0)
@@ -109,11 +115,16 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.variants and not args.every:
         sys.exit("error: --variants needs --every (a variant is judged against the best of all the others)")
+    if args.pair is not None and (args.every or len(args.pair) != 2 or not all(args.pair)):
+        sys.exit("error: --pair takes BASE,VARIANT (two column names) and excludes --every")
+    mode = "pair" if args.pair else "every" if args.every else "best"
     recipe = load_recipe(Path(args.recipe), args.overrides)
     splits, transform = load_splits(recipe.data), ImageTransform(recipe.data)
-    results = None if args.every or not args.results else json.loads(Path(args.results).read_text())
-    anchors = ["map-aware", *STANDARD, *args.variants] if args.every else ["map-aware"]
-    suffix = "-every" + "".join(f"+{v}" for v in args.variants) if args.every else ""
+    results = None if mode != "best" or not args.results else json.loads(Path(args.results).read_text())
+    anchors = {"every": ["map-aware", *STANDARD, *args.variants], "best": ["map-aware"],
+               "pair": (args.pair or [])[1:]}[mode]
+    suffix = {"every": "-every" + "".join(f"+{v}" for v in args.variants), "best": "",
+              "pair": "-pair+" + "+".join(args.pair or [])}[mode]
     cells = []
     for setup in args.setup:
         for bits in args.bits:
@@ -122,8 +133,10 @@ def main(argv: list[str] | None = None) -> None:
                 if hit.is_file():
                     rows = json.loads(hit.read_text())["rows"]
                 else:
-                    others = best_standard(results, setup, source, bits) if results else list(anchors[1:])
-                    models = cell_models(Path(args.work), setup, source, bits, others)
+                    names = {"every": anchors, "pair": anchors + (args.pair or [])[:1],
+                             "best": ["map-aware", *(best_standard(results, setup, source, bits) if results
+                                                     else STANDARD)]}[mode]
+                    models = cell_models(Path(args.work), setup, source, bits, names)
                     outputs, masks, labels, groups = run_models(list(models.values()), splits, transform)
                     rows = compare(outputs, {n: [p] for n, p in models.items()}, masks, labels, args.rounds,
                                    args.bins, args.seed, groups, anchors=anchors)
@@ -134,27 +147,32 @@ def main(argv: list[str] | None = None) -> None:
                 print(setup, bits, source, [(v["anchor"], v["metric"], v["best"], round(v["best_minus_anchor"], 4),
                                              v["verdict"]) for v in cell["verdicts"]], flush=True)
     meta = bench_meta("bench/map_aware_bootstrap.py", argv, rounds=args.rounds, bins=args.bins, seed=args.seed,
-                      n_test=len(splits.test), every=args.every)
+                      n_test=len(splits.test), every=args.every, pair=args.pair)
     counts = {a: verdict_counts(cells, a) for a in anchors}
     write_results(Path(args.out), {"meta": meta, "counts": counts, "cells": cells},
-                  lambda path: write_markdown(path, meta, cells, counts, args.every, anchors))
+                  lambda path: write_markdown(path, meta, cells, counts, mode, anchors))
 
 
-#: Table wording per mode (``--every`` or not): title, anchor column, best column, who "best" is among.
+#: Table wording per mode: title, anchor column, best column, who "best" is among.
 WORDING = {
-    False: ("Map-aware against the best standard calibrator", "map-aware", "best standard",
+    "best": ("Map-aware against the best standard calibrator", "map-aware", "best standard",
             "standard calibrator (minmax, percentile, entropy, mse; same source and width) with the highest value "
             "on the full test split, which favours it (with --results, only the best ones were run)"),
-    True: ("Each calibrator against the best of the others", "calibrator", "best of the others",
+    "pair": ("A variant against its base column", "variant", "base",
+             "base column of the pair ({names}; same source and width)"),
+    "every": ("Each calibrator against the best of the others", "calibrator", "best of the others",
            "other calibrator (of {names}; same source and width) with the highest value on the full test split, "
            "which favours it"),
 }
 
 
-def write_markdown(path: Path, meta: dict, cells: list[dict], counts: dict[str, dict[str, int]], every: bool,
+def write_markdown(path: Path, meta: dict, cells: list[dict], counts: dict[str, dict[str, int]], mode: str,
                    names: list[str]) -> None:
-    """The verdict counts and every cell metric's comparison (``names``: the calibrators compared)."""
-    title, anchor, best, who = WORDING[every]
+    """The verdict counts and every cell metric's comparison (``names``: the anchors, each judged in turn)."""
+    every = mode != "best"
+    title, anchor, best, who = WORDING[mode]
+    if mode == "pair":
+        names = meta["pair"]
     who = who.format(names=", ".join(sorted(names, key=lambda n: n == "map-aware")))
     lines = [f"# {title}, per cell: paired bootstrap on test", "", f"`{meta['command']}`", "",
              f"machine: {meta['machine']}; {meta['n_test']} test images; {meta['rounds']} stratified rounds, "

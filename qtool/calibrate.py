@@ -9,7 +9,8 @@ so memory stays bounded by one group of activations whatever the calibration set
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import onnx
@@ -21,7 +22,8 @@ from qtool.graph.probe import add_outputs
 log = logging.getLogger(__name__)
 
 
-def _session(model: onnx.ModelProto, threads: int):
+def probe_session(model: onnx.ModelProto, threads: int):
+    """An ONNX Runtime CPU session without graph optimisations, so every named tensor of ``model`` exists."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -30,6 +32,22 @@ def _session(model: onnx.ModelProto, threads: int):
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def probe_outputs(sess: Any, names: list[str], batch: np.ndarray) -> Iterator[list[np.ndarray]]:
+    """``sess``'s outputs ``names`` on ``batch``, one list per chunk the model takes at once.
+
+    A model with a fixed batch dimension gets chunks of that size; the last is padded with copies of its
+    last image, and the padding rows are dropped from the outputs (so no image is counted twice).
+    """
+    inp = sess.get_inputs()[0]
+    step = inp.shape[0] if isinstance(inp.shape[0], int) else len(batch)
+    for i in range(0, len(batch), step):
+        chunk = np.ascontiguousarray(batch[i : i + step], dtype=np.float32)
+        real = len(chunk)
+        if real != step:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], step - real, axis=0)])
+        yield [arr[:real] for arr in sess.run(names, {inp.name: chunk})]
 
 
 def calibrate(model: onnx.ModelProto, tensors: list[str], batches: Iterable[np.ndarray], calibrator: Calibrator,
@@ -50,9 +68,7 @@ def calibrate(model: onnx.ModelProto, tensors: list[str], batches: Iterable[np.n
         CalibrationError: empty calibration set, non-finite inputs or activations (naming the tensor).
     """
     probed = add_outputs(model, tensors)
-    sess = _session(probed, threads)
-    inp = sess.get_inputs()[0]
-    fixed = inp.shape[0] if isinstance(inp.shape[0], int) else None
+    sess = probe_session(probed, threads)
     names = list(tensors)
     buffers: dict[str, list[np.ndarray]] = {n: [] for n in names}
     buffered = 0
@@ -72,15 +88,10 @@ def calibrate(model: onnx.ModelProto, tensors: list[str], batches: Iterable[np.n
         for bi, batch in enumerate(stream):
             if not np.isfinite(batch).all():
                 raise CalibrationError(f"{what} batch {bi} holds NaN or Inf input values")
-            step = fixed or len(batch)
-            for i in range(0, len(batch), step):
-                chunk = np.ascontiguousarray(batch[i : i + step], dtype=np.float32)
-                if fixed and len(chunk) != fixed:
-                    chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - len(chunk), axis=0)])
-                outs = sess.run(names, {inp.name: chunk})
+            for outs in probe_outputs(sess, names, batch):
                 for n, arr in zip(names, outs):
                     buffers[n].append(arr)
-                buffered += len(chunk)
+                buffered += len(outs[0])
                 if buffered >= group:
                     flush()
             count += len(batch)

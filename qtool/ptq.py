@@ -1,7 +1,7 @@
 """``qtool ptq``: the post-training quantization pipeline, one stage after another, each timed.
 
 load (export a checkpoint first) -> prepare -> policy -> calibrate [-> search stages: a calibrator's
-refine, mixed precision, proxy] -> insert QDQ -> lint -> save, then SQNR of the quantized outputs
+refine, mixed precision, proxy] [-> bias correction] -> insert QDQ -> lint -> save, then SQNR of the quantized outputs
 against fp32 on held-out normals. Writes ``model.onnx``, ``report.json``, ``recipe.yaml`` and
 ``manifest.json`` into the run folder.
 """
@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from qtool.artifacts import write_json, write_manifest
+from qtool.bias_correction import correct_biases
 from qtool.calib_data import calibration_set, normal_pool
 from qtool.calibrate import calibrate
 from qtool.data import ImageTransform, iter_batches, load_splits
@@ -138,6 +139,10 @@ def run_ptq(model_path: Path, recipe: Recipe, out_dir: Path, dry_run: bool = Fal
         ranges, spec, searched = run_search_stages(calibrator, ranges, prepared, spec, search, cfg,
                                                    recipe.eval.threads, timer.stage, search_progress)
         report["plan"] = plan(spec)  # mixed precision may have kept layers float
+    if cfg.bias_correction:
+        with timer.stage("bias_correction"):
+            prepared, report["bias_correction"] = correct_biases(prepared, spec, ranges, calib.batches,
+                                                                 recipe.eval.threads)
     with timer.stage("insert_qdq"):
         qdq, qreport = insert_qdq_report(prepared, spec, ranges)
     with timer.stage("lint"):

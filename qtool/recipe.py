@@ -149,6 +149,9 @@ class PtqConfig(Section):
     weight_bits: int = 8
     # how each weight's float range is chosen (qtool.graph.weight_ranges): "minmax" (onnxruntime's), "mse"
     weight_range: str = "minmax"
+    # shift each quantized layer's float bias so its per-channel output mean on the calibration images is
+    # fp32's (qtool.bias_correction); only bias values change
+    bias_correction: bool = False
     quantize: Literal["student", "teacher", "both"] = "both"
     part_globs: dict[str, list[str]] = Field(
         default_factory=lambda: {
@@ -212,7 +215,8 @@ class EvalConfig(Section):
 Budget = Annotated[float, Field(ge=0.0, le=1.0)]
 """A mixed-precision budget: the largest proxy AUROC drop allowed."""
 
-SWEEP_AXES = ("model", "precision", "method", "calibrator", "calib_source", "part", "target", "mixed_precision")
+SWEEP_AXES = ("model", "precision", "method", "calibrator", "calib_source", "part", "target", "mixed_precision",
+              "bias_correction")
 """The axes of a sweep grid; ``SweepConfig`` holds one list per axis (plural field names)."""
 
 
@@ -248,6 +252,7 @@ class SweepCellFilter(Section):
     part: Literal["student", "teacher", "both"] | None = None
     target: str | None = None
     mixed_precision: Budget | None = None
+    bias_correction: bool | None = None
 
 
 class SweepConfig(Section):
@@ -262,6 +267,8 @@ class SweepConfig(Section):
     targets: list[str] = Field(default_factory=lambda: ["cpu"], min_length=1)
     # budgets of ``ptq.mixed_precision`` (null: every quantizable layer quantized); replaces the ptq value
     mixed_precisions: list[Budget | None] = Field(default_factory=lambda: [None], min_length=1)
+    # values of ``ptq.bias_correction`` (PTQ cells; QAT trains its biases); replaces the ptq value
+    bias_corrections: list[bool] = Field(default_factory=lambda: [False], min_length=1)
     include: list[SweepCellFilter] = Field(default_factory=list)
     exclude: list[SweepCellFilter] = Field(default_factory=list)
     calib_options: dict[str, dict[str, Any]] = Field(default_factory=dict)  # calibrator name -> its options

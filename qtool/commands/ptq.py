@@ -23,6 +23,8 @@ from qtool.commands.train import data_options
 @click.option("--target", default=None, help="Target profile: cpu or tensorrt.")
 @click.option("--bits", type=int, default=None, help="Bit width of weights and activations (8, 6, 4).")
 @click.option("--weight-range", default=None, help="Weight range rule: minmax (default) or mse (per-channel clip).")
+@click.option("--bias-correction/--no-bias-correction", "bias_correction", default=None,
+              help="Shift quantized layers' biases so their output means match fp32 on the calibration images.")
 @click.option("--quantize", "part", type=click.Choice(["student", "teacher", "both"]), default=None,
               help="Which part of the KD model is quantized.")
 @click.option("--strict", is_flag=True, default=None, help="Unsupported ops and lint findings are errors.")
@@ -35,7 +37,8 @@ from qtool.commands.train import data_options
 @fail_cleanly
 def ptq_cmd(model_path: str, calib: str | None, mixed_precision: float | None, calib_source: str | None,
             num_calib: int | None,
-            target: str | None, bits: int | None, weight_range: str | None, part: str | None, strict: bool | None,
+            target: str | None, bits: int | None, weight_range: str | None,
+            bias_correction: bool | None, part: str | None, strict: bool | None,
             input_shapes: tuple[str, ...], out: str | None,
             dry_run: bool, data_root: str | None, data_format: str | None, recipe: str | None,
             overrides: tuple[str, ...]) -> None:
@@ -49,6 +52,7 @@ def ptq_cmd(model_path: str, calib: str | None, mixed_precision: float | None, c
         "data.root": data_root, "data.format": data_format, "ptq.calib": calib,
         "ptq.calib_data.source": calib_source, "ptq.calib_data.num_samples": num_calib, "ptq.target": target,
         "ptq.activation_bits": bits, "ptq.weight_bits": bits, "ptq.weight_range": weight_range,
+        "ptq.bias_correction": bias_correction,
         "ptq.quantize": part, "ptq.strict": strict,
         "ptq.input_shape": parse_input_shapes(input_shapes) or None, "ptq.mixed_precision": mixed_precision})
     if out is not None and Path(out).exists() and any(Path(out).iterdir()) and not dry_run:
@@ -63,6 +67,11 @@ def ptq_cmd(model_path: str, calib: str | None, mixed_precision: float | None, c
     click.echo(f"{report['output']}: {sum(report['plan']['quantized_nodes'].values())} nodes quantized, "
                f"SQNR map {report['sqnr_db']['anomaly_map']:.1f} dB, score {report['sqnr_db']['score']:.1f} dB, "
                f"lint issues {len(report['lint'])}, stages {report['stage_seconds']}")
+    if "bias_correction" in report:
+        bc = report["bias_correction"]
+        shift = bc.get("relative_shift", {})
+        click.echo(f"bias correction: {len(bc['layers'])} layers in {bc['levels']} levels, mean relative shift "
+                   f"{shift.get('before', 0):.4f} -> {shift.get('after', 0):.4f}, {len(bc['skipped'])} without a bias")
     if "mixed_precision" in report:
         mp = report["mixed_precision"]
         click.echo(f"mixed precision: {len(mp['fallback'])} of {mp['layers']} layers kept {mp['precision_kept']}, "

@@ -44,11 +44,11 @@ def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
 
 def short_labels(axes: list[dict[str, str | None]]) -> list[str]:
     """Readable labels: each cell's precision plus the axis values that vary among the cells."""
-    keys = ("model", "method", "calibrator", "calib_source", "part", "target", "mixed_precision")
+    keys = ("model", "method", "calibrator", "calib_source", "part", "target", "mixed_precision", "bias_correction")
     varying = [k for k in keys if len({a.get(k) for a in axes if a.get(k) is not None}) > 1
                or (k == "mixed_precision" and any(a.get(k) is not None for a in axes))]
-    return [" ".join([str(a["precision"]), *(axis_text(k, a.get(k)) for k in varying if a.get(k) is not None)])
-            for a in axes]
+    texts = ([axis_text(k, a.get(k)) for k in varying if a.get(k) is not None] for a in axes)
+    return [" ".join([str(a["precision"]), *(t for t in row if t)]) for a, row in zip(axes, texts)]
 
 
 def proxy_correlation(cells: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -147,7 +147,8 @@ def assemble_report(recipe: Recipe, grid: Any, sources: dict[str, Any], jobs: li
     sw = recipe.sweep
     axes = {"model": list(grid.models), "precision": sw.precisions, "method": sw.methods,
             "calibrator": sw.calibrators, "calib_source": sw.calib_sources, "part": sw.parts, "target": sw.targets,
-            "mixed_precision": ["off" if b is None else axis_text("mixed_precision", b) for b in sw.mixed_precisions]}
+            "mixed_precision": ["off" if b is None else axis_text("mixed_precision", b) for b in sw.mixed_precisions],
+            "bias_correction": [axis_text("bias_correction", b) or "off" for b in sw.bias_corrections]}
     categories = sorted({cat for c in cells if c.get("per_category") for cat in c["per_category"]})
     return finite({
         "schema": REPORT_SCHEMA, "qtool": __version__, "recipe": recipe.name,

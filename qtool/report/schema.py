@@ -121,6 +121,7 @@ class CellEntry(_Strict):
     part: str | None
     target: str | None
     mixed_precision: float | None = None
+    bias_correction: bool | None = None
     status: Literal["ok", "failed", "skipped"]
     cached: bool
     error: str | None = None

@@ -24,13 +24,16 @@ from qtool.sweep.precisions import PRECISIONS
 
 AXIS_FIELDS = {"model": "models", "precision": "precisions", "method": "methods", "calibrator": "calibrators",
                "calib_source": "calib_sources", "part": "parts", "target": "targets",
-               "mixed_precision": "mixed_precisions"}
-QUANT_AXES = ("method", "calibrator", "calib_source", "part", "target", "mixed_precision")
+               "mixed_precision": "mixed_precisions", "bias_correction": "bias_corrections"}
+QUANT_AXES = ("method", "calibrator", "calib_source", "part", "target", "mixed_precision", "bias_correction")
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
 
 
 def axis_text(axis: str, value: Any) -> str:
-    """An axis value as it appears in cell ids and labels (a mixed-precision budget as ``mp0.01``)."""
+    """An axis value as it appears in cell ids and labels: a mixed-precision budget as ``mp0.01``, bias
+    correction as ``bc`` (off: empty, so cells without it keep their ids)."""
+    if axis == "bias_correction":
+        return "bc" if value else ""
     return f"mp{value:g}" if axis == "mixed_precision" and value is not None else str(value)
 
 
@@ -46,12 +49,13 @@ class Cell:
     part: str | None = None
     target: str | None = None
     mixed_precision: float | None = None  # budget of the proxy drop; None: no layer kept float
+    bias_correction: bool | None = None  # ptq.bias_correction of a quantized cell
 
     @property
     def id(self) -> str:
-        """Stable, readable name: ``model:precision-method-calibrator-source-part-target[-mpBUDGET]``."""
-        values = [self.precision, *(axis_text(a, getattr(self, a)) for a in QUANT_AXES if getattr(self, a) is not None)]
-        return f"{self.model}:" + "-".join(values)
+        """Stable, readable name: ``model:precision-method-calibrator-source-part-target[-mpBUDGET][-bc]``."""
+        texts = (axis_text(a, getattr(self, a)) for a in QUANT_AXES if getattr(self, a) is not None)
+        return f"{self.model}:" + "-".join([self.precision, *(t for t in texts if t)])
 
     @property
     def quantized(self) -> bool:
@@ -211,6 +215,9 @@ def expand_grid(recipe: Recipe) -> Grid:
     if recipe.ptq.mixed_precision is not None and recipe.ptq.mixed_precision not in sw.mixed_precisions:
         notes.append(f"ptq.mixed_precision={recipe.ptq.mixed_precision} is not used: the sweep axis "
                      f"sweep.mixed_precisions={sw.mixed_precisions} sets it per cell")
+    if recipe.ptq.bias_correction and True not in sw.bias_corrections:
+        notes.append("ptq.bias_correction=true is not used: the sweep axis "
+                     f"sweep.bias_corrections={sw.bias_corrections} sets it per cell")
     for label in models:
         ref = Cell(label, "fp32")
         if ref not in cells:
@@ -224,6 +231,8 @@ def expand_grid(recipe: Recipe) -> Grid:
             skipped.append((c, f"QAT needs a qtool checkpoint; model {c.model} is {entry.path}"))
         elif c.method == "qat" and c.mixed_precision is not None:
             skipped.append((c, "QAT does not choose precisions: mixed precision is a PTQ axis"))
+        elif c.method == "qat" and c.bias_correction:
+            skipped.append((c, "QAT trains its biases: bias correction is a PTQ axis"))
     runnable = [c for c in cells if c not in {s for s, _ in skipped}]
     if len(runnable) < 1:
         raise RecipeError("recipe key sweep: the grid has no runnable cell")
@@ -250,4 +259,5 @@ def cell_recipe(recipe: Recipe, cell: Cell, model: ModelConfig | None = None) ->
                     "weight_bits": p.weight_bits, "activation_bits": p.activation_bits})
         ptq["calib_data"]["source"] = cell.calib_source
         ptq["mixed_precision"] = cell.mixed_precision
+        ptq["bias_correction"] = bool(cell.bias_correction)
     return Recipe.model_validate(tree)

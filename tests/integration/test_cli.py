@@ -449,3 +449,14 @@ def test_weight_range_flag_sets_every_weights_rule_and_a_bad_rule_is_one_line(kd
     bad = tmp_path / "bad"
     clean_error(invoke("ptq", "--model", kd.onnx, "--recipe", kd.recipe_file, "--out", bad, "--weight-range", "kl"),
                 "weight range rule 'kl' unknown", "minmax, mse", out=bad)
+
+
+def test_bias_correction_flag_moves_biases_toward_fp32_and_is_recorded(kd, tmp_path):
+    out = tmp_path / "bc"
+    ok(invoke("ptq", "--model", kd.onnx, "--recipe", kd.recipe_file, "--out", out, "--calib", "minmax",
+              "--bits", "4", "--bias-correction"))
+    report = json.loads((out / "report.json").read_text())
+    bc = report["bias_correction"]
+    assert bc["layers"] and bc["relative_shift"]["after"] < bc["relative_shift"]["before"]
+    assert "bias_correction" in report["stage_seconds"]
+    assert load_recipe(out / "recipe.yaml").ptq.bias_correction is True

@@ -140,3 +140,19 @@ def test_bootstrap_refuses_variants_without_every(capsys):
 
     with pytest.raises(SystemExit, match="--variants needs --every"):
         mab.main(["--work", "w", "--setup", "s", "--variants", "v", "--out", "o"])
+
+
+def test_bootstrap_pair_judges_the_variant_against_its_base_only(capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import map_aware_bootstrap as mab
+
+    for bad in (["--pair", "mse"], ["--pair", "mse,mse-bc", "--every"], ["--pair", "mse,"]):
+        with pytest.raises(SystemExit, match="--pair takes BASE,VARIANT"):
+            mab.main(["--work", "w", "--setup", "s", *bad, "--out", "o"])
+    outs, models, masks, labels, groups = _three()
+    rows = pb.compare(outs, {"b": models["b"], "a": models["a"]}, masks, labels, 60, 128, 2, groups, anchors=["b"])
+    verdicts = mab.verdicts(rows, "b")
+    assert [v["best"] for v in verdicts] == ["a", "a"]  # no pick: the base is the only other column
+    for v in verdicts:
+        row = next(r for r in rows if r["metric"] == v["metric"])
+        assert v["best_minus_anchor"] == row["b_value"] - row["a_value"] and v["ci95"] == row["ci95"]

@@ -14,6 +14,7 @@ import pytest
 from qtool.errors import RecipeError
 from qtool.recipe import load_recipe
 from qtool.report import json_schema, pareto_front, validate_report
+from qtool.report.assemble import short_labels
 from qtool.sweep import Cell, cell_recipe, expand_grid
 from qtool.sweep.cache import Cache, content_key
 from qtool.sweep.models import ModelSource
@@ -320,6 +321,22 @@ def test_mixed_precision_axis_expands_into_ptq_cells_and_their_recipes():
     assert cell_recipe(base, g.cells[0]).ptq.mixed_precision == 0.2, "float cells keep the recipe as it is"
     noted = expand_grid(recipe("ptq.mixed_precision=0.2"))
     assert any("ptq.mixed_precision=0.2 is not used" in n for n in noted.notes)
+
+
+def test_bias_correction_axis_adds_bc_cells_keeps_old_ids_and_skips_qat():
+    g = expand_grid(recipe("sweep.precisions=[fp32,int4]", "sweep.bias_corrections=[false,true]",
+                           "sweep.methods=[ptq,qat]", "sweep.models=[m.pt]"))
+    assert ids(g) == ["m:fp32", "m:int4-ptq-entropy-train-both-cpu", "m:int4-ptq-entropy-train-both-cpu-bc",
+                      "m:int4-qat-entropy-train-both-cpu"]
+    assert [(c.id, why) for c, why in g.skipped] == [
+        ("m:int4-qat-entropy-train-both-cpu-bc", "QAT trains its biases: bias correction is a PTQ axis")]
+    base = recipe("ptq.bias_correction=true")
+    assert cell_recipe(base, g.cells[1]).ptq.bias_correction is False
+    assert cell_recipe(base, g.cells[2]).ptq.bias_correction is True
+    assert short_labels([c.axes() for c in g.cells]) == ["fp32", "int4 ptq", "int4 ptq bc", "int4 qat"]
+    assert any("ptq.bias_correction=true is not used" in n for n in expand_grid(base).notes)
+    included = expand_grid(recipe("sweep.include=[{precision: int4, bias_correction: true}]"))
+    assert ids(included) == ["m:fp32", "m:int8-ptq-entropy-train-both-cpu", "m:int4-ptq-entropy-train-both-cpu-bc"]
 
 
 def test_mixed_precision_budget_out_of_range_names_the_key():
