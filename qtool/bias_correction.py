@@ -30,7 +30,7 @@ from qtool.errors import CalibrationError
 from qtool.graph._index import GraphIndex
 from qtool.graph.insert_qdq import insert_qdq
 from qtool.graph.policy import OP_RULES, QuantSpec
-from qtool.graph.probe import add_outputs
+from qtool.graph.probe import add_outputs, upstream_of
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,8 @@ def correct_biases(model: onnx.ModelProto, spec: QuantSpec, ranges: Mapping[str,
         """Per node: fp32 mean minus the Q/DQ graph's mean, and the bias that graph used (int32-rounded)."""
         qdq = insert_qdq(out, spec, ranges)
         idx = GraphIndex(qdq)
-        q_mean, _ = channel_stats(qdq, [moved[n][0] for n in nodes], batches(), threads)
+        tensors = [moved[n][0] for n in nodes]
+        q_mean, _ = channel_stats(upstream_of(qdq, tensors), tensors, batches(), threads)
         return {n: (ref_mean[moved[n][0]] - q_mean[moved[n][0]], bias_in_use(idx, moved[n][0])) for n in nodes}
 
     def relative(n: str, shift: np.ndarray) -> float:

@@ -42,3 +42,32 @@ def add_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto
         elem = idx.elem_type.get(name, TensorProto.FLOAT)
         out.graph.output.append(helper.make_tensor_value_info(name, elem, None))
     return out
+
+
+def upstream_of(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that computes only ``names``: its outputs, and the nodes they depend on.
+
+    ONNX Runtime runs every node of a graph whatever outputs are fetched; a probe that needs early
+    tensors only runs this cut instead (same nodes, same values). Unused initializers are dropped;
+    the graph inputs stay.
+
+    Raises:
+        GraphError: a name is not a tensor of the graph.
+    """
+    names = list(names)
+    idx = GraphIndex(model)
+    needed: set[int] = set()
+    stack = list(names)
+    while stack:
+        node = idx.producer.get(stack.pop())
+        if node is not None and id(node) not in needed:
+            needed.add(id(node))
+            stack.extend(t for t in node.input if t)
+    cut = onnx.ModelProto()
+    cut.CopyFrom(model)
+    keep = [n for n in model.graph.node if id(n) in needed]
+    used = {t for n in keep for t in n.input} | set(names)
+    del cut.graph.node[:], cut.graph.output[:], cut.graph.initializer[:]
+    cut.graph.node.extend(keep)
+    cut.graph.initializer.extend(t for t in model.graph.initializer if t.name in used)
+    return add_outputs(cut, names)

@@ -30,8 +30,10 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth")
 
 
 def axis_text(axis: str, value: Any) -> str:
-    """An axis value as it appears in cell ids and labels: a mixed-precision budget as ``mp0.01``, bias
-    correction as ``bc`` (off: empty, so cells without it keep their ids)."""
+    """An axis value as it appears in cell ids and labels.
+
+    A mixed-precision budget as ``mp0.01``; bias correction as ``bc``, off as empty (cells without it keep their ids).
+    """
     if axis == "bias_correction":
         return "bc" if value else ""
     return f"mp{value:g}" if axis == "mixed_precision" and value is not None else str(value)

@@ -11,7 +11,7 @@ from onnx import numpy_helper
 
 from qtool.bias_correction import correct_biases, levels, targets
 from qtool.graph import build_spec, insert_qdq, prepare
-from qtool.graph.probe import add_outputs
+from qtool.graph.probe import add_outputs, upstream_of
 from qtool.recipe import PtqConfig
 
 FEEDS = calib_batches(6, seed=3)
@@ -100,3 +100,22 @@ def test_correction_is_deterministic_and_a_layer_without_bias_is_skipped(setup):
     cut_spec = build_spec(cut, PtqConfig(activation_bits=4, weight_bits=4), "cpu")
     moved, skipped = targets(cut, cut_spec)
     assert skipped == [conv.name] and conv.name not in moved
+
+
+def test_running_only_the_upstream_cut_changes_no_value(setup, monkeypatch):
+    prepared, spec, ranges, corrected, _ = setup
+    qdq = insert_qdq(prepared, spec, ranges)
+    moved, _ = targets(prepared, spec)
+    early = [o for o, _ in moved.values()][:2]
+    cut = upstream_of(qdq, early)
+    assert [o.name for o in cut.graph.output] == early and len(cut.graph.node) < len(qdq.graph.node)
+    full = session(add_outputs(qdq, early))
+    part = session(cut)
+    for f in FEEDS[:2]:
+        for a, b in zip(full.run(early, f), part.run(early, f)):
+            np.testing.assert_array_equal(a, b)
+    import qtool.bias_correction as bc
+
+    monkeypatch.setattr(bc, "upstream_of", lambda model, names: model)  # the whole graph every level
+    whole, _ = correct_biases(prepared, spec, ranges, images, threads=1)
+    assert whole.SerializeToString() == corrected.SerializeToString()
