@@ -267,8 +267,8 @@ class SweepConfig(Section):
     targets: list[str] = Field(default_factory=lambda: ["cpu"], min_length=1)
     # budgets of ``ptq.mixed_precision`` (null: every quantizable layer quantized); replaces the ptq value
     mixed_precisions: list[Budget | None] = Field(default_factory=lambda: [None], min_length=1)
-    # values of ``ptq.bias_correction`` (PTQ cells; QAT trains its biases); replaces the ptq value
-    bias_corrections: list[bool] = Field(default_factory=lambda: [False], min_length=1)
+    # values of ``ptq.bias_correction`` (PTQ cells; QAT trains its biases); null: the recipe's ptq value
+    bias_corrections: list[bool] | None = Field(None, min_length=1)
     include: list[SweepCellFilter] = Field(default_factory=list)
     exclude: list[SweepCellFilter] = Field(default_factory=list)
     calib_options: dict[str, dict[str, Any]] = Field(default_factory=dict)  # calibrator name -> its options

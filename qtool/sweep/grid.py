@@ -151,6 +151,12 @@ def merged_model(recipe: Recipe, entry: SweepModelConfig, key: str = "sweep.mode
         raise RecipeError(f"recipe key {key}.model.{sub}: {msg}") from None
 
 
+def axis_values(recipe: Recipe, axis: str) -> list[Any]:
+    """The values of one sweep axis (not ``model``); ``bias_corrections`` unset is the recipe's ptq value."""
+    values = getattr(recipe.sweep, AXIS_FIELDS[axis])
+    return [recipe.ptq.bias_correction] if values is None and axis == "bias_correction" else values
+
+
 def validate_axes(recipe: Recipe, labels: list[str]) -> None:
     """Check every axis value (grid lists and include/exclude entries) against its registry.
 
@@ -161,7 +167,7 @@ def validate_axes(recipe: Recipe, labels: list[str]) -> None:
     places: list[tuple[str, str, str]] = []  # (axis, key path, value)
     for axis, name in AXIS_FIELDS.items():
         if axis != "model":
-            places += [(axis, f"sweep.{name}", v) for v in getattr(sw, name)]
+            places += [(axis, f"sweep.{name}", v) for v in axis_values(recipe, axis)]
     for kind in ("include", "exclude"):
         for i, f in enumerate(getattr(sw, kind)):
             places += [(a, f"sweep.{kind}.{i}.{a}", v) for a, v in f.model_dump(exclude_none=True).items()]
@@ -203,7 +209,7 @@ def expand_grid(recipe: Recipe) -> Grid:
     sw = recipe.sweep
     models = model_entries(recipe)
     validate_axes(recipe, list(models))
-    lists = {a: (list(models) if a == "model" else getattr(sw, AXIS_FIELDS[a])) for a in SWEEP_AXES}
+    lists = {a: (list(models) if a == "model" else axis_values(recipe, a)) for a in SWEEP_AXES}
     cells = [_normalise(dict(zip(SWEEP_AXES, combo, strict=True))) for combo in product(*lists.values())]
     cells = [c for c in cells if not any(_matches(f, c) for f in sw.exclude)]
     for inc in sw.include:
@@ -217,8 +223,8 @@ def expand_grid(recipe: Recipe) -> Grid:
     if recipe.ptq.mixed_precision is not None and recipe.ptq.mixed_precision not in sw.mixed_precisions:
         notes.append(f"ptq.mixed_precision={recipe.ptq.mixed_precision} is not used: the sweep axis "
                      f"sweep.mixed_precisions={sw.mixed_precisions} sets it per cell")
-    if recipe.ptq.bias_correction and True not in sw.bias_corrections:
-        notes.append("ptq.bias_correction=true is not used: the sweep axis "
+    if sw.bias_corrections is not None and recipe.ptq.bias_correction not in sw.bias_corrections:
+        notes.append(f"ptq.bias_correction={str(recipe.ptq.bias_correction).lower()} is not used: the sweep axis "
                      f"sweep.bias_corrections={sw.bias_corrections} sets it per cell")
     for label in models:
         ref = Cell(label, "fp32")

@@ -334,7 +334,9 @@ def test_bias_correction_axis_adds_bc_cells_keeps_old_ids_and_skips_qat():
     assert cell_recipe(base, g.cells[1]).ptq.bias_correction is False
     assert cell_recipe(base, g.cells[2]).ptq.bias_correction is True
     assert short_labels([c.axes() for c in g.cells]) == ["fp32", "int4 ptq", "int4 ptq bc", "int4 qat"]
-    assert any("ptq.bias_correction=true is not used" in n for n in expand_grid(base).notes)
+    assert ids(expand_grid(base))[1] == "m:int8-ptq-entropy-train-both-cpu-bc", "unset axis: the recipe's value"
+    only_off = recipe("ptq.bias_correction=true", "sweep.bias_corrections=[false]")
+    assert any("ptq.bias_correction=true is not used" in n for n in expand_grid(only_off).notes)
     included = expand_grid(recipe("sweep.include=[{precision: int4, bias_correction: true}]"))
     assert ids(included) == ["m:fp32", "m:int8-ptq-entropy-train-both-cpu", "m:int4-ptq-entropy-train-both-cpu-bc"]
 
