@@ -74,9 +74,11 @@ def main(argv: list[str] | None = None) -> None:
         lines = ["# Bias correction: upstream cut vs whole graph", "", f"`{meta['command']}`", "",
                  f"machine: {meta['machine']}; {meta['images']} calibration images, {args.calib}, {args.bits} bits; "
                  f"corrected models identical: {same}; whole / cut = {speedup:.2f}x", "",
-                 "| way | seconds | levels | graph runs | mean relative shift before -> after |", "|---|---|---|---|---|"]
+                 "| way | seconds | levels | graph runs | mean relative shift before -> after |",
+                 "|---|---|---|---|---|"]
         lines += [f"| {w} | {r['seconds']} | {r['levels']} | {r['graph_runs']} | "
-                  f"{r['relative_shift']['before']:.4f} -> {r['relative_shift']['after']:.4f} |" for w, r in rows.items()]
+                  f"{r['relative_shift']['before']:.4f} -> {r['relative_shift']['after']:.4f} |"
+                  for w, r in rows.items()]
         path.write_text("\n".join([*lines, "", versions_line(meta["versions"])]) + "\n")
 
     write_results(Path(args.out), {"meta": meta, "rows": rows, "speedup": speedup}, markdown)

@@ -27,7 +27,7 @@ from qtool.errors import GraphError
 from qtool.evaluate import OnnxPredictor
 from qtool.graph import build_spec, get_profile, insert_qdq_report, lint, load_model, prepare, save_model
 from qtool.modelio import open_model, stamp_data_config
-from qtool.ptq_search import run_search_stages, search_batches_for, search_set_for
+from qtool.ptq_search import proxy_entry, run_search_stages, search_batches_for, search_set_for
 from qtool.recipe import Recipe, dump_recipe
 
 log = logging.getLogger(__name__)
@@ -136,15 +136,27 @@ def run_ptq(model_path: Path, recipe: Recipe, out_dir: Path, dry_run: bool = Fal
                            search_batches=search_batches_for(search, calibrator, cfg.calib_data.batch_size))
     searched: dict[str, Any] = {}
     if search is not None:
-        ranges, spec, searched = run_search_stages(calibrator, ranges, prepared, spec, search, cfg,
+        ranges, spec, searched, harness = run_search_stages(calibrator, ranges, prepared, spec, search, cfg,
                                                    recipe.eval.threads, timer.stage, search_progress)
         report["plan"] = plan(spec)  # mixed precision may have kept layers float
+    uncorrected = prepared
     if cfg.bias_correction:
         with timer.stage("bias_correction"):
             prepared, report["bias_correction"] = correct_biases(prepared, spec, ranges, calib.batches,
                                                                  recipe.eval.threads)
     with timer.stage("insert_qdq"):
         qdq, qreport = insert_qdq_report(prepared, spec, ranges)
+    if search is not None:  # the proxy of the graph that is saved (bias-corrected when it is)
+        with timer.stage("proxy"):
+            searched["proxy"] = proxy_entry(harness, qdq)
+            budget = cfg.mixed_precision
+            if cfg.bias_correction and budget is not None and searched["proxy"]["drop"] > budget:
+                # mixed precision met its budget without the correction; the saved graph must still meet it
+                report["bias_correction"]["kept"] = False
+                report["bias_correction"]["why"] = (f"the corrected graph's proxy drop "
+                                                    f"{searched['proxy']['drop']:.4f} exceeds the budget {budget}")
+                qdq, qreport = insert_qdq_report(uncorrected, spec, ranges)
+                searched["proxy"] = proxy_entry(harness, qdq)
     with timer.stage("lint"):
         issues = lint(qdq, profile)
     if issues and cfg.strict:

@@ -1,4 +1,4 @@
-"""The search stages of ``qtool ptq``: search set, a calibrator's ``refine``, mixed precision, the proxy.
+"""The search stages of ``qtool ptq``: search set, a calibrator's ``refine``, mixed precision; then the proxy.
 
 They run only when asked for: by a calibrator that ``needs_graph``, by ``ptq.mixed_precision``, or
 by ``ptq.search.proxy``. The driver never branches on a calibrator's name.
@@ -15,7 +15,7 @@ import onnx
 
 from calibrators import Calibrator, TensorRange
 from qtool.data import ImageTransform, Splits
-from qtool.graph import QuantSpec, insert_qdq, layer_groups, node_tensors
+from qtool.graph import QuantSpec, layer_groups, node_tensors
 from qtool.mixed_precision import choose_precision
 from qtool.proxy import separation_drop
 from qtool.recipe import PtqConfig
@@ -47,16 +47,18 @@ def search_batches_for(search: SearchSet | None, calibrator: Calibrator, batch_s
 
 def run_search_stages(calibrator: Calibrator, ranges: dict[str, TensorRange], prepared: onnx.ModelProto,
                       spec: QuantSpec, search: SearchSet, cfg: PtqConfig, threads: int, stage: Stage,
-                      progress: Progress = None) -> tuple[dict[str, TensorRange], QuantSpec, dict[str, Any]]:
-    """Refine the ranges (if the calibrator searches), choose precisions (if asked), measure the proxy.
+                      progress: Progress = None
+                      ) -> tuple[dict[str, TensorRange], QuantSpec, dict[str, Any], Harness]:
+    """Refine the ranges (if the calibrator searches) and choose precisions (if asked).
 
     Args:
         stage: the pipeline's timer (``stage(name)`` times a block).
         progress: called with 1 per search step (tensor searched, layer scanned).
 
     Returns:
-        (ranges, spec, report entries: ``search_set``, ``proxy``, ``layers``, and ``search`` (the
-        calibrator's summary) and ``mixed_precision`` when present).
+        (ranges, spec, report entries: ``search_set``, ``layers``, and ``search`` (the calibrator's
+        summary) and ``mixed_precision`` when present, the harness that :func:`proxy_entry` measures
+        the final graph with once the pipeline has built it).
     """
     with stage("search_set"):
         harness = Harness(prepared, spec, search, threads)
@@ -75,12 +77,15 @@ def run_search_stages(calibrator: Calibrator, ranges: dict[str, TensorRange], pr
             mp = choose_precision(harness, ranges, cfg.mixed_precision, cfg.search, progress)
         spec, fallback, sensitivity = mp.spec, mp.fallback, mp.sensitivity
         extra["mixed_precision"] = mp.report
-    with stage("proxy"):
-        quantized = harness.proxy(harness.run(insert_qdq(prepared, spec, ranges)))
-    extra["proxy"] = {"fp32": harness.reference_separation, "quantized": quantized,
-                      "drop": separation_drop(harness.reference_separation, quantized)}
     extra["layers"] = layer_table(prepared, full_spec, ranges, sensitivity, fallback)
-    return ranges, spec, extra
+    return ranges, spec, extra, harness
+
+
+def proxy_entry(harness: Harness, qdq: onnx.ModelProto) -> dict[str, Any]:
+    """The report's ``proxy``: the search set's separation under fp32 and under the final Q/DQ graph, and the drop."""
+    quantized = harness.proxy(harness.run(qdq))
+    return {"fp32": harness.reference_separation, "quantized": quantized,
+            "drop": separation_drop(harness.reference_separation, quantized)}
 
 
 def layer_table(model: onnx.ModelProto, spec: QuantSpec, ranges: dict[str, TensorRange],

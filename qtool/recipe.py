@@ -150,8 +150,8 @@ class PtqConfig(Section):
     # how each weight's float range is chosen (qtool.graph.weight_ranges): "minmax" (onnxruntime's), "mse"
     weight_range: str = "minmax"
     # shift each quantized layer's float bias so its per-channel output mean on the calibration images is
-    # fp32's (qtool.bias_correction); only bias values change
-    bias_correction: bool = False
+    # fp32's (qtool.bias_correction); only bias values change. On by default: bench/results/bias_correction_*
+    bias_correction: bool = True
     quantize: Literal["student", "teacher", "both"] = "both"
     part_globs: dict[str, list[str]] = Field(
         default_factory=lambda: {

@@ -148,7 +148,8 @@ def assemble_report(recipe: Recipe, grid: Any, sources: dict[str, Any], jobs: li
     axes = {"model": list(grid.models), "precision": sw.precisions, "method": sw.methods,
             "calibrator": sw.calibrators, "calib_source": sw.calib_sources, "part": sw.parts, "target": sw.targets,
             "mixed_precision": ["off" if b is None else axis_text("mixed_precision", b) for b in sw.mixed_precisions],
-            "bias_correction": [axis_text("bias_correction", b) or "off" for b in axis_values(recipe, "bias_correction")]}
+            "bias_correction": [axis_text("bias_correction", b) or "off"
+                                for b in axis_values(recipe, "bias_correction")]}
     categories = sorted({cat for c in cells if c.get("per_category") for cat in c["per_category"]})
     return finite({
         "schema": REPORT_SCHEMA, "qtool": __version__, "recipe": recipe.name,

@@ -189,9 +189,11 @@ def validate_axes(recipe: Recipe, labels: list[str]) -> None:
 
 
 def _normalise(values: dict[str, Any]) -> Cell:
-    """A cell from axis values; a float precision drops the quantization axes."""
+    """A cell from axis values; a float precision drops the quantization axes, QAT drops bias correction."""
     if not PRECISIONS.get(values["precision"]).quantized:
         return Cell(values["model"], values["precision"])
+    if values["method"] == "qat":  # QAT trains its biases: the axis does not apply
+        values = {**values, "bias_correction": None}
     return Cell(**{a: values[a] for a in SWEEP_AXES})
 
 
@@ -239,8 +241,6 @@ def expand_grid(recipe: Recipe) -> Grid:
             skipped.append((c, f"QAT needs a qtool checkpoint; model {c.model} is {entry.path}"))
         elif c.method == "qat" and c.mixed_precision is not None:
             skipped.append((c, "QAT does not choose precisions: mixed precision is a PTQ axis"))
-        elif c.method == "qat" and c.bias_correction:
-            skipped.append((c, "QAT trains its biases: bias correction is a PTQ axis"))
     runnable = [c for c in cells if c not in {s for s, _ in skipped}]
     if len(runnable) < 1:
         raise RecipeError("recipe key sweep: the grid has no runnable cell")

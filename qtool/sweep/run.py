@@ -66,8 +66,8 @@ def _qat_init(cell: Cell, cells: list[Cell]) -> Cell | None:
     """The PTQ cell whose ranges start QAT ``cell`` (same width, calibrator, source, part, target), if any."""
     if cell.method != "qat":
         return None
-    twin = Cell(**{**cell.axes(), "method": "ptq"})
-    return twin if twin in cells else None
+    twins = (Cell(**{**cell.axes(), "method": "ptq", "bias_correction": bc}) for bc in (False, True))
+    return next((t for t in twins if t in cells), None)  # bias correction moves biases only, not the ranges
 
 
 def plan_jobs(recipe: Recipe, grid: Grid, sources: dict[str, ModelSource], cache: Cache,

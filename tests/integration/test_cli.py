@@ -176,8 +176,8 @@ def test_ptq_command_writes_model_report_recipe_manifest(kd, tmp_path_factory):
         assert t["scale"] > 0, name
     for key in ("anomaly_map", "score"):
         assert math.isfinite(report["sqnr_db"][key]), report["sqnr_db"]
-    assert set(report["stage_seconds"]) == {"load", "prepare", "policy", "calibrate", "insert_qdq", "lint",
-                                            "save", "sqnr"}
+    assert set(report["stage_seconds"]) == {"load", "prepare", "policy", "calibrate", "bias_correction",
+                                            "insert_qdq", "lint", "save", "sqnr"}
     assert all(v >= 0 for v in report["stage_seconds"].values())
     saved = load_recipe(out / "recipe.yaml")
     assert saved.ptq.calib == "entropy" and saved == kd.recipe("ptq.calib=entropy", "ptq.target=cpu")
@@ -460,3 +460,22 @@ def test_bias_correction_flag_moves_biases_toward_fp32_and_is_recorded(kd, tmp_p
     assert bc["layers"] and bc["relative_shift"]["after"] < bc["relative_shift"]["before"]
     assert "bias_correction" in report["stage_seconds"]
     assert load_recipe(out / "recipe.yaml").ptq.bias_correction is True
+    off = tmp_path / "off"
+    ok(invoke("ptq", "--model", kd.onnx, "--recipe", kd.recipe_file, "--out", off, "--calib", "minmax",
+              "--bits", "4", "--no-bias-correction"))
+    plain = json.loads((off / "report.json").read_text())
+    assert "bias_correction" not in plain and "bias_correction" not in plain["stage_seconds"]
+    assert plain["quantization"]["tensors"] == report["quantization"]["tensors"]  # the same ranges, other biases
+    assert load_recipe(off / "recipe.yaml").ptq.bias_correction is False
+
+
+def test_bias_correction_never_breaks_the_mixed_precision_budget(kd, tmp_path):
+    out = tmp_path / "mp"
+    ok(invoke("ptq", "--model", kd.onnx, "--recipe", kd.recipe_file, "--out", out, "--calib", "minmax",
+              "--bits", "4", "--mixed-precision", "0", "--set", "ptq.search.normals=4"))
+    report = json.loads((out / "report.json").read_text())
+    assert report["proxy"]["drop"] <= 1e-9  # the saved graph's proxy, measured after bias correction
+    bc = report["bias_correction"]
+    assert bc["kept"] == ("why" not in bc)
+    if not bc["kept"]:
+        assert "exceeds the budget 0.0" in bc["why"]

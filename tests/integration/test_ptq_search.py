@@ -25,14 +25,18 @@ def kd(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def searched(kd, tmp_path_factory):
-    """One map-aware + mixed-precision run, recording every image file opened while it ran."""
+    """One map-aware + mixed-precision run, recording every image file opened while it ran.
+
+    Without bias correction, so the saved graph is the one mixed precision scored (the correction's own
+    interplay with the budget: test_cli.py::test_bias_correction_never_breaks_the_mixed_precision_budget).
+    """
     out = tmp_path_factory.mktemp("ptq_search") / "run"
     with opened_images() as opened:
         result = CliRunner().invoke(main, [
             "ptq", "--model", str(kd.onnx), "--recipe", str(kd.recipe_file), "--out", str(out),
             "--calib", "map-aware", "--mixed-precision", "0.01", "--set", "ptq.calib_options.time_budget_s=20",
             "--set", "ptq.search.normals=4", "--set", "ptq.search.latency_iterations=2",
-            "--set", "ptq.search.time_budget_s=20"])
+            "--set", "ptq.search.time_budget_s=20", "--no-bias-correction"])
     assert result.exit_code == 0, result.output
     return out, json.loads((out / "report.json").read_text()), opened, result.output
 

@@ -24,9 +24,9 @@ from qtool.report.json import read_report
 from qtool.sweep.run import run_sweep
 
 QTOOL = Path(sys.executable).parent / "qtool"
-IDS = ["train:fp32", "train:fp16", "train:int8-ptq-minmax-train-both-cpu",
-       "train:int8-ptq-minmax-random-normal-both-cpu", "train:int8-ptq-entropy-train-both-cpu",
-       "train:int4-ptq-minmax-train-both-cpu", "train:int8-qat-minmax-train-both-cpu"]
+IDS = ["train:fp32", "train:fp16", "train:int8-ptq-minmax-train-both-cpu-bc",
+       "train:int8-ptq-minmax-random-normal-both-cpu-bc", "train:int8-ptq-entropy-train-both-cpu-bc",
+       "train:int4-ptq-minmax-train-both-cpu-bc", "train:int8-qat-minmax-train-both-cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +94,8 @@ def test_metrics_thresholds_and_fidelity_independently(sweep):
         assert c["overlay"]["files"] == [ev["files"][i] for i in c["overlay"]["indices"]]
         assert float(np.max(np.abs(scores - ref_scores))) == pytest.approx(c["fidelity"]["score_max_abs_shift"])
     assert by_id["train:fp16"]["fidelity"]["pixel_pearson"] > 0.999
-    assert by_id["train:int4-ptq-minmax-train-both-cpu"]["fidelity"]["pixel_pearson"] < by_id[
-        "train:int8-ptq-minmax-train-both-cpu"]["fidelity"]["pixel_pearson"]
+    assert by_id["train:int4-ptq-minmax-train-both-cpu-bc"]["fidelity"]["pixel_pearson"] < by_id[
+        "train:int8-ptq-minmax-train-both-cpu-bc"]["fidelity"]["pixel_pearson"]
 
 
 def fused_integer_convs(model: Path, tmp: Path) -> int:
@@ -125,7 +125,7 @@ def test_latency_memory_size_and_stage_times(sweep, tmp_path):
     # the int4 cell's timing says its QDQ runs in float; checked against ORT's own optimised graph
     from qtool.sweep.cells import EMULATED_ACTIVATIONS_NOTE
 
-    expected = [("train:int4-ptq-minmax-train-both-cpu", True), ("train:int8-ptq-minmax-train-both-cpu", False)]
+    expected = [("train:int4-ptq-minmax-train-both-cpu-bc", True), ("train:int8-ptq-minmax-train-both-cpu-bc", False)]
     for cid, emulated in expected:
         c = by_id[cid]
         assert (EMULATED_ACTIVATIONS_NOTE in c["latency"]["notes"]) is emulated, cid
@@ -133,15 +133,15 @@ def test_latency_memory_size_and_stage_times(sweep, tmp_path):
         assert (fused == 0) is emulated, (cid, fused)
     size = {k: c["model_size_bytes"] for k, c in by_id.items()}
     # a tiny model: QDQ scales and zero points weigh as much as the int8 savings over fp16
-    assert size["train:int8-ptq-minmax-train-both-cpu"] < 0.6 * size["train:fp32"]
+    assert size["train:int8-ptq-minmax-train-both-cpu-bc"] < 0.6 * size["train:fp32"]
     assert size["train:fp16"] < 0.6 * size["train:fp32"]
-    assert "build.calibrate" in by_id["train:int8-ptq-entropy-train-both-cpu"]["stage_seconds"]
+    assert "build.calibrate" in by_id["train:int8-ptq-entropy-train-both-cpu-bc"]["stage_seconds"]
     assert "build.train" in by_id["train:int8-qat-minmax-train-both-cpu"]["stage_seconds"]
 
 
 def test_qat_cell_starts_from_the_ranges_of_its_ptq_twin(sweep):
     by_id = cells(sweep.report)
-    ptq, qat = by_id["train:int8-ptq-minmax-train-both-cpu"], by_id["train:int8-qat-minmax-train-both-cpu"]
+    ptq, qat = by_id["train:int8-ptq-minmax-train-both-cpu-bc"], by_id["train:int8-qat-minmax-train-both-cpu"]
     builds = sweep.cache / "builds"
     qat_report = json.loads((builds / qat["build_key"] / "report.json").read_text())
     ptq_tensors = json.loads((builds / ptq["build_key"] / "report.json").read_text())["quantization"]["tensors"]
@@ -167,7 +167,7 @@ def test_rerun_hits_the_cache_and_a_new_axis_value_runs_alone(sweep, tmp_path):
         "sweep.exclude=[{calibrator: entropy, calib_source: random-normal}, {calibrator: percentile, "
         "calib_source: random-normal}]"]), tmp_path / "more", jobs=1, cache_dir=cache)
     fresh = {c["id"] for c in more["cells"] if not c["cached"]}
-    assert fresh == {"train:int8-ptq-percentile-train-both-cpu"} and len(more["cells"]) == len(IDS) + 1
+    assert fresh == {"train:int8-ptq-percentile-train-both-cpu-bc"} and len(more["cells"]) == len(IDS) + 1
     assert set(result_mtimes(cache)) - set(before) == {c["key"] for c in more["cells"] if c["id"] in fresh}
     assert all(result_mtimes(cache)[k] == t for k, t in before.items())
 
@@ -250,8 +250,8 @@ def test_mixed_precision_axis_and_proxy_correlation(sweep, tmp_path):
         "sweep.precisions=[fp32,int8,int4]", "sweep.calibrators=[minmax,entropy]", "sweep.calib_sources=[train]",
         "sweep.include=[]", "sweep.exclude=[{precision: int8, mixed_precision: 0.0}]",
         "sweep.mixed_precisions=[null,0.0]", "ptq.search.proxy=true", "ptq.search.normals=4",
-        "ptq.search.latency_iterations=2"]), tmp_path / "mp", jobs=1, cache_dir=cache)
-    by_id = cells(report)
+        "ptq.search.latency_iterations=2", "ptq.bias_correction=false"]), tmp_path / "mp", jobs=1, cache_dir=cache)
+    by_id = cells(report)  # without bias correction, which moves the proxy after mixed precision chose
     assert set(by_id) == {"train:fp32", "train:int8-ptq-minmax-train-both-cpu", "train:int8-ptq-entropy-train-both-cpu",
                           "train:int4-ptq-minmax-train-both-cpu", "train:int4-ptq-entropy-train-both-cpu",
                           "train:int4-ptq-minmax-train-both-cpu-mp0", "train:int4-ptq-entropy-train-both-cpu-mp0"}

@@ -42,7 +42,7 @@ def test_grid_is_the_product_with_one_cell_per_float_precision():
     assert len(quant) == 2 * 2 * 2 * 2  # precisions x calibrators x sources x parts
     assert ids(g)[:2] == ["m:fp32", "m:fp16"], "float precisions: one cell each, references first"
     assert len(set(ids(g))) == len(g.cells)
-    assert "m:int4-ptq-entropy-random-normal-student-cpu" in ids(g)
+    assert "m:int4-ptq-entropy-random-normal-student-cpu-bc" in ids(g)
     assert g.skipped == [] and g.notes == []
 
 
@@ -51,14 +51,14 @@ def test_exclude_and_include_like_a_ci_matrix():
                            "sweep.calib_sources=[train,random-normal]",
                            "sweep.exclude=[{calibrator: entropy, calib_source: random-normal}, {precision: fp16}]",
                            "sweep.include=[{precision: int6, calibrator: entropy}, {calibrator: percentile}]"))
-    assert ids(g) == ["m:fp32", "m:int8-ptq-minmax-train-both-cpu", "m:int8-ptq-minmax-random-normal-both-cpu",
-                      "m:int8-ptq-entropy-train-both-cpu", "m:int6-ptq-entropy-train-both-cpu",
-                      "m:int8-ptq-percentile-train-both-cpu"]  # an include without precision is quantized
+    assert ids(g) == ["m:fp32", "m:int8-ptq-minmax-train-both-cpu-bc", "m:int8-ptq-minmax-random-normal-both-cpu-bc",
+                      "m:int8-ptq-entropy-train-both-cpu-bc", "m:int6-ptq-entropy-train-both-cpu-bc",
+                      "m:int8-ptq-percentile-train-both-cpu-bc"]  # an include without precision is quantized
 
 
 def test_fp32_reference_is_added_and_qat_on_an_onnx_model_is_skipped():
     g = expand_grid(recipe("sweep.precisions=[int8]", "sweep.methods=[ptq,qat]"))
-    assert ids(g) == ["m:fp32", "m:int8-ptq-entropy-train-both-cpu"]
+    assert ids(g) == ["m:fp32", "m:int8-ptq-entropy-train-both-cpu-bc"]
     assert "m:fp32 added" in g.notes[0]
     (cell, why), = g.skipped
     assert cell.method == "qat" and "QAT needs a qtool checkpoint" in why and "m.onnx" in why
@@ -156,7 +156,7 @@ def test_keys_change_with_what_made_the_cell_and_only_with_it(tmp_path):
     a, deps = _plan(load_recipe(None, base), tmp_path)
     assert a == _plan(load_recipe(None, base), tmp_path)[0], "keys are deterministic"
     assert len({j.cell_key for j in a.values()}) == len(a) == len({j.build_key for j in a.values()})
-    ptq, qat, fp32 = a["m:int8-ptq-entropy-train-both-cpu"], a["m:int8-qat-entropy-train-both-cpu"], a["m:fp32"]
+    ptq, qat, fp32 = a["m:int8-ptq-entropy-train-both-cpu-bc"], a["m:int8-qat-entropy-train-both-cpu"], a["m:fp32"]
     assert set(deps[qat.cell_key]) == {fp32.cell_key, ptq.cell_key} and deps[fp32.cell_key] == []
     assert qat.init_from == tmp_path / "builds" / ptq.build_key, "QAT starts from the PTQ twin's ranges"
     assert ptq.reference_dir == tmp_path / "cells" / fp32.cell_key
@@ -230,7 +230,7 @@ def test_a_failed_cell_skips_its_dependents(tmp_path, monkeypatch):
 
     def fake(job):
         ran.append(job.cell.id)
-        status = "failed" if job.cell.id == "a:int8-ptq-entropy-train-both-cpu" else "ok"
+        status = "failed" if job.cell.id == "a:int8-ptq-entropy-train-both-cpu-bc" else "ok"
         return {"status": status, "id": job.cell.id, "error": "GraphError: x" if status == "failed" else None}
 
     monkeypatch.setattr("qtool.sweep.run.run_job", fake)
@@ -238,10 +238,10 @@ def test_a_failed_cell_skips_its_dependents(tmp_path, monkeypatch):
     results = execute(jobs, deps, {}, 1, events.append)
     by_id = {j.cell.id: results[j.cell_key] for j in jobs}
     assert by_id["a:int8-qat-entropy-train-both-cpu"]["status"] == "skipped"
-    assert "needs a:int8-ptq-entropy-train-both-cpu, which failed" in by_id["a:int8-qat-entropy-train-both-cpu"][
+    assert "needs a:int8-ptq-entropy-train-both-cpu-bc, which failed" in by_id["a:int8-qat-entropy-train-both-cpu"][
         "reason"]
-    assert by_id["b:int8-ptq-entropy-train-both-cpu"]["status"] == "ok"
-    assert ran.index("a:fp32") < ran.index("a:int8-ptq-entropy-train-both-cpu")
+    assert by_id["b:int8-ptq-entropy-train-both-cpu-bc"]["status"] == "ok"
+    assert ran.index("a:fp32") < ran.index("a:int8-ptq-entropy-train-both-cpu-bc")
     assert "a:int8-qat-entropy-train-both-cpu" not in ran
     assert [e.done for e in events] == list(range(1, len(jobs) + 1))
 
@@ -311,7 +311,7 @@ def test_fp16_model_passes_the_checker_and_benches_as_fp16(tmp_path):
 def test_mixed_precision_axis_expands_into_ptq_cells_and_their_recipes():
     g = expand_grid(recipe("sweep.precisions=[fp32,int8]", "sweep.mixed_precisions=[null,0.01]",
                            "sweep.methods=[ptq,qat]", "sweep.models=[m.pt]"))
-    assert ids(g) == ["m:fp32", "m:int8-ptq-entropy-train-both-cpu", "m:int8-ptq-entropy-train-both-cpu-mp0.01",
+    assert ids(g) == ["m:fp32", "m:int8-ptq-entropy-train-both-cpu-bc", "m:int8-ptq-entropy-train-both-cpu-mp0.01-bc",
                       "m:int8-qat-entropy-train-both-cpu"]
     assert [(c.id, why) for c, why in g.skipped] == [
         ("m:int8-qat-entropy-train-both-cpu-mp0.01", "QAT does not choose precisions: mixed precision is a PTQ axis")]
@@ -323,22 +323,23 @@ def test_mixed_precision_axis_expands_into_ptq_cells_and_their_recipes():
     assert any("ptq.mixed_precision=0.2 is not used" in n for n in noted.notes)
 
 
-def test_bias_correction_axis_adds_bc_cells_keeps_old_ids_and_skips_qat():
+def test_bias_correction_axis_adds_cells_without_it_and_not_to_qat():
     g = expand_grid(recipe("sweep.precisions=[fp32,int4]", "sweep.bias_corrections=[false,true]",
                            "sweep.methods=[ptq,qat]", "sweep.models=[m.pt]"))
     assert ids(g) == ["m:fp32", "m:int4-ptq-entropy-train-both-cpu", "m:int4-ptq-entropy-train-both-cpu-bc",
                       "m:int4-qat-entropy-train-both-cpu"]
-    assert [(c.id, why) for c, why in g.skipped] == [
-        ("m:int4-qat-entropy-train-both-cpu-bc", "QAT trains its biases: bias correction is a PTQ axis")]
+    assert not g.skipped and g.cells[3].bias_correction is None  # QAT trains its biases: one QAT cell
+    assert recipe().ptq.bias_correction is True  # the default (bench/results/bias_correction_decision_rule.txt)
     base = recipe("ptq.bias_correction=true")
     assert cell_recipe(base, g.cells[1]).ptq.bias_correction is False
     assert cell_recipe(base, g.cells[2]).ptq.bias_correction is True
     assert short_labels([c.axes() for c in g.cells]) == ["fp32", "int4 ptq", "int4 ptq bc", "int4 qat"]
     assert ids(expand_grid(base))[1] == "m:int8-ptq-entropy-train-both-cpu-bc", "unset axis: the recipe's value"
+    assert ids(expand_grid(recipe("ptq.bias_correction=false")))[1] == "m:int8-ptq-entropy-train-both-cpu"
     only_off = recipe("ptq.bias_correction=true", "sweep.bias_corrections=[false]")
     assert any("ptq.bias_correction=true is not used" in n for n in expand_grid(only_off).notes)
-    included = expand_grid(recipe("sweep.include=[{precision: int4, bias_correction: true}]"))
-    assert ids(included) == ["m:fp32", "m:int8-ptq-entropy-train-both-cpu", "m:int4-ptq-entropy-train-both-cpu-bc"]
+    included = expand_grid(recipe("sweep.include=[{precision: int4, bias_correction: false}]"))
+    assert ids(included) == ["m:fp32", "m:int8-ptq-entropy-train-both-cpu-bc", "m:int4-ptq-entropy-train-both-cpu"]
 
 
 def test_mixed_precision_budget_out_of_range_names_the_key():
