@@ -37,9 +37,10 @@ log = logging.getLogger(__name__)
 def targets(model: onnx.ModelProto, spec: QuantSpec) -> tuple[dict[str, tuple[str, str]], list[str]]:
     """The layers bias correction can move: ``{node: (output tensor, bias initializer)}``, and the skipped ones.
 
-    A quantized node qualifies when its op has a bias slot (:data:`qtool.graph.policy.OP_RULES`), that slot
-    holds an initializer read by this node alone, and its output's channel axis is 1 (Conv, ConvTranspose,
-    Gemm without transposed output). Weighted nodes without a bias are listed as skipped.
+    A quantized node qualifies when its op has a bias slot (:data:`qtool.graph.policy.OP_RULES`: Conv,
+    ConvTranspose, Gemm, whose outputs hold their channels on axis 1), that slot holds a 1-D initializer read
+    by this node alone, and the bias is added as it is (a Gemm's ``beta`` is 1). Other weighted nodes are
+    listed as skipped.
     """
     idx = GraphIndex(model)
     moved: dict[str, tuple[str, str]] = {}
@@ -51,7 +52,9 @@ def targets(model: onnx.ModelProto, spec: QuantSpec) -> tuple[dict[str, tuple[st
             continue
         slot = rule.bias
         bias = node.input[slot] if len(node.input) > slot else ""
-        if bias in idx.initializers and len(idx.consumers[bias]) == 1 and len(idx.initializers[bias].dims) == 1:
+        beta = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "beta"), 1.0)
+        if (bias in idx.initializers and len(idx.consumers[bias]) == 1 and len(idx.initializers[bias].dims) == 1
+                and beta == 1.0):
             moved[node.name] = (node.output[0], bias)
         else:
             skipped.append(node.name)
