@@ -169,7 +169,7 @@ WORDING = {
 def write_markdown(path: Path, meta: dict, cells: list[dict], counts: dict[str, dict[str, int]], mode: str,
                    names: list[str]) -> None:
     """The verdict counts and every cell metric's comparison (``names``: the anchors, each judged in turn)."""
-    every = mode != "best"
+    per_anchor = mode != "best"  # counts per anchor and the anchor's name in each row
     title, anchor, best, who = WORDING[mode]
     if mode == "pair":
         names = meta["pair"]
@@ -178,7 +178,7 @@ def write_markdown(path: Path, meta: dict, cells: list[dict], counts: dict[str, 
              f"machine: {meta['machine']}; {meta['n_test']} test images; {meta['rounds']} stratified rounds, "
              f"seed {meta['seed']}. Best = the {who}. below / above: the 95 % interval of best - {anchor} lies "
              "above / below 0; tie otherwise.", ""]
-    if every:
+    if per_anchor:
         lines += ["| calibrator | below | tie | above | cell metrics |", "|---|---|---|---|---|"]
         lines += [f"| {a} | {c['below']} | {c['tie']} | {c['above']} | {sum(c.values())} |" for a, c in counts.items()]
         widths = sorted({c["bits"] for c in cells}, reverse=True)
@@ -195,7 +195,7 @@ def write_markdown(path: Path, meta: dict, cells: list[dict], counts: dict[str, 
               "|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
         for v in c["verdicts"]:
-            name = f"{v['anchor']} " if every else ""
+            name = f"{v['anchor']} " if per_anchor else ""
             lines.append(f"| {c['setup']} | {c['bits']} | {c['source']} | {v['metric']} | "
                          f"{name}{v['anchor_value']:.4f} | {v['best']} {v['best_value']:.4f} | "
                          f"{v['best_minus_anchor']:+.4f} | [{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}] | "
