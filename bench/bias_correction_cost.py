@@ -24,6 +24,7 @@ from qtool.calibrate import calibrate
 from qtool.commands.common import fail_cleanly
 from qtool.data import ImageTransform, load_splits
 from qtool.graph import build_spec, get_profile, load_model, prepare
+from qtool.graph.probe import add_outputs
 from qtool.recipe import load_recipe
 from qtool.runs import run_export
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     for way in ("upstream cut", "whole graph"):
         cut = bc.upstream_of
         if way == "whole graph":
-            bc.upstream_of = lambda model, names: model
+            bc.upstream_of = add_outputs  # the whole graph, probed
         t0 = time.perf_counter()
         models[way], report = bc.correct_biases(prepared, spec, ranges, calib.batches, recipe.eval.threads)
         rows[way] = {"seconds": round(time.perf_counter() - t0, 2), "levels": report["levels"],

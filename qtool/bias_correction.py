@@ -27,10 +27,10 @@ from onnx import numpy_helper
 
 from qtool.calibrate import probe_outputs, probe_session
 from qtool.errors import CalibrationError
-from qtool.graph._index import GraphIndex
+from qtool.graph._index import GraphIndex, node_attr
 from qtool.graph.insert_qdq import insert_qdq
 from qtool.graph.policy import OP_RULES, QuantSpec
-from qtool.graph.probe import add_outputs, upstream_of
+from qtool.graph.probe import upstream_of
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,8 @@ def targets(model: onnx.ModelProto, spec: QuantSpec) -> tuple[dict[str, tuple[st
             continue
         slot = rule.bias
         bias = node.input[slot] if len(node.input) > slot else ""
-        beta = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "beta"), 1.0)
         if (bias in idx.initializers and len(idx.consumers[bias]) == 1 and len(idx.initializers[bias].dims) == 1
-                and beta == 1.0):
+                and node_attr(node, "beta", 1.0) == 1.0):
             moved[node.name] = (node.output[0], bias)
         else:
             skipped.append(node.name)
@@ -65,10 +64,13 @@ def channel_stats(model: onnx.ModelProto, tensors: list[str], batches: Iterable[
                   threads: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Per-channel (axis 1) mean and standard deviation of each tensor of ``model`` over ``batches``.
 
+    Only the nodes those tensors need run (:func:`qtool.graph.probe.upstream_of`: ONNX Runtime runs every
+    node of a graph whatever is fetched).
+
     Raises:
         CalibrationError: no images, or a non-finite activation (naming the tensor).
     """
-    sess = probe_session(add_outputs(model, tensors), threads)
+    sess = probe_session(upstream_of(model, tensors), threads)
     sums: dict[str, np.ndarray] = {}
     squares: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
@@ -165,7 +167,7 @@ def correct_biases(model: onnx.ModelProto, spec: QuantSpec, ranges: Mapping[str,
         qdq = insert_qdq(out, spec, ranges)
         idx = GraphIndex(qdq)
         tensors = [moved[n][0] for n in nodes]
-        q_mean, _ = channel_stats(upstream_of(qdq, tensors), tensors, batches(), threads)
+        q_mean, _ = channel_stats(qdq, tensors, batches(), threads)
         return {n: (ref_mean[moved[n][0]] - q_mean[moved[n][0]], bias_in_use(idx, moved[n][0])) for n in nodes}
 
     def relative(n: str, shift: np.ndarray) -> float:

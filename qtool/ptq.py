@@ -2,8 +2,8 @@
 
 load (export a checkpoint first) -> prepare -> policy -> calibrate [-> search stages: a calibrator's
 refine, mixed precision] [-> bias correction] -> insert QDQ [-> proxy of that graph] -> lint -> save, then
-SQNR of the quantized outputs against fp32 on held-out normals. Writes ``model.onnx``, ``report.json``, ``recipe.yaml`` and
-``manifest.json`` into the run folder.
+SQNR of the quantized outputs against fp32 on held-out normals. Writes ``model.onnx``, ``report.json``,
+``recipe.yaml`` and ``manifest.json`` into the run folder.
 """
 
 from __future__ import annotations

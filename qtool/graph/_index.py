@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import heapq
 from collections import defaultdict
+from typing import Any
 
 import onnx
 from onnx import TensorProto
@@ -51,6 +52,14 @@ class GraphIndex:
             if op.domain in (domain, "ai.onnx" if domain == "" else domain):
                 return op.version
         return 0
+
+
+def node_attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
+    """The value of ``node``'s attribute ``name``, or ``default`` when it has none."""
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
 
 
 def require_node_names(model: onnx.ModelProto) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import onnx
 
 from qtool.errors import GraphError
-from qtool.graph._index import GraphIndex, require_node_names
+from qtool.graph._index import GraphIndex, node_attr, require_node_names
 from qtool.graph.profiles import QuantParams, TargetProfile, get_profile
 from qtool.recipe import PtqConfig
 
@@ -78,19 +78,12 @@ OP_RULES: dict[str, OpRule] = {
 SILENT_OPS = frozenset({"Constant", "Shape", "Size", "Identity", "Cast", "ConstantOfShape", "Range", "Dropout"})
 
 
-def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
 def weight_axis(node: onnx.NodeProto, rank: int) -> int:
     """Output-channel axis of a weight: Conv 0, ConvTranspose 1, Gemm 0 if transB else 1, MatMul last."""
     if node.op_type == "ConvTranspose":
         return 1
     if node.op_type == "Gemm":
-        return 0 if _attr(node, "transB", 0) else 1
+        return 0 if node_attr(node, "transB", 0) else 1
     if node.op_type == "MatMul":
         return rank - 1
     return 0
@@ -309,8 +302,8 @@ def _quantize_node(
         and 0 in act_slots
         and len(node.input) > b_slot
         and node.input[b_slot] in idx.initializers
-        and _attr(node, "alpha", 1.0) == 1.0
-        and _attr(node, "beta", 1.0) == 1.0
+        and node_attr(node, "alpha", 1.0) == 1.0
+        and node_attr(node, "beta", 1.0) == 1.0
     )
     if quant_bias:
         spec.biases[node.name] = BiasSpec(node.input[b_slot], node.input[0], node.input[w_slot])

@@ -14,7 +14,7 @@ import onnx
 from onnx import numpy_helper
 
 from qtool.errors import GraphError
-from qtool.graph._index import GraphIndex, NameScope, name_nodes, remove_unused_initializers
+from qtool.graph._index import GraphIndex, NameScope, name_nodes, node_attr, remove_unused_initializers
 
 log = logging.getLogger(__name__)
 
@@ -130,13 +130,6 @@ def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     return slim
 
 
-def _attr(node: onnx.NodeProto, name: str, default: float | int) -> float | int:
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
 def folded_conv_bn(weight: np.ndarray, bias: np.ndarray | None, gamma: np.ndarray | None, beta: np.ndarray | None,
                    mean: np.ndarray, var: np.ndarray, eps: float, transposed: bool = False, groups: int = 1
                    ) -> tuple[np.ndarray, np.ndarray]:
@@ -181,7 +174,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> int:
     scope = NameScope(model)
     folded = []
     for bn in model.graph.node:
-        if bn.op_type != "BatchNormalization" or _attr(bn, "training_mode", 0) or any(bn.output[1:]):
+        if bn.op_type != "BatchNormalization" or node_attr(bn, "training_mode", 0) or any(bn.output[1:]):
             continue
         x = bn.input[0]
         conv = idx.producer.get(x)
@@ -193,8 +186,8 @@ def fold_batchnorm(model: onnx.ModelProto) -> int:
         w = numpy_helper.to_array(idx.initializers[conv.input[1]])
         gamma, beta, mean, var = (numpy_helper.to_array(idx.initializers[n]) for n in bn.input[1:5])
         bias = numpy_helper.to_array(idx.initializers[names[5]]) if len(names) > 5 else None
-        w_new, b_new = folded_conv_bn(w, bias, gamma, beta, mean, var, float(_attr(bn, "epsilon", 1e-5)),
-                                      conv.op_type == "ConvTranspose", int(_attr(conv, "group", 1)))
+        w_new, b_new = folded_conv_bn(w, bias, gamma, beta, mean, var, float(node_attr(bn, "epsilon", 1e-5)),
+                                      conv.op_type == "ConvTranspose", int(node_attr(conv, "group", 1)))
         w_name, b_name = scope.new(f"{conv.name}.weight_bnfold"), scope.new(f"{conv.name}.bias_bnfold")
         model.graph.initializer.extend([numpy_helper.from_array(w_new.astype(w.dtype), w_name),
                                         numpy_helper.from_array(b_new.astype(w.dtype), b_name)])
@@ -221,7 +214,7 @@ def _const(idx: GraphIndex, name: str) -> np.ndarray | None:
 
 def _spatial_pads(idx: GraphIndex, pad: onnx.NodeProto) -> list[int] | None:
     """Conv-style ``[h0, w0, ..., h1, w1, ...]`` of a constant-zero 4-D+ Pad on spatial dims only, else None."""
-    if _attr(pad, "mode", b"constant") not in (b"constant", "constant") or len(pad.input) < 2:
+    if node_attr(pad, "mode", b"constant") not in (b"constant", "constant") or len(pad.input) < 2:
         return None
     pads = _const(idx, pad.input[1])
     value = _const(idx, pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.zeros(1)
@@ -253,11 +246,11 @@ def fuse_pad_into_conv(model: onnx.ModelProto) -> int:
         extra = _spatial_pads(idx, pad)
         users = idx.consumers.get(pad.output[0], [])
         if extra is None or not users or any(
-            n.op_type != "Conv" or i != 0 or _attr(n, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
+            n.op_type != "Conv" or i != 0 or node_attr(n, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
             for n, i in users
         ):
             continue
-        owns = [list(_attr(conv, "pads", [0] * len(extra))) for conv, _ in users]
+        owns = [list(node_attr(conv, "pads", [0] * len(extra))) for conv, _ in users]
         if any(len(own) != len(extra) for own in owns):
             continue
         for (conv, _), own in zip(users, owns):

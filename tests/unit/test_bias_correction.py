@@ -116,6 +116,6 @@ def test_running_only_the_upstream_cut_changes_no_value(setup, monkeypatch):
             np.testing.assert_array_equal(a, b)
     import qtool.bias_correction as bc
 
-    monkeypatch.setattr(bc, "upstream_of", lambda model, names: model)  # the whole graph every level
+    monkeypatch.setattr(bc, "upstream_of", add_outputs)  # the whole graph, probed, every level
     whole, _ = correct_biases(prepared, spec, ranges, images, threads=1)
     assert whole.SerializeToString() == corrected.SerializeToString()
