@@ -120,3 +120,41 @@ def test_qat_initial_ranges_come_from_the_search_too(kd, monkeypatch):
     assert len(refined) == 1 and ranges.keys() == refined[0].keys()
     for t, r in refined[0].items():  # activations as (lo, hi); a searched weight's bounds handed on as chosen
         assert ranges[t] is r if isinstance(r, WeightRange) else ranges[t] == (r.lo, r.hi), t
+
+
+@pytest.mark.parametrize("corrected", [True, False])
+def test_search_scores_candidates_with_corrected_biases_when_asked(kd, tmp_path, monkeypatch, corrected: bool):
+    """``ptq.search.bias_correction``: the search harness gets the biases corrected for the initial ranges.
+
+    Only with ``ptq.bias_correction`` on; with it off the option has no effect (no extra stage).
+    """
+    from qtool.search import Harness
+
+    given = []
+    real = Harness.__init__
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        given.append(self.biases)
+
+    monkeypatch.setattr(Harness, "__init__", spy)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, [
+        "ptq", "--model", str(kd.onnx), "--recipe", str(kd.recipe_file), "--out", str(out), "--calib", "map-aware",
+        "--set", "ptq.calib_options.max_graphs=3", "--set", "ptq.search.normals=4",
+        "--set", "ptq.search.bias_correction=true",
+        "--bias-correction" if corrected else "--no-bias-correction"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert len(given) == 1
+    if not corrected:
+        assert given[0] == {} and "search_bias_correction" not in report["stage_seconds"]
+        assert "search_bias_correction" not in report
+        return
+    pre = report["search_bias_correction"]
+    assert pre["levels"] > 0 and pre["graph_runs"] == pre["levels"] + 2
+    assert report["stage_seconds"]["search_bias_correction"] > 0
+    assert set(given[0]) == set(report["bias_correction"]["layers"])  # every layer the final correction moves
+    for node, (bias, value) in given[0].items():
+        assert bias == report["bias_correction"]["layers"][node]["bias"] and value.ndim == 1
+    assert load_recipe(out / "recipe.yaml").ptq.search.bias_correction is True
