@@ -54,13 +54,10 @@ KEYS = ("image_auroc", "pixel_auroc", "aupro")
 
 
 def calibration_seconds(stages: dict[str, float]) -> float:
-    """Calibrate, plus the search set, the search's bias correction and the search when the calibrator ran one.
-
-    (The proxy is measurement only.)
-    """
+    """Calibrate, plus the search set and search when the calibrator ran one (the proxy is measurement only)."""
     searched = "search" in stages
-    extra = stages.get("search_set", 0.0) + stages.get("search_bias_correction", 0.0) if searched else 0.0
-    return round(stages["calibrate"] + stages.get("search", 0.0) + extra, 3)
+    return round(stages["calibrate"] + stages.get("search", 0.0) + (stages.get("search_set", 0.0) if searched
+                                                                       else 0.0), 3)
 
 
 def run_cell(model: Path, recipe: Recipe, overrides: list[str], work: Path) -> dict:

@@ -1,8 +1,7 @@
 """``qtool ptq``: the post-training quantization pipeline, one stage after another, each timed.
 
-load (export a checkpoint first) -> prepare -> policy -> calibrate [-> bias correction for the search
-(``ptq.search.bias_correction``) -> search stages: a calibrator's refine, mixed precision] [-> bias
-correction] -> insert QDQ [-> proxy of that graph] -> lint -> save, then
+load (export a checkpoint first) -> prepare -> policy -> calibrate [-> search stages: a calibrator's
+refine, mixed precision] [-> bias correction] -> insert QDQ [-> proxy of that graph] -> lint -> save, then
 SQNR of the quantized outputs against fp32 on held-out normals. Writes ``model.onnx``, ``report.json``,
 ``recipe.yaml`` and ``manifest.json`` into the run folder.
 """
@@ -20,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from qtool.artifacts import write_json, write_manifest
-from qtool.bias_correction import correct_biases, corrected_biases
+from qtool.bias_correction import correct_biases
 from qtool.calib_data import calibration_set, normal_pool
 from qtool.calibrate import calibrate
 from qtool.data import ImageTransform, iter_batches, load_splits
@@ -137,17 +136,8 @@ def run_ptq(model_path: Path, recipe: Recipe, out_dir: Path, dry_run: bool = Fal
                            search_batches=search_batches_for(search, calibrator, cfg.calib_data.batch_size))
     searched: dict[str, Any] = {}
     if search is not None:
-        biases = None
-        if cfg.bias_correction and cfg.search.bias_correction and (calibrator.needs_graph
-                                                                   or cfg.mixed_precision is not None):
-            with timer.stage("search_bias_correction"):
-                corrected, pre = correct_biases(prepared, spec, ranges, calib.batches, recipe.eval.threads)
-                biases = corrected_biases(corrected, pre)
-            searched["search_bias_correction"] = {k: pre[k] for k in ("relative_shift", "levels", "graph_runs",
-                                                                      "seconds") if k in pre}
-        ranges, spec, stages, harness = run_search_stages(calibrator, ranges, prepared, spec, search, cfg,
-                                                          recipe.eval.threads, timer.stage, search_progress, biases)
-        searched.update(stages)
+        ranges, spec, searched, harness = run_search_stages(calibrator, ranges, prepared, spec, search, cfg,
+                                                   recipe.eval.threads, timer.stage, search_progress)
         report["plan"] = plan(spec)  # mixed precision may have kept layers float
     uncorrected = prepared
     if cfg.bias_correction:

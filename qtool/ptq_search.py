@@ -47,14 +47,13 @@ def search_batches_for(search: SearchSet | None, calibrator: Calibrator, batch_s
 
 def run_search_stages(calibrator: Calibrator, ranges: dict[str, TensorRange], prepared: onnx.ModelProto,
                       spec: QuantSpec, search: SearchSet, cfg: PtqConfig, threads: int, stage: Stage,
-                      progress: Progress = None, biases: dict[str, tuple[str, np.ndarray]] | None = None
+                      progress: Progress = None
                       ) -> tuple[dict[str, TensorRange], QuantSpec, dict[str, Any], Harness]:
     """Refine the ranges (if the calibrator searches) and choose precisions (if asked).
 
     Args:
         stage: the pipeline's timer (``stage(name)`` times a block).
         progress: called with 1 per search step (tensor searched, layer scanned).
-        biases: corrected biases the candidates use on the layers they quantize (see :class:`qtool.search.Harness`).
 
     Returns:
         (ranges, spec, report entries: ``search_set``, ``layers``, and ``search`` (the calibrator's
@@ -62,7 +61,7 @@ def run_search_stages(calibrator: Calibrator, ranges: dict[str, TensorRange], pr
         the final graph with once the pipeline has built it).
     """
     with stage("search_set"):
-        harness = Harness(prepared, spec, search, threads, biases)
+        harness = Harness(prepared, spec, search, threads)
     full_spec = spec
     if calibrator.needs_graph:
         with stage("search"):

@@ -136,10 +136,6 @@ class SearchConfig(Section):
     proxy: bool = False  # report the proxy (search-set AUROC) of every run, e.g. to correlate it with test AUROC
     time_budget_s: float = Field(600.0, ge=0.0)  # of the mixed-precision sensitivity scan and fallback
     latency_iterations: int = Field(10, ge=1)  # timed runs per model when costing fallbacks
-    # with ptq.bias_correction on: score search candidates (map-aware, mixed precision) with the biases corrected
-    # for the calibrator's initial ranges on the quantized layers, nearer the graph that is saved; costs one more
-    # bias correction per run. No effect when ptq.bias_correction is off.
-    bias_correction: bool = False
 
 
 class PtqConfig(Section):

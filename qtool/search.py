@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from calibrators import SearchContext
 from qtool.calib_data import normal_pool
@@ -90,15 +89,10 @@ class Harness:
     Args:
         model: the prepared fp32 graph; spec: its full QuantSpec.
         search: the search set; threads: ONNX Runtime intra-op threads.
-        biases: ``{node: (bias initializer, value)}``: float biases that a candidate uses for each of those
-            nodes it quantizes (a node it keeps float keeps ``model``'s bias); see
-            :func:`qtool.bias_correction.corrected_biases`. fp32 outputs always use ``model``'s own.
     """
 
-    def __init__(self, model: onnx.ModelProto, spec: QuantSpec, search: SearchSet, threads: int = 2,
-                 biases: Mapping[str, tuple[str, np.ndarray]] | None = None) -> None:
+    def __init__(self, model: onnx.ModelProto, spec: QuantSpec, search: SearchSet, threads: int = 2) -> None:
         self.model, self.spec, self.search, self.threads = model, spec, search, threads
-        self.biases = dict(biases or {})
         self.needs = node_tensors(model, spec)
         self.runs = 0
         self.reference = self.run(model)
@@ -126,19 +120,7 @@ class Harness:
                     reason: str = "kept float") -> onnx.ModelProto:
         """QDQ model quantizing only ``nodes`` (all of the spec's when None)."""
         spec = self.spec if nodes is None else subset(self.model, self.spec, nodes, reason)
-        return insert_qdq(self._with_biases(spec), spec, ranges)
-
-    def _with_biases(self, spec: QuantSpec) -> onnx.ModelProto:
-        """The graph with :attr:`biases` in place for the nodes ``spec`` quantizes (``model`` itself if none)."""
-        swap = {b: v for n, (b, v) in self.biases.items() if n in spec.nodes}
-        if not swap:
-            return self.model
-        out = onnx.ModelProto()
-        out.CopyFrom(self.model)
-        for init in out.graph.initializer:
-            if init.name in swap:
-                init.CopyFrom(numpy_helper.from_array(swap[init.name], init.name))
-        return out
+        return insert_qdq(self.model, spec, ranges)
 
     def build(self, ranges: Mapping[str, Any], tensors: Collection[str] | None = None) -> onnx.ModelProto:
         """QDQ model of the nodes whose Q/DQ use at least one of ``tensors`` (see ``SearchContext.build``)."""

@@ -6,16 +6,13 @@ import numpy as np
 import onnx
 import pytest
 from helpers.ort_utils import minmax_ranges, session
-from helpers.outlier_model import outlier_model, smooth_normals
 from helpers.tiny_models import calib_batches, tiny_model
 from onnx import numpy_helper
 
-from qtool.bias_correction import bias_in_use, correct_biases, corrected_biases, levels, targets
+from qtool.bias_correction import correct_biases, levels, targets
 from qtool.graph import build_spec, insert_qdq, prepare
-from qtool.graph._index import GraphIndex
 from qtool.graph.probe import add_outputs, upstream_of
 from qtool.recipe import PtqConfig
-from qtool.search import Harness, search_set_from_arrays
 
 FEEDS = calib_batches(6, seed=3)
 
@@ -122,34 +119,3 @@ def test_running_only_the_upstream_cut_changes_no_value(setup, monkeypatch):
     monkeypatch.setattr(bc, "upstream_of", add_outputs)  # the whole graph, probed, every level
     whole, _ = correct_biases(prepared, spec, ranges, images, threads=1)
     assert whole.SerializeToString() == corrected.SerializeToString()
-
-
-def test_search_candidates_take_corrected_biases_only_on_the_layers_they_quantize():
-    """Harness(biases=...): a full candidate is the corrected model's Q/DQ graph; a layer kept float keeps its bias."""
-    normals = smooth_normals(6)
-    model = prepare(outlier_model(normals))
-    spec = build_spec(model, PtqConfig(activation_bits=4, weight_bits=4), "cpu")
-    ranges = minmax_ranges(model, spec.tensors_to_calibrate(), [{"image": x[None]} for x in normals])
-    corrected, report = correct_biases(model, spec, ranges, lambda: [x[None] for x in normals], threads=1)
-    biases = corrected_biases(corrected, report)
-    moved, _ = targets(model, spec)
-    assert set(biases) == set(moved) == {"/teacher/conv/Conv", "/student/conv/Conv"}
-    original = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    assert any(not np.array_equal(v, original[b]) for b, v in biases.values())  # the correction moved something
-    search = search_set_from_arrays(normals, ["scratch"], seed=0)
-    harness = Harness(model, spec, search, threads=1, biases=biases)
-    plain = Harness(model, spec, search, threads=1)
-    np.testing.assert_array_equal(harness.reference[0], plain.reference[0])  # fp32 keeps the model's biases
-
-    def used(qdq: onnx.ModelProto, node: str) -> np.ndarray:
-        return bias_in_use(GraphIndex(qdq), moved[node][0])
-
-    full, expected = harness.build(ranges), insert_qdq(corrected, spec, ranges)
-    for node in moved:
-        np.testing.assert_array_equal(used(full, node), used(expected, node))
-    teacher_only = harness.build_nodes(ranges, ["/teacher/conv/Conv"])
-    np.testing.assert_array_equal(used(teacher_only, "/teacher/conv/Conv"), used(expected, "/teacher/conv/Conv"))
-    np.testing.assert_array_equal(used(teacher_only, "/student/conv/Conv"), original[moved["/student/conv/Conv"][1]])
-    # and the model the harness holds is untouched
-    assert {t.name: numpy_helper.to_array(t).tobytes() for t in model.graph.initializer} == \
-        {k: v.tobytes() for k, v in original.items()}
