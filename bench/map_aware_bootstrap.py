@@ -19,6 +19,9 @@ run): each against the best of the other four on the full test split, on the sam
 It asks whether any fixed calibrator meets "at least as good as the best of the others in every
 cell"; the summary counts each calibrator's verdicts.
 
+``--columns`` (with ``--every``): the columns judged, each against the best of the others (default map-aware and
+the standard calibrators; ``--variants`` are added), e.g. variant columns only (every calibrator bias-corrected).
+
 ``--pair BASE,VARIANT``: one comparison per cell and metric, the variant column (e.g. a
 ``bench/map_aware.py --variant mse-bc=mse:ptq.bias_correction=true``) against its base column, no
 pick of a best: "above" when the variant's interval lies wholly above the base's.
@@ -105,6 +108,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="judge every calibrator against the best of the others (runs all; ignores --results)")
     ap.add_argument("--variants", type=lambda v: [x for x in v.split(",") if x], default=[], metavar="LABEL,...",
                     help="with --every: also judge these bench/map_aware.py --variant columns (and judge against them)")
+    ap.add_argument("--columns", type=lambda v: [x for x in v.split(",") if x], default=None, metavar="LABEL,...",
+                    help="with --every: the columns (default: map-aware and the standard calibrators; "
+                         "--variants are added)")
     ap.add_argument("--pair", type=lambda v: v.split(","), default=None, metavar="BASE,VARIANT",
                     help="judge the VARIANT column against the BASE column only (e.g. mse,mse-bc)")
     ap.add_argument("--rounds", type=int, default=500)
@@ -117,13 +123,16 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("error: --variants needs --every (a variant is judged against the best of all the others)")
     if args.pair is not None and (args.every or len(args.pair) != 2 or not all(args.pair)):
         sys.exit("error: --pair takes BASE,VARIANT (two column names) and excludes --every")
+    if args.columns is not None and (not args.every or len(args.columns) < 2):
+        sys.exit("error: --columns takes two or more column names and needs --every")
+    columns = [*(args.columns or ["map-aware", *STANDARD]), *args.variants]
     mode = "pair" if args.pair else "every" if args.every else "best"
     recipe = load_recipe(Path(args.recipe), args.overrides)
     splits, transform = load_splits(recipe.data), ImageTransform(recipe.data)
     results = None if mode != "best" or not args.results else json.loads(Path(args.results).read_text())
-    anchors = {"every": ["map-aware", *STANDARD, *args.variants], "best": ["map-aware"],
-               "pair": (args.pair or [])[1:]}[mode]
-    suffix = {"every": "-every" + "".join(f"+{v}" for v in args.variants), "best": "",
+    anchors = {"every": columns, "best": ["map-aware"], "pair": (args.pair or [])[1:]}[mode]
+    suffix = {"every": "-every" + (f"={'+'.join(args.columns)}" if args.columns else "")
+                       + "".join(f"+{v}" for v in args.variants), "best": "",
               "pair": "-pair+" + "+".join(args.pair or [])}[mode]
     cells = []
     for setup in args.setup:
@@ -147,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(setup, bits, source, [(v["anchor"], v["metric"], v["best"], round(v["best_minus_anchor"], 4),
                                              v["verdict"]) for v in cell["verdicts"]], flush=True)
     meta = bench_meta("bench/map_aware_bootstrap.py", argv, rounds=args.rounds, bins=args.bins, seed=args.seed,
-                      n_test=len(splits.test), every=args.every, pair=args.pair)
+                      n_test=len(splits.test), every=args.every, pair=args.pair,
+                      columns=columns if args.every else None)
     counts = {a: verdict_counts(cells, a) for a in anchors}
     write_results(Path(args.out), {"meta": meta, "counts": counts, "cells": cells},
                   lambda path: write_markdown(path, meta, cells, counts, mode, anchors))

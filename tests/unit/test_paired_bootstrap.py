@@ -156,3 +156,13 @@ def test_bootstrap_pair_judges_the_variant_against_its_base_only(capsys):
     for v in verdicts:
         row = next(r for r in rows if r["metric"] == v["metric"])
         assert v["best_minus_anchor"] == row["b_value"] - row["a_value"] and v["ci95"] == row["ci95"]
+
+
+
+def test_bootstrap_columns_need_every_and_two_names(capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import map_aware_bootstrap as mab
+
+    for bad in (["--columns", "a,b"], ["--every", "--columns", "a"], ["--every", "--columns", ","]):
+        with pytest.raises(SystemExit, match="--columns takes two or more column names and needs --every"):
+            mab.main(["--work", "w", "--setup", "s", *bad, "--out", "o"])
