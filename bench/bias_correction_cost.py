@@ -1,9 +1,10 @@
-"""Cost of bias correction: each level run on its upstream cut (qtool's way) vs on the whole Q/DQ graph.
+"""Cost of bias correction, three ways to run the levels, side by side on one model, ranges and image set.
 
-ONNX Runtime runs every node of a graph whatever outputs are fetched, so ``qtool.bias_correction`` runs
-each level on ``qtool.graph.probe.upstream_of`` (the nodes the level's outputs need). Both ways give the
-same corrected model (checked here byte for byte); this times them side by side on one model, the same
-calibration images and ranges, after one calibration.
+``frontier`` (qtool's way): :class:`qtool.graph.frontier.FrontierRunner` keeps the activations upstream of
+the next level, so each level runs only the nodes between them and its outputs (each node about once in all).
+``upstream cut``: each level runs ``qtool.graph.probe.upstream_of`` its outputs from the input images (qtool
+until commit 16cd6bb's successor). ``whole graph``: each level runs the whole Q/DQ graph (ONNX Runtime runs
+every node whatever is fetched). All three must give the same corrected model (checked byte for byte).
 
 Run: .venv/bin/python bench/bias_correction_cost.py --model bench/work/rd40-seed1/rd/model.pt
          --recipe recipes/mtd_rd.yaml --bits 6 [--calib mse] [--set KEY=VALUE ...]
@@ -15,7 +16,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import onnx
 
 import qtool.bias_correction as bc
 from qtool.artifacts import bench_meta, versions_line, write_results
@@ -24,9 +28,19 @@ from qtool.calibrate import calibrate
 from qtool.commands.common import fail_cleanly
 from qtool.data import ImageTransform, load_splits
 from qtool.graph import build_spec, get_profile, load_model, prepare
-from qtool.graph.probe import add_outputs
+from qtool.graph.frontier import FrontierRunner
+from qtool.graph.probe import add_outputs, probe_session, upstream_of
 from qtool.recipe import load_recipe
 from qtool.runs import run_export
+
+
+def rerun_from_images(cut: Callable[[onnx.ModelProto, list[str]], onnx.ModelProto]) -> Callable:
+    """A ``FrontierRunner.run`` that keeps no frontier: every step runs ``cut(model, targets)`` on the images."""
+    def run(self: FrontierRunner, model: onnx.ModelProto, targets: list[str], moving: object, hold: bool = True):
+        sess = probe_session(cut(model, targets), self.threads)
+        for real, name, chunk in self.inputs:
+            yield [a[:real] for a in sess.run(targets, {name: chunk})]
+    return run
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,29 +71,33 @@ def main(argv: list[str] | None = None) -> None:
     ranges = calibrate(prepared, spec.tensors_to_calibrate(), calib.batches(), calibrator, recipe.eval.threads)
     rows = {}
     models = {}
-    for way in ("upstream cut", "whole graph"):
-        cut = bc.upstream_of
-        if way == "whole graph":
-            bc.upstream_of = add_outputs  # the whole graph, probed
+    frontier_run = FrontierRunner.run
+    for way in ("frontier", "upstream cut", "whole graph"):
+        if way != "frontier":
+            FrontierRunner.run = rerun_from_images(add_outputs if way == "whole graph" else upstream_of)
         t0 = time.perf_counter()
         models[way], report = bc.correct_biases(prepared, spec, ranges, calib.batches, recipe.eval.threads)
         rows[way] = {"seconds": round(time.perf_counter() - t0, 2), "levels": report["levels"],
-                     "graph_runs": report["graph_runs"], "relative_shift": report["relative_shift"]}
-        bc.upstream_of = cut
-    same = models["upstream cut"].SerializeToString() == models["whole graph"].SerializeToString()
+                     "relative_shift": report["relative_shift"], "node_runs": report.get("node_runs"),
+                     "frontier_mb": report.get("frontier_mb")}
+        FrontierRunner.run = frontier_run
+    same = len({m.SerializeToString() for m in models.values()}) == 1
     meta = bench_meta("bench/bias_correction_cost.py", argv, images=calib.count, bits=args.bits,
                       calib=args.calib, identical_models=same)
-    speedup = rows["whole graph"]["seconds"] / rows["upstream cut"]["seconds"]
+    speedup = {w: round(rows[w]["seconds"] / rows["frontier"]["seconds"], 2) for w in rows}
 
     def markdown(path: Path) -> None:
-        lines = ["# Bias correction: upstream cut vs whole graph", "", f"`{meta['command']}`", "",
+        lines = ["# Bias correction: frontier vs upstream cut vs whole graph", "", f"`{meta['command']}`", "",
                  f"machine: {meta['machine']}; {meta['images']} calibration images, {args.calib}, {args.bits} bits; "
-                 f"corrected models identical: {same}; whole / cut = {speedup:.2f}x", "",
-                 "| way | seconds | levels | graph runs | mean relative shift before -> after |",
+                 f"corrected models identical: {same}", "",
+                 "| way | seconds | x frontier's | levels | mean relative shift before -> after |",
                  "|---|---|---|---|---|"]
-        lines += [f"| {w} | {r['seconds']} | {r['levels']} | {r['graph_runs']} | "
+        lines += [f"| {w} | {r['seconds']} | {speedup[w]} | {r['levels']} | "
                   f"{r['relative_shift']['before']:.4f} -> {r['relative_shift']['after']:.4f} |"
                   for w, r in rows.items()]
+        f = rows["frontier"]
+        lines += ["", f"frontier: {f['node_runs']} node runs per image chunk over all levels, largest frontier "
+                      f"{f['frontier_mb']} MB"]
         path.write_text("\n".join([*lines, "", versions_line(meta["versions"])]) + "\n")
 
     write_results(Path(args.out), {"meta": meta, "rows": rows, "speedup": speedup}, markdown)

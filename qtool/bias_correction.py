@@ -25,12 +25,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from qtool.calibrate import probe_outputs, probe_session
 from qtool.errors import CalibrationError
 from qtool.graph._index import GraphIndex, node_attr
+from qtool.graph.frontier import FrontierRunner
 from qtool.graph.insert_qdq import insert_qdq
 from qtool.graph.policy import OP_RULES, QuantSpec
-from qtool.graph.probe import upstream_of
 
 log = logging.getLogger(__name__)
 
@@ -60,35 +59,36 @@ def targets(model: onnx.ModelProto, spec: QuantSpec) -> tuple[dict[str, tuple[st
     return moved, skipped
 
 
-def channel_stats(model: onnx.ModelProto, tensors: list[str], batches: Iterable[np.ndarray],
-                  threads: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Per-channel (axis 1) mean and standard deviation of each tensor of ``model`` over ``batches``.
+class ChannelMoments:
+    """Running per-channel (axis 1) mean and standard deviation of named tensors."""
 
-    Only the nodes those tensors need run (:func:`qtool.graph.probe.upstream_of`: ONNX Runtime runs every
-    node of a graph whatever is fetched).
+    def __init__(self) -> None:
+        self.sums: dict[str, np.ndarray] = {}
+        self.squares: dict[str, np.ndarray] = {}
+        self.counts: dict[str, int] = {}
 
-    Raises:
-        CalibrationError: no images, or a non-finite activation (naming the tensor).
-    """
-    sess = probe_session(upstream_of(model, tensors), threads)
-    sums: dict[str, np.ndarray] = {}
-    squares: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
-    for batch in batches:
-        for outs in probe_outputs(sess, tensors, batch):
-            for name, arr in zip(tensors, outs):
-                a = arr.astype(np.float64)
-                if not np.isfinite(a).all():
-                    raise CalibrationError(f"bias correction: tensor {name!r} holds NaN or Inf")
-                axes = tuple(i for i in range(a.ndim) if i != 1)
-                sums[name] = sums.get(name, 0.0) + a.sum(axis=axes)
-                squares[name] = squares.get(name, 0.0) + (a * a).sum(axis=axes)
-                counts[name] = counts.get(name, 0) + a.size // a.shape[1]
-    if not counts:
-        raise CalibrationError("bias correction: empty calibration set")
-    mean = {n: sums[n] / counts[n] for n in tensors}
-    std = {n: np.sqrt(np.maximum(squares[n] / counts[n] - mean[n] ** 2, 0.0)) for n in tensors}
-    return mean, std
+    def add(self, names: list[str], arrays: list[np.ndarray]) -> None:
+        """Add one chunk's values of each tensor.
+
+        Raises:
+            CalibrationError: a non-finite activation (naming the tensor).
+        """
+        for name, arr in zip(names, arrays):
+            a = arr.astype(np.float64)
+            if not np.isfinite(a).all():
+                raise CalibrationError(f"bias correction: tensor {name!r} holds NaN or Inf")
+            axes = tuple(i for i in range(a.ndim) if i != 1)
+            self.sums[name] = self.sums.get(name, 0.0) + a.sum(axis=axes)
+            self.squares[name] = self.squares.get(name, 0.0) + (a * a).sum(axis=axes)
+            self.counts[name] = self.counts.get(name, 0) + a.size // a.shape[1]
+
+    def result(self, names: list[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(mean, std) per tensor. Raises CalibrationError when nothing was added."""
+        if not self.counts:
+            raise CalibrationError("bias correction: empty calibration set")
+        mean = {n: self.sums[n] / self.counts[n] for n in names}
+        std = {n: np.sqrt(np.maximum(self.squares[n] / self.counts[n] - mean[n] ** 2, 0.0)) for n in names}
+        return mean, std
 
 
 def bias_in_use(idx: GraphIndex, output: str) -> np.ndarray:
@@ -134,20 +134,26 @@ def correct_biases(model: onnx.ModelProto, spec: QuantSpec, ranges: Mapping[str,
                    threads: int = 2) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """A copy of the prepared ``model`` whose biases make the Q/DQ graph of ``spec`` and ``ranges`` keep fp32's means.
 
-    Layers are corrected level by level (:func:`levels`): one run of the Q/DQ graph per level measures that
-    level's output means with everything upstream already corrected, so each correction is exact on the
-    calibration images; one more run measures every layer after the last level.
+    Layers are corrected level by level (:func:`levels`): each level's output means are measured in the Q/DQ
+    graph with everything upstream already corrected, so each correction is exact on the calibration images;
+    then every layer is measured once more. A :class:`qtool.graph.frontier.FrontierRunner` holds the
+    calibration images and the activations upstream of the next level, so each level runs only the nodes
+    between them and its outputs (about two graph runs in all, not one per level; the activations kept cost
+    memory: ``frontier_mb``).
 
     Args:
-        model: the prepared fp32 graph ``spec`` was built from.
+        model: the prepared fp32 graph ``spec`` was built from (one image input).
         spec, ranges: what ``insert_qdq`` will quantize, and how.
-        batches: returns a fresh iterable of calibration batches each time it is called (one per graph run).
+        batches: returns an iterable of calibration batches (called once).
 
     Returns:
         (corrected model, report): per layer its bias change and relative shift (|fp32 mean - quantized
         mean| / fp32 std, averaged over channels) before (as measured at its level) and after (the last
-        run); ``relative_shift``: the mean over layers, before and after; ``levels``, ``graph_runs``, the
-        ``skipped`` layers (no bias) and the seconds.
+        run); ``relative_shift``: the mean over layers, before and after; ``levels``; ``node_runs`` (nodes
+        executed per image chunk, fp32 reference and final check included) against ``graph_nodes`` (the Q/DQ
+        graph's); ``frontier_mb``; the ``skipped`` layers (no bias) and the seconds.
+    Raises:
+        CalibrationError: no images, or a non-finite activation (naming the tensor).
     """
     t0 = time.perf_counter()
     out = onnx.ModelProto()
@@ -155,19 +161,34 @@ def correct_biases(model: onnx.ModelProto, spec: QuantSpec, ranges: Mapping[str,
     moved, skipped = targets(out, spec)
     report: dict[str, Any] = {"kept": True, "layers": {}, "skipped": skipped}
     if not moved:
-        report.update(levels=0, graph_runs=0, seconds=round(time.perf_counter() - t0, 3))
+        report.update(levels=0, node_runs=0, seconds=round(time.perf_counter() - t0, 3))
         return out, report
-    outputs = [o for o, _ in moved.values()]
-    ref_mean, ref_std = channel_stats(out, outputs, batches(), threads)
+    graph_input = out.graph.input[0]  # prepared graphs have one image input (``qtool.graph.prepare``)
+    dim = graph_input.type.tensor_type.shape.dim
+    runner = FrontierRunner(batches(), graph_input.name, dim[0].dim_value if dim and dim[0].dim_value else None,
+                            threads)
+    if not runner.inputs:
+        raise CalibrationError("bias correction: empty calibration set")
+
+    def moments(graph: onnx.ModelProto, nodes: list[str], hold: bool = True
+                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Per-channel mean and std of the nodes' outputs in ``graph``, run from the runner's frontier."""
+        tensors = [moved[n][0] for n in nodes]
+        acc = ChannelMoments()
+        for outs in runner.run(graph, tensors, moving=set(nodes), hold=hold):
+            acc.add(tensors, outs)
+        return acc.result(tensors)
+
+    ref_mean, ref_std = moments(out, list(moved), hold=False)  # fp32, every layer at once
+    runner.restart()
     inits = {t.name: t for t in out.graph.initializer}
     original = {b: numpy_helper.to_array(inits[b]).copy() for _, b in moved.values()}
 
-    def shifts(nodes: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def shifts(nodes: list[str], hold: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Per node: fp32 mean minus the Q/DQ graph's mean, and the bias that graph used (int32-rounded)."""
         qdq = insert_qdq(out, spec, ranges)
+        q_mean, _ = moments(qdq, nodes, hold)
         idx = GraphIndex(qdq)
-        tensors = [moved[n][0] for n in nodes]
-        q_mean, _ = channel_stats(qdq, tensors, batches(), threads)
         return {n: (ref_mean[moved[n][0]] - q_mean[moved[n][0]], bias_in_use(idx, moved[n][0])) for n in nodes}
 
     def relative(n: str, shift: np.ndarray) -> float:
@@ -180,7 +201,8 @@ def correct_biases(model: onnx.ModelProto, spec: QuantSpec, ranges: Mapping[str,
             before[node] = relative(node, shift)
             b = moved[node][1]  # from the bias the graph used, so its old rounding is not carried into the new
             inits[b].CopyFrom(numpy_helper.from_array((used + shift).astype(original[b].dtype), b))
-    after = {node: relative(node, shift) for node, (shift, _) in shifts(list(moved)).items()}
+    runner.restart()  # every layer at once, from the input images
+    after = {node: relative(node, shift) for node, (shift, _) in shifts(list(moved), hold=False).items()}
     for node, (_, b) in moved.items():
         change = numpy_helper.to_array(inits[b]).astype(np.float64) - original[b]
         report["layers"][node] = {"bias": b, "channels": int(change.size),
@@ -188,7 +210,9 @@ def correct_biases(model: onnx.ModelProto, spec: QuantSpec, ranges: Mapping[str,
                                   "relative_shift_before": before[node], "relative_shift_after": after[node]}
     report.update(relative_shift={"before": round(float(np.mean(list(before.values()))), 6),
                                   "after": round(float(np.mean(list(after.values()))), 6)},
-                  levels=len(grouped), graph_runs=len(grouped) + 2, seconds=round(time.perf_counter() - t0, 3))
+                  levels=len(grouped), node_runs=runner.node_runs,
+                  graph_nodes=len(insert_qdq(out, spec, ranges).graph.node),
+                  frontier_mb=round(runner.peak_bytes / 2**20, 1), seconds=round(time.perf_counter() - t0, 3))
     log.info("bias correction: %d layers in %d levels, mean relative shift %.4f -> %.4f", len(moved),
              len(grouped), report["relative_shift"]["before"], report["relative_shift"]["after"])
     return out, report

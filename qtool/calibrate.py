@@ -17,36 +17,20 @@ import onnx
 
 from calibrators import Calibrator, TensorRange
 from qtool.errors import CalibrationError
-from qtool.graph.probe import add_outputs
+from qtool.graph.probe import add_outputs, chunks, probe_session
 
 log = logging.getLogger(__name__)
-
-
-def probe_session(model: onnx.ModelProto, threads: int):
-    """An ONNX Runtime CPU session without graph optimisations, so every named tensor of ``model`` exists."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
 def probe_outputs(sess: Any, names: list[str], batch: np.ndarray) -> Iterator[list[np.ndarray]]:
     """``sess``'s outputs ``names`` on ``batch``, one list per chunk the model takes at once.
 
-    A model with a fixed batch dimension gets chunks of that size; the last is padded with copies of its
-    last image, and the padding rows are dropped from the outputs (so no image is counted twice).
+    A model with a fixed batch dimension gets chunks of that size (:func:`qtool.graph.probe.chunks`: the last is
+    padded with copies of its last image), and the padding rows are dropped from the outputs (so no image is
+    counted twice).
     """
     inp = sess.get_inputs()[0]
-    step = inp.shape[0] if isinstance(inp.shape[0], int) else len(batch)
-    for i in range(0, len(batch), step):
-        chunk = np.ascontiguousarray(batch[i : i + step], dtype=np.float32)
-        real = len(chunk)
-        if real != step:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], step - real, axis=0)])
+    for real, chunk in chunks([batch], inp.shape[0] if isinstance(inp.shape[0], int) else None):
         yield [arr[:real] for arr in sess.run(names, {inp.name: chunk})]
 
 

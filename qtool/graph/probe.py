@@ -1,9 +1,13 @@
-"""Expose intermediate tensors as graph outputs so an ONNX Runtime session can return them (calibration)."""
+"""Expose intermediate tensors as graph outputs so an ONNX Runtime session can return them (calibration).
+
+Also the session that runs such probes (no graph optimisations) and the image chunks a fixed-batch model takes.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
@@ -71,3 +75,30 @@ def upstream_of(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto
     cut.graph.node.extend(keep)
     cut.graph.initializer.extend(t for t in model.graph.initializer if t.name in used)
     return add_outputs(cut, names)
+
+
+def probe_session(model: onnx.ModelProto, threads: int):
+    """An ONNX Runtime CPU session without graph optimisations, so every named tensor of ``model`` exists."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def chunks(batches: Iterable[np.ndarray], step: int | None) -> Iterator[tuple[int, np.ndarray]]:
+    """(real images, chunk) of ``step`` images each (None: each batch whole); the last is padded with its last image.
+
+    A model with a fixed batch dimension takes exactly ``step`` images; the padding rows follow the real ones.
+    """
+    for batch in batches:
+        size = step or len(batch)
+        for i in range(0, len(batch), size):
+            chunk = np.ascontiguousarray(batch[i : i + size], dtype=np.float32)
+            real = len(chunk)
+            if real != size:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - real, axis=0)])
+            yield real, chunk

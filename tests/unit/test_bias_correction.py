@@ -9,9 +9,11 @@ from helpers.ort_utils import minmax_ranges, session
 from helpers.tiny_models import calib_batches, tiny_model
 from onnx import numpy_helper
 
-from qtool.bias_correction import correct_biases, levels, targets
+from qtool.bias_correction import bias_in_use, correct_biases, levels, targets
 from qtool.graph import build_spec, insert_qdq, prepare
-from qtool.graph.probe import add_outputs, upstream_of
+from qtool.graph._index import GraphIndex
+from qtool.graph.frontier import FrontierRunner
+from qtool.graph.probe import add_outputs, probe_session, upstream_of
 from qtool.recipe import PtqConfig
 
 FEEDS = calib_batches(6, seed=3)
@@ -79,7 +81,8 @@ def test_corrected_layers_keep_fp32_means_within_the_bias_grid_and_only_biases_c
         after += float(residual.sum())
     assert after < 0.5 * before  # the uncorrected 4-bit graph was shifted: the check above is not vacuous
     assert report["relative_shift"]["after"] < report["relative_shift"]["before"]
-    assert report["graph_runs"] == report["levels"] + 2 and set(report["layers"]) == set(moved)
+    assert report["levels"] == 3 and set(report["layers"]) == set(moved)
+    assert 0 < report["node_runs"] < 4 * report["graph_nodes"] and report["frontier_mb"] >= 0
     old = {t.name: numpy_helper.to_array(t) for t in prepared.graph.initializer}
     new = {t.name: numpy_helper.to_array(t) for t in corrected.graph.initializer}
     biases = {b for _, b in moved.values()}
@@ -102,20 +105,46 @@ def test_correction_is_deterministic_and_a_layer_without_bias_is_skipped(setup):
     assert skipped == [conv.name] and conv.name not in moved
 
 
-def test_running_only_the_upstream_cut_changes_no_value(setup, monkeypatch):
-    prepared, spec, ranges, corrected, _ = setup
+def reference_correction(prepared: onnx.ModelProto, spec, ranges) -> onnx.ModelProto:
+    """Independent of the frontier: level by level, the whole Q/DQ graph in plain ORT, numpy means."""
+    out = onnx.ModelProto()
+    out.CopyFrom(prepared)
+    moved, _ = targets(out, spec)
+    ref = channel_means(prepared, [o for o, _ in moved.values()])
+    inits = {t.name: t for t in out.graph.initializer}
+    for level in levels(out, moved):
+        qdq = insert_qdq(out, spec, ranges)
+        means = channel_means(qdq, [moved[n][0] for n in level])
+        idx = GraphIndex(qdq)
+        for n in level:
+            o, b = moved[n]
+            new = bias_in_use(idx, o) + ref[o] - means[o]
+            inits[b].CopyFrom(numpy_helper.from_array(new.astype(np.float32), b))
+    return out
+
+
+def test_frontier_steps_give_the_whole_graph_values_and_run_each_node_about_once(setup):
+    prepared, spec, ranges, corrected, report = setup
     qdq = insert_qdq(prepared, spec, ranges)
     moved, _ = targets(prepared, spec)
-    early = [o for o, _ in moved.values()][:2]
-    cut = upstream_of(qdq, early)
-    assert [o.name for o in cut.graph.output] == early and len(cut.graph.node) < len(qdq.graph.node)
-    full = session(add_outputs(qdq, early))
-    part = session(cut)
-    for f in FEEDS[:2]:
-        for a, b in zip(full.run(early, f), part.run(early, f)):
+    runner = FrontierRunner(images(), "input", None, threads=1)
+    whole = probe_session(add_outputs(qdq, [o for o, _ in moved.values()]), 1)
+    for level in levels(prepared, moved):
+        outs = [o for o, _ in (moved[n] for n in level)]
+        stepped = list(runner.run(qdq, outs, moving=set(level)))
+        assert len(stepped) == len(FEEDS)
+        for f, values in zip(FEEDS, stepped):
+            for a, b in zip(whole.run(outs, f), values):
+                np.testing.assert_array_equal(a, b)  # same nodes, same arithmetic, whichever cut ran them
+    held = sorted(runner.chunks[0][1])  # a tensor the frontier holds is answered from it
+    for f, values in zip(FEEDS, runner.run(qdq, held, moving=())):
+        for a, b in zip(probe_session(add_outputs(qdq, held), 1).run(held, f), values):
             np.testing.assert_array_equal(a, b)
-    import qtool.bias_correction as bc
-
-    monkeypatch.setattr(bc, "upstream_of", add_outputs)  # the whole graph, probed, every level
-    whole, _ = correct_biases(prepared, spec, ranges, images, threads=1)
-    assert whole.SerializeToString() == corrected.SerializeToString()
+    assert runner.node_runs < 2 * len(qdq.graph.node)  # re-running every level's upstream: far more
+    assert sum(len(upstream_of(qdq, [moved[n][0] for n in level]).graph.node)
+               for level in levels(prepared, moved)) > runner.node_runs
+    expected = reference_correction(prepared, spec, ranges)
+    got = {t.name: numpy_helper.to_array(t) for t in corrected.graph.initializer}
+    for node, layer in report["layers"].items():
+        want = numpy_helper.to_array(next(t for t in expected.graph.initializer if t.name == layer["bias"]))
+        np.testing.assert_allclose(got[layer["bias"]], want, rtol=1e-5, atol=1e-6, err_msg=node)
