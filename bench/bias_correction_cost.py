@@ -1,10 +1,11 @@
 """Cost of bias correction, three ways to run the levels, side by side on one model, ranges and image set.
 
 ``frontier`` (qtool's way): :class:`qtool.graph.frontier.FrontierRunner` keeps the activations upstream of
-the next level, so each level runs only the nodes between them and its outputs (each node about once in all).
-``upstream cut``: each level runs ``qtool.graph.probe.upstream_of`` its outputs from the input images (qtool
-until commit 16cd6bb's successor). ``whole graph``: each level runs the whole Q/DQ graph (ONNX Runtime runs
-every node whatever is fetched). All three must give the same corrected model (checked byte for byte).
+the next level, so each level runs only the nodes between them and its outputs (``node_runs``: how many in all).
+``upstream cut``: each level runs ``qtool.graph.probe.upstream_of`` its outputs from the input images (qtool's
+way before commit 98d5480, which also re-read the images from disk per level; here all three hold them in
+memory). ``whole graph``: each level runs the whole Q/DQ graph (ONNX Runtime runs every node whatever is
+fetched). All three must give the same corrected model (checked byte for byte).
 
 Run: .venv/bin/python bench/bias_correction_cost.py --model bench/work/rd40-seed1/rd/model.pt
          --recipe recipes/mtd_rd.yaml --bits 6 [--calib mse] [--set KEY=VALUE ...]
