@@ -138,7 +138,7 @@ def correct_biases(model: onnx.ModelProto, spec: QuantSpec, ranges: Mapping[str,
     graph with everything upstream already corrected, so each correction is exact on the calibration images;
     then every layer is measured once more. A :class:`qtool.graph.frontier.FrontierRunner` holds the
     calibration images and the activations upstream of the next level, so each level runs only the nodes
-    between them and its outputs (about two graph runs in all, not one per level; the activations kept cost
+    between them and its outputs (a few graph runs in all, not one per level; the activations kept cost
     memory: ``frontier_mb``).
 
     Args:
@@ -184,9 +184,13 @@ def correct_biases(model: onnx.ModelProto, spec: QuantSpec, ranges: Mapping[str,
     inits = {t.name: t for t in out.graph.initializer}
     original = {b: numpy_helper.to_array(inits[b]).copy() for _, b in moved.values()}
 
+    graph_nodes = 0
+
     def shifts(nodes: list[str], hold: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Per node: fp32 mean minus the Q/DQ graph's mean, and the bias that graph used (int32-rounded)."""
+        nonlocal graph_nodes
         qdq = insert_qdq(out, spec, ranges)
+        graph_nodes = len(qdq.graph.node)
         q_mean, _ = moments(qdq, nodes, hold)
         idx = GraphIndex(qdq)
         return {n: (ref_mean[moved[n][0]] - q_mean[moved[n][0]], bias_in_use(idx, moved[n][0])) for n in nodes}
@@ -211,7 +215,7 @@ def correct_biases(model: onnx.ModelProto, spec: QuantSpec, ranges: Mapping[str,
     report.update(relative_shift={"before": round(float(np.mean(list(before.values()))), 6),
                                   "after": round(float(np.mean(list(after.values()))), 6)},
                   levels=len(grouped), node_runs=runner.node_runs,
-                  graph_nodes=len(insert_qdq(out, spec, ranges).graph.node),
+                  graph_nodes=graph_nodes,
                   frontier_mb=round(runner.peak_bytes / 2**20, 1), seconds=round(time.perf_counter() - t0, 3))
     log.info("bias correction: %d layers in %d levels, mean relative shift %.4f -> %.4f", len(moved),
              len(grouped), report["relative_shift"]["before"], report["relative_shift"]["after"])
