@@ -22,14 +22,13 @@ import onnx
 from onnx import TensorProto, helper
 
 from qtool.graph._index import GraphIndex
-from qtool.graph.probe import chunks, probe_session
+from qtool.graph.probe import chunks, needed_nodes, probe_session
 
 Chunk = tuple[int, dict[str, np.ndarray]]  # (real images in it, tensor -> array); padding rows follow the real ones
 
 
-def varying(model: onnx.ModelProto) -> set[str]:
-    """Tensors that depend on a graph input (the rest are computed from initializers alone)."""
-    idx = GraphIndex(model)
+def varying(model: onnx.ModelProto, idx: GraphIndex) -> set[str]:
+    """Tensors of ``model`` (indexed by ``idx``) that depend on a graph input (the rest: initializers alone)."""
     out = set(idx.graph_inputs)
     for node in model.graph.node:
         if any(t in out for t in node.input if t):
@@ -78,19 +77,9 @@ class FrontierRunner:
         ``hold=False``: keep nothing new (a last step, or one before :meth:`restart`; saves the memory).
         """
         idx = GraphIndex(model)
-        live = varying(model)
+        live = varying(model, idx)
         held = set(self.chunks[0][1]) if self.chunks else set()
-        order = {id(n): i for i, n in enumerate(model.graph.node)}
-        needed: dict[int, onnx.NodeProto] = {}
-        stack = list(targets)
-        while stack:
-            t = stack.pop()
-            node = idx.producer.get(t)
-            if t in held or node is None or id(node) in needed:
-                continue
-            needed[id(node)] = node
-            stack.extend(x for x in node.input if x)
-        nodes = sorted(needed.values(), key=lambda n: order[id(n)])
+        nodes = needed_nodes(model, idx, targets, stop=held)
         if not nodes:  # every target is held already
             for real, cache in self.chunks:
                 yield [cache[t][:real] for t in targets]
@@ -104,8 +93,8 @@ class FrontierRunner:
         self.node_runs += len(nodes)
         spent = [t for t in held if self._spent(t, idx)]
         for real, cache in self.chunks:
-            outs = {**cache, **dict(zip(names, sess.run(names, {t: cache[t] for t in reads})))}
-            yield [outs[t][:real] for t in targets]
+            outs = dict(zip(names, sess.run(names, {t: cache[t] for t in reads})))
+            yield [(outs[t] if t in outs else cache[t])[:real] for t in targets]
             cache.update((t, outs[t]) for t in keep)
             for t in spent:
                 del cache[t]

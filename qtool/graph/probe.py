@@ -5,7 +5,7 @@ Also the session that runs such probes (no graph optimisations) and the image ch
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -48,6 +48,23 @@ def add_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto
     return out
 
 
+def needed_nodes(model: onnx.ModelProto, idx: GraphIndex, names: Iterable[str],
+                 stop: Collection[str] = ()) -> list[onnx.NodeProto]:
+    """The nodes of ``model`` (indexed by ``idx``) that computing ``names`` runs, in graph order.
+
+    The walk upstream ends at graph inputs, initializers and the tensors in ``stop`` (values already known).
+    """
+    needed: set[int] = set()
+    stack = list(names)
+    while stack:
+        t = stack.pop()
+        node = idx.producer.get(t)
+        if t not in stop and node is not None and id(node) not in needed:
+            needed.add(id(node))
+            stack.extend(x for x in node.input if x)
+    return [n for n in model.graph.node if id(n) in needed]
+
+
 def upstream_of(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
     """A copy of ``model`` that computes only ``names``: its outputs, and the nodes they depend on.
 
@@ -59,17 +76,9 @@ def upstream_of(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto
         GraphError: a name is not a tensor of the graph.
     """
     names = list(names)
-    idx = GraphIndex(model)
-    needed: set[int] = set()
-    stack = list(names)
-    while stack:
-        node = idx.producer.get(stack.pop())
-        if node is not None and id(node) not in needed:
-            needed.add(id(node))
-            stack.extend(t for t in node.input if t)
+    keep = needed_nodes(model, GraphIndex(model), names)
     cut = onnx.ModelProto()
     cut.CopyFrom(model)
-    keep = [n for n in model.graph.node if id(n) in needed]
     used = {t for n in keep for t in n.input} | set(names)
     del cut.graph.node[:], cut.graph.output[:], cut.graph.initializer[:]
     cut.graph.node.extend(keep)
