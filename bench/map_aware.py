@@ -308,7 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", dest="models", action="append", default=[], metavar="DATASET:MODEL=PATH")
     ap.add_argument("--tiny", action="store_true", help="smoke run on tiny synthetic data")
-    ap.add_argument("--calibrators", type=lambda s: s.split(","), default=list(CALIBRATORS))
+    ap.add_argument("--calibrators", type=lambda s: [c for c in s.split(",") if c], default=list(CALIBRATORS),
+                    help="standard calibrator columns (comma-separated; empty: only the --variant columns)")
     ap.add_argument("--variant", dest="variants", action="append", default=[], type=parse_variant,
                     metavar="LABEL=CALIB:KEY=VALUE,...",
                     help="also run CALIB with these calib_options as a column named LABEL (repeatable)")

@@ -6,7 +6,7 @@ driver's insert_qdq on its spec) and ``run`` executes one on the search images.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,8 +14,10 @@ import numpy as np
 
 from calibrators.base import TensorRange
 
-#: (ranges, tensors or None) -> QDQ ModelProto; see :attr:`SearchContext.build`.
-BuildFn = Callable[[Mapping[str, TensorRange], Collection[str] | None], Any]
+#: (ranges, tensors or None[, biases]) -> QDQ ModelProto; see :attr:`SearchContext.build`.
+BuildFn = Callable[..., Any]
+#: ranges -> corrected biases (opaque to the calibrator, handed back to ``build``); see :attr:`SearchContext.correct`.
+CorrectFn = Callable[[Mapping[str, TensorRange]], Any]
 #: QDQ or float ModelProto -> (anomaly maps (N, H, W), image scores (N,)) on the search images.
 RunFn = Callable[[Any], tuple[np.ndarray, np.ndarray]]
 
@@ -29,6 +31,7 @@ class SearchContext:
         build: ``build(ranges, tensors)`` -> a QDQ model quantizing only the nodes whose Q/DQ read
             or write at least one of ``tensors`` (every quantized node when ``tensors`` is None),
             taking each needed tensor's range from ``ranges``; a search quantizes progressively.
+            ``build(ranges, tensors, biases)`` uses biases that ``correct`` returned on the nodes it quantizes.
         run: executes a model on :attr:`images`.
         images: (N, 3, S, S) normal calibration images, then synthetic anomalies made from them.
         masks: (N, S, S) synthetic defect masks (all zero for the normals).
@@ -36,6 +39,9 @@ class SearchContext:
         reference: fp32 ``(maps, scores)`` on :attr:`images`, computed once.
         model: the prepared fp32 graph; spec: its QuantSpec (for calibrators that need more).
         progress: called with 1 per finished search step (a tensor), or None.
+        correct: ``correct(ranges)`` -> the biases that make the fully quantized graph with ``ranges`` keep
+            fp32's per-channel means on the calibration images (``qtool.bias_correction``, as the pipeline
+            corrects the graph it saves), for ``build``; None when the pipeline does not correct biases.
     """
 
     tensors: list[str]
@@ -48,3 +54,4 @@ class SearchContext:
     model: Any = None
     spec: Any = None
     progress: Callable[[int], None] | None = None
+    correct: CorrectFn | None = None

@@ -105,6 +105,13 @@ class MapAwareCalibrator(Calibrator):
        every other tensor at its current range, and kept only if it lowers the distortion and, under
        ``separation`` and ``anchored``, lowers neither AUROC.
 
+    With ``corrected_scan`` (and bias correction on in the pipeline: ``SearchContext.correct``), each whole
+    rule of stage 1 (activation and weight rules alike) is scored on the graph whose biases are corrected for
+    that rule's ranges, as the pipeline corrects the graph it saves, and stage 2 builds every candidate with
+    the base's corrected biases (not corrected again per candidate); the pipeline then corrects the final
+    ranges' graph. Each correction costs a few graph runs on the calibration images (``corrections`` in the
+    summary), outside ``max_graphs``.
+
     So the result never distorts more than the base and, under ``separation``, never separates the
     search set worse than the best whole rule (under ``anchored``, than ``initial``). Ties keep the
     earlier choice (``initial`` first), so the search is deterministic. Two budgets bound it:
@@ -121,14 +128,15 @@ class MapAwareCalibrator(Calibrator):
     then searched in the same descent; False: weights keep the spec's weight range rule; the default since
     bench/results/map_aware_weights_decision_rule.txt), ``max_graphs`` (None: no
     limit but the time), ``time_budget_s`` (300), ``tail_quantile`` (0.99: fp32 map values above this
-    quantile on normals count as tail), ``rank_weight`` (1.0: weight of flipped pairs in the distortion).
+    quantile on normals count as tail), ``rank_weight`` (1.0: weight of flipped pairs in the distortion),
+    ``corrected_scan`` (False: rules scored as quantized, without bias correction; see above).
     """
 
     OPTIONS = {"num_bins": 2048, "percentiles": [99.9, 99.99, 99.999], "initial": "entropy",
                "objective": "separation", "search_candidates": True, "search_weights": True, "max_graphs": None,
                "time_budget_s": 300.0,
                "tail_quantile": 0.99,
-               "rank_weight": 1.0}
+               "rank_weight": 1.0, "corrected_scan": False}
     needs_graph = True
 
     def __init__(self, **options: Any) -> None:
@@ -263,9 +271,12 @@ class MapAwareCalibrator(Calibrator):
         loss = MapDistortion(*context.reference, context.masks, context.labels,
                              self.options["tail_quantile"], self.options["rank_weight"])
         objective = self.objective
+        corrected = bool(self.options["corrected_scan"])
+        if corrected and context.correct is None:
+            raise CalibrationError("map-aware: corrected_scan needs bias correction on (ptq.bias_correction: true)")
         t0 = time.monotonic()
         budget, max_graphs = self.options["time_budget_s"], self.options["max_graphs"]
-        runs, stop = 0, None
+        runs, corrections, stop = 0, 0, None
 
         def spent() -> bool:
             """Whether a budget is spent; ``stop``: the first that cut the search (``graphs`` or ``time``)."""
@@ -275,43 +286,54 @@ class MapAwareCalibrator(Calibrator):
             stop = stop or now
             return now is not None
 
-        def score(assignment: dict[str, TensorRange]) -> Scores:
+        def score(assignment: dict[str, TensorRange], biases: Any = None) -> Scores:
             nonlocal runs
             runs += 1
-            maps, scores = context.run(context.build(assignment, None))
+            maps, scores = context.run(context.build(assignment, None, biases))
             out = loss(maps, scores)
             if objective.separates:
                 out.update(separation(maps, scores, context.masks, context.labels, exact_limit=SEARCH_EXACT_PIXELS))
             return out
 
+        def judge(assignment: dict[str, TensorRange]) -> tuple[Scores, Any]:
+            """A whole rule's scores, and the corrected biases it was scored with (``corrected_scan``; else None)."""
+            nonlocal corrections
+            if not corrected:
+                return score(assignment), None
+            corrections += 1
+            biases = context.correct(assignment)
+            return score(assignment, biases), biases
+
         names = [t for t in context.tensors if t in self.candidates]
         rule_scores: dict[str, Scores] = {}
-        seen: dict[tuple[int, ...], Scores] = {}
+        rule_biases: dict[str, Any] = {}
+        seen: dict[tuple[int, ...], tuple[Scores, Any]] = {}
         for rule in (self._rule_order() if objective.scans else [self.options["initial"]]) if names else []:
             if spent():
                 break
             key = tuple(self._index_of(n, rule) for n in names)  # a rule whose every range another rule has: no run
             if key not in seen:
-                seen[key] = score({**ranges, **{n: self.candidates[n][i][1] for n, i in zip(names, key)}})
-            rule_scores[rule] = seen[key]
+                seen[key] = judge({**ranges, **{n: self.candidates[n][i][1] for n, i in zip(names, key)}})
+            rule_scores[rule], rule_biases[rule] = seen[key]
         initial = self.options["initial"]
         base = objective.choose(rule_scores) if rule_scores else initial
         index = {n: self._index_of(n, base) for n in names}
         current = {**ranges, **{n: self.candidates[n][index[n]][1] for n in names}}
-        best = rule_scores.get(base)
+        best, biases = rule_scores.get(base), rule_biases.get(base)
         # weights: every weight at each weight range rule (the spec's first, already scored), the best as their base
         weights = self._weight_candidates(context) if self.options["search_weights"] and names else []
         weight_base = context.spec.weight_range if weights else None
         weight_scores: dict[str, Scores] = {}
         if weights and best is not None:
             weight_scores[weight_base] = best
+            weight_biases = {weight_base: biases}
             for rule in self.weight_rules[1:] if objective.scans else []:
                 if spent():
                     break
-                weight_scores[rule] = score({**current, **{w: self.candidates[w][self._index_of(w, rule)][1]
-                                                           for w in weights}})
+                weight_scores[rule], weight_biases[rule] = judge(
+                    {**current, **{w: self.candidates[w][self._index_of(w, rule)][1] for w in weights}})
             weight_base = objective.choose(weight_scores)
-            best = weight_scores[weight_base]
+            best, biases = weight_scores[weight_base], weight_biases[weight_base]
         for w in weights:
             index[w] = self._index_of(w, weight_base)
             current[w] = self.candidates[w][index[w]][1]
@@ -330,7 +352,7 @@ class MapAwareCalibrator(Calibrator):
                 for i in (i for i in range(len(cands)) if i != index[name]):
                     if spent():
                         break
-                    tried[i] = score({**current, name: cands[i][1]})
+                    tried[i] = score({**current, name: cands[i][1]}, biases)
                 status = "searched" if len(tried) == len(cands) else f"{stop} budget spent: best so far"
                 kept = [i for i in tried if i == index[name] or objective.keeps(tried[i], best)]
                 pick = min(kept, key=lambda i: (tried[i]["loss"], i != index[name]))  # ties keep the current
@@ -344,7 +366,8 @@ class MapAwareCalibrator(Calibrator):
         seconds = time.monotonic() - t0
         self.search_summary = {
             "objective": self.options["objective"], "rule_losses": rule_scores, "base": base, "final": best,
-            "graphs_run": runs, "tensors": len(names), "tensors_changed_from_base": changed,
+            "graphs_run": runs, "corrected_scan": corrected, "corrections": corrections,
+            "tensors": len(names), "tensors_changed_from_base": changed,
             "weights_searched": len(weights), "weight_rule_scores": weight_scores, "weight_base": weight_base,
             "seconds": round(seconds, 3), "budget_s": budget, "max_graphs": max_graphs,
             "budget_spent": stop is not None, "stopped_by": stop,

@@ -220,3 +220,13 @@ def correct_biases(model: onnx.ModelProto, spec: QuantSpec, ranges: Mapping[str,
     log.info("bias correction: %d layers in %d levels, mean relative shift %.4f -> %.4f", len(moved),
              len(grouped), report["relative_shift"]["before"], report["relative_shift"]["after"])
     return out, report
+
+
+def corrected_biases(model: onnx.ModelProto, report: Mapping[str, Any]) -> dict[str, tuple[str, np.ndarray]]:
+    """``{node: (bias initializer, value)}`` of each layer a :func:`correct_biases` ``report`` lists, from ``model``.
+
+    What :meth:`qtool.search.Harness.build` takes to build candidates with corrected biases.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    return {node: (layer["bias"], numpy_helper.to_array(inits[layer["bias"]]).copy())
+            for node, layer in report["layers"].items()}

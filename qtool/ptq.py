@@ -136,8 +136,9 @@ def run_ptq(model_path: Path, recipe: Recipe, out_dir: Path, dry_run: bool = Fal
                            search_batches=search_batches_for(search, calibrator, cfg.calib_data.batch_size))
     searched: dict[str, Any] = {}
     if search is not None:
-        ranges, spec, searched, harness = run_search_stages(calibrator, ranges, prepared, spec, search, cfg,
-                                                   recipe.eval.threads, timer.stage, search_progress)
+        ranges, spec, searched, harness = run_search_stages(
+            calibrator, ranges, prepared, spec, search, cfg, recipe.eval.threads, timer.stage, search_progress,
+            calib.batches if cfg.bias_correction else None)
         report["plan"] = plan(spec)  # mixed precision may have kept layers float
     uncorrected = prepared
     if cfg.bias_correction:

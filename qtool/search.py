@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from calibrators import SearchContext
+from qtool.bias_correction import correct_biases, corrected_biases
 from qtool.calib_data import normal_pool
 from qtool.data import ImageTransform, Splits
 from qtool.data.synth_anomalies import synthesize
+from qtool.errors import CalibrationError
 from qtool.evaluate import OnnxPredictor
 from qtool.graph import QuantSpec, insert_qdq, node_tensors, subset
 from qtool.proxy import MapDistortion, separation
@@ -27,6 +30,8 @@ from qtool.recipe import SearchConfig
 
 log = logging.getLogger(__name__)
 Outputs = tuple[np.ndarray, np.ndarray]
+#: ``{node: (bias initializer, value)}`` (:func:`qtool.bias_correction.corrected_biases`)
+Biases = Mapping[str, tuple[str, np.ndarray]]
 RUN_LEVEL = "ORT_ENABLE_BASIC"  # constant folding only: QDQ stays simulated in float
 
 
@@ -89,12 +94,18 @@ class Harness:
     Args:
         model: the prepared fp32 graph; spec: its full QuantSpec.
         search: the search set; threads: ONNX Runtime intra-op threads.
+        calib_batches: returns the calibration batches that bias correction measures on (:meth:`correct`);
+            None when the pipeline does not correct biases.
     """
 
-    def __init__(self, model: onnx.ModelProto, spec: QuantSpec, search: SearchSet, threads: int = 2) -> None:
+    def __init__(self, model: onnx.ModelProto, spec: QuantSpec, search: SearchSet, threads: int = 2,
+                 calib_batches: Callable[[], Iterable[np.ndarray]] | None = None) -> None:
         self.model, self.spec, self.search, self.threads = model, spec, search, threads
+        self.calib_batches = calib_batches
+        self._calib: list[np.ndarray] | None = None  # read once, on the first correction
         self.needs = node_tensors(model, spec)
         self.runs = 0
+        self.corrections = 0
         self.reference = self.run(model)
         self.reference_separation = self.separation(self.reference)
         self.distortion = MapDistortion(*self.reference, search.masks, search.labels)
@@ -117,24 +128,52 @@ class Harness:
         return {**self.separation(outputs), **self.distortion(*outputs)}
 
     def build_nodes(self, ranges: Mapping[str, Any], nodes: Collection[str] | None,
-                    reason: str = "kept float") -> onnx.ModelProto:
-        """QDQ model quantizing only ``nodes`` (all of the spec's when None)."""
+                    reason: str = "kept float", biases: Biases | None = None) -> onnx.ModelProto:
+        """QDQ model quantizing only ``nodes`` (all of the spec's when None), with ``biases`` on those it quantizes."""
         spec = self.spec if nodes is None else subset(self.model, self.spec, nodes, reason)
-        return insert_qdq(self.model, spec, ranges)
+        return insert_qdq(self._with_biases(spec, biases or {}), spec, ranges)
 
-    def build(self, ranges: Mapping[str, Any], tensors: Collection[str] | None = None) -> onnx.ModelProto:
+    def _with_biases(self, spec: QuantSpec, biases: Biases) -> onnx.ModelProto:
+        """The graph with ``biases`` in place for the nodes ``spec`` quantizes (``model`` itself if none)."""
+        swap = {b: v for n, (b, v) in biases.items() if n in spec.nodes}
+        if not swap:
+            return self.model
+        out = onnx.ModelProto()
+        out.CopyFrom(self.model)
+        for init in out.graph.initializer:
+            if init.name in swap:
+                init.CopyFrom(numpy_helper.from_array(swap[init.name], init.name))
+        return out
+
+    def build(self, ranges: Mapping[str, Any], tensors: Collection[str] | None = None,
+              biases: Biases | None = None) -> onnx.ModelProto:
         """QDQ model of the nodes whose Q/DQ use at least one of ``tensors`` (see ``SearchContext.build``)."""
         if tensors is None:
-            return self.build_nodes(ranges, None)
+            return self.build_nodes(ranges, None, biases=biases)
         chosen = set(tensors)
         nodes = [n for n, need in self.needs.items() if not need or chosen.intersection(need)]
-        return self.build_nodes(ranges, nodes, "not reached yet by the search")
+        return self.build_nodes(ranges, nodes, "not reached yet by the search", biases)
+
+    def correct(self, ranges: Mapping[str, Any]) -> dict[str, tuple[str, np.ndarray]]:
+        """The biases that bias correction gives the fully quantized graph with ``ranges`` (for :meth:`build`).
+
+        Raises:
+            CalibrationError: no calibration batches were given, or bias correction fails.
+        """
+        if self.calib_batches is None:
+            raise CalibrationError("bias correction during the search needs the calibration images")
+        if self._calib is None:
+            self._calib = list(self.calib_batches())
+        self.corrections += 1
+        corrected, report = correct_biases(self.model, self.spec, ranges, lambda: iter(self._calib), self.threads)
+        return corrected_biases(corrected, report)
 
     def context(self, progress: Callable[[int], None] | None = None) -> SearchContext:
         """The :class:`calibrators.SearchContext` a search calibrator's ``refine`` receives."""
         return SearchContext(tensors=self.spec.tensors_to_calibrate(), build=self.build, run=self.run,
                              images=self.search.images, masks=self.search.masks, labels=self.search.labels,
-                             reference=self.reference, model=self.model, spec=self.spec, progress=progress)
+                             reference=self.reference, model=self.model, spec=self.spec, progress=progress,
+                             correct=self.correct if self.calib_batches is not None else None)
 
     def latency_ms(self, model: onnx.ModelProto, iterations: int) -> float:
         """Median wall time (ms) of one forward pass of ``model`` on one input batch, ORT default optimisations."""

@@ -120,3 +120,23 @@ def test_qat_initial_ranges_come_from_the_search_too(kd, monkeypatch):
     assert len(refined) == 1 and ranges.keys() == refined[0].keys()
     for t, r in refined[0].items():  # activations as (lo, hi); a searched weight's bounds handed on as chosen
         assert ranges[t] is r if isinstance(r, WeightRange) else ranges[t] == (r.lo, r.hi), t
+
+
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_corrected_scan_runs_in_the_pipeline_and_needs_bias_correction(kd, tmp_path, bias_correction):
+    """``corrected_scan`` judges whole rules on bias-corrected graphs (calibration images from the pipeline);
+    with bias correction off it is a one-line error and no model is written."""
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, [
+        "ptq", "--model", str(kd.onnx), "--recipe", str(kd.recipe_file), "--out", str(out),
+        "--calib", "map-aware", "--set", "ptq.calib_options.corrected_scan=true",
+        "--set", "ptq.calib_options.max_graphs=4", "--set", "ptq.search.normals=4",
+        "--bias-correction" if bias_correction else "--no-bias-correction"])
+    if not bias_correction:
+        assert result.exit_code != 0 and not (out / "model.onnx").exists()
+        assert "corrected_scan needs bias correction" in result.output
+        return
+    assert result.exit_code == 0, result.output
+    search = json.loads((out / "report.json").read_text())["search"]
+    assert search["corrected_scan"] and search["graphs_run"] == 4
+    assert 1 <= search["corrections"] <= search["graphs_run"]  # one per whole rule scored, none in the descent

@@ -353,3 +353,63 @@ def test_source_candidates_ignore_the_search_images_and_search_candidates_cover_
     plain.begin_search_images()
     plain.observe("x", search)
     assert all(not r.endswith("+search") for c in plain.compute()["x"].meta["candidates"] for r in c["rules"])
+
+
+@pytest.fixture(scope="module")
+def offset_setup():
+    """Normals with mean 1: the 4-bit rounding of the filters' taps then shifts the conv outputs' means."""
+    normals = smooth_normals(12) + 1.0
+    model = prepare(outlier_model(normals))
+    return normals, model, search_set_from_arrays(normals, KINDS, seed=0)
+
+
+@pytest.mark.parametrize("objective", ["separation", "anchored"])
+def test_corrected_scan_scores_each_rule_on_its_own_bias_corrected_graph(offset_setup, objective):
+    """``corrected_scan``: every whole rule is scored with the biases bias correction gives its own ranges.
+
+    Oracle: each standalone calibrator's ranges on the calibration source, ``correct_biases`` run here on the
+    calibration images, insert_qdq, plain ORT sessions and sklearn (``graph_scorer``); the descent's result,
+    built with the base rule's corrected biases, distorts no more than the base and separates no worse.
+    """
+    from qtool.bias_correction import correct_biases
+
+    normals, model, search = offset_setup
+    spec = spec_at(model, 4)
+    cal = get_calibrator("map-aware", num_bits=4, objective=objective, corrected_scan=True, **ACTIVATIONS_ONLY)
+    tensors = spec.tensors_to_calibrate()
+    initial = observe(model, tensors, cal, normals, search)
+    harness = Harness(model, spec, search, threads=1, calib_batches=lambda: iter([normals]))
+    chosen = cal.refine(initial, harness.context())
+    summary = cal.search_summary
+    rules = summary["rule_losses"]
+    scores = graph_scorer(model, search)
+
+    def corrected_scores(ranges):
+        corrected, _ = correct_biases(model, spec, ranges, lambda: iter([normals]), threads=1)
+        return corrected, scores(insert_qdq(corrected, spec, ranges))
+
+    for rule in (["minmax", "mse"] if objective == "separation" else ["entropy"]):
+        own = calibrate(model, tensors, [normals], get_calibrator(rule, num_bits=4), threads=1)
+        _, expected = corrected_scores({**initial, **own})
+        for key in ("loss", "image_auroc", "pixel_auroc"):
+            assert rules[rule][key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), (rule, key)
+        assert abs(scores(insert_qdq(model, spec, {**initial, **own}))["loss"] - expected["loss"]) > 1e-3  # it moved
+    assert summary["corrected_scan"] and summary["corrections"] == harness.corrections >= len(
+        {tuple(sorted(r.items())) for r in rules.values()})
+    base_ranges = {**initial, **{t: cal.candidates[t][cal._index_of(t, summary["base"])][1] for t in initial
+                                 if t in cal.candidates}}
+    base_model, base = corrected_scores(base_ranges)
+    final = scores(insert_qdq(base_model, spec, chosen))  # the descent keeps the base's corrected biases
+    assert final["loss"] == pytest.approx(summary["final"]["loss"], rel=1e-5, abs=1e-9)
+    assert final["loss"] <= base["loss"] + 1e-9
+    for key in ("image_auroc", "pixel_auroc"):
+        assert final[key] >= base[key] - 1e-6, key
+
+
+def test_corrected_scan_without_bias_correction_is_a_one_line_error(setup):
+    normals, model, search = setup
+    spec = spec_at(model, 8)
+    cal = get_calibrator("map-aware", corrected_scan=True, **ACTIVATIONS_ONLY)
+    initial = observe(model, spec.tensors_to_calibrate(), cal, normals, search)
+    with pytest.raises(CalibrationError, match="corrected_scan needs bias correction"):
+        cal.refine(initial, Harness(model, spec, search, threads=1).context())
