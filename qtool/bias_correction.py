@@ -131,7 +131,7 @@ def _relative_shift(shift: np.ndarray, std: np.ndarray) -> float:
 
 def correct_biases(model: onnx.ModelProto, spec: QuantSpec, ranges: Mapping[str, Any],
                    batches: Callable[[], Iterable[np.ndarray]],
-                   threads: int = 2) -> tuple[onnx.ModelProto, dict[str, Any]]:
+                   threads: int = 2, max_frontier_mb: float | None = None) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """A copy of the prepared ``model`` whose biases make the Q/DQ graph of ``spec`` and ``ranges`` keep fp32's means.
 
     Layers are corrected level by level (:func:`levels`): each level's output means are measured in the Q/DQ
@@ -139,7 +139,8 @@ def correct_biases(model: onnx.ModelProto, spec: QuantSpec, ranges: Mapping[str,
     then every layer is measured once more. A :class:`qtool.graph.frontier.FrontierRunner` holds the
     calibration images and the activations upstream of the next level, so each level runs only the nodes
     between them and its outputs (a few graph runs in all, not one per level; the activations kept cost
-    memory: ``frontier_mb``).
+    memory: ``frontier_mb``). With ``max_frontier_mb``, a level that leaves more activations than that held drops
+    them, and the next level runs from the images (``frontier_drops``: same result, more node runs).
 
     Args:
         model: the prepared fp32 graph ``spec`` was built from (one image input).
@@ -166,7 +167,7 @@ def correct_biases(model: onnx.ModelProto, spec: QuantSpec, ranges: Mapping[str,
     graph_input = out.graph.input[0]  # prepared graphs have one image input (``qtool.graph.prepare``)
     dim = graph_input.type.tensor_type.shape.dim
     runner = FrontierRunner(batches(), graph_input.name, dim[0].dim_value if dim and dim[0].dim_value else None,
-                            threads)
+                            threads, None if max_frontier_mb is None else int(max_frontier_mb * 2**20))
     if not runner.inputs:
         raise CalibrationError("bias correction: empty calibration set")
 
@@ -214,19 +215,39 @@ def correct_biases(model: onnx.ModelProto, spec: QuantSpec, ranges: Mapping[str,
                                   "relative_shift_before": before[node], "relative_shift_after": after[node]}
     report.update(relative_shift={"before": round(float(np.mean(list(before.values()))), 6),
                                   "after": round(float(np.mean(list(after.values()))), 6)},
-                  levels=len(grouped), node_runs=runner.node_runs,
-                  graph_nodes=graph_nodes,
-                  frontier_mb=round(runner.peak_bytes / 2**20, 1), seconds=round(time.perf_counter() - t0, 3))
+                  levels=len(grouped), node_runs=runner.node_runs, graph_nodes=graph_nodes,
+                  frontier_mb=round(runner.peak_bytes / 2**20, 1), frontier_drops=runner.drops,
+                  seconds=round(time.perf_counter() - t0, 3))
     log.info("bias correction: %d layers in %d levels, mean relative shift %.4f -> %.4f", len(moved),
              len(grouped), report["relative_shift"]["before"], report["relative_shift"]["after"])
     return out, report
 
 
-def corrected_biases(model: onnx.ModelProto, report: Mapping[str, Any]) -> dict[str, tuple[str, np.ndarray]]:
-    """``{node: (bias initializer, value)}`` of each layer a :func:`correct_biases` ``report`` lists, from ``model``.
+Biases = dict[str, tuple[str, np.ndarray]]
+"""``{node: (bias initializer, value)}``: corrected float biases, by the node that adds each."""
 
-    What :meth:`qtool.search.Harness.build` takes to build candidates with corrected biases.
-    """
+
+def corrected_biases(model: onnx.ModelProto, report: Mapping[str, Any]) -> Biases:
+    """The biases of each layer a :func:`correct_biases` ``report`` lists, from its corrected ``model``."""
     inits = {t.name: t for t in model.graph.initializer}
     return {node: (layer["bias"], numpy_helper.to_array(inits[layer["bias"]]).copy())
             for node, layer in report["layers"].items()}
+
+
+def bias_corrector(model: onnx.ModelProto, spec: QuantSpec, batches: Callable[[], Iterable[np.ndarray]],
+                   threads: int = 2, max_frontier_mb: float | None = None
+                   ) -> Callable[[Mapping[str, Any]], Biases]:
+    """``corrector(ranges)`` -> the biases :func:`correct_biases` gives ``model`` quantized per ``spec`` and ``ranges``.
+
+    For a search that judges candidates as the pipeline will save them (``SearchContext.correct``); the
+    calibration images are read once, on the first call.
+    """
+    held: list[np.ndarray] = []
+
+    def corrector(ranges: Mapping[str, Any]) -> Biases:
+        if not held:
+            held.extend(batches())
+        corrected, report = correct_biases(model, spec, ranges, lambda: iter(held), threads, max_frontier_mb)
+        return corrected_biases(corrected, report)
+
+    return corrector

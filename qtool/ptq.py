@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from qtool.artifacts import write_json, write_manifest
-from qtool.bias_correction import correct_biases
+from qtool.bias_correction import bias_corrector, correct_biases
 from qtool.calib_data import calibration_set, normal_pool
 from qtool.calibrate import calibrate
 from qtool.data import ImageTransform, iter_batches, load_splits
@@ -138,13 +138,14 @@ def run_ptq(model_path: Path, recipe: Recipe, out_dir: Path, dry_run: bool = Fal
     if search is not None:
         ranges, spec, searched, harness = run_search_stages(
             calibrator, ranges, prepared, spec, search, cfg, recipe.eval.threads, timer.stage, search_progress,
-            calib.batches if cfg.bias_correction else None)
+            bias_corrector(prepared, spec, calib.batches, recipe.eval.threads, cfg.bias_correction_max_mb)
+            if cfg.bias_correction else None)
         report["plan"] = plan(spec)  # mixed precision may have kept layers float
     uncorrected = prepared
     if cfg.bias_correction:
         with timer.stage("bias_correction"):
             prepared, report["bias_correction"] = correct_biases(prepared, spec, ranges, calib.batches,
-                                                                 recipe.eval.threads)
+                                                                 recipe.eval.threads, cfg.bias_correction_max_mb)
     with timer.stage("insert_qdq"):
         qdq, qreport = insert_qdq_report(prepared, spec, ranges)
     if search is not None:  # the proxy of the graph that is saved (bias-corrected when it is)

@@ -6,7 +6,7 @@ by ``ptq.search.proxy``. The driver never branches on a calibrator's name.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from calibrators import Calibrator, TensorRange
+from qtool.bias_correction import Biases
 from qtool.data import ImageTransform, Splits
 from qtool.graph import QuantSpec, layer_groups, node_tensors
 from qtool.mixed_precision import choose_precision
@@ -47,15 +48,15 @@ def search_batches_for(search: SearchSet | None, calibrator: Calibrator, batch_s
 
 def run_search_stages(calibrator: Calibrator, ranges: dict[str, TensorRange], prepared: onnx.ModelProto,
                       spec: QuantSpec, search: SearchSet, cfg: PtqConfig, threads: int, stage: Stage,
-                      progress: Progress = None, calib_batches: Callable[[], Iterable[np.ndarray]] | None = None
+                      progress: Progress = None, corrector: Callable[[Mapping[str, Any]], Biases] | None = None
                       ) -> tuple[dict[str, TensorRange], QuantSpec, dict[str, Any], Harness]:
     """Refine the ranges (if the calibrator searches) and choose precisions (if asked).
 
     Args:
         stage: the pipeline's timer (``stage(name)`` times a block).
         progress: called with 1 per search step (tensor searched, layer scanned).
-        calib_batches: the calibration batches, when the pipeline corrects biases (a search calibrator may
-            then judge candidates with biases corrected for them: ``SearchContext.correct``).
+        corrector: when the pipeline corrects biases, its corrector (:func:`qtool.bias_correction.bias_corrector`):
+            a search calibrator may then judge candidates with corrected biases (``SearchContext.correct``).
 
     Returns:
         (ranges, spec, report entries: ``search_set``, ``layers``, and ``search`` (the calibrator's
@@ -63,7 +64,7 @@ def run_search_stages(calibrator: Calibrator, ranges: dict[str, TensorRange], pr
         the final graph with once the pipeline has built it).
     """
     with stage("search_set"):
-        harness = Harness(prepared, spec, search, threads, calib_batches)
+        harness = Harness(prepared, spec, search, threads, corrector)
     full_spec = spec
     if calibrator.needs_graph:
         with stage("search"):

@@ -152,6 +152,9 @@ class PtqConfig(Section):
     # shift each quantized layer's float bias so its per-channel output mean on the calibration images is
     # fp32's (qtool.bias_correction); only bias values change. On by default: bench/results/bias_correction_*
     bias_correction: bool = True
+    # the most MB of activations bias correction keeps between its levels (qtool.graph.frontier); beyond it, it
+    # recomputes from the calibration images instead (slower, same result). null: no cap
+    bias_correction_max_mb: float | None = Field(2048.0, ge=0.0)
     quantize: Literal["student", "teacher", "both"] = "both"
     part_globs: dict[str, list[str]] = Field(
         default_factory=lambda: {

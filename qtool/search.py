@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +18,7 @@ import onnx
 from onnx import numpy_helper
 
 from calibrators import SearchContext
-from qtool.bias_correction import correct_biases, corrected_biases
+from qtool.bias_correction import Biases
 from qtool.calib_data import normal_pool
 from qtool.data import ImageTransform, Splits
 from qtool.data.synth_anomalies import synthesize
@@ -30,8 +30,6 @@ from qtool.recipe import SearchConfig
 
 log = logging.getLogger(__name__)
 Outputs = tuple[np.ndarray, np.ndarray]
-#: ``{node: (bias initializer, value)}`` (:func:`qtool.bias_correction.corrected_biases`)
-Biases = Mapping[str, tuple[str, np.ndarray]]
 RUN_LEVEL = "ORT_ENABLE_BASIC"  # constant folding only: QDQ stays simulated in float
 
 
@@ -94,15 +92,14 @@ class Harness:
     Args:
         model: the prepared fp32 graph; spec: its full QuantSpec.
         search: the search set; threads: ONNX Runtime intra-op threads.
-        calib_batches: returns the calibration batches that bias correction measures on (:meth:`correct`);
-            None when the pipeline does not correct biases.
+        corrector: ``corrector(ranges)`` -> corrected biases for the full spec
+            (:func:`qtool.bias_correction.bias_corrector`); None when the pipeline does not correct biases.
     """
 
     def __init__(self, model: onnx.ModelProto, spec: QuantSpec, search: SearchSet, threads: int = 2,
-                 calib_batches: Callable[[], Iterable[np.ndarray]] | None = None) -> None:
+                 corrector: Callable[[Mapping[str, Any]], Biases] | None = None) -> None:
         self.model, self.spec, self.search, self.threads = model, spec, search, threads
-        self.calib_batches = calib_batches
-        self._calib: list[np.ndarray] | None = None  # read once, on the first correction
+        self.corrector = corrector
         self.needs = node_tensors(model, spec)
         self.runs = 0
         self.corrections = 0
@@ -154,26 +151,23 @@ class Harness:
         nodes = [n for n, need in self.needs.items() if not need or chosen.intersection(need)]
         return self.build_nodes(ranges, nodes, "not reached yet by the search", biases)
 
-    def correct(self, ranges: Mapping[str, Any]) -> dict[str, tuple[str, np.ndarray]]:
+    def correct(self, ranges: Mapping[str, Any]) -> Biases:
         """The biases that bias correction gives the fully quantized graph with ``ranges`` (for :meth:`build`).
 
         Raises:
-            CalibrationError: no calibration batches were given, or bias correction fails.
+            CalibrationError: the harness has no corrector, or bias correction fails.
         """
-        if self.calib_batches is None:
+        if self.corrector is None:
             raise CalibrationError("bias correction during the search needs the calibration images")
-        if self._calib is None:
-            self._calib = list(self.calib_batches())
         self.corrections += 1
-        corrected, report = correct_biases(self.model, self.spec, ranges, lambda: iter(self._calib), self.threads)
-        return corrected_biases(corrected, report)
+        return self.corrector(ranges)
 
     def context(self, progress: Callable[[int], None] | None = None) -> SearchContext:
         """The :class:`calibrators.SearchContext` a search calibrator's ``refine`` receives."""
         return SearchContext(tensors=self.spec.tensors_to_calibrate(), build=self.build, run=self.run,
                              images=self.search.images, masks=self.search.masks, labels=self.search.labels,
                              reference=self.reference, model=self.model, spec=self.spec, progress=progress,
-                             correct=self.correct if self.calib_batches is not None else None)
+                             correct=self.correct if self.corrector is not None else None)
 
     def latency_ms(self, model: onnx.ModelProto, iterations: int) -> float:
         """Median wall time (ms) of one forward pass of ``model`` on one input batch, ORT default optimisations."""

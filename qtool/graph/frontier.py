@@ -11,6 +11,9 @@ for later steps, except the outputs of the nodes it names as ``moving`` (their p
 they run again when needed). Tensors computed from initializers alone (a dequantized weight or bias) are never
 kept, so a changed initializer always takes effect. Node arithmetic is ONNX Runtime's with graph optimisations
 off (:func:`qtool.graph.probe.probe_session`), so a value is the same whichever cut computed it.
+
+Memory: the frontier is bounded by ``max_bytes``; a step that leaves more held drops it all (a restart: the next
+step runs from the input images again), so a cap trades node runs for memory and never changes a value.
 """
 
 from __future__ import annotations
@@ -54,13 +57,17 @@ class FrontierRunner:
         batches: the input images (N, C, H, W), read once.
         input_name: the graph input they feed; batch: the model's fixed batch size, or None (dynamic).
         threads: ONNX Runtime intra-op threads.
+        max_bytes: the most the frontier may hold past the input images, all chunks together (None: no cap); a
+            step that leaves more drops it (:attr:`drops` counts them).
     """
 
-    def __init__(self, batches: Iterable[np.ndarray], input_name: str, batch: int | None, threads: int) -> None:
-        self.threads = threads
+    def __init__(self, batches: Iterable[np.ndarray], input_name: str, batch: int | None, threads: int,
+                 max_bytes: int | None = None) -> None:
+        self.threads, self.max_bytes = threads, max_bytes
         self.inputs = [(real, input_name, chunk) for real, chunk in chunks(batches, batch)]
         self.node_runs = 0  # nodes executed (per chunk), over every step
-        self.peak_bytes = 0  # the largest frontier held, all chunks together
+        self.peak_bytes = 0  # the largest frontier held, all chunks together, input images included
+        self.drops = 0  # frontiers dropped for the cap
         self.restart()
 
     def restart(self) -> None:
@@ -75,6 +82,7 @@ class FrontierRunner:
         ``moving``: names of nodes whose outputs are not final (they change before the next step); every other
         node this step runs becomes final, and the frontier keeps its outputs that a node not yet final reads.
         ``hold=False``: keep nothing new (a last step, or one before :meth:`restart`; saves the memory).
+        The frontier moves as the chunks are read: read them all before the next step.
         """
         idx = GraphIndex(model)
         live = varying(model, idx)
@@ -92,13 +100,28 @@ class FrontierRunner:
         sess = probe_session(self._cut(model, idx, nodes, reads, names), self.threads)
         self.node_runs += len(nodes)
         spent = [t for t in held if self._spent(t, idx)]
-        for real, cache in self.chunks:
+        last = len(self.chunks) - 1
+        for i, (real, cache) in enumerate(self.chunks):
             outs = dict(zip(names, sess.run(names, {t: cache[t] for t in reads})))
-            yield [(outs[t] if t in outs else cache[t])[:real] for t in targets]
+            values = [(outs[t] if t in outs else cache[t])[:real] for t in targets]
             cache.update((t, outs[t]) for t in keep)
             for t in spent:
                 del cache[t]
+            if i == last:  # the step's bookkeeping before the last yield: a caller that stops there leaves no gap
+                self._account()
+            yield values
+
+    def _account(self) -> None:
+        """Record the peak held, and drop the frontier when it holds more than ``max_bytes``."""
         self.peak_bytes = max(self.peak_bytes, sum(a.nbytes for _, cache in self.chunks for a in cache.values()))
+        if self.max_bytes is not None and self.activation_bytes() > self.max_bytes:
+            self.drops += 1
+            self.restart()
+
+    def activation_bytes(self) -> int:
+        """What the frontier holds besides the input images (which the runner keeps for every restart anyway)."""
+        return sum(a.nbytes for (_, cache), (_, name, _) in zip(self.chunks, self.inputs)
+                   for t, a in cache.items() if t != name)
 
     def _spent(self, name: str, idx: GraphIndex) -> bool:
         """True once every node reading ``name`` is final, or none does (the frontier no longer needs it)."""

@@ -148,3 +148,24 @@ def test_frontier_steps_give_the_whole_graph_values_and_run_each_node_about_once
     for node, layer in report["layers"].items():
         want = numpy_helper.to_array(next(t for t in expected.graph.initializer if t.name == layer["bias"]))
         np.testing.assert_allclose(got[layer["bias"]], want, rtol=1e-5, atol=1e-6, err_msg=node)
+
+
+def test_frontier_cap_drops_activations_and_changes_no_value(setup):
+    """Capped at 0 MB the frontier is dropped after every step that keeps something: same biases, more node runs."""
+    prepared, spec, ranges, corrected, report = setup
+    capped, capped_report = correct_biases(prepared, spec, ranges, images, threads=1, max_frontier_mb=0.0)
+    assert report["frontier_drops"] == 0 and capped_report["frontier_drops"] > 0
+    assert capped_report["node_runs"] > report["node_runs"]
+    for a, b in zip(corrected.graph.initializer, capped.graph.initializer):
+        assert a.name == b.name and a.SerializeToString() == b.SerializeToString(), a.name
+    qdq = insert_qdq(prepared, spec, ranges)
+    moved, _ = targets(prepared, spec)
+    runner = FrontierRunner(images(), "input", None, threads=1, max_bytes=0)
+    whole = probe_session(add_outputs(qdq, [o for o, _ in moved.values()]), 1)
+    for level in levels(prepared, moved):
+        outs = [o for o, _ in (moved[n] for n in level)]
+        for f, values in zip(FEEDS, runner.run(qdq, outs, moving=set(level))):
+            for a, b in zip(whole.run(outs, f), values):
+                np.testing.assert_array_equal(a, b)
+        assert runner.activation_bytes() == 0  # nothing past the images survives a step under a 0-byte cap
+    assert runner.drops > 0

@@ -371,14 +371,15 @@ def test_corrected_scan_scores_each_rule_on_its_own_bias_corrected_graph(offset_
     calibration images, insert_qdq, plain ORT sessions and sklearn (``graph_scorer``); the descent's result,
     built with the base rule's corrected biases, distorts no more than the base and separates no worse.
     """
-    from qtool.bias_correction import correct_biases
+    from qtool.bias_correction import bias_corrector, correct_biases
 
     normals, model, search = offset_setup
     spec = spec_at(model, 4)
     cal = get_calibrator("map-aware", num_bits=4, objective=objective, corrected_scan=True, **ACTIVATIONS_ONLY)
     tensors = spec.tensors_to_calibrate()
     initial = observe(model, tensors, cal, normals, search)
-    harness = Harness(model, spec, search, threads=1, calib_batches=lambda: iter([normals]))
+    harness = Harness(model, spec, search, threads=1,
+                      corrector=bias_corrector(model, spec, lambda: iter([normals]), threads=1))
     chosen = cal.refine(initial, harness.context())
     summary = cal.search_summary
     rules = summary["rule_losses"]
