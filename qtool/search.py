@@ -155,10 +155,10 @@ class Harness:
         """The biases that bias correction gives the fully quantized graph with ``ranges`` (for :meth:`build`).
 
         Raises:
-            CalibrationError: the harness has no corrector, or bias correction fails.
+            CalibrationError: the harness has no corrector (bias correction off), or bias correction fails.
         """
         if self.corrector is None:
-            raise CalibrationError("bias correction during the search needs the calibration images")
+            raise CalibrationError("this search has no bias corrector (ptq.bias_correction is off)")
         self.corrections += 1
         return self.corrector(ranges)
 
