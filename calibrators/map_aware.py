@@ -112,8 +112,17 @@ class MapAwareCalibrator(Calibrator):
     ranges' graph. Each correction costs a few graph runs on the calibration images (``corrections`` in the
     summary), outside ``max_graphs``.
 
+    Final check (``final_check``, on; only when the pipeline corrects biases and the descent changed a range):
+    the descent judged its moves on graphs without biases corrected for them (uncorrected, or with the base's
+    corrected biases), but the pipeline saves the graph corrected for the final ranges. So the result and the
+    base are scored once more as they will be saved, each with biases corrected for its own ranges, and the
+    descent is undone (the base's ranges returned) unless the result still lowers neither AUROC (under
+    ``separation`` and ``anchored``) and distorts no more. One or two corrections and graph runs, outside
+    ``max_graphs``; ``final_check`` in the summary holds both scores and the verdict.
+
     So the result never distorts more than the base and, under ``separation``, never separates the
-    search set worse than the best whole rule (under ``anchored``, than ``initial``). Ties keep the
+    search set worse than the best whole rule (under ``anchored``, than ``initial``); with bias correction
+    on, this holds for the graphs as saved where the descent changed anything. Ties keep the
     earlier choice (``initial`` first), so the search is deterministic. Two budgets bound it:
     ``max_graphs`` quantized graphs run (a budget that gives the same result on any machine) and
     ``time_budget_s`` seconds (a safety cap; a search it stops depends on the machine's speed, and
@@ -129,14 +138,15 @@ class MapAwareCalibrator(Calibrator):
     bench/results/map_aware_weights_decision_rule.txt), ``max_graphs`` (None: no
     limit but the time), ``time_budget_s`` (300), ``tail_quantile`` (0.99: fp32 map values above this
     quantile on normals count as tail), ``rank_weight`` (1.0: weight of flipped pairs in the distortion),
-    ``corrected_scan`` (False: rules scored as quantized, without bias correction; see above).
+    ``corrected_scan`` (False: rules scored as quantized, without bias correction; see above), ``final_check``
+    (True; see above).
     """
 
     OPTIONS = {"num_bins": 2048, "percentiles": [99.9, 99.99, 99.999], "initial": "entropy",
                "objective": "separation", "search_candidates": True, "search_weights": True, "max_graphs": None,
                "time_budget_s": 300.0,
                "tail_quantile": 0.99,
-               "rank_weight": 1.0, "corrected_scan": False}
+               "rank_weight": 1.0, "corrected_scan": False, "final_check": True}
     needs_graph = True
 
     def __init__(self, **options: Any) -> None:
@@ -295,14 +305,16 @@ class MapAwareCalibrator(Calibrator):
                 out.update(separation(maps, scores, context.masks, context.labels, exact_limit=SEARCH_EXACT_PIXELS))
             return out
 
-        def judge(assignment: dict[str, TensorRange]) -> tuple[Scores, Any]:
-            """A whole rule's scores, and the corrected biases it was scored with (``corrected_scan``; else None)."""
+        def as_saved(assignment: dict[str, TensorRange]) -> tuple[Scores, Any]:
+            """Scores of the graph with biases corrected for ``assignment``'s own ranges, and those biases."""
             nonlocal corrections
-            if not corrected:
-                return score(assignment), None
             corrections += 1
             biases = context.correct(assignment)
             return score(assignment, biases), biases
+
+        def judge(assignment: dict[str, TensorRange]) -> tuple[Scores, Any]:
+            """A whole rule's scores, and the corrected biases it was scored with (``corrected_scan``; else None)."""
+            return as_saved(assignment) if corrected else (score(assignment), None)
 
         names = [t for t in context.tensors if t in self.candidates]
         rule_scores: dict[str, Scores] = {}
@@ -340,6 +352,14 @@ class MapAwareCalibrator(Calibrator):
         bases = {**dict.fromkeys(names, base), **dict.fromkeys(weights, weight_base)}
         out: dict[str, TensorRange | WeightRange] = {}
         changed = 0
+        start, start_scores, start_biases = dict(index), best, biases
+        tried_by: dict[str, dict[int, Scores]] = {}
+
+        def meta(name: str, status: str) -> TensorRange | WeightRange:
+            """``name``'s current range with its search record (candidates, their scores, base, status)."""
+            return self._with_meta(name, index[name], tried_by[name], status, bases[name],
+                                   context.spec.weight_range if name in self.weight_levels else None)
+
         for name in sorted([*names, *weights], key=lambda n: -self._spread(n)):  # stable: graph order among equals
             cands = self.candidates[name]
             tried: dict[int, Scores] = {}
@@ -359,14 +379,29 @@ class MapAwareCalibrator(Calibrator):
                 if pick != index[name]:
                     index[name], best, changed = pick, tried[pick], changed + 1
                     current[name] = cands[pick][1]
-            out[name] = self._with_meta(name, index[name], tried, status, bases[name],
-                                        context.spec.weight_range if name in self.weight_levels else None)
+            tried_by[name] = tried
+            out[name] = meta(name, status)
             if context.progress:
                 context.progress(1)
+        search_runs, check = runs, None
+        if changed and context.correct is not None and self.options["final_check"]:
+            # the descent judged its moves on graphs whose biases are not the ones the pipeline saves: compare the
+            # result with the base as both will be saved (each with biases corrected for its own ranges)
+            base_ranges = {**current, **{n: self.candidates[n][i][1] for n, i in start.items()}}
+            base_saved = (start_scores, start_biases) if corrected else as_saved(base_ranges)
+            result_saved = as_saved(current)
+            keep = objective.keeps(result_saved[0], base_saved[0]) and result_saved[0]["loss"] <= base_saved[0]["loss"]
+            check = {"base": base_saved[0], "result": result_saved[0], "kept": "descent" if keep else "base",
+                     "graphs_run": runs - search_runs, "changes_undone": 0 if keep else changed}
+            if not keep:
+                for name in [n for n in start if start[n] != index[n]]:
+                    index[name], current[name] = start[name], self.candidates[name][start[name]][1]
+                    out[name] = meta(name, "descent undone by the final check")
+                best, changed = start_scores, 0
         seconds = time.monotonic() - t0
         self.search_summary = {
             "objective": self.options["objective"], "rule_losses": rule_scores, "base": base, "final": best,
-            "graphs_run": runs, "corrected_scan": corrected, "corrections": corrections,
+            "graphs_run": search_runs, "corrected_scan": corrected, "corrections": corrections, "final_check": check,
             "tensors": len(names), "tensors_changed_from_base": changed,
             "weights_searched": len(weights), "weight_rule_scores": weight_scores, "weight_base": weight_base,
             "seconds": round(seconds, 3), "budget_s": budget, "max_graphs": max_graphs,
