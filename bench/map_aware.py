@@ -80,6 +80,8 @@ def run_cell(model: Path, recipe: Recipe, overrides: list[str], work: Path) -> d
     if "search" in report:  # a searching calibrator's summary: its base rule and how far the budget let it go
         row["search"] = {k: report["search"].get(k) for k in ("objective", "base", "graphs_run", "max_graphs",
                                                               "tensors", "tensors_changed_from_base", "stopped_by")}
+        check = report["search"].get("final_check")
+        row["search"]["final_check"] = check and check["kept"]  # None: not run (no bias correction or no change)
     if "mixed_precision" in report:
         mp = report["mixed_precision"]
         lat = mp.get("latency") or {}
@@ -219,7 +221,8 @@ def write_markdown(path: Path, meta: dict, setups: list[dict]) -> None:
              "normal calibration images (never the test split); calib s = calibrate + search stages", ""]
     for s in setups:
         lines += [f"## {s['setup']}", "", "| calibrator | source | bits | image AUROC | pixel AUROC | AUPRO | "
-                  "calib s | proxy image | proxy pixel | proxy distortion | search: base, graphs run, stopped by |",
+                  "calib s | proxy image | proxy pixel | proxy distortion | "
+                  "search: base, graphs run, stopped by, final check |",
                   "|---" * 11 + "|",
                   "| fp32 | - | 32 | " + " | ".join(_fmt(s["fp32"][k]) for k in KEYS) + " | - | "
                   + " | ".join(_fmt(s["cells"][0]["proxy_fp32"][k]) if s["cells"] else "-"
@@ -230,7 +233,8 @@ def write_markdown(path: Path, meta: dict, setups: list[dict]) -> None:
                          + " | ".join(_fmt(c[k]) for k in KEYS)
                          + f" | {c['calib_seconds']} | {_fmt(c['proxy']['image_auroc'])} | "
                          f"{_fmt(c['proxy']['pixel_auroc'])} | {_fmt(c['proxy'].get('loss', '-'))} | "
-                         + (f"{search['base']}, {search['graphs_run']}, {search['stopped_by'] or 'done'} |"
+                         + (f"{search['base']}, {search['graphs_run']}, {search['stopped_by'] or 'done'}, "
+                            f"{search.get('final_check') or '-'} |"
                             if search else "- |"))
         if s.get("mixed_precision"):
             lines += ["", "Mixed precision (layers kept float until the proxy drop is within the budget; latency: "

@@ -57,6 +57,7 @@ def map_aware(model, spec, normals, search, **options):
     harness = Harness(model, spec, search, threads=1)
     chosen = cal.refine(initial, harness.context())
     assert cal.search_summary["tensors"] == len([t for t in tensors if t in initial])
+    assert cal.search_summary["final_check"] is None  # no bias corrector: the graphs as searched are those saved
     return initial, chosen, harness
 
 
@@ -414,3 +415,61 @@ def test_corrected_scan_without_bias_correction_is_a_one_line_error(setup):
     initial = observe(model, spec.tensors_to_calibrate(), cal, normals, search)
     with pytest.raises(CalibrationError, match="corrected_scan needs bias correction"):
         cal.refine(initial, Harness(model, spec, search, threads=1).context())
+
+
+@pytest.mark.parametrize("bits, corrected, verdict", [(6, False, "base"), (4, True, "descent")])
+def test_final_check_keeps_the_descent_only_if_it_keeps_the_promise_as_saved(setup, bits, corrected, verdict):
+    """With bias correction on, the descent's result and its base are compared as the pipeline saves them.
+
+    The two cases were found by trying the setups: at 6 bits the uncorrected descent's move separates
+    worse once both graphs are bias-corrected (undone); at 4 bits with ``corrected_scan`` it still wins
+    (kept). Oracle: the same search with ``final_check`` off gives the descent's own result; each graph is
+    bias-corrected by ``correct_biases`` for its own ranges, built with insert_qdq and scored in plain ORT
+    sessions with sklearn; the verdict follows from those scores alone.
+    """
+    from qtool.bias_correction import bias_corrector, correct_biases
+
+    normals, model, search = setup
+    spec = spec_at(model, bits)
+    tensors = spec.tensors_to_calibrate()
+
+    def searched(final_check: bool):
+        cal = get_calibrator("map-aware", num_bits=bits, corrected_scan=corrected, final_check=final_check,
+                             **ACTIVATIONS_ONLY)
+        initial = observe(model, tensors, cal, normals, search)
+        harness = Harness(model, spec, search, threads=1,
+                          corrector=bias_corrector(model, spec, lambda: iter([normals]), threads=1))
+        return initial, cal, cal.refine(initial, harness.context())
+
+    initial, cal, chosen = searched(True)
+    _, unchecked_cal, descent = searched(False)
+    summary, check = cal.search_summary, cal.search_summary["final_check"]
+    assert unchecked_cal.search_summary["final_check"] is None
+    changed = unchecked_cal.search_summary["tensors_changed_from_base"]
+    assert changed >= 1
+    base = {**initial, **{t: cal.candidates[t][cal._index_of(t, summary["base"])][1] for t in tensors if t in
+                          cal.candidates}}
+    scores = graph_scorer(model, search)
+
+    def as_saved(ranges):
+        corrected_model, _ = correct_biases(model, spec, ranges, lambda: iter([normals]), threads=1)
+        return scores(insert_qdq(corrected_model, spec, ranges))
+
+    result_saved, base_saved = as_saved(descent), as_saved(base)
+    for key in ("loss", "image_auroc", "pixel_auroc"):
+        assert check["result"][key] == pytest.approx(result_saved[key], rel=1e-5, abs=1e-6), key
+        assert check["base"][key] == pytest.approx(base_saved[key], rel=1e-5, abs=1e-6), key
+    keeps = (result_saved["loss"] <= base_saved["loss"] + 1e-9 and
+             all(result_saved[k] >= base_saved[k] - 1e-9 for k in ("image_auroc", "pixel_auroc")))
+    assert check["kept"] == verdict == ("descent" if keeps else "base")
+    expected = descent if keeps else base
+    for name in tensors:
+        assert (chosen[name].lo, chosen[name].hi) == (expected[name].lo, expected[name].hi), name
+    if keeps:
+        assert summary["tensors_changed_from_base"] == changed and check["changes_undone"] == 0
+    else:
+        assert summary["tensors_changed_from_base"] == 0 and check["changes_undone"] == changed
+        assert {chosen[n].meta["search"] for n in tensors if descent[n].lo != base[n].lo or
+                descent[n].hi != base[n].hi} == {"descent undone by the final check"}
+    assert check["graphs_run"] == (1 if corrected else 2)  # the base as saved is already scored under corrected_scan
+    assert summary["graphs_run"] == unchecked_cal.search_summary["graphs_run"]  # the check is outside the budget
