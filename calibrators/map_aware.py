@@ -75,7 +75,7 @@ class MapAwareCalibrator(Calibrator):
 
     So the result never distorts more than the base and, under ``separation``, never separates the
     search set worse than the best whole rule (under ``anchored``, than ``initial``); with bias correction
-    on, this holds for the graphs as saved where the descent changed anything. Ties keep the
+    on and ``final_check``, the result as saved is also never worse than the base as saved. Ties keep the
     earlier choice (``initial`` first), so the search is deterministic. Two budgets bound it:
     ``max_graphs`` quantized graphs run (a budget that gives the same result on any machine) and
     ``time_budget_s`` seconds (a safety cap; a search it stops depends on the machine's speed, and
