@@ -305,7 +305,7 @@ class MapAwareCalibrator(Calibrator):
         bases = {**dict.fromkeys(names, base), **dict.fromkeys(weights, weight_base)}
         out: dict[str, TensorRange | WeightRange] = {}
         changed = 0
-        start, start_scores, start_biases = dict(index), best, biases
+        start, start_scores = dict(index), best
         tried_by: dict[str, dict[int, Scores]] = {}
 
         def meta(name: str, status: str) -> TensorRange | WeightRange:
@@ -341,10 +341,10 @@ class MapAwareCalibrator(Calibrator):
             # the descent judged its moves on graphs whose biases are not the ones the pipeline saves: compare the
             # result with the base as both will be saved (each with biases corrected for its own ranges)
             base_ranges = {**current, **{n: self.candidates[n][i][1] for n, i in start.items()}}
-            base_saved = (start_scores, start_biases) if corrected else as_saved(base_ranges)
-            result_saved = as_saved(current)
-            keep = objective.keeps(result_saved[0], base_saved[0]) and result_saved[0]["loss"] <= base_saved[0]["loss"]
-            check = {"base": base_saved[0], "result": result_saved[0], "kept": "descent" if keep else "base",
+            base_saved = start_scores if corrected else as_saved(base_ranges)[0]
+            result_saved, _ = as_saved(current)
+            keep = objective.keeps(result_saved, base_saved) and result_saved["loss"] <= base_saved["loss"]
+            check = {"base": base_saved, "result": result_saved, "kept": "descent" if keep else "base",
                      "graphs_run": runs - search_runs, "changes_undone": 0 if keep else changed}
             if not keep:
                 for name in [n for n in start if start[n] != index[n]]:
