@@ -42,6 +42,9 @@ class SearchContext:
         correct: ``correct(ranges)`` -> the biases that make the fully quantized graph with ``ranges`` keep
             fp32's per-channel means on the calibration images (``qtool.bias_correction``, as the pipeline
             corrects the graph it saves), for ``build``; None when the pipeline does not correct biases.
+        check: the same means on a check set disjoint from the search images (further normal calibration
+            images and synthetic anomalies made from them, ``ptq.search.check_normals``), to judge a search's
+            result on images it was not chosen on; None when none is configured.
     """
 
     tensors: list[str]
@@ -55,3 +58,4 @@ class SearchContext:
     spec: Any = None
     progress: Callable[[int], None] | None = None
     correct: CorrectFn | None = None
+    check: SearchContext | None = None

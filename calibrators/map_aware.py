@@ -71,7 +71,9 @@ class MapAwareCalibrator(Calibrator):
     base are scored once more as they will be saved, each with biases corrected for its own ranges, and the
     descent is undone (the base's ranges returned) unless the result still lowers neither AUROC (under
     ``separation`` and ``anchored``) and distorts no more. One or two corrections and graph runs, outside
-    ``max_graphs``; ``final_check`` in the summary holds both scores and the verdict.
+    ``max_graphs``; ``final_check`` in the summary holds both scores and the verdict. With a check set
+    (``SearchContext.check``, ``ptq.search.check_normals`` > 0) both are scored on it instead: images the descent
+    was not chosen on, so a move that only fits the search set is undone (``final_check.set``: "check").
 
     So the result never distorts more than the base and, under ``separation``, never separates the
     search set worse than the best whole rule (under ``anchored``, than ``initial``); with bias correction
@@ -249,21 +251,24 @@ class MapAwareCalibrator(Calibrator):
             stop = stop or now
             return now is not None
 
-        def score(assignment: dict[str, TensorRange], biases: Any = None) -> Scores:
+        def score(assignment: dict[str, TensorRange], biases: Any = None, on: SearchContext = context,
+                  against: MapDistortion = loss) -> Scores:
+            """``assignment``'s scores on ``on``'s images (the search set's unless the final check's set)."""
             nonlocal runs
             runs += 1
-            maps, scores = context.run(context.build(assignment, None, biases))
-            out = loss(maps, scores)
+            maps, scores = on.run(on.build(assignment, None, biases))
+            out = against(maps, scores)
             if objective.separates:
-                out.update(separation(maps, scores, context.masks, context.labels, exact_limit=SEARCH_EXACT_PIXELS))
+                out.update(separation(maps, scores, on.masks, on.labels, exact_limit=SEARCH_EXACT_PIXELS))
             return out
 
-        def as_saved(assignment: dict[str, TensorRange]) -> tuple[Scores, Any]:
+        def as_saved(assignment: dict[str, TensorRange], on: SearchContext = context,
+                     against: MapDistortion = loss) -> tuple[Scores, Any]:
             """Scores of the graph with biases corrected for ``assignment``'s own ranges, and those biases."""
             nonlocal corrections
             corrections += 1
             biases = context.correct(assignment)
-            return score(assignment, biases), biases
+            return score(assignment, biases, on, against), biases
 
         def judge(assignment: dict[str, TensorRange]) -> tuple[Scores, Any]:
             """A whole rule's scores, and the corrected biases it was scored with (``corrected_scan``; else None)."""
@@ -340,11 +345,17 @@ class MapAwareCalibrator(Calibrator):
         if changed and context.correct is not None and self.options["final_check"]:
             # the descent judged its moves on graphs whose biases are not the ones the pipeline saves: compare the
             # result with the base as both will be saved (each with biases corrected for its own ranges)
+            # on the check set when there is one: the descent was chosen on the search set, so it looks better there
             base_ranges = {**current, **{n: self.candidates[n][i][1] for n, i in start.items()}}
-            base_saved = start_scores if corrected else as_saved(base_ranges)[0]
-            result_saved, _ = as_saved(current)
+            on = context.check or context
+            against = loss if context.check is None else MapDistortion(
+                *on.reference, on.masks, on.labels, self.options["tail_quantile"], self.options["rank_weight"])
+            base_saved = (start_scores if corrected and context.check is None else
+                          as_saved(base_ranges, on, against)[0])
+            result_saved, _ = as_saved(current, on, against)
             keep = objective.keeps(result_saved, base_saved) and result_saved["loss"] <= base_saved["loss"]
-            check = {"base": base_saved, "result": result_saved, "kept": "descent" if keep else "base",
+            check = {"set": "search" if context.check is None else "check", "images": len(on.images),
+                     "base": base_saved, "result": result_saved, "kept": "descent" if keep else "base",
                      "graphs_run": runs - search_runs, "changes_undone": 0 if keep else changed}
             if not keep:
                 for name in [n for n in start if start[n] != index[n]]:

@@ -16,9 +16,11 @@ already corrected. Ranges, weights and the spec are unchanged; only bias values 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -234,20 +236,64 @@ def corrected_biases(model: onnx.ModelProto, report: Mapping[str, Any]) -> Biase
             for node, layer in report["layers"].items()}
 
 
-def bias_corrector(model: onnx.ModelProto, spec: QuantSpec, batches: Callable[[], Iterable[np.ndarray]],
-                   threads: int = 2, max_frontier_mb: float | None = None
-                   ) -> Callable[[Mapping[str, Any]], Biases]:
-    """``corrector(ranges)`` -> the biases :func:`correct_biases` gives ``model`` quantized per ``spec`` and ``ranges``.
+def with_biases(model: onnx.ModelProto, biases: Biases, nodes: Collection[str] | None = None) -> onnx.ModelProto:
+    """A copy of ``model`` with ``biases`` in place (only those of ``nodes`` when given); ``model`` itself if none."""
+    swap = {b: v for n, (b, v) in biases.items() if nodes is None or n in nodes}
+    if not swap:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for init in out.graph.initializer:
+        if init.name in swap:
+            init.CopyFrom(numpy_helper.from_array(swap[init.name], init.name))
+    return out
 
-    For a search that judges candidates as the pipeline will save them (``SearchContext.correct``); the
-    calibration images are read once, on the first call.
+
+class BiasCorrector:
+    """Bias correction of one prepared graph for any spec and ranges, remembering its recent corrections.
+
+    A search that judges candidates as the pipeline will save them (``SearchContext.correct``) calls it with its
+    candidate ranges (``corrector(ranges)`` -> the corrected biases); the pipeline then calls :meth:`correct` for
+    the ranges it saves, which are often ones the search has just corrected (map-aware's final check). Each
+    correction is remembered under the SHA-256 of the Q/DQ graph it corrects (``insert_qdq`` of the prepared
+    graph, spec and ranges: the whole input of :func:`correct_biases` besides the images), so a repeat is a
+    lookup and is reported as ``reused``. The calibration images are read once, on the first correction.
     """
-    held: list[np.ndarray] = []
 
-    def corrector(ranges: Mapping[str, Any]) -> Biases:
-        if not held:
-            held.extend(batches())
-        corrected, report = correct_biases(model, spec, ranges, lambda: iter(held), threads, max_frontier_mb)
-        return corrected_biases(corrected, report)
+    def __init__(self, model: onnx.ModelProto, spec: QuantSpec, batches: Callable[[], Iterable[np.ndarray]],
+                 threads: int = 2, max_frontier_mb: float | None = None, remember: int = 8) -> None:
+        self.model, self.spec, self.batches = model, spec, batches
+        self.threads, self.max_frontier_mb, self.remember = threads, max_frontier_mb, remember
+        self.held: list[np.ndarray] = []
+        self.memo: OrderedDict[str, tuple[Biases, dict[str, Any]]] = OrderedDict()
+        self.computed = 0
 
-    return corrector
+    def _biases(self, spec: QuantSpec, ranges: Mapping[str, Any]) -> tuple[Biases, dict[str, Any]]:
+        """The corrected biases and report for ``spec`` and ``ranges`` (remembered, least recent dropped)."""
+        key = hashlib.sha256(insert_qdq(self.model, spec, ranges).SerializeToString()).hexdigest()
+        if key in self.memo:
+            self.memo.move_to_end(key)
+            biases, report = self.memo[key]
+            return biases, {**report, "reused": True}
+        if not self.held:
+            self.held.extend(self.batches())
+        corrected, report = correct_biases(self.model, spec, ranges, lambda: iter(self.held), self.threads,
+                                           self.max_frontier_mb)
+        self.computed += 1
+        self.memo[key] = (corrected_biases(corrected, report), report)
+        while len(self.memo) > self.remember:
+            self.memo.popitem(last=False)
+        return self.memo[key][0], {**report, "reused": False}
+
+    def __call__(self, ranges: Mapping[str, Any]) -> Biases:
+        """The biases :func:`correct_biases` gives the graph quantized per the corrector's spec and ``ranges``."""
+        return dict(self._biases(self.spec, ranges)[0])
+
+    def correct(self, spec: QuantSpec, ranges: Mapping[str, Any]) -> tuple[onnx.ModelProto, dict[str, Any]]:
+        """What :func:`correct_biases` returns for ``spec`` and ``ranges`` (the report says if it was ``reused``)."""
+        biases, report = self._biases(spec, ranges)
+        corrected = with_biases(self.model, biases)
+        if corrected is self.model:  # nothing to correct: still a copy, as correct_biases returns
+            corrected = onnx.ModelProto()
+            corrected.CopyFrom(self.model)
+        return corrected, report

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from qtool.artifacts import write_json, write_manifest
-from qtool.bias_correction import bias_corrector, correct_biases
+from qtool.bias_correction import BiasCorrector
 from qtool.calib_data import calibration_set, normal_pool
 from qtool.calibrate import calibrate
 from qtool.data import ImageTransform, iter_batches, load_splits
@@ -27,7 +27,7 @@ from qtool.errors import GraphError
 from qtool.evaluate import OnnxPredictor
 from qtool.graph import build_spec, get_profile, insert_qdq_report, lint, load_model, prepare, save_model
 from qtool.modelio import open_model, stamp_data_config
-from qtool.ptq_search import proxy_entry, run_search_stages, search_batches_for, search_set_for
+from qtool.ptq_search import check_set_for, proxy_entry, run_search_stages, search_batches_for, search_set_for
 from qtool.recipe import Recipe, dump_recipe
 
 log = logging.getLogger(__name__)
@@ -129,23 +129,24 @@ def run_ptq(model_path: Path, recipe: Recipe, out_dir: Path, dry_run: bool = Fal
     transform = ImageTransform(data_cfg)
     calib = calibration_set(splits, transform, cfg.calib_data)
     search = search_set_for(calibrator, cfg, splits, transform)
+    check = check_set_for(calibrator, cfg, splits, transform)
     with timer.stage("calibrate"):
         ranges = calibrate(prepared, spec.tensors_to_calibrate(),
                            calib.batches(), calibrator, threads=recipe.eval.threads, group=cfg.calib_data.batch_size,
                            progress=progress,
                            search_batches=search_batches_for(search, calibrator, cfg.calib_data.batch_size))
     searched: dict[str, Any] = {}
+    corrector = (BiasCorrector(prepared, spec, calib.batches, recipe.eval.threads, cfg.bias_correction_max_mb)
+                 if cfg.bias_correction else None)
     if search is not None:
         ranges, spec, searched, harness = run_search_stages(
             calibrator, ranges, prepared, spec, search, cfg, recipe.eval.threads, timer.stage, search_progress,
-            bias_corrector(prepared, spec, calib.batches, recipe.eval.threads, cfg.bias_correction_max_mb)
-            if cfg.bias_correction else None)
+            corrector, check)
         report["plan"] = plan(spec)  # mixed precision may have kept layers float
     uncorrected = prepared
-    if cfg.bias_correction:
+    if corrector is not None:  # a correction the search made for these very ranges is reused
         with timer.stage("bias_correction"):
-            prepared, report["bias_correction"] = correct_biases(prepared, spec, ranges, calib.batches,
-                                                                 recipe.eval.threads, cfg.bias_correction_max_mb)
+            prepared, report["bias_correction"] = corrector.correct(spec, ranges)
     with timer.stage("insert_qdq"):
         qdq, qreport = insert_qdq_report(prepared, spec, ranges)
     if search is not None:  # the proxy of the graph that is saved (bias-corrected when it is)

@@ -20,7 +20,7 @@ from qtool.graph import QuantSpec, layer_groups, node_tensors
 from qtool.mixed_precision import choose_precision
 from qtool.proxy import separation_drop
 from qtool.recipe import PtqConfig
-from qtool.search import Harness, SearchSet, build_search_set
+from qtool.search import Harness, SearchSet, build_check_set, build_search_set
 
 Progress = Callable[[int], None] | None
 Stage = Callable[[str], AbstractContextManager]
@@ -31,6 +31,14 @@ def search_set_for(calibrator: Calibrator, cfg: PtqConfig, splits: Splits, trans
     """The search set when a stage needs one (a graph-searching calibrator, mixed precision, the proxy), else None."""
     if calibrator.needs_graph or cfg.mixed_precision is not None or cfg.search.proxy:
         return build_search_set(splits, transform, cfg.search)
+    return None
+
+
+def check_set_for(calibrator: Calibrator, cfg: PtqConfig, splits: Splits, transform: ImageTransform
+                  ) -> SearchSet | None:
+    """The check set (``ptq.search.check_normals`` > 0) when the calibrator searches on the graph, else None."""
+    if calibrator.needs_graph and cfg.search.check_normals > 0:
+        return build_check_set(splits, transform, cfg.search)
     return None
 
 
@@ -48,15 +56,17 @@ def search_batches_for(search: SearchSet | None, calibrator: Calibrator, batch_s
 
 def run_search_stages(calibrator: Calibrator, ranges: dict[str, TensorRange], prepared: onnx.ModelProto,
                       spec: QuantSpec, search: SearchSet, cfg: PtqConfig, threads: int, stage: Stage,
-                      progress: Progress = None, corrector: Callable[[Mapping[str, Any]], Biases] | None = None
+                      progress: Progress = None, corrector: Callable[[Mapping[str, Any]], Biases] | None = None,
+                      check: SearchSet | None = None
                       ) -> tuple[dict[str, TensorRange], QuantSpec, dict[str, Any], Harness]:
     """Refine the ranges (if the calibrator searches) and choose precisions (if asked).
 
     Args:
         stage: the pipeline's timer (``stage(name)`` times a block).
         progress: called with 1 per search step (tensor searched, layer scanned).
-        corrector: when the pipeline corrects biases, its corrector (:func:`qtool.bias_correction.bias_corrector`):
+        corrector: when the pipeline corrects biases, its corrector (:class:`qtool.bias_correction.BiasCorrector`):
             a search calibrator may then judge candidates with corrected biases (``SearchContext.correct``).
+        check: the check set (:func:`check_set_for`), handed to the calibrator as ``SearchContext.check``.
 
     Returns:
         (ranges, spec, report entries: ``search_set``, ``layers``, and ``search`` (the calibrator's
@@ -64,13 +74,15 @@ def run_search_stages(calibrator: Calibrator, ranges: dict[str, TensorRange], pr
         the final graph with once the pipeline has built it).
     """
     with stage("search_set"):
-        harness = Harness(prepared, spec, search, threads, corrector)
+        harness = Harness(prepared, spec, search, threads, corrector, check)
     full_spec = spec
     if calibrator.needs_graph:
         with stage("search"):
             ranges = calibrator.refine(ranges, harness.context(progress))
     # a searching calibrator's histograms include the search images, so its candidates cover the anomalies
     extra: dict[str, Any] = {"search_set": {**search.description, "streamed_to_calibrator": calibrator.needs_graph}}
+    if check is not None:
+        extra["check_set"] = check.description
     if calibrator.search_summary is not None:
         extra["search"] = calibrator.search_summary
     sensitivity: dict[str, dict[str, float]] = {}

@@ -15,10 +15,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from calibrators import SearchContext
-from qtool.bias_correction import Biases
+from qtool.bias_correction import Biases, with_biases
 from qtool.calib_data import normal_pool
 from qtool.data import ImageTransform, Splits
 from qtool.data.synth_anomalies import synthesize
@@ -86,6 +85,23 @@ def build_search_set(splits: Splits, transform: ImageTransform, cfg: SearchConfi
     return out
 
 
+def build_check_set(splits: Splits, transform: ImageTransform, cfg: SearchConfig) -> SearchSet:
+    """The check set: the ``cfg.check_normals`` normals of the pool after the search set's, anomalies of seed + 1.
+
+    Raises:
+        CalibrationError: the pool holds fewer than two normals past the search set's. DataError: an unreadable image.
+    """
+    samples = normal_pool(splits, cfg.normals + cfg.check_normals)[cfg.normals:]
+    if len(samples) < 2:
+        raise CalibrationError(f"ptq.search.check_normals: the normal pool has {len(samples)} image(s) past the "
+                               f"search set's {cfg.normals}; a check set needs at least 2")
+    normals = np.stack([transform.image(s.path) for s in samples])
+    out = search_set_from_arrays(normals, cfg.kinds, cfg.seed + 1, [str(s.path) for s in samples])
+    out.description["pool"] = (f"ptq calibration normal pool after the search set's {cfg.normals} images "
+                               "(disjoint from it): held-out normals, then training normals")
+    return out
+
+
 class Harness:
     """Build QDQ candidates of one graph and spec, run them on a search set, compare with fp32.
 
@@ -93,13 +109,17 @@ class Harness:
         model: the prepared fp32 graph; spec: its full QuantSpec.
         search: the search set; threads: ONNX Runtime intra-op threads.
         corrector: ``corrector(ranges)`` -> corrected biases for the full spec
-            (:func:`qtool.bias_correction.bias_corrector`); None when the pipeline does not correct biases.
+            (:class:`qtool.bias_correction.BiasCorrector`); None when the pipeline does not correct biases.
+        check: a check set disjoint from ``search`` (:func:`build_check_set`): its own harness, handed to a
+            search calibrator as ``SearchContext.check``; None: none.
     """
 
     def __init__(self, model: onnx.ModelProto, spec: QuantSpec, search: SearchSet, threads: int = 2,
-                 corrector: Callable[[Mapping[str, Any]], Biases] | None = None) -> None:
+                 corrector: Callable[[Mapping[str, Any]], Biases] | None = None,
+                 check: SearchSet | None = None) -> None:
         self.model, self.spec, self.search, self.threads = model, spec, search, threads
         self.corrector = corrector
+        self.check = Harness(model, spec, check, threads, corrector) if check is not None else None
         self.needs = node_tensors(model, spec)
         self.runs = 0
         self.corrections = 0
@@ -128,19 +148,7 @@ class Harness:
                     reason: str = "kept float", biases: Biases | None = None) -> onnx.ModelProto:
         """QDQ model quantizing only ``nodes`` (all of the spec's when None), with ``biases`` on those it quantizes."""
         spec = self.spec if nodes is None else subset(self.model, self.spec, nodes, reason)
-        return insert_qdq(self._with_biases(spec, biases or {}), spec, ranges)
-
-    def _with_biases(self, spec: QuantSpec, biases: Biases) -> onnx.ModelProto:
-        """The graph with ``biases`` in place for the nodes ``spec`` quantizes (``model`` itself if none)."""
-        swap = {b: v for n, (b, v) in biases.items() if n in spec.nodes}
-        if not swap:
-            return self.model
-        out = onnx.ModelProto()
-        out.CopyFrom(self.model)
-        for init in out.graph.initializer:
-            if init.name in swap:
-                init.CopyFrom(numpy_helper.from_array(swap[init.name], init.name))
-        return out
+        return insert_qdq(with_biases(self.model, biases or {}, spec.nodes), spec, ranges)
 
     def build(self, ranges: Mapping[str, Any], tensors: Collection[str] | None = None,
               biases: Biases | None = None) -> onnx.ModelProto:
@@ -167,7 +175,8 @@ class Harness:
         return SearchContext(tensors=self.spec.tensors_to_calibrate(), build=self.build, run=self.run,
                              images=self.search.images, masks=self.search.masks, labels=self.search.labels,
                              reference=self.reference, model=self.model, spec=self.spec, progress=progress,
-                             correct=self.correct if self.corrector is not None else None)
+                             correct=self.correct if self.corrector is not None else None,
+                             check=self.check.context() if self.check is not None else None)
 
     def latency_ms(self, model: onnx.ModelProto, iterations: int) -> float:
         """Median wall time (ms) of one forward pass of ``model`` on one input batch, ORT default optimisations."""

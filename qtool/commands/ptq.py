@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
 
+from qtool.artifacts import removed_on_error
 from qtool.commands.common import TqdmProgress, build_recipe, fail_cleanly, recipe_options
 from qtool.commands.train import data_options
 
@@ -58,7 +60,8 @@ def ptq_cmd(model_path: str, calib: str | None, mixed_precision: float | None, c
     if out is not None and Path(out).exists() and any(Path(out).iterdir()) and not dry_run:
         if not (Path(out) / "report.json").exists():
             raise RecipeError(f"output folder {out} exists and is not a qtool PTQ run; choose another --out")
-    with TqdmProgress("calibrate") as bar, TqdmProgress("search", unit="step") as search_bar:
+    with (removed_on_error(Path(out)) if out is not None and not dry_run else nullcontext(),
+          TqdmProgress("calibrate") as bar, TqdmProgress("search", unit="step") as search_bar):
         report = run_ptq(Path(model_path), r, Path(out or "."), dry_run=dry_run, progress=bar,
                          search_progress=search_bar)
     if dry_run:

@@ -36,7 +36,7 @@ def searched(kd, tmp_path_factory):
             "ptq", "--model", str(kd.onnx), "--recipe", str(kd.recipe_file), "--out", str(out),
             "--calib", "map-aware", "--mixed-precision", "0.01", "--set", "ptq.calib_options.time_budget_s=20",
             "--set", "ptq.search.normals=4", "--set", "ptq.search.latency_iterations=2",
-            "--set", "ptq.search.time_budget_s=20", "--no-bias-correction"])
+            "--set", "ptq.search.time_budget_s=20", "--set", "ptq.search.check_normals=3", "--no-bias-correction"])
     assert result.exit_code == 0, result.output
     return out, json.loads((out / "report.json").read_text()), opened, result.output
 
@@ -50,6 +50,20 @@ def test_search_stages_never_read_a_test_split_file(kd, searched):
     assert used and set(used) <= {str(s.path) for s in [*splits.holdout, *splits.train]}
     assert set(used) <= set(opened) and report["search_set"]["streamed_to_calibrator"] is True
     assert "never the test split" in report["search_set"]["what"]
+    # the check set (ptq.search.check_normals): further normals of the same pool, none of the search set's
+    checked = report["check_set"]["files"]
+    assert len(checked) == 3 and set(checked) <= {str(s.path) for s in [*splits.holdout, *splits.train]}
+    assert not set(checked) & set(used) and set(checked) <= set(opened)
+    assert report["check_set"]["seed"] == report["search_set"]["seed"] + 1
+
+
+def test_a_check_set_the_pool_cannot_fill_is_a_one_line_error(kd, tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, [
+        "ptq", "--model", str(kd.onnx), "--recipe", str(kd.recipe_file), "--out", str(out), "--calib", "map-aware",
+        "--set", "ptq.search.normals=100000", "--set", "ptq.search.check_normals=4"])
+    assert result.exit_code != 0 and not out.exists()
+    assert "ptq.search.check_normals: the normal pool has 0 image(s) past the search set's 100000" in result.output
 
 
 def test_report_shows_per_layer_ranges_candidates_sensitivity_and_precision(searched):
@@ -133,10 +147,14 @@ def test_corrected_scan_runs_in_the_pipeline_and_needs_bias_correction(kd, tmp_p
         "--set", "ptq.calib_options.max_graphs=4", "--set", "ptq.search.normals=4",
         "--bias-correction" if bias_correction else "--no-bias-correction"])
     if not bias_correction:
-        assert result.exit_code != 0 and not (out / "model.onnx").exists()
+        assert result.exit_code != 0 and not out.exists()  # no partial run folder
         assert "corrected_scan needs bias correction" in result.output
         return
     assert result.exit_code == 0, result.output
-    search = json.loads((out / "report.json").read_text())["search"]
+    report = json.loads((out / "report.json").read_text())
+    search = report["search"]
     assert search["corrected_scan"] and search["graphs_run"] == 4
     assert 1 <= search["corrections"] <= search["graphs_run"]  # one per whole rule scored, none in the descent
+    # the budget ended the search in the scan, so the saved ranges are the base rule's, which the scan corrected:
+    # the pipeline reuses that correction instead of computing it again
+    assert search["tensors_changed_from_base"] == 0 and report["bias_correction"]["reused"] is True

@@ -9,7 +9,7 @@ from helpers.ort_utils import minmax_ranges, session
 from helpers.tiny_models import calib_batches, tiny_model
 from onnx import numpy_helper
 
-from qtool.bias_correction import bias_in_use, correct_biases, levels, targets
+from qtool.bias_correction import BiasCorrector, bias_in_use, correct_biases, corrected_biases, levels, targets
 from qtool.graph import build_spec, insert_qdq, prepare
 from qtool.graph._index import GraphIndex
 from qtool.graph.frontier import FrontierRunner
@@ -103,6 +103,41 @@ def test_correction_is_deterministic_and_a_layer_without_bias_is_skipped(setup):
     cut_spec = build_spec(cut, PtqConfig(activation_bits=4, weight_bits=4), "cpu")
     moved, skipped = targets(cut, cut_spec)
     assert skipped == [conv.name] and conv.name not in moved
+
+
+def test_corrector_gives_correct_biases_result_and_reuses_it_only_for_the_same_qdq_graph(setup):
+    prepared, spec, ranges, corrected, report = setup
+    reads = []
+
+    def counted():
+        reads.append(1)
+        return images()
+
+    corrector = BiasCorrector(prepared, spec, counted, threads=1)
+    got, got_report = corrector.correct(spec, ranges)
+    assert got.SerializeToString() == corrected.SerializeToString()
+    assert got_report["reused"] is False and got_report["layers"] == report["layers"]
+    assert corrector.computed == 1 and len(reads) == 1
+    # the search's call for the same ranges (a copy) is a lookup with the same biases
+    biases = corrector({k: tuple(v) for k, v in ranges.items()})
+    assert corrector.computed == 1
+    expected = corrected_biases(corrected, report)
+    assert biases.keys() == expected.keys()
+    assert all(biases[n][0] == expected[n][0] and np.array_equal(biases[n][1], expected[n][1]) for n in expected)
+    again, again_report = corrector.correct(spec, ranges)
+    assert again_report["reused"] is True and again.SerializeToString() == corrected.SerializeToString()
+    # other ranges (one tensor's range halved) or another spec: a new correction, equal to correct_biases' own
+    name = spec.tensors_to_calibrate()[1]
+    other = {**ranges, name: (ranges[name][0] / 2, ranges[name][1] / 2)}
+    got_other, other_report = corrector.correct(spec, other)
+    want_other, _ = correct_biases(prepared, spec, other, images, threads=1)
+    assert other_report["reused"] is False and corrector.computed == 2
+    assert got_other.SerializeToString() == want_other.SerializeToString() != corrected.SerializeToString()
+    spec8 = build_spec(prepared, PtqConfig(activation_bits=8, weight_bits=8), "cpu")
+    got8, report8 = corrector.correct(spec8, ranges)
+    assert report8["reused"] is False and corrector.computed == 3
+    assert got8.SerializeToString() == correct_biases(prepared, spec8, ranges, images, threads=1)[0].SerializeToString()
+    assert len(reads) == 1  # the calibration images were read once
 
 
 def reference_correction(prepared: onnx.ModelProto, spec, ranges) -> onnx.ModelProto:

@@ -372,7 +372,7 @@ def test_corrected_scan_scores_each_rule_on_its_own_bias_corrected_graph(offset_
     calibration images, insert_qdq, plain ORT sessions and sklearn (``graph_scorer``); the descent's result,
     built with the base rule's corrected biases, distorts no more than the base and separates no worse.
     """
-    from qtool.bias_correction import bias_corrector, correct_biases
+    from qtool.bias_correction import BiasCorrector, correct_biases
 
     normals, model, search = offset_setup
     spec = spec_at(model, 4)
@@ -380,7 +380,7 @@ def test_corrected_scan_scores_each_rule_on_its_own_bias_corrected_graph(offset_
     tensors = spec.tensors_to_calibrate()
     initial = observe(model, tensors, cal, normals, search)
     harness = Harness(model, spec, search, threads=1,
-                      corrector=bias_corrector(model, spec, lambda: iter([normals]), threads=1))
+                      corrector=BiasCorrector(model, spec, lambda: iter([normals]), threads=1))
     chosen = cal.refine(initial, harness.context())
     summary = cal.search_summary
     rules = summary["rule_losses"]
@@ -417,19 +417,25 @@ def test_corrected_scan_without_bias_correction_is_a_one_line_error(setup):
         cal.refine(initial, Harness(model, spec, search, threads=1).context())
 
 
-@pytest.mark.parametrize("bits, corrected, verdict", [(6, False, "base"), (4, True, "descent")])
-def test_final_check_keeps_the_descent_only_if_it_keeps_the_promise_as_saved(setup, bits, corrected, verdict):
+@pytest.mark.parametrize("bits, corrected, check_seed, verdict",
+                         [(6, False, None, "base"), (4, True, None, "descent"), (6, False, 1, "descent")])
+def test_final_check_keeps_the_descent_only_if_it_keeps_the_promise_as_saved(setup, bits, corrected, check_seed,
+                                                                             verdict):
     """With bias correction on, the descent's result and its base are compared as the pipeline saves them.
 
     The two cases were found by trying the setups: at 6 bits the uncorrected descent's move separates
     worse once both graphs are bias-corrected (undone); at 4 bits with ``corrected_scan`` it still wins
     (kept). Oracle: the same search with ``final_check`` off gives the descent's own result; each graph is
     bias-corrected by ``correct_biases`` for its own ranges, built with insert_qdq and scored in plain ORT
-    sessions with sklearn; the verdict follows from those scores alone.
+    sessions with sklearn; the verdict follows from those scores alone. With a check set (other normals and
+    anomalies, as ``ptq.search.check_normals`` gives) the two are scored on its images instead: the third case,
+    the first's search judged on a check set, keeps the move that the search set's own check undid.
     """
-    from qtool.bias_correction import bias_corrector, correct_biases
+    from qtool.bias_correction import BiasCorrector, correct_biases
 
     normals, model, search = setup
+    check_set = None if check_seed is None else search_set_from_arrays(smooth_normals(12, check_seed), KINDS,
+                                                                       seed=check_seed)
     spec = spec_at(model, bits)
     tensors = spec.tensors_to_calibrate()
 
@@ -438,7 +444,7 @@ def test_final_check_keeps_the_descent_only_if_it_keeps_the_promise_as_saved(set
                              **ACTIVATIONS_ONLY)
         initial = observe(model, tensors, cal, normals, search)
         harness = Harness(model, spec, search, threads=1,
-                          corrector=bias_corrector(model, spec, lambda: iter([normals]), threads=1))
+                          corrector=BiasCorrector(model, spec, lambda: iter([normals]), threads=1), check=check_set)
         return initial, cal, cal.refine(initial, harness.context())
 
     initial, cal, chosen = searched(True)
@@ -449,7 +455,9 @@ def test_final_check_keeps_the_descent_only_if_it_keeps_the_promise_as_saved(set
     assert changed >= 1
     base = {**initial, **{t: cal.candidates[t][cal._index_of(t, summary["base"])][1] for t in tensors if t in
                           cal.candidates}}
-    scores = graph_scorer(model, search)
+    scores = graph_scorer(model, search if check_set is None else check_set)
+    assert (check["set"], check["images"]) == (("search", len(search.images)) if check_set is None else
+                                               ("check", len(check_set.images)))
 
     def as_saved(ranges):
         corrected_model, _ = correct_biases(model, spec, ranges, lambda: iter([normals]), threads=1)
@@ -471,5 +479,6 @@ def test_final_check_keeps_the_descent_only_if_it_keeps_the_promise_as_saved(set
         assert summary["tensors_changed_from_base"] == 0 and check["changes_undone"] == changed
         assert {chosen[n].meta["search"] for n in tensors if descent[n].lo != base[n].lo or
                 descent[n].hi != base[n].hi} == {"descent undone by the final check"}
-    assert check["graphs_run"] == (1 if corrected else 2)  # the base as saved is already scored under corrected_scan
+    # the base as saved is already scored under corrected_scan, on the search set
+    assert check["graphs_run"] == (1 if corrected and check_set is None else 2)
     assert summary["graphs_run"] == unchecked_cal.search_summary["graphs_run"]  # the check is outside the budget

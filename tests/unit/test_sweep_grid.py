@@ -58,7 +58,7 @@ def test_exclude_and_include_like_a_ci_matrix():
 
 def test_fp32_reference_is_added_and_qat_on_an_onnx_model_is_skipped():
     g = expand_grid(recipe("sweep.precisions=[int8]", "sweep.methods=[ptq,qat]"))
-    assert ids(g) == ["m:fp32", "m:int8-ptq-entropy-train-both-cpu-bc"]
+    assert ids(g) == ["m:fp32", "m:int8-ptq-mse-train-both-cpu-bc"]
     assert "m:fp32 added" in g.notes[0]
     (cell, why), = g.skipped
     assert cell.method == "qat" and "QAT needs a qtool checkpoint" in why and "m.onnx" in why
@@ -137,7 +137,8 @@ def test_quickstart_is_the_promised_sweep():
     g = expand_grid(load_recipe(REPO / "recipes" / "quickstart.yaml"))
     precisions = {c.precision for c in g.cells}
     assert {"fp32", "fp16", "int8"} <= precisions and precisions & {"int4", "int6", "w4a8", "w6a8"}
-    assert {c.calibrator for c in g.cells if c.precision == "int8"} >= {"minmax", "entropy", "percentile"}
+    assert {c.calibrator for c in g.cells if c.precision == "int8"} >= {"minmax", "entropy", "percentile", "mse"}
+    assert len(g.cells) == 11  # fp32, fp16, 4 calibrators x 2 sources at int8, one 6-bit cell (the README's count)
     assert {c.target for c in expand_grid(load_recipe(REPO / "recipes" / "jetson.yaml")).cells} >= {"tensorrt"}
 
 
@@ -156,7 +157,7 @@ def test_keys_change_with_what_made_the_cell_and_only_with_it(tmp_path):
     a, deps = _plan(load_recipe(None, base), tmp_path)
     assert a == _plan(load_recipe(None, base), tmp_path)[0], "keys are deterministic"
     assert len({j.cell_key for j in a.values()}) == len(a) == len({j.build_key for j in a.values()})
-    ptq, qat, fp32 = a["m:int8-ptq-entropy-train-both-cpu-bc"], a["m:int8-qat-entropy-train-both-cpu"], a["m:fp32"]
+    ptq, qat, fp32 = a["m:int8-ptq-mse-train-both-cpu-bc"], a["m:int8-qat-mse-train-both-cpu"], a["m:fp32"]
     assert set(deps[qat.cell_key]) == {fp32.cell_key, ptq.cell_key} and deps[fp32.cell_key] == []
     assert qat.init_from == tmp_path / "builds" / ptq.build_key, "QAT starts from the PTQ twin's ranges"
     assert ptq.reference_dir == tmp_path / "cells" / fp32.cell_key
@@ -230,19 +231,19 @@ def test_a_failed_cell_skips_its_dependents(tmp_path, monkeypatch):
 
     def fake(job):
         ran.append(job.cell.id)
-        status = "failed" if job.cell.id == "a:int8-ptq-entropy-train-both-cpu-bc" else "ok"
+        status = "failed" if job.cell.id == "a:int8-ptq-mse-train-both-cpu-bc" else "ok"
         return {"status": status, "id": job.cell.id, "error": "GraphError: x" if status == "failed" else None}
 
     monkeypatch.setattr("qtool.sweep.run.run_job", fake)
     events = []
     results = execute(jobs, deps, {}, 1, events.append)
     by_id = {j.cell.id: results[j.cell_key] for j in jobs}
-    assert by_id["a:int8-qat-entropy-train-both-cpu"]["status"] == "skipped"
-    assert "needs a:int8-ptq-entropy-train-both-cpu-bc, which failed" in by_id["a:int8-qat-entropy-train-both-cpu"][
+    assert by_id["a:int8-qat-mse-train-both-cpu"]["status"] == "skipped"
+    assert "needs a:int8-ptq-mse-train-both-cpu-bc, which failed" in by_id["a:int8-qat-mse-train-both-cpu"][
         "reason"]
-    assert by_id["b:int8-ptq-entropy-train-both-cpu-bc"]["status"] == "ok"
-    assert ran.index("a:fp32") < ran.index("a:int8-ptq-entropy-train-both-cpu-bc")
-    assert "a:int8-qat-entropy-train-both-cpu" not in ran
+    assert by_id["b:int8-ptq-mse-train-both-cpu-bc"]["status"] == "ok"
+    assert ran.index("a:fp32") < ran.index("a:int8-ptq-mse-train-both-cpu-bc")
+    assert "a:int8-qat-mse-train-both-cpu" not in ran
     assert [e.done for e in events] == list(range(1, len(jobs) + 1))
 
 
@@ -311,10 +312,10 @@ def test_fp16_model_passes_the_checker_and_benches_as_fp16(tmp_path):
 def test_mixed_precision_axis_expands_into_ptq_cells_and_their_recipes():
     g = expand_grid(recipe("sweep.precisions=[fp32,int8]", "sweep.mixed_precisions=[null,0.01]",
                            "sweep.methods=[ptq,qat]", "sweep.models=[m.pt]"))
-    assert ids(g) == ["m:fp32", "m:int8-ptq-entropy-train-both-cpu-bc", "m:int8-ptq-entropy-train-both-cpu-mp0.01-bc",
-                      "m:int8-qat-entropy-train-both-cpu"]
+    assert ids(g) == ["m:fp32", "m:int8-ptq-mse-train-both-cpu-bc", "m:int8-ptq-mse-train-both-cpu-mp0.01-bc",
+                      "m:int8-qat-mse-train-both-cpu"]
     assert [(c.id, why) for c, why in g.skipped] == [
-        ("m:int8-qat-entropy-train-both-cpu-mp0.01", "QAT does not choose precisions: mixed precision is a PTQ axis")]
+        ("m:int8-qat-mse-train-both-cpu-mp0.01", "QAT does not choose precisions: mixed precision is a PTQ axis")]
     base = recipe("ptq.mixed_precision=0.2")
     assert cell_recipe(base, g.cells[1]).ptq.mixed_precision is None
     assert cell_recipe(base, g.cells[2]).ptq.mixed_precision == 0.01
@@ -326,20 +327,20 @@ def test_mixed_precision_axis_expands_into_ptq_cells_and_their_recipes():
 def test_bias_correction_axis_adds_cells_without_it_and_not_to_qat():
     g = expand_grid(recipe("sweep.precisions=[fp32,int4]", "sweep.bias_corrections=[false,true]",
                            "sweep.methods=[ptq,qat]", "sweep.models=[m.pt]"))
-    assert ids(g) == ["m:fp32", "m:int4-ptq-entropy-train-both-cpu", "m:int4-ptq-entropy-train-both-cpu-bc",
-                      "m:int4-qat-entropy-train-both-cpu"]
+    assert ids(g) == ["m:fp32", "m:int4-ptq-mse-train-both-cpu", "m:int4-ptq-mse-train-both-cpu-bc",
+                      "m:int4-qat-mse-train-both-cpu"]
     assert not g.skipped and g.cells[3].bias_correction is None  # QAT trains its biases: one QAT cell
     assert recipe().ptq.bias_correction is True  # the default (bench/results/bias_correction_decision_rule.txt)
     base = recipe("ptq.bias_correction=true")
     assert cell_recipe(base, g.cells[1]).ptq.bias_correction is False
     assert cell_recipe(base, g.cells[2]).ptq.bias_correction is True
     assert short_labels([c.axes() for c in g.cells]) == ["fp32", "int4 ptq", "int4 ptq bc", "int4 qat"]
-    assert ids(expand_grid(base))[1] == "m:int8-ptq-entropy-train-both-cpu-bc", "unset axis: the recipe's value"
-    assert ids(expand_grid(recipe("ptq.bias_correction=false")))[1] == "m:int8-ptq-entropy-train-both-cpu"
+    assert ids(expand_grid(base))[1] == "m:int8-ptq-mse-train-both-cpu-bc", "unset axis: the recipe's value"
+    assert ids(expand_grid(recipe("ptq.bias_correction=false")))[1] == "m:int8-ptq-mse-train-both-cpu"
     only_off = recipe("ptq.bias_correction=true", "sweep.bias_corrections=[false]")
     assert any("ptq.bias_correction=true is not used" in n for n in expand_grid(only_off).notes)
     included = expand_grid(recipe("sweep.include=[{precision: int4, bias_correction: false}]"))
-    assert ids(included) == ["m:fp32", "m:int8-ptq-entropy-train-both-cpu-bc", "m:int4-ptq-entropy-train-both-cpu"]
+    assert ids(included) == ["m:fp32", "m:int8-ptq-mse-train-both-cpu-bc", "m:int4-ptq-mse-train-both-cpu"]
 
 
 def test_mixed_precision_budget_out_of_range_names_the_key():
