@@ -1,7 +1,7 @@
 """What map-aware's search optimises: the registered objectives (how the base rule is chosen, which changes stay).
 
-``separation`` (default) keeps a promise about the search set's separation, ``distortion`` about the map
-distortion, ``anchored`` starts from a fixed rule; see :class:`calibrators.map_aware.MapAwareCalibrator`.
+``distortion`` (default) keeps a promise about the map distortion, ``separation`` about the search set's
+separation, ``anchored`` starts from a fixed rule; see :class:`calibrators.map_aware.MapAwareCalibrator`.
 """
 
 from __future__ import annotations
