@@ -133,9 +133,7 @@ class SearchConfig(Section):
     normals: int = Field(32, ge=2)  # the search runs every candidate graph on 2 x normals images
     kinds: list[str] = Field(default_factory=lambda: ["patch", "scratch", "noise"], min_length=1)
     seed: int = 0
-    # > 0: a check set of that many further normals of the pool (and their synthetic anomalies, seed + 1), disjoint
-    # from the search set, on which map-aware's final check judges the descent's result against its base
-    check_normals: int = Field(0, ge=0)
+    check_normals: int = Field(0, ge=0)  # > 0: map-aware's final check runs on that many other normals (README)
     proxy: bool = False  # report the proxy (search-set AUROC) of every run, e.g. to correlate it with test AUROC
     time_budget_s: float = Field(600.0, ge=0.0)  # of the mixed-precision sensitivity scan and fallback
     latency_iterations: int = Field(10, ge=1)  # timed runs per model when costing fallbacks
@@ -144,9 +142,7 @@ class SearchConfig(Section):
 class PtqConfig(Section):
     """Post-training quantization: calibrator, target profile, policy."""
 
-    # mse, not entropy: below the best of the other calibrators in the fewest cells of every paired-bootstrap grid
-    # on MTD and the multi-class set (README, PTQ: "Calibrators")
-    calib: str = "mse"
+    calib: str = "mse"  # not entropy: the fewest shortfalls in every paired-bootstrap grid (README, "Calibrators")
     calib_options: dict[str, Any] = Field(default_factory=dict)
     calib_data: CalibDataConfig = Field(default_factory=CalibDataConfig)
     target: str = "cpu"
