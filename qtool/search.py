@@ -78,11 +78,8 @@ def build_search_set(splits: Splits, transform: ImageTransform, cfg: SearchConfi
     Raises:
         CalibrationError: no held-out or training normals. DataError: an unreadable image.
     """
-    samples = normal_pool(splits, cfg.normals)
-    normals = np.stack([transform.image(s.path) for s in samples])
-    out = search_set_from_arrays(normals, cfg.kinds, cfg.seed, [str(s.path) for s in samples])
-    out.description["pool"] = "ptq calibration normal pool: held-out normals, then training normals"
-    return out
+    return _pool_set(normal_pool(splits, cfg.normals), transform, cfg.kinds, cfg.seed,
+                     "ptq calibration normal pool: held-out normals, then training normals")
 
 
 def build_check_set(splits: Splits, transform: ImageTransform, cfg: SearchConfig) -> SearchSet:
@@ -95,10 +92,17 @@ def build_check_set(splits: Splits, transform: ImageTransform, cfg: SearchConfig
     if len(samples) < 2:
         raise CalibrationError(f"ptq.search.check_normals: the normal pool has {len(samples)} image(s) past the "
                                f"search set's {cfg.normals}; a check set needs at least 2")
+    return _pool_set(samples, transform, cfg.kinds, cfg.seed + 1,
+                     f"ptq calibration normal pool after the search set's {cfg.normals} images (disjoint from it): "
+                     "held-out normals, then training normals")
+
+
+def _pool_set(samples: Sequence[Any], transform: ImageTransform, kinds: Sequence[str], seed: int,
+              pool: str) -> SearchSet:
+    """A search set of the pool ``samples`` (read and preprocessed), with ``pool`` saying where they came from."""
     normals = np.stack([transform.image(s.path) for s in samples])
-    out = search_set_from_arrays(normals, cfg.kinds, cfg.seed + 1, [str(s.path) for s in samples])
-    out.description["pool"] = (f"ptq calibration normal pool after the search set's {cfg.normals} images "
-                               "(disjoint from it): held-out normals, then training normals")
+    out = search_set_from_arrays(normals, kinds, seed, [str(s.path) for s in samples])
+    out.description["pool"] = pool
     return out
 
 
