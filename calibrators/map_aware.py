@@ -18,6 +18,7 @@ from onnx import numpy_helper
 
 from calibrators.base import Calibrator, TensorRange, WeightRange, finite_values
 from calibrators.context import SearchContext
+from calibrators.evidence import EvidenceGate
 from calibrators.objectives import OBJECTIVES, Scores
 from calibrators.rule_bank import SEARCH_SUFFIX, RuleBank
 from qtool.errors import CalibrationError
@@ -77,6 +78,11 @@ class MapAwareCalibrator(Calibrator):
     (``SearchContext.check``, ``ptq.search.check_normals`` > 0) both are scored on it instead: images the descent
     was not chosen on, so a move that only fits the search set is undone (``final_check.set``: "check").
 
+    Evidence (``evidence`` = p, 0 = off; :mod:`calibrators.evidence`): the search leaves its priors (``initial``,
+    the spec's weight range, the base in the final check) only for a rule or a descent that distorts less in at
+    least a share p of paired bootstrap resamples of the search (or check) images; ``evidence`` in the summary
+    holds every share computed. The descent's single moves are not gated.
+
     So the result never distorts more than the base and, under ``separation``, never separates the
     search set worse than the best whole rule (under ``anchored``, than ``initial``); with bias correction
     on and ``final_check``, the result as saved is also never worse than the base as saved. Ties keep the
@@ -96,14 +102,14 @@ class MapAwareCalibrator(Calibrator):
     limit but the time), ``time_budget_s`` (300), ``tail_quantile`` (0.99: fp32 map values above this
     quantile on normals count as tail), ``rank_weight`` (1.0: weight of flipped pairs in the distortion),
     ``corrected_scan`` (False: rules scored as quantized, without bias correction; see above), ``final_check``
-    (True; see above).
+    (True; see above), ``evidence`` (0.0; see above).
     """
 
     OPTIONS = {"num_bins": 2048, "percentiles": [99.9, 99.99, 99.999], "initial": "entropy",
                "objective": "distortion", "search_candidates": True, "search_weights": True, "max_graphs": None,
                "time_budget_s": 300.0,
                "tail_quantile": 0.99,
-               "rank_weight": 1.0, "corrected_scan": False, "final_check": True}
+               "rank_weight": 1.0, "corrected_scan": False, "final_check": True, "evidence": 0.0}
     needs_graph = True
 
     def __init__(self, **options: Any) -> None:
@@ -124,6 +130,8 @@ class MapAwareCalibrator(Calibrator):
             raise self._option_error("tail_quantile", "a number in (0, 1)")
         if o["rank_weight"] < 0:
             raise self._option_error("rank_weight", "a number >= 0")
+        if not 0.0 <= o["evidence"] < 1.0:
+            raise self._option_error("evidence", "a share in [0, 1): 0 off, e.g. 0.95")
         if o["objective"] not in OBJECTIVES.names():
             raise self._option_error("objective", "one of " + ", ".join(OBJECTIVES.names()))
         self.objective = OBJECTIVES.get(o["objective"])
@@ -244,6 +252,7 @@ class MapAwareCalibrator(Calibrator):
         t0 = time.monotonic()
         budget, max_graphs = self.options["time_budget_s"], self.options["max_graphs"]
         runs, corrections, stop = 0, 0, None
+        gate = EvidenceGate(self.options["evidence"])
 
         def spent() -> bool:
             """Whether a budget is spent; ``stop``: the first that cut the search (``graphs`` or ``time``)."""
@@ -260,6 +269,7 @@ class MapAwareCalibrator(Calibrator):
             runs += 1
             maps, scores = on.run(on.build(assignment, None, biases))
             out = against(maps, scores)
+            gate.record(out, against, maps, scores)
             if objective.separates:
                 out.update(separation(maps, scores, on.masks, on.labels, exact_limit=SEARCH_EXACT_PIXELS))
             return out
@@ -288,7 +298,7 @@ class MapAwareCalibrator(Calibrator):
                 seen[key] = judge({**ranges, **{n: self.candidates[n][i][1] for n, i in zip(names, key)}})
             rule_scores[rule], rule_biases[rule] = seen[key]
         initial = self.options["initial"]
-        base = objective.choose(rule_scores) if rule_scores else initial
+        base = objective.choose(gate.eligible(rule_scores, initial, "rule")) if rule_scores else initial
         index = {n: self._index_of(n, base) for n in names}
         current = {**ranges, **{n: self.candidates[n][index[n]][1] for n in names}}
         best, biases = rule_scores.get(base), rule_biases.get(base)
@@ -304,7 +314,7 @@ class MapAwareCalibrator(Calibrator):
                     break
                 weight_scores[rule], weight_biases[rule] = judge(
                     {**current, **{w: self.candidates[w][self._index_of(w, rule)][1] for w in weights}})
-            weight_base = objective.choose(weight_scores)
+            weight_base = objective.choose(gate.eligible(weight_scores, weight_base, "weight rule"))
             best, biases = weight_scores[weight_base], weight_biases[weight_base]
         for w in weights:
             index[w] = self._index_of(w, weight_base)
@@ -355,7 +365,8 @@ class MapAwareCalibrator(Calibrator):
             base_saved = (start_scores if corrected and context.check is None else
                           as_saved(base_ranges, on, against)[0])
             result_saved, _ = as_saved(current, on, against)
-            keep = objective.keeps(result_saved, base_saved) and result_saved["loss"] <= base_saved["loss"]
+            keep = (objective.keeps(result_saved, base_saved) and result_saved["loss"] <= base_saved["loss"]
+                    and gate.convinced(base_saved, result_saved, "descent vs base"))
             check = {"set": "search" if context.check is None else "check", "images": len(on.images),
                      "base": base_saved, "result": result_saved, "kept": "descent" if keep else "base",
                      "graphs_run": runs - search_runs, "changes_undone": 0 if keep else changed}
@@ -371,7 +382,7 @@ class MapAwareCalibrator(Calibrator):
             "tensors": len(names), "tensors_changed_from_base": changed,
             "weights_searched": len(weights), "weight_rule_scores": weight_scores, "weight_base": weight_base,
             "seconds": round(seconds, 3), "budget_s": budget, "max_graphs": max_graphs,
-            "budget_spent": stop is not None, "stopped_by": stop,
+            "budget_spent": stop is not None, "stopped_by": stop, "evidence": gate.summary(),
         }
         if stop == "time" and budget > 0:
             log.warning("map-aware search stopped by its time budget (%g s) after %d graphs: the result depends on "

@@ -8,6 +8,7 @@ fp32 map, the synthetic defect regions, and the order of normal vs anomalous ima
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -63,6 +64,18 @@ def separation_drop(reference: dict[str, float], quantized: dict[str, float]) ->
     return max(reference[k] - quantized[k] for k in SEPARATION_KEYS)
 
 
+@dataclass(frozen=True)
+class DistortionParts:
+    """One graph's distortion, per image (see :meth:`MapDistortion.parts`).
+
+    ``sq_err`` (N,): squared map error summed over each image's region; ``flips`` (normals, anomalies): 0 / 0.5 / 1
+    per (normal, anomaly) pair whose score order left fp32's.
+    """
+
+    sq_err: np.ndarray
+    flips: np.ndarray
+
+
 class MapDistortion:
     """How far a quantized model's maps and scores are from fp32's where it matters (lower is better).
 
@@ -96,6 +109,44 @@ class MapDistortion:
         s = np.asarray(ref_scores, dtype=np.float64).ravel()
         self.ref_order = np.sign(s[self.anomalies][None, :] - s[self.normals][:, None])
         self.rank_weight = rank_weight
+        # per image: region pixels and the fp32 map's squared sum there (the norm of a resample)
+        self.pixels = self.region.reshape(len(ref), -1).sum(axis=1).astype(np.float64)
+        self.ref_sq = np.where(self.region, ref**2, 0.0).reshape(len(ref), -1).sum(axis=1)
+
+    def resampled_losses(self, parts: DistortionParts, draws: np.ndarray) -> np.ndarray:
+        """The loss on each resample of the images: ``draws`` (R, N) counts of each image (normals, anomalies).
+
+        With every count 1 it is :meth:`__call__`'s loss (up to rounding).
+        """
+        w = np.asarray(draws, dtype=np.float64)
+        pixels = w @ self.pixels
+        safe = np.where(pixels > 0, pixels, 1.0)
+        norm = np.sqrt(w @ self.ref_sq / safe)
+        rel = np.where(pixels > 0, np.sqrt(w @ parts.sq_err / safe) / np.where(norm > 0, norm, 1.0), 0.0)
+        if not parts.flips.size:
+            return rel
+        wn, wa = w[:, self.normals], w[:, self.anomalies]
+        flips = np.einsum("rn,na,ra->r", wn, parts.flips, wa) / (wn.sum(axis=1) * wa.sum(axis=1))
+        return rel + self.rank_weight * flips
+
+    def draws(self, rounds: int, seed: int = 0) -> np.ndarray:
+        """(rounds, N) image counts of stratified bootstrap resamples (normals and anomalies drawn separately)."""
+        rng = np.random.default_rng(seed)
+        counts = np.zeros((rounds, len(self.pixels)), np.int64)
+        for group in (self.normals, self.anomalies):
+            if group.size:
+                picks = group[rng.integers(0, group.size, size=(rounds, group.size))]
+                np.add.at(counts, (np.arange(rounds)[:, None], picks), 1)
+        return counts
+
+    def parts(self, maps: np.ndarray, scores: np.ndarray) -> DistortionParts:
+        """Per-image pieces of the distortion, to recompute it on resampled images (:func:`evidence`)."""
+        err = np.zeros(self.region.shape, np.float64)
+        err[self.region] = (np.asarray(maps, dtype=np.float64)[self.region] - self.ref) ** 2
+        s = np.asarray(scores, dtype=np.float64).ravel()
+        order = np.sign(s[self.anomalies][None, :] - s[self.normals][:, None])
+        flips = np.where(order == self.ref_order, 0.0, np.where(order == 0, 0.5, 1.0))
+        return DistortionParts(err.reshape(len(err), -1).sum(axis=1), flips)
 
     def __call__(self, maps: np.ndarray, scores: np.ndarray) -> dict[str, float]:
         """``{"loss", "map_rel_rms", "order_flips"}`` of one quantized model's outputs."""
