@@ -45,3 +45,10 @@ def optimized_ops(model: onnx.ModelProto, tmp: Path, level: str = "ORT_ENABLE_EX
     out = tmp / "optimized.onnx"
     session(model, level, optimized=out)
     return [(n.op_type, n.name) for n in onnx.load(str(out)).graph.node]
+
+
+def map_outputs(model: onnx.ModelProto, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Anomaly maps (N, S, S) and scores (N,) of a KD model from one plain ORT session, image by image."""
+    sess = session(model, "ORT_ENABLE_BASIC")
+    runs = [sess.run(["anomaly_map", "score"], {"image": x[None]}) for x in images]
+    return np.concatenate([m[:, 0] for m, _ in runs]), np.concatenate([s for _, s in runs])

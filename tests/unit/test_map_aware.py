@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers.ort_utils import session
+from helpers.ort_utils import map_outputs, session
 from helpers.outlier_model import TEACHER_TENSOR, outlier_model, smooth_normals
 from sklearn.metrics import roc_auc_score
 
@@ -143,13 +143,6 @@ def test_unlimited_graph_budget_searches_every_tensor_and_reports_no_cut(setup):
     assert all(r.meta["search"] in ("searched", "single candidate") for r in chosen.values())
 
 
-def outputs(model, search):
-    """Independent of the harness: maps (N, S, S) and scores (N,) from one plain ORT session, image by image."""
-    sess = session(model, "ORT_ENABLE_BASIC")
-    runs = [sess.run(["anomaly_map", "score"], {"image": x[None]}) for x in search.images]
-    return np.concatenate([m[:, 0] for m, _ in runs]), np.concatenate([s for _, s in runs])
-
-
 def graph_scorer(model, search):
     """``scores(qdq) -> {loss, image_auroc, pixel_auroc}``, independent of the harness.
 
@@ -157,10 +150,10 @@ def graph_scorer(model, search):
     """
     from qtool.proxy import MapDistortion
 
-    distortion = MapDistortion(*outputs(model, search), search.masks, search.labels)
+    distortion = MapDistortion(*map_outputs(model, search.images), search.masks, search.labels)
 
     def scores(m) -> dict[str, float]:
-        maps, s = outputs(m, search)
+        maps, s = map_outputs(m, search.images)
         return {"loss": distortion(maps, s)["loss"], "image_auroc": float(roc_auc_score(search.labels, s)),
                 "pixel_auroc": float(roc_auc_score(search.masks.ravel() > 0, maps.ravel()))}
 
