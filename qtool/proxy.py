@@ -110,8 +110,9 @@ class MapDistortion:
         self.ref_order = np.sign(s[self.anomalies][None, :] - s[self.normals][:, None])
         self.rank_weight = rank_weight
         # per image: region pixels and the fp32 map's squared sum there (the norm of a resample)
-        self.pixels = self.region.reshape(len(ref), -1).sum(axis=1).astype(np.float64)
-        self.ref_sq = np.where(self.region, ref**2, 0.0).reshape(len(ref), -1).sum(axis=1)
+        self.image_of = np.nonzero(self.region)[0]  # the image of each region pixel, in self.ref's order
+        self.pixels = np.bincount(self.image_of, minlength=len(ref)).astype(np.float64)
+        self.ref_sq = np.bincount(self.image_of, weights=self.ref**2, minlength=len(ref))
 
     def resampled_losses(self, parts: DistortionParts, draws: np.ndarray) -> np.ndarray:
         """The loss on each resample of the images: ``draws`` (R, N) counts of each image (normals, anomalies).
@@ -141,12 +142,11 @@ class MapDistortion:
 
     def parts(self, maps: np.ndarray, scores: np.ndarray) -> DistortionParts:
         """Per-image pieces of the distortion, to recompute it on resampled images (:func:`evidence`)."""
-        err = np.zeros(self.region.shape, np.float64)
-        err[self.region] = (np.asarray(maps, dtype=np.float64)[self.region] - self.ref) ** 2
+        err = (np.asarray(maps, dtype=np.float64)[self.region] - self.ref) ** 2
         s = np.asarray(scores, dtype=np.float64).ravel()
         order = np.sign(s[self.anomalies][None, :] - s[self.normals][:, None])
         flips = np.where(order == self.ref_order, 0.0, np.where(order == 0, 0.5, 1.0))
-        return DistortionParts(err.reshape(len(err), -1).sum(axis=1), flips)
+        return DistortionParts(np.bincount(self.image_of, weights=err, minlength=len(self.pixels)), flips)
 
     def __call__(self, maps: np.ndarray, scores: np.ndarray) -> dict[str, float]:
         """``{"loss", "map_rel_rms", "order_flips"}`` of one quantized model's outputs."""
