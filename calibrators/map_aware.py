@@ -34,7 +34,7 @@ Candidates = list[tuple[list[str], TensorRange | WeightRange]]
 class MapAwareCalibrator(Calibrator):
     """Choose each tensor's clipping range by what it does to the final anomaly map and image scores.
 
-    ``compute`` returns the ``initial`` rule's ranges (TensorRT-style entropy by default) and keeps
+    ``compute`` returns the ``initial`` rule's ranges (mse by default) and keeps
     every rule's candidate per tensor (rules with identical bounds are one candidate): each rule on
     the calibration source alone (the range its standalone calibrator gives) and, with
     ``search_candidates``, each rule again on the source plus the search images (``mse+search``...),
@@ -93,8 +93,8 @@ class MapAwareCalibrator(Calibrator):
     no rule was scored). After ``refine``, :attr:`search_summary` holds the rule scores, the base,
     the counts and which budget stopped it.
 
-    Options: ``num_bins`` (2048), ``percentiles`` ([99.9, 99.99, 99.999]), ``initial`` ("entropy";
-    or "minmax", "mse", "percentile-P"), ``objective`` ("distortion", "separation" or "anchored"),
+    Options: ``num_bins`` (2048), ``percentiles`` ([99.9, 99.99, 99.999]), ``initial`` ("mse";
+    or "minmax", "entropy", "percentile-P"), ``objective`` ("distortion", "separation" or "anchored"),
     ``search_candidates`` (True), ``search_weights`` (True: each weight's bounds under every rule in
     ``qtool.graph.weight_ranges`` are candidates too, scanned as whole rules after the activation rules,
     then searched in the same descent; False: weights keep the spec's weight range rule; the default since
@@ -102,14 +102,14 @@ class MapAwareCalibrator(Calibrator):
     limit but the time), ``time_budget_s`` (300), ``tail_quantile`` (0.99: fp32 map values above this
     quantile on normals count as tail), ``rank_weight`` (1.0: weight of flipped pairs in the distortion),
     ``corrected_scan`` (False: rules scored as quantized, without bias correction; see above), ``final_check``
-    (True; see above), ``evidence`` (0.0; see above).
+    (True; see above), ``evidence`` (0.95: see above; 0 turns the gate off).
     """
 
-    OPTIONS = {"num_bins": 2048, "percentiles": [99.9, 99.99, 99.999], "initial": "entropy",
+    OPTIONS = {"num_bins": 2048, "percentiles": [99.9, 99.99, 99.999], "initial": "mse",
                "objective": "distortion", "search_candidates": True, "search_weights": True, "max_graphs": None,
                "time_budget_s": 300.0,
                "tail_quantile": 0.99,
-               "rank_weight": 1.0, "corrected_scan": False, "final_check": True, "evidence": 0.0}
+               "rank_weight": 1.0, "corrected_scan": False, "final_check": True, "evidence": 0.95}
     needs_graph = True
 
     def __init__(self, **options: Any) -> None:

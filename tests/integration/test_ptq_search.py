@@ -85,9 +85,19 @@ def test_report_shows_per_layer_ranges_candidates_sensitivity_and_precision(sear
     base, final = search["rule_losses"][search["base"]], search["final"]
     objective = MapAwareCalibrator.OPTIONS["objective"]  # the default: this run sets none
     assert search["objective"] == objective
-    assert search["base"] == OBJECTIVES.get(objective).choose(search["rule_losses"])
+    gate = search["evidence"]  # on by default: a rule leaves its prior only if it distorts less on enough resamples
+    assert gate["level"] == MapAwareCalibrator.OPTIONS["evidence"] > 0
+
+    def convincing(scores: dict, prior: str, kind: str) -> dict:
+        return {k: v for k, v in scores.items() if k == prior or gate["shares"][f"{kind} {k} vs {prior}"] >= 0.95}
+
+    initial = MapAwareCalibrator.OPTIONS["initial"]
+    assert list(search["rule_losses"])[0] == initial
+    assert search["base"] == OBJECTIVES.get(objective).choose(convincing(search["rule_losses"], initial, "rule"))
     if search["weights_searched"]:  # then the weights' whole rules are scored too; their pick is the final base
-        assert search["weight_base"] == OBJECTIVES.get(objective).choose(search["weight_rule_scores"])
+        prior = list(search["weight_rule_scores"])[0]  # the spec's weight range
+        assert search["weight_base"] == OBJECTIVES.get(objective).choose(
+            convincing(search["weight_rule_scores"], prior, "weight rule"))
         base = search["weight_rule_scores"][search["weight_base"]]
     assert final["loss"] <= base["loss"]
     if OBJECTIVES.get(objective).separates:

@@ -127,7 +127,7 @@ def test_base_leaves_initial_only_for_a_rule_that_convinces(setup):
     """
     _, model, search = setup
     options = {"initial": "entropy", "search_candidates": False}
-    _, _, off, _ = _search(setup, 8, **options)
+    _, _, off, _ = _search(setup, 8, evidence=0.0, **options)
     spec, start, cal, _ = _search(setup, 8, evidence=0.95, **options)
     rules = cal.search_summary["rule_losses"]
     assert off.search_summary["base"] == min(rules, key=lambda k: rules[k]["loss"]) != "entropy"  # premise
@@ -163,7 +163,7 @@ def test_final_check_keeps_the_descent_only_on_evidence(setup, bits, verdict):
     """
     normals, model, search = setup
     options = {"corrected_scan": True, "objective": "distortion"}
-    _, _, off, descent = _search(setup, bits, corrector=True, **options)
+    _, _, off, descent = _search(setup, bits, corrector=True, evidence=0.0, **options)
     spec, start, cal, chosen = _search(setup, bits, corrector=True, evidence=0.95, **options)
     assert off.search_summary["final_check"]["kept"] == "descent"  # premise: without the gate it stays
     check = cal.search_summary["final_check"]

@@ -21,8 +21,11 @@ from qtool.recipe import PtqConfig
 from qtool.search import Harness, search_set_from_arrays
 
 KINDS = ["scratch", "noise"]
+#: The search's own mechanics, without the evidence gate and from the rule it started at before it (the gate's
+#: tests: test_evidence.py).
+UNGATED = {"initial": "entropy", "evidence": 0.0}
 #: The activation-range search alone (the weight search has its own test below).
-ACTIVATIONS_ONLY = {"search_weights": False}
+ACTIVATIONS_ONLY = {"search_weights": False, **UNGATED}
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +220,7 @@ def test_anchored_objective_starts_at_initial_and_never_separates_worse_than_it(
     """
     normals, model, search = setup
     spec = spec_at(model, 4)
-    cal = get_calibrator("map-aware", num_bits=4, objective="anchored", initial=initial, **ACTIVATIONS_ONLY)
+    cal = get_calibrator("map-aware", num_bits=4, objective="anchored", **{**ACTIVATIONS_ONLY, "initial": initial})
     tensors = spec.tensors_to_calibrate()
     start = observe(model, tensors, cal, normals, search)
     chosen = cal.refine(start, Harness(model, spec, search, threads=1).context())
@@ -257,7 +260,7 @@ def test_weight_search_chooses_each_weights_rule_and_keeps_the_promise(setup, ob
 
     normals, model, search = setup
     spec = spec_at(model, 4)
-    cal = get_calibrator("map-aware", num_bits=4, objective=objective, search_weights=True)
+    cal = get_calibrator("map-aware", num_bits=4, objective=objective, search_weights=True, **UNGATED)
     start = observe(model, spec.tensors_to_calibrate(), cal, normals, search)
     chosen = cal.refine(start, Harness(model, spec, search, threads=1).context())
     summary = cal.search_summary
@@ -305,7 +308,7 @@ def test_candidates_are_the_standard_rules_on_one_shared_histogram():
     rng = np.random.default_rng(3)
     data = [rng.laplace(0.2, 1 + i, 5000).astype(np.float32) for i in range(3)]
     for symmetric in (False, True):
-        cal = get_calibrator("map-aware", symmetric=symmetric, percentiles=[99.9])
+        cal = get_calibrator("map-aware", symmetric=symmetric, percentiles=[99.9], **UNGATED)
         ref = {n: get_calibrator(n, symmetric=symmetric, **({"percentile": 99.9} if n == "percentile" else {}))
                for n in ("minmax", "entropy", "mse", "percentile")}
         for b in data:
@@ -327,7 +330,7 @@ def test_source_candidates_ignore_the_search_images_and_search_candidates_cover_
     rng = np.random.default_rng(4)
     source = [rng.normal(0.0, 1.0, 4000).astype(np.float32) for _ in range(2)]
     search = rng.normal(0.0, 1.0, 4000).astype(np.float32) * 6.0  # synthetic anomalies: wider values
-    cal = get_calibrator("map-aware", percentiles=[99.9])
+    cal = get_calibrator("map-aware", percentiles=[99.9], **UNGATED)
     for b in source:
         cal.observe("x", b)
     cal.begin_search_images()
@@ -342,7 +345,7 @@ def test_source_candidates_ignore_the_search_images_and_search_candidates_cover_
         r = ref.compute()["x"]
         assert got[name] == pytest.approx((r.lo, r.hi), rel=1e-9, abs=1e-12), name
     assert got["minmax+search"][1] > 3 * got["minmax"][1]
-    plain = get_calibrator("map-aware", search_candidates=False)
+    plain = get_calibrator("map-aware", search_candidates=False, **UNGATED)
     plain.observe("x", source[0])
     plain.begin_search_images()
     plain.observe("x", search)
