@@ -37,10 +37,10 @@ class EvidenceGate:
         """Whether departures need evidence (``level`` > 0)."""
         return self.level > 0
 
-    def record(self, scores: Scores, loss: MapDistortion, maps: Any, image_scores: Any) -> None:
+    def record(self, scores: Scores, loss: MapDistortion, parts: DistortionParts) -> None:
         """Keep the per-image parts behind ``scores`` (nothing when the gate is off)."""
         if self.on:  # the scores object is kept alive with its parts, so its id is not reused
-            self._parts[id(scores)] = (scores, loss, loss.parts(maps, image_scores))
+            self._parts[id(scores)] = (scores, loss, parts)
 
     def share(self, base: Scores, new: Scores) -> float:
         """Share of resamples in which ``new`` distorts less than ``base``."""

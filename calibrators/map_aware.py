@@ -268,8 +268,9 @@ class MapAwareCalibrator(Calibrator):
             nonlocal runs
             runs += 1
             maps, scores = on.run(on.build(assignment, None, biases))
-            out = against(maps, scores)
-            gate.record(out, against, maps, scores)
+            parts = against.parts(maps, scores)
+            out = against.summary(parts)
+            gate.record(out, against, parts)
             if objective.separates:
                 out.update(separation(maps, scores, on.masks, on.labels, exact_limit=SEARCH_EXACT_PIXELS))
             return out

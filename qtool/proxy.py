@@ -141,7 +141,7 @@ class MapDistortion:
         return counts
 
     def parts(self, maps: np.ndarray, scores: np.ndarray) -> DistortionParts:
-        """Per-image pieces of the distortion, to recompute it on resampled images (:func:`evidence`)."""
+        """Per-image pieces of the distortion (:meth:`summary` sums them; :meth:`resampled_losses` reweights them)."""
         err = (np.asarray(maps, dtype=np.float64)[self.region] - self.ref) ** 2
         s = np.asarray(scores, dtype=np.float64).ravel()
         order = np.sign(s[self.anomalies][None, :] - s[self.normals][:, None])
@@ -150,11 +150,11 @@ class MapDistortion:
 
     def __call__(self, maps: np.ndarray, scores: np.ndarray) -> dict[str, float]:
         """``{"loss", "map_rel_rms", "order_flips"}`` of one quantized model's outputs."""
-        err = np.asarray(maps, dtype=np.float64)[self.region] - self.ref
-        rel_rms = math.sqrt(float(np.mean(err**2))) / self.norm if err.size else 0.0
-        flips = 0.0
-        if self.ref_order.size:
-            s = np.asarray(scores, dtype=np.float64).ravel()
-            order = np.sign(s[self.anomalies][None, :] - s[self.normals][:, None])
-            flips = float(np.mean(np.where(order == self.ref_order, 0.0, np.where(order == 0, 0.5, 1.0))))
+        return self.summary(self.parts(maps, scores))
+
+    def summary(self, parts: DistortionParts) -> dict[str, float]:
+        """``{"loss", "map_rel_rms", "order_flips"}`` from a graph's :meth:`parts` (all images once)."""
+        pixels = float(self.pixels.sum())
+        rel_rms = math.sqrt(float(parts.sq_err.sum()) / pixels) / self.norm if pixels else 0.0
+        flips = float(np.mean(parts.flips)) if parts.flips.size else 0.0
         return {"loss": rel_rms + self.rank_weight * flips, "map_rel_rms": rel_rms, "order_flips": flips}

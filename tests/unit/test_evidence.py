@@ -87,7 +87,7 @@ def test_gate_passes_a_graph_better_on_every_image_and_holds_one_better_on_a_sin
     gate, scores = EvidenceGate(0.95), {}
     for name, maps in graphs.items():
         scores[name] = d(maps, ref_scores)
-        gate.record(scores[name], d, maps, ref_scores)
+        gate.record(scores[name], d, d.parts(maps, ref_scores))
     assert scores["lucky"]["loss"] < scores["prior"]["loss"]  # premise: lowest-loss pick would leave the prior
     assert gate.share(scores["prior"], scores["better"]) == 1.0
     assert gate.share(scores["prior"], scores["lucky"]) < 0.95
