@@ -139,3 +139,22 @@ def test_rescore_bad_kinds_and_missing_graph(tmp_path):
         rc.main(["--grid", str(grid), "--kinds", "crack", "--out", str(tmp_path / "rc")])
     assert "model.onnx is missing" in str(e.value)
     assert not (tmp_path / "rc.md").exists()
+
+
+def test_proxy_kinds_pair_measures_both_graphs_and_the_gate_share(tmp_path):
+    """bench/proxy_kinds_pair.py on the same grid: entropy's graph equals fp32's, minmax's maps a constant."""
+    import proxy_kinds_pair as pk
+
+    grid = _rescorable(tmp_path / "g" / "mtd-rd")
+    out = tmp_path / "pair"
+    pk.main(["--setup", str(grid), "--a", "entropy-train-8bit", "--b", "minmax-train-8bit", "--kinds", "crack,hole",
+             "--kinds", "stain", "--threads", "1", "--out", str(out)])
+    payload = json.loads(out.with_suffix(".json").read_text())
+    assert [r["kinds"] for r in payload["rows"]] == [["crack", "hole"], ["stain"]]
+    for row in payload["rows"]:
+        assert row["a"]["loss"] == 0.0 and row["b"]["loss"] > 0.1 and row["b"]["pixel_auroc"] == 0.5
+        assert row["share_b_better"] == 0.0  # B never distorts less than a graph equal to fp32
+    assert payload["test"]["entropy-train-8bit"]["image_auroc"] == CELL["entropy"][0]
+    swapped = pk.compare(grid, "minmax-train-8bit", "entropy-train-8bit", ["crack"], 1)
+    assert swapped["share_b_better"] == 1.0
+    assert "| crack, hole |" in out.with_suffix(".md").read_text()
