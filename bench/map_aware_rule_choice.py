@@ -111,7 +111,8 @@ class Rescorer:
     def __init__(self, kinds: list[str], threads: int = 2) -> None:
         self.kinds, self.threads, self.references = kinds, threads, {}
 
-    def _search(self, ptq: Path) -> tuple[SearchSet, MapDistortion]:
+    def search_set(self, ptq: Path) -> tuple[SearchSet, MapDistortion]:
+        """The re-made search set of a cell's ``ptq`` folder and the distortion against its fp32 graph (cached)."""
         from qtool.data import ImageTransform
         from qtool.proxy import MapDistortion
         from qtool.recipe import load_recipe
@@ -126,11 +127,12 @@ class Rescorer:
             transform = ImageTransform(load_recipe(ptq / "recipe.yaml").data)
             normals = np.stack([transform.image(Path(f)) for f in what["files"]])
             search = search_set_from_arrays(normals, self.kinds, what["seed"], what["files"])
-            ref = self._run(Path(report["model"]), search)
+            ref = self.outputs(Path(report["model"]), search)
             self.references[key] = (search, MapDistortion(*ref, search.masks, search.labels))
         return self.references[key]
 
-    def _run(self, model: Path, search: SearchSet) -> tuple[np.ndarray, np.ndarray]:
+    def outputs(self, model: Path, search: SearchSet) -> tuple[np.ndarray, np.ndarray]:
+        """``model``'s maps and scores on ``search``'s images (Q/DQ simulated in float); exits if it is missing."""
         from qtool.evaluate import OnnxPredictor
         from qtool.search import RUN_LEVEL
 
@@ -145,8 +147,8 @@ class Rescorer:
         scores = {}
         for rule, calib in STANDARD.items():
             ptq = setup / f"{calib}-{cell}" / "ptq"
-            search, distortion = self._search(ptq)
-            outputs = self._run(ptq / "model.onnx", search)
+            search, distortion = self.search_set(ptq)
+            outputs = self.outputs(ptq / "model.onnx", search)
             scores[rule] = {**separation(*outputs, search.masks, search.labels), **distortion(*outputs)}
         return scores, f"re-scored on {len(search.images) // 2} normals + anomalies of kinds {', '.join(self.kinds)}"
 

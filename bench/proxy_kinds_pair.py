@@ -29,11 +29,11 @@ from qtool.proxy import separation  # noqa: E402
 def compare(setup: Path, a: str, b: str, kinds: list[str], threads: int) -> dict:
     """A's and B's proxy on anomalies of ``kinds``, and the share of resamples in which B distorts less."""
     rescorer, gate = Rescorer(kinds, threads), EvidenceGate(0.95)
-    search, distortion = rescorer._search(setup / a / "ptq")
+    search, distortion = rescorer.search_set(setup / a / "ptq")
     row: dict = {"kinds": kinds}
     scored = {}
     for label, cell in (("a", a), ("b", b)):
-        maps, scores = rescorer._run(setup / cell / "ptq" / "model.onnx", search)
+        maps, scores = rescorer.outputs(setup / cell / "ptq" / "model.onnx", search)
         parts = distortion.parts(maps, scores)
         scored[label] = distortion.summary(parts)
         gate.record(scored[label], distortion, parts)
