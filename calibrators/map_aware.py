@@ -81,7 +81,8 @@ class MapAwareCalibrator(Calibrator):
     Evidence (``evidence`` = p, 0 = off; :mod:`calibrators.evidence`): the search leaves its priors (``initial``,
     the spec's weight range, the base in the final check) only for a rule or a descent that distorts less in at
     least a share p of paired bootstrap resamples of the search (or check) images; ``evidence`` in the summary
-    holds every share computed. The descent's single moves are not gated.
+    holds every share computed. With ``guard`` ("separation") the ``separation`` objective must also prefer the
+    departure to the prior on the same images. The descent's single moves are not gated.
 
     So the result never distorts more than the base and, under ``separation``, never separates the
     search set worse than the best whole rule (under ``anchored``, than ``initial``); with bias correction
@@ -93,23 +94,22 @@ class MapAwareCalibrator(Calibrator):
     no rule was scored). After ``refine``, :attr:`search_summary` holds the rule scores, the base,
     the counts and which budget stopped it.
 
-    Options: ``num_bins`` (2048), ``percentiles`` ([99.9, 99.99, 99.999]), ``initial`` ("mse";
-    or "minmax", "entropy", "percentile-P"), ``objective`` ("distortion", "separation" or "anchored"),
+    Options: ``num_bins`` (2048), ``percentiles`` ([99.9, 99.99, 99.999]), ``initial`` ("mse"; or "minmax",
+    "entropy", "percentile-P"), ``objective`` ("distortion", "separation" or "anchored"),
     ``search_candidates`` (True), ``search_weights`` (True: each weight's bounds under every rule in
     ``qtool.graph.weight_ranges`` are candidates too, scanned as whole rules after the activation rules,
     then searched in the same descent; False: weights keep the spec's weight range rule; the default since
-    bench/results/map_aware_weights_decision_rule.txt), ``max_graphs`` (None: no
-    limit but the time), ``time_budget_s`` (300), ``tail_quantile`` (0.99: fp32 map values above this
-    quantile on normals count as tail), ``rank_weight`` (1.0: weight of flipped pairs in the distortion),
-    ``corrected_scan`` (False: rules scored as quantized, without bias correction; see above), ``final_check``
-    (True; see above), ``evidence`` (0.95: see above; 0 turns the gate off).
+    bench/results/map_aware_weights_decision_rule.txt), ``max_graphs`` (None: no limit but the time),
+    ``time_budget_s`` (300), ``tail_quantile`` (0.99: fp32 map values above this quantile on normals count as
+    tail), ``rank_weight`` (1.0: weight of flipped pairs in the distortion), ``corrected_scan`` (False: rules
+    scored as quantized, without bias correction; see above), ``final_check`` (True; see above), ``evidence``
+    (0.95: see above; 0 turns the gate off), ``guard`` ("none"; or "separation": see above).
     """
 
     OPTIONS = {"num_bins": 2048, "percentiles": [99.9, 99.99, 99.999], "initial": "mse",
                "objective": "distortion", "search_candidates": True, "search_weights": True, "max_graphs": None,
-               "time_budget_s": 300.0,
-               "tail_quantile": 0.99,
-               "rank_weight": 1.0, "corrected_scan": False, "final_check": True, "evidence": 0.95}
+               "time_budget_s": 300.0, "tail_quantile": 0.99, "rank_weight": 1.0, "corrected_scan": False,
+               "final_check": True, "evidence": 0.95, "guard": "none"}
     needs_graph = True
 
     def __init__(self, **options: Any) -> None:
@@ -130,8 +130,8 @@ class MapAwareCalibrator(Calibrator):
             raise self._option_error("tail_quantile", "a number in (0, 1)")
         if o["rank_weight"] < 0:
             raise self._option_error("rank_weight", "a number >= 0")
-        if not 0.0 <= o["evidence"] < 1.0:
-            raise self._option_error("evidence", "a share in [0, 1): 0 off, e.g. 0.95")
+        for option, expected in EvidenceGate.problems(o["evidence"], o["guard"]):
+            raise self._option_error(option, expected)
         if o["objective"] not in OBJECTIVES.names():
             raise self._option_error("objective", "one of " + ", ".join(OBJECTIVES.names()))
         self.objective = OBJECTIVES.get(o["objective"])
@@ -252,7 +252,7 @@ class MapAwareCalibrator(Calibrator):
         t0 = time.monotonic()
         budget, max_graphs = self.options["time_budget_s"], self.options["max_graphs"]
         runs, corrections, stop = 0, 0, None
-        gate = EvidenceGate(self.options["evidence"])
+        gate = EvidenceGate(self.options["evidence"], self.options["guard"])
 
         def spent() -> bool:
             """Whether a budget is spent; ``stop``: the first that cut the search (``graphs`` or ``time``)."""
@@ -271,7 +271,7 @@ class MapAwareCalibrator(Calibrator):
             parts = against.parts(maps, scores)
             out = against.summary(parts)
             gate.record(out, against, parts)
-            if objective.separates:
+            if objective.separates or gate.guard:
                 out.update(separation(maps, scores, on.masks, on.labels, exact_limit=SEARCH_EXACT_PIXELS))
             return out
 

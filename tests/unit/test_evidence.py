@@ -20,7 +20,7 @@ from qtool.bias_correction import BiasCorrector, correct_biases
 from qtool.calibrate import calibrate
 from qtool.errors import CalibrationError
 from qtool.graph import build_spec, insert_qdq, prepare
-from qtool.proxy import MapDistortion
+from qtool.proxy import MapDistortion, separation
 from qtool.recipe import PtqConfig
 from qtool.search import Harness, search_set_from_arrays
 
@@ -100,6 +100,37 @@ def test_gate_passes_a_graph_better_on_every_image_and_holds_one_better_on_a_sin
     assert off.convinced(scores["prior"], scores["lucky"], "x")
 
 
+def test_guard_holds_a_graph_that_distorts_less_but_ranks_the_defect_pixels_worse():
+    """Distortion counts only the tail and defect region; the guard sees pixels outside it outscore the defects."""
+    ref, ref_scores, masks, labels = _toy()
+    d = MapDistortion(ref, ref_scores, masks, labels)
+    rng = np.random.default_rng(4)
+    prior = ref + 0.1 * rng.choice([-1.0, 1.0], size=ref.shape)
+    worse_ranked = ref + 0.05 * rng.choice([-1.0, 1.0], size=ref.shape)
+    outside = ~d.region & (rng.random(ref.shape) < 0.3)
+    worse_ranked[outside] = 2.5  # above the defects' values, in pixels the distortion does not count
+    graphs = {"prior": prior, "worse_ranked": worse_ranked, "better": ref + 0.05 * np.sign(prior - ref)}
+    scores, gates = {}, {"none": EvidenceGate(0.95), "separation": EvidenceGate(0.95, "separation"),
+                         "guard only": EvidenceGate(0.0, "separation")}
+    for name, maps in graphs.items():
+        scores[name] = {**d(maps, ref_scores), **separation(maps, ref_scores, masks, labels)}
+        for gate in gates.values():
+            gate.record(scores[name], d, d.parts(maps, ref_scores))
+    assert scores["worse_ranked"]["pixel_auroc"] < scores["prior"]["pixel_auroc"]  # premises
+    assert scores["worse_ranked"]["image_auroc"] == scores["prior"]["image_auroc"] == 1.0
+    assert gates["none"].share(scores["prior"], scores["worse_ranked"]) == 1.0
+    assert list(gates["none"].eligible(scores, "prior", "rule")) == ["prior", "worse_ranked", "better"]
+    for name in ("separation", "guard only"):
+        assert list(gates[name].eligible(scores, "prior", "rule")) == ["prior", "better"]
+        summary = gates[name].summary()
+        assert summary["guard"] == "separation"
+        assert {k: v["passed"] for k, v in summary["guarded"].items()} == {
+            "rule worse_ranked vs prior": False, "rule better vs prior": True}
+        assert summary["guarded"]["rule worse_ranked vs prior"]["new"]["pixel_auroc"] == pytest.approx(
+            scores["worse_ranked"]["pixel_auroc"])
+    assert gates["guard only"].summary()["shares"] == {}  # no evidence asked: no bootstrap run
+
+
 @pytest.fixture(scope="module")
 def setup():
     normals = smooth_normals(12)
@@ -151,6 +182,17 @@ def test_gate_still_leaves_a_range_that_erases_the_anomalies(setup):
     assert chosen[TEACHER_TENSOR].hi > 2 * on_normals[TEACHER_TENSOR].hi
     summary = cal.search_summary
     assert summary["base"] != "mse" and summary["evidence"]["shares"][f"rule {summary['base']} vs mse"] >= 0.95
+    # the separation guard lets it through: mse's clipped map ranks images at chance, although the few pixels
+    # left rank better than the kept range's (a pixel-AUROC-only guard would have kept the clipping)
+    _, _, guarded, kept = _search(setup, 4, initial="mse", evidence=0.95, guard="separation")
+    verdict = guarded.search_summary["evidence"]["guarded"][f"rule {summary['base']} vs mse"]
+    assert verdict["passed"] and guarded.search_summary["base"] == summary["base"]
+    assert kept[TEACHER_TENSOR].hi > 2 * on_normals[TEACHER_TENSOR].hi
+    assert verdict["prior"]["image_auroc"] < verdict["new"]["image_auroc"] - 0.1
+    assert verdict["prior"]["pixel_auroc"] > verdict["new"]["pixel_auroc"]
+    recomputed = separation(*map_outputs(insert_qdq(model, spec, _rule_ranges(cal, start, "mse")), search.images),
+                            search.masks, search.labels)
+    assert verdict["prior"] == pytest.approx(recomputed, abs=1e-5)
 
 
 @pytest.mark.parametrize("bits, verdict", [(8, "base"), (4, "descent")])
@@ -181,7 +223,8 @@ def test_final_check_keeps_the_descent_only_on_evidence(setup, bits, verdict):
     assert all((chosen[t].lo, chosen[t].hi) == (expected[t].lo, expected[t].hi) for t in spec.tensors_to_calibrate())
 
 
-@pytest.mark.parametrize("value", [-0.1, 1.0, 2])
-def test_bad_evidence_level_names_the_option(value):
-    with pytest.raises(CalibrationError, match="evidence"):
-        get_calibrator("map-aware", evidence=value)
+@pytest.mark.parametrize("option, value", [("evidence", -0.1), ("evidence", 1.0), ("evidence", 2),
+                                           ("evidence", True), ("guard", "pixel_auroc"), ("guard", None)])
+def test_bad_evidence_or_guard_names_the_option(option, value):
+    with pytest.raises(CalibrationError, match=option):
+        get_calibrator("map-aware", **{option: value})
