@@ -27,6 +27,8 @@ Scores = dict[str, float]
 ROUNDS, SEED = 2000, 0
 #: ``guard`` values: none, or the separation objective's choice between the prior and the departure.
 GUARDS = ("none", "separation")
+#: What the guard's rule reads of each graph's scores (and the report keeps): separation, then the distortion.
+GUARD_KEYS = (*SEPARATION_KEYS, "loss")
 
 
 class EvidenceGate:
@@ -87,8 +89,8 @@ class EvidenceGate:
             ok = self.shares[label] >= self.level
         if self.guard is not None:
             passed = by_separation({"prior": base, "new": new}) == "new"
-            self.guarded[label] = {"prior": {k: base[k] for k in SEPARATION_KEYS},
-                                   "new": {k: new[k] for k in SEPARATION_KEYS}, "passed": passed}
+            self.guarded[label] = {"prior": {k: base[k] for k in GUARD_KEYS},
+                                   "new": {k: new[k] for k in GUARD_KEYS}, "passed": passed}
             ok = ok and passed
         return ok
 

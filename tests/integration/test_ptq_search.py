@@ -11,7 +11,7 @@ from helpers.kd_run import shared
 from helpers.opened_files import opened_images
 
 from calibrators.map_aware import MapAwareCalibrator
-from calibrators.objectives import OBJECTIVES
+from calibrators.objectives import OBJECTIVES, by_separation
 from qtool.cli import main
 from qtool.data import load_splits
 from qtool.errors import RecipeError
@@ -168,3 +168,29 @@ def test_corrected_scan_runs_in_the_pipeline_and_needs_bias_correction(kd, tmp_p
     # the budget ended the search in the scan, so the saved ranges are the base rule's, which the scan corrected:
     # the pipeline reuses that correction instead of computing it again
     assert search["tensors_changed_from_base"] == 0 and report["bias_correction"]["reused"] is True
+
+
+def test_separation_guard_runs_in_the_pipeline_and_a_bad_guard_is_a_one_line_error(kd, tmp_path):
+    """``guard=separation``: every departure judged is recorded with both graphs' separation, and the base is
+    ``initial`` or a rule that both convinced and the separation rule picked; a misspelt guard writes nothing."""
+    bad = tmp_path / "bad"
+    result = CliRunner().invoke(main, [
+        "ptq", "--model", str(kd.onnx), "--recipe", str(kd.recipe_file), "--out", str(bad), "--calib", "map-aware",
+        "--set", "ptq.calib_options.guard=pixel"])
+    assert result.exit_code != 0 and not bad.exists()
+    assert "guard" in result.output and "separation" in result.output and len(result.output.strip().splitlines()) == 1
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, [
+        "ptq", "--model", str(kd.onnx), "--recipe", str(kd.recipe_file), "--out", str(out), "--calib", "map-aware",
+        "--set", "ptq.calib_options.guard=separation", "--set", "ptq.calib_options.max_graphs=12",
+        "--set", "ptq.search.normals=4", "--no-bias-correction"])
+    assert result.exit_code == 0, result.output
+    search = json.loads((out / "report.json").read_text())["search"]
+    gate = search["evidence"]
+    assert gate["guard"] == "separation" and gate["guarded"]
+    for label, verdict in gate["guarded"].items():
+        assert verdict["passed"] == (by_separation({"prior": verdict["prior"], "new": verdict["new"]}) == "new"), label
+    rules, initial = search["rule_losses"], MapAwareCalibrator.OPTIONS["initial"]
+    allowed = [k for k in rules if k == initial or (gate["shares"][f"rule {k} vs {initial}"] >= gate["level"]
+                                                    and gate["guarded"][f"rule {k} vs {initial}"]["passed"])]
+    assert search["base"] == OBJECTIVES.get(search["objective"]).choose({k: rules[k] for k in allowed})
