@@ -192,7 +192,8 @@ def test_gate_still_leaves_a_range_that_erases_the_anomalies(setup):
     assert verdict["prior"]["pixel_auroc"] > verdict["new"]["pixel_auroc"]
     recomputed = separation(*map_outputs(insert_qdq(model, spec, _rule_ranges(cal, start, "mse")), search.images),
                             search.masks, search.labels)
-    assert verdict["prior"] == pytest.approx(recomputed, abs=1e-5)
+    assert {k: verdict["prior"][k] for k in recomputed} == pytest.approx(recomputed, abs=1e-5)
+    assert verdict["prior"]["loss"] == summary["rule_losses"]["mse"]["loss"]
 
 
 @pytest.mark.parametrize("bits, verdict", [(8, "base"), (4, "descent")])
