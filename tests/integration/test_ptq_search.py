@@ -89,7 +89,12 @@ def test_report_shows_per_layer_ranges_candidates_sensitivity_and_precision(sear
     assert gate["level"] == MapAwareCalibrator.OPTIONS["evidence"] > 0
 
     def convincing(scores: dict, prior: str, kind: str) -> dict:
-        return {k: v for k, v in scores.items() if k == prior or gate["shares"][f"{kind} {k} vs {prior}"] >= 0.95}
+        """The prior and the entries whose share reaches the level and, under the default guard if any, passed it."""
+        def passes(label: str) -> bool:
+            guard = gate.get("guarded", {}).get(label, {"passed": True})
+            return gate["shares"][label] >= gate["level"] and guard["passed"]
+        assert ("guarded" in gate) == (MapAwareCalibrator.OPTIONS["guard"] != "none")
+        return {k: v for k, v in scores.items() if k == prior or passes(f"{kind} {k} vs {prior}")}
 
     initial = MapAwareCalibrator.OPTIONS["initial"]
     assert list(search["rule_losses"])[0] == initial
