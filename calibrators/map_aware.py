@@ -103,13 +103,13 @@ class MapAwareCalibrator(Calibrator):
     ``time_budget_s`` (300), ``tail_quantile`` (0.99: fp32 map values above this quantile on normals count as
     tail), ``rank_weight`` (1.0: weight of flipped pairs in the distortion), ``corrected_scan`` (False: rules
     scored as quantized, without bias correction; see above), ``final_check`` (True; see above), ``evidence``
-    (0.95: see above; 0 turns the gate off), ``guard`` ("none"; or "separation": see above).
+    (0.95: see above; 0 turns the gate off), ``guard`` ("separation"; "none" turns it off: see above).
     """
 
     OPTIONS = {"num_bins": 2048, "percentiles": [99.9, 99.99, 99.999], "initial": "mse",
                "objective": "distortion", "search_candidates": True, "search_weights": True, "max_graphs": None,
                "time_budget_s": 300.0, "tail_quantile": 0.99, "rank_weight": 1.0, "corrected_scan": False,
-               "final_check": True, "evidence": 0.95, "guard": "none"}
+               "final_check": True, "evidence": 0.95, "guard": "separation"}
     needs_graph = True
 
     def __init__(self, **options: Any) -> None:

@@ -138,6 +138,7 @@ def setup():
 
 
 def _search(setup, bits: int, corrector: bool = False, **options):
+    options.setdefault("guard", "none")  # the evidence gate alone, unless a test sets the guard
     normals, model, search = setup
     spec = build_spec(model, PtqConfig(activation_bits=bits, weight_bits=bits), "cpu")
     cal = get_calibrator("map-aware", num_bits=bits, search_weights=False, **options)

@@ -23,7 +23,7 @@ from qtool.search import Harness, search_set_from_arrays
 KINDS = ["scratch", "noise"]
 #: The search's own mechanics, without the evidence gate and from the rule it started at before it (the gate's
 #: tests: test_evidence.py).
-UNGATED = {"initial": "entropy", "evidence": 0.0}
+UNGATED = {"initial": "entropy", "evidence": 0.0, "guard": "none"}
 #: The activation-range search alone (the weight search has its own test below).
 ACTIVATIONS_ONLY = {"search_weights": False, **UNGATED}
 
