@@ -82,17 +82,16 @@ class MapAwareCalibrator(Calibrator):
     the spec's weight range, the base in the final check) only for a rule or a descent that distorts less in at
     least a share p of paired bootstrap resamples of the search (or check) images; ``evidence`` in the summary
     holds every share computed. With ``guard`` ("separation") the ``separation`` objective must also prefer the
-    departure to the prior on the same images. The descent's single moves are not gated.
+    departure to the prior on the same images. The descent's single moves are not gated (nor recorded).
 
     So the result never distorts more than the base and, under ``separation``, never separates the
     search set worse than the best whole rule (under ``anchored``, than ``initial``); with bias correction
     on and ``final_check``, the result as saved is also never worse than the base as saved. Ties keep the
-    earlier choice (``initial`` first), so the search is deterministic. Two budgets bound it:
-    ``max_graphs`` quantized graphs run (a budget that gives the same result on any machine) and
-    ``time_budget_s`` seconds (a safety cap; a search it stops depends on the machine's speed, and
-    says so). When one runs out, the remaining tensors keep the base rule's range (``initial``'s if
-    no rule was scored). After ``refine``, :attr:`search_summary` holds the rule scores, the base,
-    the counts and which budget stopped it.
+    earlier choice (``initial`` first), so the search is deterministic. Two budgets bound it: ``max_graphs``
+    quantized graphs run (a budget that gives the same result on any machine) and ``time_budget_s`` seconds (a
+    safety cap; a search it stops depends on the machine's speed, and says so). When one runs out, the remaining
+    tensors keep the base rule's range (``initial``'s if no rule was scored). After ``refine``,
+    :attr:`search_summary` holds the rule scores, the base, the counts and which budget stopped it.
 
     Options: ``num_bins`` (2048), ``percentiles`` ([99.9, 99.99, 99.999]), ``initial`` ("mse"; or "minmax",
     "entropy", "percentile-P"), ``objective`` ("distortion", "separation" or "anchored"),
@@ -263,15 +262,16 @@ class MapAwareCalibrator(Calibrator):
             return now is not None
 
         def score(assignment: dict[str, TensorRange], biases: Any = None, on: SearchContext = context,
-                  against: MapDistortion = loss) -> Scores:
+                  against: MapDistortion = loss, judged: bool = True) -> Scores:
             """``assignment``'s scores on ``on``'s images (the search set's unless the final check's set)."""
             nonlocal runs
             runs += 1
             maps, scores = on.run(on.build(assignment, None, biases))
             parts = against.parts(maps, scores)
             out = against.summary(parts)
-            gate.record(out, against, parts)
-            if objective.separates or gate.guard:
+            if judged:  # a graph the gate may compare (a whole rule, the final check), not a descent move
+                gate.record(out, against, parts)
+            if objective.separates or (judged and gate.guard):
                 out.update(separation(maps, scores, on.masks, on.labels, exact_limit=SEARCH_EXACT_PIXELS))
             return out
 
@@ -343,7 +343,7 @@ class MapAwareCalibrator(Calibrator):
                 for i in (i for i in range(len(cands)) if i != index[name]):
                     if spent():
                         break
-                    tried[i] = score({**current, name: cands[i][1]}, biases)
+                    tried[i] = score({**current, name: cands[i][1]}, biases, judged=False)
                 status = "searched" if len(tried) == len(cands) else f"{stop} budget spent: best so far"
                 kept = [i for i in tried if i == index[name] or objective.keeps(tried[i], best)]
                 pick = min(kept, key=lambda i: (tried[i]["loss"], i != index[name]))  # ties keep the current
