@@ -87,13 +87,13 @@ def test_report_shows_per_layer_ranges_candidates_sensitivity_and_precision(sear
     assert search["objective"] == objective
     gate = search["evidence"]  # on by default: a rule leaves its prior only if it distorts less on enough resamples
     assert gate["level"] == MapAwareCalibrator.OPTIONS["evidence"] > 0
+    assert ("guarded" in gate) == (MapAwareCalibrator.OPTIONS["guard"] != "none")
+
+    def passes(label: str) -> bool:
+        """The comparison's share reaches the level and, under the default guard if any, the guard passed it."""
+        return gate["shares"][label] >= gate["level"] and gate.get("guarded", {}).get(label, {"passed": True})["passed"]
 
     def convincing(scores: dict, prior: str, kind: str) -> dict:
-        """The prior and the entries whose share reaches the level and, under the default guard if any, passed it."""
-        def passes(label: str) -> bool:
-            guard = gate.get("guarded", {}).get(label, {"passed": True})
-            return gate["shares"][label] >= gate["level"] and guard["passed"]
-        assert ("guarded" in gate) == (MapAwareCalibrator.OPTIONS["guard"] != "none")
         return {k: v for k, v in scores.items() if k == prior or passes(f"{kind} {k} vs {prior}")}
 
     initial = MapAwareCalibrator.OPTIONS["initial"]
