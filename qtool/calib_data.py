@@ -26,12 +26,34 @@ class CalibrationSet:
     count: int
 
 
+def spread_order(n: int) -> list[int]:
+    """``0 .. n-1`` in van der Corput order: every prefix is spread evenly over the range (0, n/2, n/4, 3n/4...)."""
+    if n <= 1:
+        return list(range(n))
+    bits = (n - 1).bit_length()
+    order = (int(f"{j:0{bits}b}"[::-1], 2) * n >> bits for j in range(1 << bits))
+    return list(dict.fromkeys(order))  # steps of n / 2**bits <= 1: every index, first occurrence kept
+
+
 def normal_pool(splits: Splits, n: int) -> list[Sample]:
-    """Up to ``n`` normals: the held-out split first, then training normals; never the test split."""
-    pool = [*splits.holdout, *splits.train][:n]
-    if not pool:
+    """Up to ``n`` normals, never the test split, representative of the dataset: round robin over the categories.
+
+    Each category offers its held-out normals, then its training normals (the student has seen those), each
+    part sorted by file name and taken in :func:`spread_order` (on MTD the names start with the acquisition
+    group, so a prefix covers every group); the categories take turns, in order of first appearance. The
+    order is fixed, so a longer pool extends a shorter one (the check set follows the search set's images).
+    Earlier versions took the first ``n`` held-out images: on the multi-class recipe all of one category.
+    """
+    queues: dict[str, list[Sample]] = {}
+    for part in (splits.holdout, splits.train):
+        for category in dict.fromkeys(s.category for s in part):
+            members = sorted((s for s in part if s.category == category), key=lambda s: str(s.path))
+            queues.setdefault(category, []).extend(members[i] for i in spread_order(len(members)))
+    if not queues:
         raise CalibrationError("empty calibration set: the dataset has no held-out or training normals")
-    return pool
+    longest = max(len(q) for q in queues.values())
+    pool = [q[i] for i in range(longest) for q in queues.values() if i < len(q)]
+    return pool[:n]
 
 
 def _check_labels(samples: list[Sample], cfg: CalibDataConfig) -> None:
