@@ -126,7 +126,7 @@ class CalibDataConfig(Section):
 class SearchConfig(Section):
     """The search set of map-aware calibration, mixed precision and the proxy AD metric.
 
-    Normal calibration images (held-out, then training normals; never the test split) plus one
+    Normal pool images (categories in turn, held-out then training normals; never the test split) plus one
     synthetic anomaly (pasted patch, scratch or noise blob, with its mask) made from each.
     """
 

@@ -1,7 +1,7 @@
 """The search set, and the harness that builds and runs candidate quantized graphs on it.
 
 Shared by map-aware calibration (a calibrator's ``refine``), mixed precision and the proxy metric.
-The search set is normal calibration images (``normal_pool``: held-out, then training normals,
+The search set is normal calibration images (``normal_pool``: the categories in turn, held-out, then training normals,
 never the test split) plus one synthetic anomaly made from each; fp32 outputs are computed once.
 """
 
@@ -73,13 +73,13 @@ def search_set_from_arrays(normals: np.ndarray, kinds: Sequence[str], seed: int,
 
 
 def build_search_set(splits: Splits, transform: ImageTransform, cfg: SearchConfig) -> SearchSet:
-    """The search set of a dataset: ``cfg.normals`` images of ``normal_pool`` (holdout, then train).
+    """The search set of a dataset: ``cfg.normals`` images of ``normal_pool`` (categories in turn; holdout, then train).
 
     Raises:
         CalibrationError: no held-out or training normals. DataError: an unreadable image.
     """
     return _pool_set(normal_pool(splits, cfg.normals), transform, cfg.kinds, cfg.seed,
-                     "ptq calibration normal pool: held-out normals, then training normals")
+                     "ptq calibration normal pool: the categories in turn, held-out normals, then training normals")
 
 
 def build_check_set(splits: Splits, transform: ImageTransform, cfg: SearchConfig) -> SearchSet:
@@ -94,7 +94,7 @@ def build_check_set(splits: Splits, transform: ImageTransform, cfg: SearchConfig
                                f"search set's {cfg.normals}; a check set needs at least 2")
     return _pool_set(samples, transform, cfg.kinds, cfg.seed + 1,
                      f"ptq calibration normal pool after the search set's {cfg.normals} images (disjoint from it): "
-                     "held-out normals, then training normals")
+                     "the categories in turn, held-out normals, then training normals")
 
 
 def _pool_set(samples: Sequence[Any], transform: ImageTransform, kinds: Sequence[str], seed: int,

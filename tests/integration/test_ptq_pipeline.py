@@ -19,6 +19,7 @@ from helpers.tiny_models import calib_batches, tiny_model
 from onnx import TensorProto, numpy_helper
 
 from calibrators import MinMaxCalibrator
+from qtool.calib_data import normal_pool
 from qtool.calibrate import calibrate
 from qtool.data import ImageTransform, load_splits
 from qtool.errors import CalibrationError
@@ -145,12 +146,12 @@ def test_minmax_8bit_sqnr_is_high_and_reported_correctly(tmp_path_factory, kd):
     for key in ("anomaly_map", "score"):
         v = report["sqnr_db"][key]
         assert math.isfinite(v) and v > 10, f"{key} SQNR {v} dB"
-    # independent recomputation on the same images (held-out normals, then training normals), with
+    # independent recomputation on the same images (the normal pool: held-out normals, then training normals), with
     # ORT's default optimisations (integer QLinear kernels, as deployed); on x86 without VNNI these lose
     # several dB against the float QDQ simulation (u8s8 saturation), so the two are not interchangeable
     recipe = kd.recipe()
     splits = load_splits(recipe.data)
-    samples = [*splits.holdout, *splits.train][: report["sqnr_db"]["images"]]
+    samples = normal_pool(splits, report["sqnr_db"]["images"])
     transform = ImageTransform(recipe.data)
     ref_sess, q_sess = session(kd.onnx), session(out / "model.onnx", "ORT_ENABLE_ALL")
     maps_r, maps_q = [], []

@@ -8,6 +8,7 @@ import pytest
 from helpers.opened_files import opened_images
 from helpers.outlier_model import smooth_normals
 
+from qtool.calib_data import normal_pool
 from qtool.data import ImageTransform, generate_synthetic, load_splits
 from qtool.data.synth_anomalies import ANOMALY_KINDS, synthesize
 from qtool.errors import DataError, RegistryError
@@ -92,7 +93,8 @@ def test_search_set_never_reads_a_test_split_file(tmp_path):
     with opened_images() as opened:
         search = build_search_set(splits, ImageTransform(cfg), SearchConfig(normals=100, kinds=["patch", "scratch"]))
     test_files = {str(s.path) for s in splits.test} | {str(s.mask) for s in splits.test if s.mask}
-    pool = [str(s.path) for s in [*splits.holdout, *splits.train]]
+    pool = [str(s.path) for s in normal_pool(splits, 100)]
+    assert sorted(pool) == sorted(str(s.path) for s in [*splits.holdout, *splits.train])
     assert opened and set(opened) == set(pool), "the search set reads the whole normal pool and nothing else"
     assert not test_files & set(opened)
     assert search.description["files"] == pool and search.description["normals"] == len(pool)
