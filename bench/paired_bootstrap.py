@@ -129,8 +129,7 @@ def compare(outputs: dict[str, tuple[np.ndarray, np.ndarray]], models: dict[str,
     """
     groups = categories(labels, groups)
     cats = [groups == g for g in np.unique(groups)]
-    full = {p: {"image_auroc": float(np.mean([image_auroc(labels[c], s[c]) for c in cats])),
-                "pixel_auroc": float(np.mean([pixel_auroc(masks[c], m[c]) for c in cats]))}
+    full = {p: {k: float(np.mean(v)) for k, v in by_category(m, s, masks, labels, cats).items()}
             for p, (m, s) in outputs.items()}
     boot = seed_means(bootstrap(outputs, masks, labels, rounds, bins, seed, groups), models, rounds, seed)
     pairs = [(a, b) for a in (anchors or list(models)[:1]) for b in models if b != a]
@@ -174,21 +173,52 @@ def main(argv: list[str] | None = None) -> None:
     paths = [p for ps in models.values() for p in ps]
     outputs, masks, labels, groups = run_models(paths, load_splits(recipe.data), ImageTransform(recipe.data))
     rows = compare(outputs, models, masks, labels, args.rounds, args.bins, args.seed, groups)
+    per_category = category_values(outputs, models, masks, labels, groups)
     meta = bench_meta("bench/paired_bootstrap.py", argv, rounds=args.rounds, bins=args.bins, seed=args.seed,
                       n_test=len(labels), n_defective=int(labels.sum()))
     payload = {"meta": meta, "models": {n: [{"onnx": p, "sha256": sha256_file(Path(p))} for p in ps]
-                                        for n, ps in models.items()}, "rows": rows}
+                                        for n, ps in models.items()}, "rows": rows, "per_category": per_category}
 
     def markdown(path: Path) -> None:
         lines = [f"# Paired bootstrap against {next(iter(models))} on the test split", "", f"`{meta['command']}`", "",
                  f"machine: {meta['machine']}; {len(labels)} test images ({int(labels.sum())} defective); "
                  f"{args.rounds} stratified rounds, seed {args.seed}; pixel AUROC over {args.bins} bins per model", "",
-                 *table(rows), "", versions_line(meta["versions"])]
+                 *table(rows), "", "Per category (full test split; the values above are their means):", "",
+                 *category_table(per_category), "", versions_line(meta["versions"])]
         path.write_text("\n".join(lines) + "\n")
 
     write_results(Path(args.out), payload, markdown)
     for r in rows:
         print(r)
+
+
+def by_category(maps: np.ndarray, scores: np.ndarray, masks: np.ndarray, labels: np.ndarray,
+                cats: list[np.ndarray]) -> dict[str, list[float]]:
+    """Each metric of one model on the full test split, one value per category (``cats``: boolean selections)."""
+    return {"image_auroc": [image_auroc(labels[c], scores[c]) for c in cats],
+            "pixel_auroc": [pixel_auroc(masks[c], maps[c]) for c in cats]}
+
+
+def category_values(outputs: dict[str, tuple[np.ndarray, np.ndarray]], models: dict[str, list[str]],
+                    masks: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> dict[str, dict[str, dict]]:
+    """Per category: its image counts and, per model, each metric on the full test split (mean over seeds)."""
+    names = np.unique(categories(labels, groups))
+    cats = [categories(labels, groups) == g for g in names]
+    values = {p: by_category(m, s, masks, labels, cats) for p, (m, s) in outputs.items()}
+    return {str(g): {"images": int(c.sum()), "defective": int(labels[c].sum()),
+                     **{name: {k: float(np.mean([values[p][k][i] for p in paths])) for k in METRICS}
+                        for name, paths in models.items()}}
+            for i, (g, c) in enumerate(zip(names, cats))}
+
+
+def category_table(per_category: dict[str, dict[str, dict]]) -> list[str]:
+    """Markdown lines: one row per category and metric, one column per model."""
+    names = [k for k in next(iter(per_category.values())) if k not in ("images", "defective")]
+    lines = [f"| category (images, defective) | metric | {' | '.join(names)} |", "|---|---|" + "---|" * len(names)]
+    for g, v in per_category.items():
+        lines += [f"| {g} ({v['images']}, {v['defective']}) | {m} | " + " | ".join(f"{v[n][m]:.4f}" for n in names)
+                  + " |" for m in METRICS]
+    return lines
 
 
 def table(rows: list[dict]) -> list[str]:

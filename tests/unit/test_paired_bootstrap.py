@@ -46,6 +46,21 @@ def test_full_split_value_is_the_mean_over_categories():
     assert abs(pooled - want) > 1e-3  # the shifted category makes the pooled value differ
 
 
+def test_per_category_values_are_those_the_full_split_value_averages():
+    outs, masks, labels, groups = _outputs()
+    models = {"a": ["m0"], "b": ["m1"]}
+    per = pb.category_values(outs, models, masks, labels, groups)
+    assert set(per) == {"a", "b"} and per["a"]["images"] == (groups == "a").sum()
+    assert per["b"]["defective"] == labels[groups == "b"].sum()
+    sel = groups == "b"
+    assert per["b"]["b"]["image_auroc"] == pytest.approx(roc_auc_score(labels[sel], outs["m1"][1][sel]))
+    rows = pb.compare(outs, models, masks, labels, 20, 256, 0, groups)
+    for r in rows:
+        assert r["b_value"] == pytest.approx(np.mean([per[g]["b"][r["metric"]] for g in ("a", "b")]))
+    lines = pb.category_table(per)
+    assert lines[0] == "| category (images, defective) | metric | a | b |" and len(lines) == 2 + 2 * 2
+
+
 def test_one_category_equals_no_categories():
     outs, masks, labels, _ = _outputs()
     models = {"a": ["m0"], "b": ["m1"]}
