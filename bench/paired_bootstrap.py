@@ -202,8 +202,9 @@ def by_category(maps: np.ndarray, scores: np.ndarray, masks: np.ndarray, labels:
 def category_values(outputs: dict[str, tuple[np.ndarray, np.ndarray]], models: dict[str, list[str]],
                     masks: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> dict[str, dict[str, dict]]:
     """Per category: its image counts and, per model, each metric on the full test split (mean over seeds)."""
-    names = np.unique(categories(labels, groups))
-    cats = [categories(labels, groups) == g for g in names]
+    groups = categories(labels, groups)
+    names = np.unique(groups)
+    cats = [groups == g for g in names]
     values = {p: by_category(m, s, masks, labels, cats) for p, (m, s) in outputs.items()}
     return {str(g): {"images": int(c.sum()), "defective": int(labels[c].sum()),
                      **{name: {k: float(np.mean([values[p][k][i] for p in paths])) for k in METRICS}
