@@ -6,7 +6,7 @@ number of samples. Labelled anomalies are refused unless ``calib_data.allow_anom
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,16 +44,21 @@ def normal_pool(splits: Splits, n: int) -> list[Sample]:
     order is fixed, so a longer pool extends a shorter one (the check set follows the search set's images).
     Earlier versions took the first ``n`` held-out images: on the multi-class recipe all of one category.
     """
+    pool = in_turns((splits.holdout, splits.train), n)
+    if not pool:
+        raise CalibrationError("empty calibration set: the dataset has no held-out or training normals")
+    return pool
+
+
+def in_turns(parts: Sequence[list[Sample]], n: int) -> list[Sample]:
+    """Up to ``n`` samples of ``parts``, the categories taking turns (see :func:`normal_pool`); [] if none."""
     queues: dict[str, list[Sample]] = {}
-    for part in (splits.holdout, splits.train):
+    for part in parts:
         for category in dict.fromkeys(s.category for s in part):
             members = sorted((s for s in part if s.category == category), key=lambda s: str(s.path))
             queues.setdefault(category, []).extend(members[i] for i in spread_order(len(members)))
-    if not queues:
-        raise CalibrationError("empty calibration set: the dataset has no held-out or training normals")
-    longest = max(len(q) for q in queues.values())
-    pool = [q[i] for i in range(longest) for q in queues.values() if i < len(q)]
-    return pool[:n]
+    longest = max((len(q) for q in queues.values()), default=0)
+    return [q[i] for i in range(longest) for q in queues.values() if i < len(q)][:n]
 
 
 def _check_labels(samples: list[Sample], cfg: CalibDataConfig) -> None:
@@ -119,7 +124,7 @@ def test_source(splits: Splits, transform: ImageTransform, cfg: CalibDataConfig)
     if not cfg.allow_anomalies:  # test normals are evaluation data too: refuse the split, not its anomalies
         raise CalibrationError("calibration source 'test' uses the evaluation split; "
                                "set ptq.calib_data.allow_anomalies=true to force it")
-    samples = splits.test[: cfg.num_samples]
+    samples = in_turns((splits.test,), cfg.num_samples)  # every category, spread over its file names
     desc = {"source": "test", "images": len(samples), "warning": "calibrated on the test split",
             "files": [str(s.path) for s in samples]}
     return CalibrationSet(desc, lambda: _images(samples, transform, cfg.batch_size), len(samples))

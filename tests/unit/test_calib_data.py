@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from qtool.calib_data import normal_pool, spread_order
+from qtool.calib_data import SOURCES, normal_pool, spread_order
 from qtool.data import Sample, Splits
 from qtool.errors import CalibrationError
+from qtool.recipe import CalibDataConfig
 
 
 def _normals(category: str, part: str, names: list[str]) -> list[Sample]:
@@ -51,3 +52,12 @@ def test_pool_is_the_same_whatever_the_order_of_files_in_a_split():
 def test_empty_pool_is_a_calibration_error():
     with pytest.raises(CalibrationError, match="no held-out or training normals"):
         normal_pool(Splits(test=[Sample(Path("/t.png"), "a", 1, "x", Path("/m.png"))]), 4)
+
+
+def test_the_test_source_takes_turns_over_the_categories_too():
+    test = [Sample(Path(f"/data/{c}/test/{d}/{i}.png"), c, int(d != "good"), d, None if d == "good" else Path("/m.png"))
+            for c in ("a", "b") for d in ("crack", "good") for i in range(6)]
+    cfg = CalibDataConfig(source="test", num_samples=4, allow_anomalies=True)
+    files = SOURCES.get("test")(Splits(test=test), None, cfg).description["files"]
+    assert [f.split("/")[2] for f in files] == ["a", "b", "a", "b"]  # was the first 4: all of category a's cracks
+    assert {f.split("/")[4] for f in files} == {"crack", "good"}
