@@ -54,8 +54,11 @@ def in_turns(parts: Sequence[list[Sample]], n: int) -> list[Sample]:
     """Up to ``n`` samples of ``parts``, the categories taking turns (see :func:`normal_pool`); [] if none."""
     queues: dict[str, list[Sample]] = {}
     for part in parts:
-        for category in dict.fromkeys(s.category for s in part):
-            members = sorted((s for s in part if s.category == category), key=lambda s: str(s.path))
+        groups: dict[str, list[Sample]] = {}
+        for s in part:  # one pass; categories in order of first appearance
+            groups.setdefault(s.category, []).append(s)
+        for category, members in groups.items():
+            members.sort(key=lambda s: str(s.path))
             queues.setdefault(category, []).extend(members[i] for i in spread_order(len(members)))
     longest = max((len(q) for q in queues.values()), default=0)
     return [q[i] for i in range(longest) for q in queues.values() if i < len(q)][:n]
