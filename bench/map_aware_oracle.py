@@ -52,8 +52,8 @@ def halves(test: list, seed: int) -> tuple[list, list]:
     return a, b
 
 
-def oracle_set(half_a: list, transform: ImageTransform, normals: int, defects: int, seed: int) -> SearchSet:
-    """``normals`` normal and ``defects`` defective images of half A with their real masks (a search set)."""
+def pick(half_a: list, normals: int, defects: int, seed: int) -> list:
+    """``normals`` normal and ``defects`` defective samples of half A (seeded); a one-line exit if it holds fewer."""
     rng = np.random.default_rng(seed)
     picked = []
     for label, count in ((0, normals), (1, defects)):
@@ -61,6 +61,12 @@ def oracle_set(half_a: list, transform: ImageTransform, normals: int, defects: i
         if len(pool) < count:
             raise SystemExit(f"error: half A holds {len(pool)} images of label {label}, fewer than {count}")
         picked += [pool[i] for i in sorted(rng.choice(len(pool), count, replace=False))]
+    return picked
+
+
+def oracle_set(half_a: list, transform: ImageTransform, normals: int, defects: int, seed: int) -> SearchSet:
+    """``normals`` normal and ``defects`` defective images of half A with their real masks (a search set)."""
+    picked = pick(half_a, normals, defects, seed)
     return SearchSet(images=np.stack([transform.image(s.path) for s in picked]).astype(np.float32),
                      masks=np.stack([transform.mask(s) for s in picked]).astype(np.float32),
                      labels=np.array([s.label for s in picked], np.int64),
@@ -113,6 +119,9 @@ def main(argv: list[str] | None = None) -> None:
         setup = Path(folder)
         anchor_dir = setup / f"{args.anchor}-train-{args.bits}bit" / "ptq"
         recipe = load_recipe(anchor_dir / "recipe.yaml")
+        data_cfg = open_model(setup / "fp32.onnx").apply_transform(recipe.data)  # as run_ptq and run_eval
+        half_a, half_b = halves(load_splits(data_cfg).test, args.seed)
+        pick(half_a, args.normals, args.defects, args.seed)  # too few images: exit before any cell writes
         models = {args.anchor: anchor_dir / "model.onnx",
                   **{c: setup / f"{c}-train-{args.bits}bit" / "ptq" / "model.onnx" for c in args.show}}
         for label, _, _ in args.variants:
@@ -120,8 +129,6 @@ def main(argv: list[str] | None = None) -> None:
             models[label] = run_oracle_cell(setup / "fp32.onnx", recipe, overrides, work, args)
             print(name, label, "ready", flush=True)
         models["fp32"] = setup / "fp32.onnx"
-        data_cfg = open_model(setup / "fp32.onnx").apply_transform(recipe.data)  # as run_ptq and run_eval
-        half_b = halves(load_splits(data_cfg).test, args.seed)[1]
         outputs, masks, labels, groups = run_models([str(p) for p in models.values()],
                                                     SimpleNamespace(test=half_b), ImageTransform(data_cfg))
         named = {n: [str(p)] for n, p in models.items()}
