@@ -1,10 +1,13 @@
 """Automatic mixed precision: per-layer sensitivity of a proxy AD metric, then the fewest float layers in budget.
 
-A layer's sensitivity is the proxy's drop (the larger of the image and pixel AUROC drops on the
-search set) when only that layer is quantized, ties broken by its map distortion. The most
-sensitive layers go back to float (fp16 on TensorRT) one at a time until the whole quantized
-model is within the budget; then every fallback that is no longer needed is quantized again, so
-no single fallback can be dropped. Each remaining fallback's latency cost is timed.
+A layer's sensitivity is what the criterion (``ptq.mixed_precision_criterion``, :data:`CRITERIA`) measures
+when only that layer is quantized: ``separation`` (default), the proxy's drop (the larger of the image and
+pixel AUROC drops on the search set), ties broken by the map distortion; ``distortion``, the map distortion
+(:class:`qtool.proxy.MapDistortion`), ties broken by the drop, and the budget is then the share of the
+all-quantized graph's distortion that may remain. The most sensitive layers go back to float (fp16 on
+TensorRT) one at a time until the whole quantized model is within the budget; then every fallback that is no
+longer needed is quantized again, so no single fallback can be dropped. Each remaining fallback's latency
+cost is timed.
 """
 
 from __future__ import annotations
@@ -18,10 +21,49 @@ from typing import Any
 from qtool.graph import QuantSpec, layer_groups, subset
 from qtool.proxy import separation_drop
 from qtool.recipe import SearchConfig
+from qtool.registry import Registry
 from qtool.search import Harness
 
 log = logging.getLogger(__name__)
-PROXY = "max of the image and pixel AUROC drops vs fp32 on the search set (synthetic anomalies vs normals)"
+
+
+Scores = Mapping[str, float]
+
+
+def _drop(scores: Scores, all_quantized: Scores) -> float:
+    return float(scores["drop"])
+
+
+def _distortion_share(scores: Scores, all_quantized: Scores) -> float:
+    return float(scores["loss"]) / float(all_quantized["loss"]) if all_quantized["loss"] > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """What a mixed-precision budget bounds: ``value(scores, all_quantized)`` of a graph's proxy scores.
+
+    ``key``: the score that ranks layers by sensitivity (higher is more sensitive), ``tie``: the one that breaks ties.
+    """
+
+    proxy: str
+    key: str
+    tie: str
+    value: Callable[[Scores, Scores], float]
+
+
+CRITERIA: Registry[Criterion] = Registry("mixed-precision criterion")
+CRITERIA.add("separation", Criterion(
+    "max of the image and pixel AUROC drops vs fp32 on the search set (synthetic anomalies vs normals)",
+    "drop", "loss", _drop))
+CRITERIA.add("distortion", Criterion(
+    "share of the all-quantized graph's map distortion (upper tail and synthetic defect regions, flipped score "
+    "pairs) left on the search set", "loss", "drop", _distortion_share))
+
+
+def within_budget(report: Mapping[str, Any], scores: Mapping[str, float]) -> bool:
+    """Whether a graph's proxy ``scores`` (with ``drop``) meet a mixed-precision ``report``'s budget and criterion."""
+    criterion = CRITERIA.get(report["criterion"])
+    return criterion.value(scores, report["all_quantized"]) <= report["budget"]
 
 
 @dataclass
@@ -52,12 +94,14 @@ class _Scorer:
 
 
 def choose_precision(harness: Harness, ranges: Mapping[str, Any], budget: float, cfg: SearchConfig,
-                     progress: Callable[[int], None] | None = None) -> MixedPrecision:
-    """Keep the fewest layers float that bring the proxy drop within ``budget`` (see the module).
+                     progress: Callable[[int], None] | None = None, criterion: str = "separation") -> MixedPrecision:
+    """Keep the fewest layers float that bring the criterion's value within ``budget`` (see the module).
 
     Args:
         harness: graph, full spec and search set; ranges: calibrated ranges of every tensor.
-        budget: the largest proxy drop allowed (e.g. 0.005).
+        budget: the largest value allowed: with ``separation`` the proxy drop (e.g. 0.005), with
+            ``distortion`` the share of the all-quantized graph's distortion (e.g. 0.25).
+        criterion: a name in :data:`CRITERIA`.
         cfg: ``time_budget_s`` bounds the sensitivity scan (layers not scanned by then come last,
             in graph order); ``latency_iterations`` timed runs per model.
         progress: called with 1 per scanned layer.
@@ -67,12 +111,17 @@ def choose_precision(harness: Harness, ranges: Mapping[str, Any], budget: float,
         sensitivity, fallbacks with their latency cost).
     """
     t0 = time.monotonic()
+    rule = CRITERIA.get(criterion)
     layers = layer_groups(harness.model, harness.spec)
     names = list(layers)
     precision = "fp16" if harness.spec.profile.fp16_fallback else "fp32"
     reason = f"kept float by mixed precision ({precision} on {harness.spec.profile.name})"
     score = _Scorer(harness, ranges, layers, reason)
     full = score(names)
+
+    def value(state: dict[str, float]) -> float:
+        return rule.value(state, full)
+
     sens: dict[str, dict[str, float]] = {}
     for layer in names:
         if time.monotonic() - t0 > cfg.time_budget_s:
@@ -81,24 +130,25 @@ def choose_precision(harness: Harness, ranges: Mapping[str, Any], budget: float,
         if progress:
             progress(1)
     rank = {layer: i for i, layer in enumerate(names)}
-    order = sorted(sens, key=lambda x: (-sens[x]["drop"], -sens[x]["loss"], rank[x]))
+    order = sorted(sens, key=lambda x: (-sens[x][rule.key], -sens[x][rule.tie], rank[x]))
     order += [x for x in names if x not in sens]
     fallback: list[str] = []
     final = full
-    while final["drop"] > budget and len(fallback) < len(order):  # with every layer float, the drop is 0
+    while value(final) > budget and len(fallback) < len(order):  # with every layer float, both values are 0
         fallback.append(order[len(fallback)])
         final = score([x for x in names if x not in fallback])
     for layer in list(reversed(fallback)):  # least sensitive first: quantize again what is not needed
         trial = [x for x in fallback if x != layer]
         state = score([x for x in names if x not in trial])
-        if state["drop"] <= budget:
+        if value(state) <= budget:
             fallback, final = trial, state
     fallback.sort(key=rank.__getitem__)
     keep = [x for x in names if x not in fallback]
     spec = subset(harness.model, harness.spec, score.nodes(keep), reason) if fallback else harness.spec
     report: dict[str, Any] = {
-        "budget": budget, "proxy": PROXY, "precision_kept": precision,
-        "fp32": harness.reference_separation, "all_quantized": full, "final": final,
+        "budget": budget, "criterion": criterion, "proxy": rule.proxy, "precision_kept": precision,
+        "fp32": harness.reference_separation, "all_quantized": {**full, "value": value(full)},
+        "final": {**final, "value": value(final)},
         "layers": len(names), "layers_scanned": len(sens), "scan_time_budget_s": cfg.time_budget_s,
         "fallback": [{"layer": x, "nodes": layers[x], "sensitivity": sens.get(x)} for x in fallback],
     }
@@ -107,8 +157,8 @@ def choose_precision(harness: Harness, ranges: Mapping[str, Any], budget: float,
         for entry in report["fallback"]:
             entry["latency_cost_ms"] = report["latency"]["fallback_cost_ms"][entry["layer"]]
     report["seconds"] = round(time.monotonic() - t0, 2)
-    log.info("mixed precision: %d of %d layers kept float, proxy drop %.4f -> %.4f (budget %.4f), %.1f s",
-             len(fallback), len(names), full["drop"], final["drop"], budget, report["seconds"])
+    log.info("mixed precision: %d of %d layers kept float, %s %.4f -> %.4f (budget %.4f), %.1f s",
+             len(fallback), len(names), criterion, value(full), value(final), budget, report["seconds"])
     return MixedPrecision(spec, fallback, sens, report)
 
 

@@ -26,6 +26,7 @@ from qtool.data import ImageTransform, iter_batches, load_splits
 from qtool.errors import GraphError
 from qtool.evaluate import OnnxPredictor
 from qtool.graph import build_spec, get_profile, insert_qdq_report, lint, load_model, prepare, save_model
+from qtool.mixed_precision import within_budget
 from qtool.modelio import open_model, stamp_data_config
 from qtool.ptq_search import check_set_for, proxy_entry, run_search_stages, search_batches_for, search_set_for
 from qtool.recipe import Recipe, dump_recipe
@@ -152,12 +153,13 @@ def run_ptq(model_path: Path, recipe: Recipe, out_dir: Path, dry_run: bool = Fal
     if search is not None:  # the proxy of the graph that is saved (bias-corrected when it is)
         with timer.stage("proxy"):
             searched["proxy"] = proxy_entry(harness, qdq)
-            budget = cfg.mixed_precision
-            if cfg.bias_correction and budget is not None and searched["proxy"]["drop"] > budget:
+            mp = searched.get("mixed_precision")
+            saved = {**searched["proxy"]["quantized"], "drop": searched["proxy"]["drop"]}
+            if cfg.bias_correction and mp is not None and not within_budget(mp, saved):
                 # mixed precision met its budget without the correction; the saved graph must still meet it
                 report["bias_correction"]["kept"] = False
-                report["bias_correction"]["why"] = (f"the corrected graph's proxy drop "
-                                                    f"{searched['proxy']['drop']:.4f} exceeds the budget {budget}")
+                report["bias_correction"]["why"] = (f"the corrected graph is over the mixed-precision budget "
+                                                    f"{mp['budget']} ({mp['criterion']})")
                 qdq, qreport = insert_qdq_report(uncorrected, spec, ranges)
                 searched["proxy"] = proxy_entry(harness, qdq)
     with timer.stage("lint"):

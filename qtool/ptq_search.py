@@ -89,7 +89,8 @@ def run_search_stages(calibrator: Calibrator, ranges: dict[str, TensorRange], pr
     fallback: list[str] = []
     if cfg.mixed_precision is not None:
         with stage("mixed_precision"):
-            mp = choose_precision(harness, ranges, cfg.mixed_precision, cfg.search, progress)
+            mp = choose_precision(harness, ranges, cfg.mixed_precision, cfg.search, progress,
+                                  cfg.mixed_precision_criterion)
         spec, fallback, sensitivity = mp.spec, mp.fallback, mp.sensitivity
         extra["mixed_precision"] = mp.report
     extra["layers"] = layer_table(prepared, full_spec, ranges, sensitivity, fallback)

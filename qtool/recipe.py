@@ -139,6 +139,13 @@ class SearchConfig(Section):
     latency_iterations: int = Field(10, ge=1)  # timed runs per model when costing fallbacks
 
 
+def _known(kind: str, names: list[str], value: str) -> str:
+    """``value`` if it is one of a registry's ``names``, else a ValueError naming the allowed ones."""
+    if value not in names:
+        raise ValueError(f"{kind} {value!r} unknown; allowed: {', '.join(names)}")
+    return value
+
+
 class PtqConfig(Section):
     """Post-training quantization: calibrator, target profile, policy."""
 
@@ -172,6 +179,9 @@ class PtqConfig(Section):
     # None, or the largest drop of the proxy AUROC (image or pixel, on the search set) allowed: the
     # most sensitive layers stay float (fp16 on TensorRT) until the quantized model is within it
     mixed_precision: float | None = Field(None, ge=0.0, le=1.0)
+    # what that budget bounds (qtool.mixed_precision.CRITERIA): "separation" (the proxy AUROC drop, above) or
+    # "distortion" (the share of the all-quantized graph's map distortion that may remain, e.g. 0.25)
+    mixed_precision_criterion: str = "separation"
     search: SearchConfig = Field(default_factory=SearchConfig)
 
     @field_validator("activation_bits", "weight_bits")
@@ -186,9 +196,14 @@ class PtqConfig(Section):
     def _weight_range(cls, v: str) -> str:
         from qtool.graph.weight_ranges import WEIGHT_RANGES
 
-        if v not in WEIGHT_RANGES.names():
-            raise ValueError(f"weight range rule {v!r} unknown; allowed: {', '.join(WEIGHT_RANGES.names())}")
-        return v
+        return _known("weight range rule", WEIGHT_RANGES.names(), v)
+
+    @field_validator("mixed_precision_criterion")
+    @classmethod
+    def _criterion(cls, v: str) -> str:
+        from qtool.mixed_precision import CRITERIA
+
+        return _known("mixed-precision criterion", CRITERIA.names(), v)
 
 
 class QatConfig(Section):

@@ -20,6 +20,9 @@ from qtool.commands.train import data_options
               help="Calibrator: minmax, percentile, entropy, mse, map-aware, or a plugin's name.")
 @click.option("--mixed-precision", "mixed_precision", type=float, default=None, metavar="BUDGET",
               help="Keep the fewest, most sensitive layers float until the proxy AUROC drop is <= BUDGET.")
+@click.option("--mp-criterion", "mp_criterion", default=None, metavar="NAME",
+              help="What --mixed-precision bounds: separation (proxy AUROC drop, default) or distortion (share of the "
+                   "all-quantized graph's map distortion left).")
 @click.option("--calib-source", default=None, help="Calibration data: train (held-out normals), random-normal, mix.")
 @click.option("--num-calib", type=int, default=None, help="Number of calibration samples.")
 @click.option("--target", default=None, help="Target profile: cpu or tensorrt.")
@@ -37,8 +40,8 @@ from qtool.commands.train import data_options
 @data_options
 @recipe_options
 @fail_cleanly
-def ptq_cmd(model_path: str, calib: str | None, mixed_precision: float | None, calib_source: str | None,
-            num_calib: int | None,
+def ptq_cmd(model_path: str, calib: str | None, mixed_precision: float | None, mp_criterion: str | None,
+            calib_source: str | None, num_calib: int | None,
             target: str | None, bits: int | None, weight_range: str | None,
             bias_correction: bool | None, part: str | None, strict: bool | None,
             input_shapes: tuple[str, ...], out: str | None,
@@ -56,7 +59,8 @@ def ptq_cmd(model_path: str, calib: str | None, mixed_precision: float | None, c
         "ptq.activation_bits": bits, "ptq.weight_bits": bits, "ptq.weight_range": weight_range,
         "ptq.bias_correction": bias_correction,
         "ptq.quantize": part, "ptq.strict": strict,
-        "ptq.input_shape": parse_input_shapes(input_shapes) or None, "ptq.mixed_precision": mixed_precision})
+        "ptq.input_shape": parse_input_shapes(input_shapes) or None, "ptq.mixed_precision": mixed_precision,
+        "ptq.mixed_precision_criterion": mp_criterion})
     if out is not None and Path(out).exists() and any(Path(out).iterdir()) and not dry_run:
         if not (Path(out) / "report.json").exists():
             raise RecipeError(f"output folder {out} exists and is not a qtool PTQ run; choose another --out")
@@ -78,7 +82,7 @@ def ptq_cmd(model_path: str, calib: str | None, mixed_precision: float | None, c
     if "mixed_precision" in report:
         mp = report["mixed_precision"]
         click.echo(f"mixed precision: {len(mp['fallback'])} of {mp['layers']} layers kept {mp['precision_kept']}, "
-                   f"proxy drop {mp['all_quantized']['drop']:.4f} -> {mp['final']['drop']:.4f} "
+                   f"{mp['criterion']} {mp['all_quantized']['value']:.4f} -> {mp['final']['value']:.4f} "
                    f"(budget {mp['budget']})")
 
 

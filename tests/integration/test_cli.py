@@ -478,4 +478,21 @@ def test_bias_correction_never_breaks_the_mixed_precision_budget(kd, tmp_path):
     bc = report["bias_correction"]
     assert bc["kept"] == ("why" not in bc)
     if not bc["kept"]:
-        assert "exceeds the budget 0.0" in bc["why"]
+        assert "over the mixed-precision budget 0.0 (separation)" in bc["why"]
+
+
+def test_distortion_criterion_bounds_the_saved_graphs_share_of_the_map_distortion(kd, tmp_path):
+    out = tmp_path / "mpd"
+    result = invoke("ptq", "--model", kd.onnx, "--recipe", kd.recipe_file, "--out", out, "--calib", "minmax",
+                    "--bits", "4", "--mixed-precision", "0.5", "--mp-criterion", "distortion",
+                    "--set", "ptq.search.normals=4")
+    ok(result)
+    report = json.loads((out / "report.json").read_text())
+    mp = report["mixed_precision"]
+    assert mp["criterion"] == "distortion" and "map distortion" in mp["proxy"]
+    assert mp["all_quantized"]["value"] == pytest.approx(1.0) and mp["final"]["value"] <= 0.5
+    assert mp["fallback"], "premise: the all-4-bit graph is over half its own distortion only once something is float"
+    # the graph as saved (bias-corrected or not), measured after the pipeline built it, is within the share too
+    assert report["proxy"]["quantized"]["loss"] <= 0.5 * mp["all_quantized"]["loss"] + 1e-12
+    assert "mixed precision:" in result.output and "distortion 1.0000 ->" in result.output
+    assert load_recipe(out / "recipe.yaml").ptq.mixed_precision_criterion == "distortion"

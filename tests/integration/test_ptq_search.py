@@ -120,7 +120,9 @@ def test_report_shows_per_layer_ranges_candidates_sensitivity_and_precision(sear
 
 @pytest.mark.parametrize(("override", "key"), [("ptq.mixed_precision=-0.1", "ptq.mixed_precision"),
                                                ("ptq.search.normals=1", "ptq.search.normals"),
-                                               ("ptq.search.kinds=[]", "ptq.search.kinds")])
+                                               ("ptq.search.kinds=[]", "ptq.search.kinds"),
+                                               ("ptq.mixed_precision_criterion=auroc",
+                                                "ptq.mixed_precision_criterion")])
 def test_bad_search_fields_name_the_key(override: str, key: str):
     with pytest.raises(RecipeError, match=key.replace(".", r"\.")):
         load_recipe(None, [override])

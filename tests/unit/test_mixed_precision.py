@@ -19,7 +19,8 @@ from calibrators import get_calibrator
 from qtool.calibrate import calibrate
 from qtool.graph import build_spec, insert_qdq, layer_groups, lint, node_tensors, prepare, subset
 from qtool.graph.policy import OP_RULES
-from qtool.mixed_precision import choose_precision
+from qtool.mixed_precision import CRITERIA, choose_precision, within_budget
+from qtool.proxy import MapDistortion
 from qtool.recipe import PtqConfig, SearchConfig
 from qtool.search import Harness, search_set_from_arrays
 
@@ -129,3 +130,50 @@ def test_mixed_precision_keeps_everything_quantized_when_already_within_budget(o
     mp = choose_precision(harness, ranges, 0.05, SearchConfig())
     assert mp.fallback == [] and mp.spec is spec and "latency" not in mp.report
     assert mp.report["all_quantized"]["drop"] <= 0.05 and mp.report["precision_kept"] == "fp16"
+
+
+def _distortion(model, search, reference) -> float:
+    """The map distortion of ``model`` against fp32 ``reference`` outputs, run in a plain ORT session."""
+    sess = session(model, "ORT_ENABLE_BASIC")
+    out = [sess.run(["anomaly_map", "score"], {"image": x[None]}) for x in search.images]
+    maps, scores = np.concatenate([o[0][:, 0] for o in out]), np.array([float(o[1][0]) for o in out])
+    if reference is None:
+        return maps, scores
+    return reference(maps, scores)["loss"]
+
+
+def test_distortion_criterion_keeps_the_fewest_layers_that_leave_a_share_of_the_distortion(outlier):
+    normals, model, search = outlier
+    spec = build_spec(model, PtqConfig(activation_bits=4, weight_bits=4), "cpu")
+    ranges = calibrate(model, spec.tensors_to_calibrate(), [normals, search.images],
+                       get_calibrator("entropy", num_bits=4), threads=1)
+    harness = Harness(model, spec, search, threads=1)
+    measure = MapDistortion(*_distortion(model, search, None), search.masks, search.labels)
+    everything = _distortion(insert_qdq(model, spec, ranges), search, measure)
+    assert everything > 0
+    layers = list(layer_groups(model, spec))
+    for share in (1.0, 0.3, 0.0):
+        mp = choose_precision(harness, ranges, share, SearchConfig(latency_iterations=1), criterion="distortion")
+        final = _distortion(insert_qdq(model, mp.spec, ranges), search, measure)
+        assert final <= share * everything + 1e-9, share
+        assert mp.report["final"]["value"] == pytest.approx(final / everything, abs=1e-9)
+        assert mp.report["criterion"] == "distortion" and mp.report["all_quantized"]["value"] == 1.0
+        for layer in mp.fallback:  # minimal: quantizing any one fallback again leaves more than the share
+            keep = [n for x in layers if x not in mp.fallback or x == layer for n in layer_groups(model, spec)[x]]
+            again = _distortion(insert_qdq(model, subset(model, spec, keep, "x"), ranges), search, measure)
+            assert again > share * everything, (share, layer)
+        if share == 1.0:
+            assert mp.fallback == []
+        if share == 0.3:  # the teacher layer, whose 4-bit clipping distorts the map most, is enough
+            assert mp.fallback == ["/teacher/conv/Conv"]
+            assert mp.sensitivity["/teacher/conv/Conv"]["loss"] > mp.sensitivity["/student/conv/Conv"]["loss"]
+        if share == 0.0:
+            assert sorted(mp.fallback) == sorted(layers)  # only the float model has no distortion at all
+
+
+def test_within_budget_reads_the_reports_criterion():
+    report = {"budget": 0.25, "criterion": "distortion", "all_quantized": {"loss": 2.0, "drop": 0.3}}
+    assert within_budget(report, {"loss": 0.5, "drop": 0.9}) and not within_budget(report, {"loss": 0.6, "drop": 0.0})
+    report["criterion"] = "separation"
+    assert within_budget(report, {"loss": 9.0, "drop": 0.25}) and not within_budget(report, {"loss": 0.0, "drop": 0.3})
+    assert set(CRITERIA.names()) == {"separation", "distortion"}
