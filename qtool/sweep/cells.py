@@ -74,8 +74,9 @@ def _ptq_summary(report: dict[str, Any]) -> dict[str, Any]:
         mp = report["mixed_precision"]
         lat = mp.get("latency") or {}
         cost = round(lat["final_ms"] - lat["all_quantized_ms"], 4) if lat else 0.0
-        out["fallback"] = {"budget": mp["budget"], "criterion": mp["criterion"], "layers": [f["layer"] for f in mp["fallback"]],
-                           "precision": mp["precision_kept"], "latency_cost_ms": cost}
+        out["fallback"] = {"budget": mp["budget"], "criterion": mp["criterion"],
+                           "layers": [f["layer"] for f in mp["fallback"]], "precision": mp["precision_kept"],
+                           "latency_cost_ms": cost}
     return out
 
 
