@@ -85,7 +85,9 @@ def run_cell(model: Path, recipe: Recipe, overrides: list[str], work: Path) -> d
     if "mixed_precision" in report:
         mp = report["mixed_precision"]
         lat = mp.get("latency") or {}
-        row["mixed_precision"] = {"budget": mp["budget"], "float_layers": [f["layer"] for f in mp["fallback"]],
+        row["mixed_precision"] = {"budget": mp["budget"], "criterion": mp["criterion"],
+                                  "value": [mp["all_quantized"]["value"], mp["final"]["value"]],
+                                  "float_layers": [f["layer"] for f in mp["fallback"]],
                                   "layers": mp["layers"], "layers_scanned": mp["layers_scanned"],
                                   "precision_kept": mp["precision_kept"],
                                   "all_quantized_ms": lat.get("all_quantized_ms"), "final_ms": lat.get("final_ms"),
