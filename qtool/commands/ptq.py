@@ -19,10 +19,10 @@ from qtool.commands.train import data_options
 @click.option("--calib", default=None,
               help="Calibrator: minmax, percentile, entropy, mse, map-aware, or a plugin's name.")
 @click.option("--mixed-precision", "mixed_precision", type=float, default=None, metavar="BUDGET",
-              help="Keep the fewest, most sensitive layers float until the proxy AUROC drop is <= BUDGET.")
+              help="Keep the fewest, most sensitive layers float until the model is within BUDGET (--mp-criterion).")
 @click.option("--mp-criterion", "mp_criterion", default=None, metavar="NAME",
-              help="What --mixed-precision bounds: separation (proxy AUROC drop, default) or distortion (share of the "
-                   "all-quantized graph's map distortion left).")
+              help="What --mixed-precision bounds: distortion (default; the share of the all-quantized graph's map "
+                   "distortion left, e.g. 0.25) or separation (the proxy AUROC drop, e.g. 0.005).")
 @click.option("--calib-source", default=None, help="Calibration data: train (held-out normals), random-normal, mix.")
 @click.option("--num-calib", type=int, default=None, help="Number of calibration samples.")
 @click.option("--target", default=None, help="Target profile: cpu or tensorrt.")

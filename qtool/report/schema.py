@@ -92,9 +92,10 @@ class Proxy(_Strict):
 
 
 class Fallback(_Strict):
-    """Mixed precision of a cell: the layers kept float within the proxy budget and their latency cost."""
+    """Mixed precision of a cell: the layers kept float within the budget (of ``criterion``) and their latency cost."""
 
     budget: float
+    criterion: str = "separation"  # cells cached before the criterion existed were separation
     layers: list[str]
     precision: str
     latency_cost_ms: float | None

@@ -112,7 +112,7 @@ def proxy_table(report: dict[str, Any]) -> Table | None:
         q = (p or {}).get("quantized", {})
         rows.append([c["label"], num(q.get("image_auroc")), num(_get(m, "image_auroc")), num(q.get("pixel_auroc")),
                      num(_get(m, "pixel_auroc")), num((p or {}).get("drop")),
-                     "-" if not fb else f"{len(fb['layers'])} {fb['precision']} (budget {fb['budget']:g})",
+                     "-" if not fb else f"{len(fb['layers'])} {fb['precision']} ({fb['criterion']} {fb['budget']:g})",
                      num(_get(fb, "latency_cost_ms"), 3), ", ".join((fb or {}).get("layers", [])[:6])])
     if not rows:
         return None
@@ -120,7 +120,8 @@ def proxy_table(report: dict[str, Any]) -> Table | None:
     note = ("Proxy: image and pixel AUROC of synthetic anomalies (made from normal calibration images) against "
             "those normals, on the search set; drop: the larger AUROC drop from fp32 there. Float layers: kept "
             "out of int8 by mixed precision within the budget; cost: ONNX Runtime latency of the model with them "
-            "float minus the all-quantized one.")
+            "float minus the all-quantized one; the budget bounds the proxy drop (separation) or the share of the "
+            "all-quantized graph's map distortion left (distortion).")
     if corr:
         note += (f" Spearman rank correlation of proxy and test AUROC across {corr['n_cells']} cells: image "
                  f"{num(corr['image_auroc'], 3)}, pixel {num(corr['pixel_auroc'], 3)}.")

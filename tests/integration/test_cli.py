@@ -472,7 +472,7 @@ def test_bias_correction_flag_moves_biases_toward_fp32_and_is_recorded(kd, tmp_p
 def test_bias_correction_never_breaks_the_mixed_precision_budget(kd, tmp_path):
     out = tmp_path / "mp"
     ok(invoke("ptq", "--model", kd.onnx, "--recipe", kd.recipe_file, "--out", out, "--calib", "minmax",
-              "--bits", "4", "--mixed-precision", "0", "--set", "ptq.search.normals=4"))
+              "--bits", "4", "--mixed-precision", "0", "--mp-criterion", "separation", "--set", "ptq.search.normals=4"))
     report = json.loads((out / "report.json").read_text())
     assert report["proxy"]["drop"] <= 1e-9  # the saved graph's proxy, measured after bias correction
     bc = report["bias_correction"]

@@ -34,7 +34,7 @@ def searched(kd, tmp_path_factory):
     with opened_images() as opened:
         result = CliRunner().invoke(main, [
             "ptq", "--model", str(kd.onnx), "--recipe", str(kd.recipe_file), "--out", str(out),
-            "--calib", "map-aware", "--mixed-precision", "0.01", "--set", "ptq.calib_options.time_budget_s=20",
+            "--calib", "map-aware", "--mixed-precision", "0.25", "--set", "ptq.calib_options.time_budget_s=20",
             "--set", "ptq.search.normals=4", "--set", "ptq.search.latency_iterations=2",
             "--set", "ptq.search.time_budget_s=20", "--set", "ptq.search.check_normals=3", "--no-bias-correction"])
     assert result.exit_code == 0, result.output
@@ -112,10 +112,14 @@ def test_report_shows_per_layer_ranges_candidates_sensitivity_and_precision(sear
     # the proxy also has the final graph's map distortion against fp32, as mixed precision scored it
     assert report["proxy"]["quantized"]["loss"] == pytest.approx(mp["final"]["loss"], abs=1e-9)
     assert report["proxy"]["quantized"]["loss"] > 0
-    assert report["proxy"]["drop"] <= 0.01 or len(fallback) == mp["layers"]
+    # the default criterion: at most a quarter of the all-quantized graph's map distortion is left
+    assert mp["criterion"] == "distortion" and mp["all_quantized"]["loss"] > 0
+    assert report["proxy"]["quantized"]["loss"] <= 0.25 * mp["all_quantized"]["loss"] + 1e-12
+    assert mp["final"]["value"] == pytest.approx(mp["final"]["loss"] / mp["all_quantized"]["loss"])
     assert report["plan"]["quantized_nodes"] and "mixed precision" in stdout
     recipe = load_recipe(out / "recipe.yaml")
-    assert recipe.ptq.calib == "map-aware" and recipe.ptq.mixed_precision == 0.01
+    assert recipe.ptq.calib == "map-aware" and recipe.ptq.mixed_precision == 0.25
+    assert recipe.ptq.mixed_precision_criterion == "distortion"
 
 
 @pytest.mark.parametrize(("override", "key"), [("ptq.mixed_precision=-0.1", "ptq.mixed_precision"),

@@ -250,7 +250,8 @@ def test_mixed_precision_axis_and_proxy_correlation(sweep, tmp_path):
         "sweep.precisions=[fp32,int8,int4]", "sweep.calibrators=[minmax,entropy]", "sweep.calib_sources=[train]",
         "sweep.include=[]", "sweep.exclude=[{precision: int8, mixed_precision: 0.0}]",
         "sweep.mixed_precisions=[null,0.0]", "ptq.search.proxy=true", "ptq.search.normals=4",
-        "ptq.search.latency_iterations=2", "ptq.bias_correction=false"]), tmp_path / "mp", jobs=1, cache_dir=cache)
+        "ptq.search.latency_iterations=2", "ptq.bias_correction=false", "ptq.mixed_precision_criterion=separation"]),
+        tmp_path / "mp", jobs=1, cache_dir=cache)
     by_id = cells(report)  # without bias correction, which moves the proxy after mixed precision chose
     assert set(by_id) == {"train:fp32", "train:int8-ptq-minmax-train-both-cpu", "train:int8-ptq-entropy-train-both-cpu",
                           "train:int4-ptq-minmax-train-both-cpu", "train:int4-ptq-entropy-train-both-cpu",

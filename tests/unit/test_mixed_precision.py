@@ -107,7 +107,7 @@ def test_mixed_precision_keeps_the_clipped_teacher_layer_float_and_meets_the_bud
     budget = 0.02
     all_quantized, _ = _drop(insert_qdq(model, spec, ranges), search, fp32)
     assert all_quantized > 0.2, "premise: entropy at 4 bits clips the teacher tensor's outliers"
-    mp = choose_precision(harness, ranges, budget, SearchConfig(latency_iterations=2))
+    mp = choose_precision(harness, ranges, budget, SearchConfig(latency_iterations=2), criterion="separation")
     assert mp.fallback == ["/teacher/conv/Conv"]
     assert TEACHER_TENSOR not in {n.input[0] for n in insert_qdq(model, mp.spec, ranges).graph.node
                                   if n.op_type == "QuantizeLinear"}
@@ -127,7 +127,7 @@ def test_mixed_precision_keeps_everything_quantized_when_already_within_budget(o
     ranges = calibrate(model, spec.tensors_to_calibrate(), [normals, search.images],
                        get_calibrator("minmax", symmetric=True), threads=1)
     harness = Harness(model, spec, search, threads=1)
-    mp = choose_precision(harness, ranges, 0.05, SearchConfig())
+    mp = choose_precision(harness, ranges, 0.05, SearchConfig(), criterion="separation")
     assert mp.fallback == [] and mp.spec is spec and "latency" not in mp.report
     assert mp.report["all_quantized"]["drop"] <= 0.05 and mp.report["precision_kept"] == "fp16"
 
