@@ -14,7 +14,7 @@ its own 1-epoch models; writes under ``--work``, never bench/results unless ``--
 
 Run: .venv/bin/python bench/map_aware.py --model mtd:stfpm=bench/work/mtd-stfpm/last.pt \
          --model mtd:rd=... --model multiclass:stfpm=... --model multiclass:rd=...
-         [--mixed-precision 0.02 --mp-calibration entropy/train]   (one mixed-precision cell per width < 8)
+         [--mixed-precision 0.25 --mp-calibration mse/train]   (one mixed-precision cell per width < 8)
 Writes bench/results/map_aware.{json,md} (``--out`` to write elsewhere).
 """
 
@@ -327,7 +327,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="quantized graphs map-aware may run per cell: a budget that gives the same cells on any "
                          "machine (the seconds stay a cap)")
     ap.add_argument("--mixed-precision", type=float, default=None, metavar="BUDGET",
-                    help="also, at each width under 8 bits, one mixed-precision cell with this proxy budget")
+                    help="also, at each width under 8 bits, one mixed-precision cell with this budget "
+                         "(of ptq.mixed_precision_criterion; --set it to change the criterion)")
     ap.add_argument("--mp-calibration", default="entropy/train", metavar="CALIB/SOURCE",
                     help="calibrator and source of the mixed-precision cells")
     ap.add_argument("--mp-scan-budget", type=float, default=600.0, help="seconds of sensitivity scan per cell")
