@@ -289,6 +289,10 @@ class BiasCorrector:
         """The biases :func:`correct_biases` gives the graph quantized per the corrector's spec and ``ranges``."""
         return dict(self._biases(self.spec, ranges)[0])
 
+    def biases(self, spec: QuantSpec, ranges: Mapping[str, Any]) -> Biases:
+        """The corrected biases of the graph quantized per ``spec`` (any sub-spec) and ``ranges``."""
+        return dict(self._biases(spec, ranges)[0])
+
     def correct(self, spec: QuantSpec, ranges: Mapping[str, Any]) -> tuple[onnx.ModelProto, dict[str, Any]]:
         """What :func:`correct_biases` returns for ``spec`` and ``ranges`` (the report says if it was ``reused``)."""
         biases, report = self._biases(spec, ranges)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from qtool.bias_correction import Biases
 from qtool.graph import QuantSpec, layer_groups, subset
 from qtool.proxy import separation_drop
 from qtool.recipe import SearchConfig
@@ -60,12 +61,6 @@ CRITERIA.add("distortion", Criterion(
     "pairs) left on the search set", "loss", "drop", _distortion_share))
 
 
-def within_budget(report: Mapping[str, Any], scores: Mapping[str, float]) -> bool:
-    """Whether a graph's proxy ``scores`` (with ``drop``) meet a mixed-precision ``report``'s budget and criterion."""
-    criterion = CRITERIA.get(report["criterion"])
-    return criterion.value(scores, report["all_quantized"]) <= report["budget"]
-
-
 @dataclass
 class MixedPrecision:
     """The chosen spec, the layers kept float, and the record of how they were chosen."""
@@ -85,16 +80,20 @@ class _Scorer:
     def nodes(self, quantized: Collection[str]) -> list[str]:
         return [n for layer in self.layers if layer in quantized for n in self.layers[layer]]
 
-    def model(self, quantized: Collection[str]) -> Any:
-        return self.harness.build_nodes(self.ranges, self.nodes(quantized), self.reason)
+    def spec(self, quantized: Collection[str]) -> QuantSpec:
+        return subset(self.harness.model, self.harness.spec, self.nodes(quantized), self.reason)
 
-    def __call__(self, quantized: Collection[str]) -> dict[str, float]:
-        scores = self.harness.proxy(self.harness.run(self.model(quantized)))
+    def model(self, quantized: Collection[str], biases: Biases | None = None) -> Any:
+        return self.harness.build_nodes(self.ranges, self.nodes(quantized), self.reason, biases)
+
+    def __call__(self, quantized: Collection[str], biases: Biases | None = None) -> dict[str, float]:
+        scores = self.harness.proxy(self.harness.run(self.model(quantized, biases)))
         return {**scores, "drop": separation_drop(self.harness.reference_separation, scores)}
 
 
 def choose_precision(harness: Harness, ranges: Mapping[str, Any], budget: float, cfg: SearchConfig,
-                     progress: Callable[[int], None] | None = None, criterion: str = "distortion") -> MixedPrecision:
+                     progress: Callable[[int], None] | None = None, criterion: str = "distortion",
+                     correct: Callable[[QuantSpec], Biases] | None = None) -> MixedPrecision:
     """Keep the fewest layers float that bring the criterion's value within ``budget`` (see the module).
 
     Args:
@@ -102,6 +101,9 @@ def choose_precision(harness: Harness, ranges: Mapping[str, Any], budget: float,
         budget: the largest value allowed: with ``separation`` the proxy drop (e.g. 0.005), with
             ``distortion`` the share of the all-quantized graph's distortion (e.g. 0.25).
         criterion: a name in :data:`CRITERIA`.
+        correct: when the pipeline corrects biases, the corrected biases of a (sub-)spec: the chosen graph is
+            then judged corrected, as it will be saved, and while it is over the budget the next most sensitive
+            layers go float too (each step corrected again), so the correction is kept and the budget still holds.
         cfg: ``time_budget_s`` bounds the sensitivity scan (layers not scanned by then come last,
             in graph order); ``latency_iterations`` timed runs per model.
         progress: called with 1 per scanned layer.
@@ -142,6 +144,9 @@ def choose_precision(harness: Harness, ranges: Mapping[str, Any], budget: float,
         state = score([x for x in names if x not in trial])
         if value(state) <= budget:
             fallback, final = trial, state
+    corrected: dict[str, Any] | None = None
+    if correct is not None:
+        fallback, final, corrected = _corrected(score, names, order, fallback, correct, lambda st: value(st) <= budget)
     fallback.sort(key=rank.__getitem__)
     keep = [x for x in names if x not in fallback]
     spec = subset(harness.model, harness.spec, score.nodes(keep), reason) if fallback else harness.spec
@@ -152,6 +157,8 @@ def choose_precision(harness: Harness, ranges: Mapping[str, Any], budget: float,
         "layers": len(names), "layers_scanned": len(sens), "scan_time_budget_s": cfg.time_budget_s,
         "fallback": [{"layer": x, "nodes": layers[x], "sensitivity": sens.get(x)} for x in fallback],
     }
+    if corrected is not None:
+        report["bias_corrected"] = corrected
     if fallback:
         report["latency"] = _latency(harness, score, names, fallback, cfg.latency_iterations)
         for entry in report["fallback"]:
@@ -160,6 +167,21 @@ def choose_precision(harness: Harness, ranges: Mapping[str, Any], budget: float,
     log.info("mixed precision: %d of %d layers kept float, %s %.4f -> %.4f (budget %.4f), %.1f s",
              len(fallback), len(names), criterion, value(full), value(final), budget, report["seconds"])
     return MixedPrecision(spec, fallback, sens, report)
+
+
+def _corrected(score: _Scorer, names: list[str], order: list[str], fallback: list[str],
+               correct: Callable[[QuantSpec], Biases], within: Callable[[dict[str, float]], bool]
+               ) -> tuple[list[str], dict[str, float], dict[str, Any]]:
+    """Judge the choice with corrected biases; while over the budget, float the next layer in ``order`` too."""
+    fallback, added = list(fallback), []
+    while True:
+        keep = [x for x in names if x not in fallback]
+        state = score(keep, correct(score.spec(keep)))
+        if within(state) or len(fallback) == len(names):
+            return fallback, state, {"added": added, "graphs": len(added) + 1}
+        layer = next(x for x in order if x not in fallback)
+        fallback.append(layer)
+        added.append(layer)
 
 
 def _latency(harness: Harness, score: _Scorer, names: list[str], fallback: list[str], iterations: int

@@ -26,7 +26,6 @@ from qtool.data import ImageTransform, iter_batches, load_splits
 from qtool.errors import GraphError
 from qtool.evaluate import OnnxPredictor
 from qtool.graph import build_spec, get_profile, insert_qdq_report, lint, load_model, prepare, save_model
-from qtool.mixed_precision import within_budget
 from qtool.modelio import open_model, stamp_data_config
 from qtool.ptq_search import check_set_for, proxy_entry, run_search_stages, search_batches_for, search_set_for
 from qtool.recipe import Recipe, dump_recipe
@@ -144,7 +143,6 @@ def run_ptq(model_path: Path, recipe: Recipe, out_dir: Path, dry_run: bool = Fal
             calibrator, ranges, prepared, spec, search, cfg, recipe.eval.threads, timer.stage, search_progress,
             corrector, check)
         report["plan"] = plan(spec)  # mixed precision may have kept layers float
-    uncorrected = prepared
     if corrector is not None:  # a correction the search made for these very ranges is reused
         with timer.stage("bias_correction"):
             prepared, report["bias_correction"] = corrector.correct(spec, ranges)
@@ -152,16 +150,7 @@ def run_ptq(model_path: Path, recipe: Recipe, out_dir: Path, dry_run: bool = Fal
         qdq, qreport = insert_qdq_report(prepared, spec, ranges)
     if search is not None:  # the proxy of the graph that is saved (bias-corrected when it is)
         with timer.stage("proxy"):
-            searched["proxy"] = proxy_entry(harness, qdq)
-            mp = searched.get("mixed_precision")
-            saved = {**searched["proxy"]["quantized"], "drop": searched["proxy"]["drop"]}
-            if cfg.bias_correction and mp is not None and not within_budget(mp, saved):
-                # mixed precision met its budget without the correction; the saved graph must still meet it
-                report["bias_correction"]["kept"] = False
-                report["bias_correction"]["why"] = (f"the corrected graph is over the mixed-precision budget "
-                                                    f"{mp['budget']} ({mp['criterion']})")
-                qdq, qreport = insert_qdq_report(uncorrected, spec, ranges)
-                searched["proxy"] = proxy_entry(harness, qdq)
+            searched["proxy"] = proxy_entry(harness, qdq)  # mixed precision judged this corrected graph already
     with timer.stage("lint"):
         issues = lint(qdq, profile)
     if issues and cfg.strict:

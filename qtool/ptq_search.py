@@ -6,7 +6,7 @@ by ``ptq.search.proxy``. The driver never branches on a calibrator's name.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from calibrators import Calibrator, TensorRange
-from qtool.bias_correction import Biases
+from qtool.bias_correction import BiasCorrector
 from qtool.data import ImageTransform, Splits
 from qtool.graph import QuantSpec, layer_groups, node_tensors
 from qtool.mixed_precision import choose_precision
@@ -56,7 +56,7 @@ def search_batches_for(search: SearchSet | None, calibrator: Calibrator, batch_s
 
 def run_search_stages(calibrator: Calibrator, ranges: dict[str, TensorRange], prepared: onnx.ModelProto,
                       spec: QuantSpec, search: SearchSet, cfg: PtqConfig, threads: int, stage: Stage,
-                      progress: Progress = None, corrector: Callable[[Mapping[str, Any]], Biases] | None = None,
+                      progress: Progress = None, corrector: BiasCorrector | None = None,
                       check: SearchSet | None = None
                       ) -> tuple[dict[str, TensorRange], QuantSpec, dict[str, Any], Harness]:
     """Refine the ranges (if the calibrator searches) and choose precisions (if asked).
@@ -65,7 +65,8 @@ def run_search_stages(calibrator: Calibrator, ranges: dict[str, TensorRange], pr
         stage: the pipeline's timer (``stage(name)`` times a block).
         progress: called with 1 per search step (tensor searched, layer scanned).
         corrector: when the pipeline corrects biases, its corrector (:class:`qtool.bias_correction.BiasCorrector`):
-            a search calibrator may then judge candidates with corrected biases (``SearchContext.correct``).
+            a search calibrator may then judge candidates with corrected biases (``SearchContext.correct``), and
+            mixed precision judges its choice corrected (the correction is kept; more layers go float if needed).
         check: the check set (:func:`check_set_for`), handed to the calibrator as ``SearchContext.check``.
 
     Returns:
@@ -89,8 +90,9 @@ def run_search_stages(calibrator: Calibrator, ranges: dict[str, TensorRange], pr
     fallback: list[str] = []
     if cfg.mixed_precision is not None:
         with stage("mixed_precision"):
+            correct = None if corrector is None else (lambda sub: corrector.biases(sub, ranges))
             mp = choose_precision(harness, ranges, cfg.mixed_precision, cfg.search, progress,
-                                  cfg.mixed_precision_criterion)
+                                  cfg.mixed_precision_criterion, correct)
         spec, fallback, sensitivity = mp.spec, mp.fallback, mp.sensitivity
         extra["mixed_precision"] = mp.report
     extra["layers"] = layer_table(prepared, full_spec, ranges, sensitivity, fallback)

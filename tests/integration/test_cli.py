@@ -475,10 +475,12 @@ def test_bias_correction_never_breaks_the_mixed_precision_budget(kd, tmp_path):
               "--bits", "4", "--mixed-precision", "0", "--mp-criterion", "separation", "--set", "ptq.search.normals=4"))
     report = json.loads((out / "report.json").read_text())
     assert report["proxy"]["drop"] <= 1e-9  # the saved graph's proxy, measured after bias correction
-    bc = report["bias_correction"]
-    assert bc["kept"] == ("why" not in bc)
-    if not bc["kept"]:
-        assert "over the mixed-precision budget 0.0 (separation)" in bc["why"]
+    bc, mp = report["bias_correction"], report["mixed_precision"]
+    assert "kept" not in bc and "why" not in bc  # the correction is never dropped for the budget's sake
+    # mixed precision judged the corrected graph: its final score is the saved graph's
+    assert mp["bias_corrected"]["graphs"] == len(mp["bias_corrected"]["added"]) + 1
+    assert mp["final"]["drop"] == pytest.approx(report["proxy"]["drop"], abs=1e-9)
+    assert mp["final"]["loss"] == pytest.approx(report["proxy"]["quantized"]["loss"], abs=1e-9)
 
 
 def test_distortion_criterion_bounds_the_saved_graphs_share_of_the_map_distortion(kd, tmp_path):

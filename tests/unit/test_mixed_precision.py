@@ -19,7 +19,7 @@ from calibrators import get_calibrator
 from qtool.calibrate import calibrate
 from qtool.graph import build_spec, insert_qdq, layer_groups, lint, node_tensors, prepare, subset
 from qtool.graph.policy import OP_RULES
-from qtool.mixed_precision import CRITERIA, choose_precision, within_budget
+from qtool.mixed_precision import CRITERIA, choose_precision
 from qtool.proxy import MapDistortion
 from qtool.recipe import PtqConfig, SearchConfig
 from qtool.search import Harness, search_set_from_arrays
@@ -171,9 +171,36 @@ def test_distortion_criterion_keeps_the_fewest_layers_that_leave_a_share_of_the_
             assert sorted(mp.fallback) == sorted(layers)  # only the float model has no distortion at all
 
 
-def test_within_budget_reads_the_reports_criterion():
-    report = {"budget": 0.25, "criterion": "distortion", "all_quantized": {"loss": 2.0, "drop": 0.3}}
-    assert within_budget(report, {"loss": 0.5, "drop": 0.9}) and not within_budget(report, {"loss": 0.6, "drop": 0.0})
-    report["criterion"] = "separation"
-    assert within_budget(report, {"loss": 9.0, "drop": 0.25}) and not within_budget(report, {"loss": 0.0, "drop": 0.3})
+def test_criteria_registry():
     assert set(CRITERIA.names()) == {"separation", "distortion"}
+
+
+def test_a_correction_that_breaks_the_budget_floats_more_layers_instead_of_being_dropped(outlier):
+    """``correct`` is a deliberately harmful stand-in for bias correction (5 off every quantized Conv's bias): the
+    choice made on uncorrected graphs is over budget once corrected, so the next layer goes float too."""
+    from onnx import numpy_helper
+
+    normals, model, search = outlier
+    spec = build_spec(model, PtqConfig(activation_bits=4, weight_bits=4), "cpu")
+    ranges = calibrate(model, spec.tensors_to_calibrate(), [normals, search.images],
+                       get_calibrator("entropy", num_bits=4), threads=1)
+    harness = Harness(model, spec, search, threads=1)
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    convs = {n.name: n.input[2] for n in model.graph.node if n.op_type == "Conv"}
+    asked = []
+
+    def spoil(sub):
+        asked.append(sorted(sub.nodes))
+        return {n: (convs[n], inits[convs[n]] - 5.0) for n in sub.nodes if n in convs}
+
+    plain = choose_precision(harness, ranges, 0.3, SearchConfig(latency_iterations=1), criterion="distortion")
+    assert plain.fallback == ["/teacher/conv/Conv"]  # premise: uncorrected, the teacher layer alone is enough
+    mp = choose_precision(harness, ranges, 0.3, SearchConfig(latency_iterations=1), criterion="distortion",
+                          correct=spoil)
+    assert mp.report["bias_corrected"] == {"added": ["/student/conv/Conv"], "graphs": 2}
+    assert sorted(mp.fallback) == sorted(layer_groups(model, spec)) and mp.report["final"]["value"] == 0.0
+    assert "/student/conv/Conv" in asked[0] and "/teacher/conv/Conv" not in asked[0]
+    kind = choose_precision(harness, ranges, 0.3, SearchConfig(latency_iterations=1), criterion="distortion",
+                            correct=lambda sub: {})  # a correction that changes nothing keeps the plain choice
+    assert kind.fallback == plain.fallback and kind.report["bias_corrected"] == {"added": [], "graphs": 1}
+    assert kind.report["final"]["loss"] == pytest.approx(plain.report["final"]["loss"], abs=1e-12)
