@@ -1,13 +1,14 @@
 """Automatic mixed precision: per-layer sensitivity of a proxy AD metric, then the fewest float layers in budget.
 
 A layer's sensitivity is what the criterion (``ptq.mixed_precision_criterion``, :data:`CRITERIA`) measures
-when only that layer is quantized: ``distortion`` (default), the map distortion
-(:class:`qtool.proxy.MapDistortion`), ties broken by the proxy drop, and the budget is the share of the
-all-quantized graph's distortion that may remain; ``separation``, the proxy's drop (the larger of the image
-and pixel AUROC drops on the search set), ties broken by the map distortion, and the budget bounds that
-drop. The most sensitive layers go back to float (fp16 on TensorRT) one at a time until the whole quantized
-model is within the budget; then every fallback that is no longer needed is quantized again, so no single
-fallback can be dropped. Each remaining fallback's latency cost is timed.
+when only that layer is quantized: ``separation`` (default), the proxy's drop (the larger of the image and
+pixel AUROC drops on the search set), ties broken by the map distortion, and the budget bounds that drop;
+``distortion``, the map distortion (:class:`qtool.proxy.MapDistortion`), ties broken by the proxy drop, and
+the budget is the share of the all-quantized graph's distortion that may remain. The most sensitive layers
+go back to float (fp16 on TensorRT) one at a time until the whole quantized model is within the budget;
+then every fallback that is no longer needed is quantized again, so no single fallback can be dropped. With
+bias correction the choice is then judged corrected, and more layers go float while it is over the budget.
+Each remaining fallback's latency cost is timed.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class _Scorer:
 
 
 def choose_precision(harness: Harness, ranges: Mapping[str, Any], budget: float, cfg: SearchConfig,
-                     progress: Callable[[int], None] | None = None, criterion: str = "distortion",
+                     progress: Callable[[int], None] | None = None, criterion: str = "separation",
                      correct: Callable[[QuantSpec], Biases] | None = None) -> MixedPrecision:
     """Keep the fewest layers float that bring the criterion's value within ``budget`` (see the module).
 

@@ -179,11 +179,10 @@ class PtqConfig(Section):
     # None, or the budget of mixed precision: the most sensitive layers stay float (fp16 on TensorRT) until
     # the quantized model is within it
     mixed_precision: float | None = Field(None, ge=0.0, le=1.0)
-    # what that budget bounds (qtool.mixed_precision.CRITERIA): "distortion" (the share of the all-quantized
-    # graph's map distortion on the search set that may remain, e.g. 0.25) or "separation" (the largest drop
-    # of the proxy AUROC, image or pixel, on the search set, e.g. 0.005). Distortion since its pre-registered
-    # test (bench/results/map_aware_mpd_*; README, mixed precision)
-    mixed_precision_criterion: str = "distortion"
+    # what that budget bounds (qtool.mixed_precision.CRITERIA): "separation" (the largest drop of the proxy
+    # AUROC, image or pixel, on the search set, e.g. 0.005) or "distortion" (the share of the all-quantized
+    # graph's map distortion on the search set that may remain, e.g. 0.25); README, mixed precision
+    mixed_precision_criterion: str = "separation"
     search: SearchConfig = Field(default_factory=SearchConfig)
 
     @field_validator("activation_bits", "weight_bits")

@@ -21,8 +21,8 @@ from qtool.commands.train import data_options
 @click.option("--mixed-precision", "mixed_precision", type=float, default=None, metavar="BUDGET",
               help="Keep the fewest, most sensitive layers float until the model is within BUDGET (--mp-criterion).")
 @click.option("--mp-criterion", "mp_criterion", default=None, metavar="NAME",
-              help="What --mixed-precision bounds: distortion (default; the share of the all-quantized graph's map "
-                   "distortion left, e.g. 0.25) or separation (the proxy AUROC drop, e.g. 0.005).")
+              help="What --mixed-precision bounds: separation (default; the proxy AUROC drop, e.g. 0.005) or "
+                   "distortion (the share of the all-quantized graph's map distortion left, e.g. 0.25).")
 @click.option("--calib-source", default=None, help="Calibration data: train (held-out normals), random-normal, mix.")
 @click.option("--num-calib", type=int, default=None, help="Number of calibration samples.")
 @click.option("--target", default=None, help="Target profile: cpu or tensorrt.")

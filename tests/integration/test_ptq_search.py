@@ -34,7 +34,8 @@ def searched(kd, tmp_path_factory):
     with opened_images() as opened:
         result = CliRunner().invoke(main, [
             "ptq", "--model", str(kd.onnx), "--recipe", str(kd.recipe_file), "--out", str(out),
-            "--calib", "map-aware", "--mixed-precision", "0.25", "--set", "ptq.calib_options.time_budget_s=20",
+            "--calib", "map-aware", "--mixed-precision", "0.25", "--mp-criterion", "distortion",
+            "--set", "ptq.calib_options.time_budget_s=20",
             "--set", "ptq.search.normals=4", "--set", "ptq.search.latency_iterations=2",
             "--set", "ptq.search.time_budget_s=20", "--set", "ptq.search.check_normals=3", "--no-bias-correction"])
     assert result.exit_code == 0, result.output
@@ -112,7 +113,7 @@ def test_report_shows_per_layer_ranges_candidates_sensitivity_and_precision(sear
     # the proxy also has the final graph's map distortion against fp32, as mixed precision scored it
     assert report["proxy"]["quantized"]["loss"] == pytest.approx(mp["final"]["loss"], abs=1e-9)
     assert report["proxy"]["quantized"]["loss"] > 0
-    # the default criterion: at most a quarter of the all-quantized graph's map distortion is left
+    # the distortion criterion: at most a quarter of the all-quantized graph's map distortion is left
     assert mp["criterion"] == "distortion" and mp["all_quantized"]["loss"] > 0
     assert report["proxy"]["quantized"]["loss"] <= 0.25 * mp["all_quantized"]["loss"] + 1e-12
     assert mp["final"]["value"] == pytest.approx(mp["final"]["loss"] / mp["all_quantized"]["loss"])
