@@ -14,7 +14,7 @@ its own 1-epoch models; writes under ``--work``, never bench/results unless ``--
 
 Run: .venv/bin/python bench/map_aware.py --model mtd:stfpm=bench/work/mtd-stfpm/last.pt \
          --model mtd:rd=... --model multiclass:stfpm=... --model multiclass:rd=...
-         [--mixed-precision 0.25 --mp-calibration mse/train]   (one mixed-precision cell per width < 8)
+         [--mixed-precision 0.005 --mp-calibration mse/train]   (one mixed-precision cell per width < 8)
 Writes bench/results/map_aware.{json,md} (``--out`` to write elsewhere).
 """
 
