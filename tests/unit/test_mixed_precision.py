@@ -87,22 +87,33 @@ def outlier():
     return normals, model, search
 
 
-def _drop(model, search, reference) -> float:
-    """Independent proxy: ORT session + sklearn, image and pixel AUROC drop vs fp32 (the larger)."""
+@pytest.fixture(scope="module")
+def entropy4(outlier):
+    """The outlier model at 4 bits with entropy ranges (which clip the teacher tensor's outliers) and its harness."""
+    normals, model, search = outlier
+    spec = build_spec(model, PtqConfig(activation_bits=4, weight_bits=4), "cpu")
+    ranges = calibrate(model, spec.tensors_to_calibrate(), [normals, search.images],
+                       get_calibrator("entropy", num_bits=4), threads=1)
+    return model, search, spec, ranges, Harness(model, spec, search, threads=1)
+
+
+def _outputs(model, search):
+    """Maps and scores of ``model`` on the search images, from a plain ORT session."""
     sess = session(model, "ORT_ENABLE_BASIC")
     out = [sess.run(["anomaly_map", "score"], {"image": x[None]}) for x in search.images]
-    maps, scores = np.concatenate([o[0][:, 0] for o in out]), np.array([float(o[1][0]) for o in out])
+    return np.concatenate([o[0][:, 0] for o in out]), np.array([float(o[1][0]) for o in out])
+
+
+def _drop(model, search, reference) -> float:
+    """Independent proxy: ORT session + sklearn, image and pixel AUROC drop vs fp32 (the larger)."""
+    maps, scores = _outputs(model, search)
     img = roc_auc_score(search.labels, scores)
     pix = roc_auc_score(search.masks.ravel() > 0, maps.ravel())
     return max(reference[0] - img, reference[1] - pix), (img, pix)
 
 
-def test_mixed_precision_keeps_the_clipped_teacher_layer_float_and_meets_the_budget(outlier):
-    normals, model, search = outlier
-    spec = build_spec(model, PtqConfig(activation_bits=4, weight_bits=4), "cpu")
-    ranges = calibrate(model, spec.tensors_to_calibrate(), [normals, search.images],
-                       get_calibrator("entropy", num_bits=4), threads=1)
-    harness = Harness(model, spec, search, threads=1)
+def test_mixed_precision_keeps_the_clipped_teacher_layer_float_and_meets_the_budget(entropy4):
+    model, search, spec, ranges, harness = entropy4
     _, fp32 = _drop(model, search, (0.0, 0.0))
     budget = 0.02
     all_quantized, _ = _drop(insert_qdq(model, spec, ranges), search, fp32)
@@ -132,23 +143,14 @@ def test_mixed_precision_keeps_everything_quantized_when_already_within_budget(o
     assert mp.report["all_quantized"]["drop"] <= 0.05 and mp.report["precision_kept"] == "fp16"
 
 
-def _distortion(model, search, reference) -> float:
-    """The map distortion of ``model`` against fp32 ``reference`` outputs, run in a plain ORT session."""
-    sess = session(model, "ORT_ENABLE_BASIC")
-    out = [sess.run(["anomaly_map", "score"], {"image": x[None]}) for x in search.images]
-    maps, scores = np.concatenate([o[0][:, 0] for o in out]), np.array([float(o[1][0]) for o in out])
-    if reference is None:
-        return maps, scores
-    return reference(maps, scores)["loss"]
+def _distortion(model, search, measure: MapDistortion) -> float:
+    """The map distortion of ``model`` (run in a plain ORT session) as ``measure`` scores it against fp32."""
+    return measure(*_outputs(model, search))["loss"]
 
 
-def test_distortion_criterion_keeps_the_fewest_layers_that_leave_a_share_of_the_distortion(outlier):
-    normals, model, search = outlier
-    spec = build_spec(model, PtqConfig(activation_bits=4, weight_bits=4), "cpu")
-    ranges = calibrate(model, spec.tensors_to_calibrate(), [normals, search.images],
-                       get_calibrator("entropy", num_bits=4), threads=1)
-    harness = Harness(model, spec, search, threads=1)
-    measure = MapDistortion(*_distortion(model, search, None), search.masks, search.labels)
+def test_distortion_criterion_keeps_the_fewest_layers_that_leave_a_share_of_the_distortion(entropy4):
+    model, search, spec, ranges, harness = entropy4
+    measure = MapDistortion(*_outputs(model, search), search.masks, search.labels)
     everything = _distortion(insert_qdq(model, spec, ranges), search, measure)
     assert everything > 0
     layers = list(layer_groups(model, spec))
@@ -175,16 +177,12 @@ def test_criteria_registry():
     assert set(CRITERIA.names()) == {"separation", "distortion"}
 
 
-def test_a_correction_that_breaks_the_budget_floats_more_layers_instead_of_being_dropped(outlier):
+def test_a_correction_that_breaks_the_budget_floats_more_layers_instead_of_being_dropped(entropy4):
     """``correct`` is a deliberately harmful stand-in for bias correction (5 off every quantized Conv's bias): the
     choice made on uncorrected graphs is over budget once corrected, so the next layer goes float too."""
     from onnx import numpy_helper
 
-    normals, model, search = outlier
-    spec = build_spec(model, PtqConfig(activation_bits=4, weight_bits=4), "cpu")
-    ranges = calibrate(model, spec.tensors_to_calibrate(), [normals, search.images],
-                       get_calibrator("entropy", num_bits=4), threads=1)
-    harness = Harness(model, spec, search, threads=1)
+    model, search, spec, ranges, harness = entropy4
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     convs = {n.name: n.input[2] for n in model.graph.node if n.op_type == "Conv"}
     asked = []
