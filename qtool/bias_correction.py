@@ -287,7 +287,7 @@ class BiasCorrector:
 
     def __call__(self, ranges: Mapping[str, Any]) -> Biases:
         """The biases :func:`correct_biases` gives the graph quantized per the corrector's spec and ``ranges``."""
-        return dict(self._biases(self.spec, ranges)[0])
+        return self.biases(self.spec, ranges)
 
     def biases(self, spec: QuantSpec, ranges: Mapping[str, Any]) -> Biases:
         """The corrected biases of the graph quantized per ``spec`` (any sub-spec) and ``ranges``."""

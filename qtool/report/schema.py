@@ -95,7 +95,7 @@ class Fallback(_Strict):
     """Mixed precision of a cell: the layers kept float within the budget (of ``criterion``) and their latency cost."""
 
     budget: float
-    criterion: str = "separation"  # cells cached before the criterion existed were separation
+    criterion: str = "separation"  # reports written before the criterion existed (read_report) were separation
     layers: list[str]
     precision: str
     latency_cost_ms: float | None
