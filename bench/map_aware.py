@@ -91,6 +91,8 @@ def run_cell(model: Path, recipe: Recipe, overrides: list[str], work: Path) -> d
                                   "layers": mp["layers"], "layers_scanned": mp["layers_scanned"],
                                   "precision_kept": mp["precision_kept"],
                                   "all_quantized_ms": lat.get("all_quantized_ms"), "final_ms": lat.get("final_ms"),
+                                  "fp32_ms": lat.get("fp32_ms"), "stand_in": lat.get("stand_in"),
+                                  "float_macs_share": (mp.get("macs") or {}).get("float_share"),
                                   "seconds": report["stage_seconds"].get("mixed_precision")}
     write_json(cached, row)
     return row
@@ -240,14 +242,18 @@ def write_markdown(path: Path, meta: dict, setups: list[dict]) -> None:
                             if search else "- |"))
         if s.get("mixed_precision"):
             lines += ["", "Mixed precision (layers kept float until the proxy drop is within the budget; latency: "
-                      "ONNX Runtime CPU, search-set batch, all-quantized vs final model):", "",
+                      "ONNX Runtime CPU, search-set batch, all-quantized vs final model; *: timed on the 8-bit "
+                      "stand-in, the same layers float and the rest at 8 bits, since widths under 8 have no integer "
+                      "kernels here; float MACs: the float layers' share of the multiply-accumulates):", "",
                       "| calibration | bits | budget | float layers | image AUROC | pixel AUROC | AUPRO | "
-                      "all-int ms | final ms | scan s |", "|---" * 10 + "|"]
+                      "float MACs | fp32 ms | all-int ms | final ms | scan s |", "|---" * 12 + "|"]
             for c in s["mixed_precision"]:
                 mp = c["mixed_precision"]
+                star = "*" if mp.get("stand_in") else ""
                 lines.append(f"| {c['calibrator']}/{c['source']} | {c['bits']} | {mp['budget']} | "
                              f"{len(mp['float_layers'])} of {mp['layers']} | " + " | ".join(_fmt(c[k]) for k in KEYS)
-                             + f" | {_fmt(mp['all_quantized_ms'])} | {_fmt(mp['final_ms'])} | {mp['seconds']} |")
+                             + f" | {_fmt(mp.get('float_macs_share'))} | {_fmt(mp.get('fp32_ms'))} | "
+                             f"{_fmt(mp['all_quantized_ms'])}{star} | {_fmt(mp['final_ms'])}{star} | {mp['seconds']} |")
         lines += versus_standard_lines(s["cells"])
         corr = s["proxy_rank_correlation"]
         lines += ["", f"Spearman (proxy vs test, across cells): image {corr['image_auroc']}, "

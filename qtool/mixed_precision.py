@@ -8,7 +8,9 @@ the budget is the share of the all-quantized graph's distortion that may remain.
 go back to float (fp16 on TensorRT) one at a time until the whole quantized model is within the budget;
 then every fallback that is no longer needed is quantized again, so no single fallback can be dropped. With
 bias correction the choice is then judged corrected, and more layers go float while it is over the budget.
-Each remaining fallback's latency cost is timed.
+Each remaining fallback's cost is stated twice: its share of the model's multiply-accumulates (hardware
+independent) and its ONNX Runtime CPU latency. Widths below 8 bits have no integer kernels here (emulated in
+float), so their fallbacks are timed on the executable stand-in: the same layers float, the rest at 8 bits.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qtool.bias_correction import Biases
-from qtool.graph import QuantSpec, layer_groups, subset
+from qtool.graph import QuantSpec, layer_groups, node_macs, subset
 from qtool.proxy import separation_drop
 from qtool.recipe import SearchConfig
 from qtool.registry import Registry
@@ -73,19 +75,24 @@ class MixedPrecision:
 
 
 class _Scorer:
-    """Proxy and distortion of the model quantizing only some layers (every other node float)."""
+    """Proxy and distortion of the model quantizing only some layers (every other node float).
 
-    def __init__(self, harness: Harness, ranges: Mapping[str, Any], layers: dict[str, list[str]], reason: str) -> None:
+    ``full``: the spec whose layers are quantized (default the harness's; the 8-bit stand-in to time an emulated one).
+    """
+
+    def __init__(self, harness: Harness, ranges: Mapping[str, Any], layers: dict[str, list[str]], reason: str,
+                 full: QuantSpec | None = None) -> None:
         self.harness, self.ranges, self.layers, self.reason = harness, ranges, layers, reason
+        self.full = full if full is not None else harness.spec
 
     def nodes(self, quantized: Collection[str]) -> list[str]:
         return [n for layer in self.layers if layer in quantized for n in self.layers[layer]]
 
     def spec(self, quantized: Collection[str]) -> QuantSpec:
-        return subset(self.harness.model, self.harness.spec, self.nodes(quantized), self.reason)
+        return subset(self.harness.model, self.full, self.nodes(quantized), self.reason)
 
     def model(self, quantized: Collection[str], biases: Biases | None = None) -> Any:
-        return self.harness.build_nodes(self.ranges, self.nodes(quantized), self.reason, biases)
+        return self.harness.build_nodes(self.ranges, self.nodes(quantized), self.reason, biases, self.full)
 
     def __call__(self, quantized: Collection[str], biases: Biases | None = None) -> dict[str, float]:
         scores = self.harness.proxy(self.harness.run(self.model(quantized, biases)))
@@ -94,7 +101,8 @@ class _Scorer:
 
 def choose_precision(harness: Harness, ranges: Mapping[str, Any], budget: float, cfg: SearchConfig,
                      progress: Callable[[int], None] | None = None, criterion: str = "separation",
-                     correct: Callable[[QuantSpec], Biases] | None = None) -> MixedPrecision:
+                     correct: Callable[[QuantSpec], Biases] | None = None,
+                     stand_in: QuantSpec | None = None) -> MixedPrecision:
     """Keep the fewest layers float that bring the criterion's value within ``budget`` (see the module).
 
     Args:
@@ -108,10 +116,12 @@ def choose_precision(harness: Harness, ranges: Mapping[str, Any], budget: float,
         cfg: ``time_budget_s`` bounds the sensitivity scan (layers not scanned by then come last,
             in graph order); ``latency_iterations`` timed runs per model.
         progress: called with 1 per scanned layer.
+        stand_in: the 8-bit spec of the same graph, to time the fallbacks on when ``harness.spec`` is emulated
+            (below 8 bits); None: time the spec itself.
 
     Returns:
         The spec with the fallback layers float, and the report (proxy before/after, per-layer
-        sensitivity, fallbacks with their latency cost).
+        sensitivity, fallbacks with their MAC share and latency cost).
     """
     t0 = time.monotonic()
     rule = CRITERIA.get(criterion)
@@ -161,8 +171,11 @@ def choose_precision(harness: Harness, ranges: Mapping[str, Any], budget: float,
     if corrected is not None:
         report["bias_corrected"] = corrected
     if fallback:
-        report["latency"] = _latency(harness, score, names, fallback, cfg.latency_iterations)
+        report["macs"] = _macs(harness, layers, fallback)
+        timed = _Scorer(harness, ranges, layers, reason, stand_in) if stand_in is not None else score
+        report["latency"] = _latency(harness, timed, names, fallback, cfg.latency_iterations)
         for entry in report["fallback"]:
+            entry["macs_share"] = report["macs"]["fallback_share"][entry["layer"]]
             entry["latency_cost_ms"] = report["latency"]["fallback_cost_ms"][entry["layer"]]
     report["seconds"] = round(time.monotonic() - t0, 2)
     log.info("mixed precision: %d of %d layers kept float, %s %.4f -> %.4f (budget %.4f), %.1f s",
@@ -185,12 +198,33 @@ def _corrected(score: _Scorer, names: list[str], order: list[str], fallback: lis
         added.append(layer)
 
 
+def _macs(harness: Harness, layers: Mapping[str, list[str]], fallback: list[str]) -> dict[str, Any]:
+    """Multiply-accumulates of the whole graph, those the fallback layers keep float, and each one's share."""
+    macs = node_macs(harness.model)
+    total = sum(macs.values())
+    per = {f: sum(macs.get(n, 0) for n in layers[f]) for f in fallback}
+    return {"total": total, "float": sum(per.values()),
+            "float_share": round(sum(per.values()) / total, 6) if total else None,
+            "fallback_share": {f: round(m / total, 6) if total else None for f, m in per.items()},
+            "counted": "Conv, ConvTranspose, Gemm, MatMul"}
+
+
 def _latency(harness: Harness, score: _Scorer, names: list[str], fallback: list[str], iterations: int
              ) -> dict[str, Any]:
-    """ORT CPU latency of the all-quantized and final models, and per fallback: final minus final-with-it-quantized."""
+    """ORT CPU latency of fp32, the all-quantized and final models; per fallback, final minus final-with-it-quantized.
+
+    ``score`` builds the timed graphs: the stand-in's 8-bit spec when the chosen one is emulated.
+    """
     keep = [x for x in names if x not in fallback]
     final = harness.latency_ms(score.model(keep), iterations)
     costs = {f: round(final - harness.latency_ms(score.model([*keep, f]), iterations), 4) for f in fallback}
-    return {"runtime": "onnxruntime cpu (default optimisations), one input batch, median",
-            "iterations": iterations, "all_quantized_ms": round(harness.latency_ms(score.model(names), iterations), 4),
+    spec = score.spec(names)
+    graph = (f"w{spec.weight_bits}a{spec.activation_bits} stand-in: the same layers float, the rest at 8 bits with "
+             f"integer kernels (w{harness.spec.weight_bits}a{harness.spec.activation_bits} has none here: emulated "
+             "in float)" if score.full is not harness.spec else
+             f"as chosen (w{spec.weight_bits}a{spec.activation_bits})")
+    return {"runtime": "onnxruntime cpu (default optimisations), one input batch, median", "graph": graph,
+            "stand_in": score.full is not harness.spec, "iterations": iterations,
+            "fp32_ms": round(harness.latency_ms(harness.model, iterations), 4),
+            "all_quantized_ms": round(harness.latency_ms(score.model(names), iterations), 4),
             "final_ms": round(final, 4), "fallback_cost_ms": costs}

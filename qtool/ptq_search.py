@@ -16,7 +16,7 @@ import onnx
 from calibrators import Calibrator, TensorRange
 from qtool.bias_correction import BiasCorrector
 from qtool.data import ImageTransform, Splits
-from qtool.graph import QuantSpec, layer_groups, node_tensors
+from qtool.graph import QuantSpec, build_spec, layer_groups, node_tensors
 from qtool.mixed_precision import choose_precision
 from qtool.proxy import separation_drop
 from qtool.recipe import PtqConfig
@@ -91,8 +91,11 @@ def run_search_stages(calibrator: Calibrator, ranges: dict[str, TensorRange], pr
     if cfg.mixed_precision is not None:
         with stage("mixed_precision"):
             correct = None if corrector is None else (lambda sub: corrector.biases(sub, ranges))
+            # emulated widths have no integer kernels: their fallbacks are timed on the 8-bit graph instead
+            stand_in = (build_spec(prepared, cfg.model_copy(update={"activation_bits": 8, "weight_bits": 8}),
+                                   spec.profile) if spec.emulated else None)
             mp = choose_precision(harness, ranges, cfg.mixed_precision, cfg.search, progress,
-                                  cfg.mixed_precision_criterion, correct)
+                                  cfg.mixed_precision_criterion, correct, stand_in)
         spec, fallback, sensitivity = mp.spec, mp.fallback, mp.sensitivity
         extra["mixed_precision"] = mp.report
     extra["layers"] = layer_table(prepared, full_spec, ranges, sensitivity, fallback)

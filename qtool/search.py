@@ -149,9 +149,14 @@ class Harness:
         return {**self.separation(outputs), **self.distortion(*outputs)}
 
     def build_nodes(self, ranges: Mapping[str, Any], nodes: Collection[str] | None,
-                    reason: str = "kept float", biases: Biases | None = None) -> onnx.ModelProto:
-        """QDQ model quantizing only ``nodes`` (all of the spec's when None), with ``biases`` on those it quantizes."""
-        spec = self.spec if nodes is None else subset(self.model, self.spec, nodes, reason)
+                    reason: str = "kept float", biases: Biases | None = None,
+                    spec: QuantSpec | None = None) -> onnx.ModelProto:
+        """QDQ model quantizing only ``nodes`` (all of the spec's when None), with ``biases`` on those it quantizes.
+
+        ``spec``: another spec of the same graph to quantize with (default the harness's).
+        """
+        full = spec if spec is not None else self.spec
+        spec = full if nodes is None else subset(self.model, full, nodes, reason)
         return insert_qdq(with_biases(self.model, biases or {}, spec.nodes), spec, ranges)
 
     def build(self, ranges: Mapping[str, Any], tensors: Collection[str] | None = None,

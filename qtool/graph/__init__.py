@@ -1,9 +1,10 @@
 """ONNX graph passes of qtool.
 
 Load/save, prepare (shapes, BN fold, simplify), quantization policy and spec, QDQ insertion,
-target-profile lint, float16 conversion, output probes for calibration, and layer sub-specs.
+target-profile lint, float16 conversion, output probes for calibration, layer sub-specs and compute cost (MACs).
 """
 
+from qtool.graph.cost import node_macs
 from qtool.graph.fp16 import to_fp16
 from qtool.graph.insert_qdq import insert_qdq, insert_qdq_report
 from qtool.graph.io import load_model, save_model
@@ -54,6 +55,7 @@ __all__ = [
     "layer_groups",
     "lint",
     "load_model",
+    "node_macs",
     "node_tensors",
     "prepare",
     "quantize_array",

@@ -66,8 +66,8 @@ def subset(model: onnx.ModelProto, spec: QuantSpec, keep: Collection[str], reaso
     """A copy of ``spec`` that quantizes only the nodes in ``keep``; the others stay float.
 
     Kept: those nodes, the activations they read or produce (with their original range owners, so
-    the full spec's ranges still apply), their weights and int32 biases. Dropped nodes' decisions
-    become float with ``reason``.
+    the full spec's ranges still apply), their weights and int32 biases, and the weight range rule.
+    Dropped nodes' decisions become float with ``reason``.
     """
     keep = set(keep)
     nodes = {n: q for n, q in spec.nodes.items() if n in keep}
@@ -82,7 +82,7 @@ def subset(model: onnx.ModelProto, spec: QuantSpec, keep: Collection[str], reaso
             used.add(node.output[0])
         if qn.weight is not None:
             weights.add(node.input[qn.weight])
-    out = QuantSpec(spec.profile, spec.activation_bits, spec.weight_bits)
+    out = QuantSpec(spec.profile, spec.activation_bits, spec.weight_bits, weight_range=spec.weight_range)
     out.activations = {t: ActivationSpec(a.params, a.range_of, a.constant)
                        for t, a in spec.activations.items() if t in used}
     out.weights = {w: p for w, p in spec.weights.items() if w in weights}

@@ -92,13 +92,19 @@ class Proxy(_Strict):
 
 
 class Fallback(_Strict):
-    """Mixed precision of a cell: the layers kept float within the budget (of ``criterion``) and their latency cost."""
+    """Mixed precision of a cell: the layers kept float within the budget (of ``criterion``) and their cost.
+
+    ``latency_cost_ms``: the model with them float minus the all-quantized one, timed on the 8-bit stand-in
+    (``latency_stand_in``) when the cell's width is emulated; ``float_macs_share``: their share of the MACs.
+    """
 
     budget: float
     criterion: str = "separation"  # reports written before the criterion existed (read_report) were separation
     layers: list[str]
     precision: str
     latency_cost_ms: float | None
+    latency_stand_in: bool = False  # reports written before the stand-in timed the emulated widths' own graph
+    float_macs_share: float | None = None  # None in reports written before it was counted
 
 
 class ProxyCorrelation(_Strict):

@@ -113,20 +113,25 @@ def proxy_table(report: dict[str, Any]) -> Table | None:
         rows.append([c["label"], num(q.get("image_auroc")), num(_get(m, "image_auroc")), num(q.get("pixel_auroc")),
                      num(_get(m, "pixel_auroc")), num((p or {}).get("drop")),
                      "-" if not fb else f"{len(fb['layers'])} {fb['precision']} ({fb['criterion']} {fb['budget']:g})",
-                     num(_get(fb, "latency_cost_ms"), 3), ", ".join((fb or {}).get("layers", [])[:6])])
+                     num(_get(fb, "float_macs_share"), 3),
+                     num(_get(fb, "latency_cost_ms"), 3) + (" (8-bit stand-in)" if _get(fb, "latency_stand_in")
+                                                             else ""),
+                     ", ".join((fb or {}).get("layers", [])[:6])])
     if not rows:
         return None
     corr = report.get("proxy_correlation")
     note = ("Proxy: image and pixel AUROC of synthetic anomalies (made from normal calibration images) against "
             "those normals, on the search set; drop: the larger AUROC drop from fp32 there. Float layers: kept "
-            "out of int8 by mixed precision within the budget; cost: ONNX Runtime latency of the model with them "
-            "float minus the all-quantized one; the budget bounds the proxy drop (separation) or the share of the "
-            "all-quantized graph's map distortion left (distortion).")
+            "out of int8 by mixed precision within the budget; float MACs: their share of the multiply-accumulates; "
+            "cost: ONNX Runtime latency of the model with them float minus the all-quantized one (for widths under "
+            "8 bits, which have no integer kernels here, timed on the 8-bit stand-in: the same layers float, the "
+            "rest at 8 bits); the budget bounds the proxy drop (separation) or the share of the all-quantized "
+            "graph's map distortion left (distortion).")
     if corr:
         note += (f" Spearman rank correlation of proxy and test AUROC across {corr['n_cells']} cells: image "
                  f"{num(corr['image_auroc'], 3)}, pixel {num(corr['pixel_auroc'], 3)}.")
     headers = ["cell", "proxy image AUROC", "test image AUROC", "proxy pixel AUROC", "test pixel AUROC",
-               "proxy drop", "float layers", "cost ms", "layers (first 6)"]
+               "proxy drop", "float layers", "float MACs", "cost ms", "layers (first 6)"]
     return Table("proxy", "Proxy metric and mixed precision", headers, rows, note)
 
 

@@ -487,7 +487,7 @@ def test_distortion_criterion_bounds_the_saved_graphs_share_of_the_map_distortio
     out = tmp_path / "mpd"
     result = invoke("ptq", "--model", kd.onnx, "--recipe", kd.recipe_file, "--out", out, "--calib", "minmax",
                     "--bits", "4", "--mixed-precision", "0.5", "--mp-criterion", "distortion",
-                    "--set", "ptq.search.normals=4")
+                    "--weight-range", "mse", "--set", "ptq.search.normals=4")
     ok(result)
     report = json.loads((out / "report.json").read_text())
     mp = report["mixed_precision"]
@@ -498,3 +498,10 @@ def test_distortion_criterion_bounds_the_saved_graphs_share_of_the_map_distortio
     assert report["proxy"]["quantized"]["loss"] <= 0.5 * mp["all_quantized"]["loss"] + 1e-12
     assert "mixed precision:" in result.output and "distortion 1.0000 ->" in result.output
     assert load_recipe(out / "recipe.yaml").ptq.mixed_precision_criterion == "distortion"
+    # the saved graph keeps the recipe's weight range rule (mixed precision's sub-spec once dropped it for minmax)
+    weights = report["quantization"]["weights"]
+    assert weights and {w["range"] for w in weights.values()} == {"mse"}
+    # 4 bits is emulated here: the fallbacks' cost is their MAC share and their latency on the 8-bit stand-in
+    assert mp["latency"]["stand_in"] and mp["latency"]["graph"].startswith("w8a8 stand-in")
+    assert 0 < mp["macs"]["float_share"] < 1
+    assert sum(f["macs_share"] for f in mp["fallback"]) == pytest.approx(mp["macs"]["float_share"], abs=1e-5)

@@ -267,6 +267,9 @@ def test_mixed_precision_axis_and_proxy_correlation(sweep, tmp_path):
             assert fb["budget"] == 0.0 and c["proxy"]["drop"] <= 1e-9, c["id"]
             twin = by_id[c["id"].removesuffix("-mp0")]
             assert bool(fb["layers"]) == (twin["proxy"]["drop"] > 1e-9), c["id"]
+            # int4 is emulated: a fallback's cost is timed on the 8-bit stand-in and stated as a MAC share too
+            assert fb["latency_stand_in"] == bool(fb["layers"]), c["id"]
+            assert (fb["float_macs_share"] > 0) == bool(fb["layers"]) and fb["float_macs_share"] <= 1, c["id"]
     corr = report["proxy_correlation"]
     assert corr["n_cells"] == len(quantized)
     for key in ("image_auroc", "pixel_auroc"):

@@ -132,6 +132,33 @@ def test_mixed_precision_keeps_the_clipped_teacher_layer_float_and_meets_the_bud
     assert mp.report["latency"]["iterations"] == 2 and mp.report["precision_kept"] == "fp32"
 
 
+def test_emulated_fallbacks_are_costed_in_macs_and_timed_on_the_8bit_stand_in(entropy4):
+    model, search, spec, ranges, harness = entropy4
+    stand_in = build_spec(model, PtqConfig(), "cpu")
+    config = SearchConfig(latency_iterations=1)
+    mp = choose_precision(harness, ranges, 0.02, config, criterion="separation", stand_in=stand_in)
+    plain = choose_precision(harness, ranges, 0.02, config, criterion="separation")
+    assert mp.fallback == plain.fallback == ["/teacher/conv/Conv"], "the stand-in changes what is timed, not the choice"
+    assert mp.report["final"] == plain.report["final"]
+    # teacher and student are the same 3x3 Conv (3 -> 2 channels) on the same image: the teacher is half the MACs
+    size = search.images.shape[-1]
+    assert mp.report["macs"]["total"] == 2 * (size * size * 2 * 3 * 9)
+    assert mp.report["macs"]["float_share"] == 0.5 and mp.report["fallback"][0]["macs_share"] == 0.5
+    assert mp.report["latency"]["stand_in"] and mp.report["latency"]["graph"].startswith("w8a8 stand-in")
+    assert not plain.report["latency"]["stand_in"] and plain.report["latency"]["graph"] == "as chosen (w4a4)"
+    assert all(np.isfinite(mp.report["latency"][k]) for k in ("fp32_ms", "all_quantized_ms", "final_ms"))
+    # what the stand-in times: the 8-bit graph (no emulation clip, 8-bit zero point range), the 4-bit one is emulated
+    ops = Counter(n.op_type for n in harness.build_nodes(ranges, None, spec=stand_in).graph.node)
+    assert ops["QuantizeLinear"] > 0 and ops["Clip"] == 1, "only the student's own Clip: no emulation clip"
+    assert Counter(n.op_type for n in harness.build_nodes(ranges, None).graph.node)["Clip"] > ops["Clip"]
+
+
+def test_a_sub_spec_keeps_the_weight_range_rule(tiny):
+    model, _, _ = tiny
+    spec = build_spec(model, PtqConfig(weight_range="mse"), "cpu")
+    assert subset(model, spec, list(spec.nodes)[:1], "kept float").weight_range == "mse"
+
+
 def test_mixed_precision_keeps_everything_quantized_when_already_within_budget(outlier):
     normals, model, search = outlier
     spec = build_spec(model, PtqConfig(), "tensorrt")

@@ -1,0 +1,115 @@
+"""The latency cost of a mixed-precision cell's float layers, on the graph this CPU can run: the 8-bit stand-in.
+
+Widths under 8 bits have no integer kernels in ONNX Runtime CPU (qtool emulates them in float), so a 4- or
+6-bit mixed-precision model's own latency says nothing about deployment. For each cell (a ``qtool ptq`` run
+folder with ``--mixed-precision`` at a width under 8), this builds with ``qtool ptq`` itself, from the same
+source model and recipe at 8 bits: the all-int8 graph, and the stand-in with the cell's float layers excluded
+(``ptq.exclude_nodes``); then times fp32, all-int8 and the stand-in interleaved round by round in one process
+(bench/mtd_models.ort_latency_ms), and states the float layers' share of the multiply-accumulates.
+
+Run: .venv/bin/python bench/mixed_precision_latency.py --cell NAME=RUN_DIR [--cell ...] --work DIR --out PATH
+Writes PATH.{json,md}. Run it with no other job on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from mtd_models import ort_latency_ms
+
+from qtool.artifacts import bench_meta, sha256_file, versions_line, write_results
+from qtool.graph import load_model, node_macs, prepare
+from qtool.ptq import run_ptq
+from qtool.recipe import load_recipe
+
+
+def cell_setup(run_dir: Path) -> dict[str, Any]:
+    """Source model, recipe, width and float layers' nodes of a mixed-precision ``qtool ptq`` run folder."""
+    report = json.loads((run_dir / "report.json").read_text())
+    mp = report.get("mixed_precision")
+    if mp is None:
+        raise SystemExit(f"{run_dir}: not a mixed-precision run (no mixed_precision in report.json)")
+    exported = run_dir / "fp32.onnx"
+    return {"source": exported if exported.exists() else Path(report["model"]),
+            "recipe": load_recipe(run_dir / "recipe.yaml"), "bits": report["plan"]["activation_bits"],
+            "layers": mp["layers"], "float_layers": [f["layer"] for f in mp["fallback"]],
+            "float_nodes": [n for f in mp["fallback"] for n in f["nodes"]], "criterion": mp["criterion"],
+            "budget": mp["budget"]}
+
+
+def build_int8(setup: dict[str, Any], out: Path, exclude: list[str]) -> Path:
+    """``qtool ptq`` of the cell's source at 8 bits (same calibrator, data, bias correction), ``exclude`` kept float."""
+    recipe = setup["recipe"]
+    ptq = recipe.ptq.model_copy(update={"activation_bits": 8, "weight_bits": 8, "mixed_precision": None,
+                                        "exclude_nodes": [*recipe.ptq.exclude_nodes, *map(glob.escape, exclude)]})
+    if not (out / "model.onnx").exists():
+        run_ptq(setup["source"], recipe.model_copy(update={"ptq": ptq}), out)
+    return out / "model.onnx"
+
+
+def float_share(setup: dict[str, Any]) -> float:
+    """The float nodes' share of the prepared graph's multiply-accumulates (prepared as ``qtool ptq`` prepares it)."""
+    prepared = prepare(load_model(setup["source"]), input_shape=setup["recipe"].ptq.input_shape or None)
+    missing = set(setup["float_nodes"]) - {n.name for n in prepared.graph.node}
+    if missing:
+        raise SystemExit(f"float layer node {sorted(missing)[0]!r} is not in the prepared graph of {setup['source']}")
+    macs = node_macs(prepared)
+    return sum(macs.get(n, 0) for n in setup["float_nodes"]) / sum(macs.values())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Build the 8-bit graphs of every cell, time them with fp32 side by side, write the results."""
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cell", action="append", required=True, metavar="NAME=RUN_DIR")
+    ap.add_argument("--work", required=True, help="folder for the 8-bit builds (reused when present)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--iters", type=int, default=100)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    rows = []
+    for name, run_dir in (c.split("=", 1) for c in args.cell):
+        setup = cell_setup(Path(run_dir))
+        work = Path(args.work) / name
+        models = {"fp32": setup["source"], "all-int8": build_int8(setup, work / "all8", []),
+                  "stand-in": build_int8(setup, work / "mp8", setup["float_nodes"])}
+        size = load_model(setup["source"]).graph.input[0].type.tensor_type.shape.dim[-1].dim_value
+        latency = ort_latency_ms({k: (p, size) for k, p in models.items()}, args.threads, args.warmup, args.iters)
+        ms = {k: latency[k]["median_ms"] for k in models}
+        rows.append({"cell": name, "run": run_dir, "bits": setup["bits"], "criterion": setup["criterion"],
+                     "budget": setup["budget"], "float_layers": len(setup["float_layers"]), "layers": setup["layers"],
+                     "float_macs_share": round(float_share(setup), 4),
+                     "latency": latency, "sha256": {k: sha256_file(p) for k, p in models.items()},
+                     "stand_in_vs_all_int8": round(ms["stand-in"] / ms["all-int8"], 3),
+                     "fp32_vs_stand_in": round(ms["fp32"] / ms["stand-in"], 3),
+                     "fp32_vs_all_int8": round(ms["fp32"] / ms["all-int8"], 3)})
+        print(rows[-1]["cell"], ms, flush=True)
+    meta = bench_meta("bench/mixed_precision_latency.py", argv, threads=args.threads, iters=args.iters)
+
+    def markdown(path: Path) -> None:
+        lines = ["# Mixed precision's latency cost on the 8-bit stand-in", "", f"`{meta['command']}`", "",
+                 f"machine: {meta['machine']}; ONNX Runtime CPU, {args.threads} threads, batch 1, median of "
+                 f"{args.iters} interleaved rounds. The stand-in is the cell's float layers kept float and every "
+                 "other layer at 8 bits (integer kernels): what this CPU can run, not the speed of the cell's own "
+                 "width (emulated in float here).", "",
+                 "| cell | bits | float layers | float MACs | fp32 ms | all-int8 ms | stand-in ms "
+                 "| stand-in / all-int8 | fp32 / stand-in | fp32 / all-int8 |", "|---" * 10 + "|"]
+        for r in rows:
+            m = {k: r["latency"][k]["median_ms"] for k in ("fp32", "all-int8", "stand-in")}
+            lines.append(f"| {r['cell']} | {r['bits']} | {r['float_layers']} of {r['layers']} | "
+                         f"{r['float_macs_share']:.3f} | {m['fp32']} | {m['all-int8']} | {m['stand-in']} | "
+                         f"{r['stand_in_vs_all_int8']} | {r['fp32_vs_stand_in']} | {r['fp32_vs_all_int8']} |")
+        lines += ["", versions_line(meta["versions"], skip_missing=True)]
+        path.write_text("\n".join(lines) + "\n")
+
+    write_results(Path(args.out), {"meta": meta, "rows": rows}, markdown)
+
+
+if __name__ == "__main__":
+    main()
