@@ -1,13 +1,15 @@
-"""The latency cost of a mixed-precision cell's float layers, on the graph this CPU can run: the 8-bit stand-in.
+"""Mixed precision's share of the lower-width loss recovered, and its cost on the graph this CPU can run.
 
 Widths under 8 bits have no integer kernels in ONNX Runtime CPU (qtool emulates them in float), so a 4- or
-6-bit mixed-precision model's own latency says nothing about deployment. For each cell (a ``qtool ptq`` run
-folder with ``--mixed-precision`` at a width under 8), this builds with ``qtool ptq`` itself, from the same
-source model and recipe at 8 bits: the all-int8 graph, and the stand-in with the cell's float layers excluded
-(``ptq.exclude_nodes``); then times fp32, all-int8 and the stand-in interleaved round by round in one process
-(bench/mtd_models.ort_latency_ms), and states the float layers' share of the multiply-accumulates.
+6-bit mixed-precision model's own latency says nothing about deployment. For each cell (a bench/map_aware.py
+cell folder, ``cell.json`` and ``ptq/``, of a ``--mixed-precision`` run under 8 bits), this builds with
+``qtool ptq`` itself, from the same source model and recipe at 8 bits: the all-int8 graph, and the stand-in with
+the cell's float layers excluded (``ptq.exclude_nodes``); times fp32, all-int8 and the stand-in interleaved
+round by round in one process (bench/mtd_models.ort_latency_ms); and states the float layers' share of the
+multiply-accumulates. Accuracy: the cell's test metrics against the all-quantized cell of the same width (the
+second folder) and fp32 (evaluated here), and the share of the fp32 - all-quantized gap the cell recovers.
 
-Run: .venv/bin/python bench/mixed_precision_latency.py --cell NAME=RUN_DIR [--cell ...] --work DIR --out PATH
+Run: .venv/bin/python bench/mixed_precision_latency.py --cell NAME=MP_CELL:ALL_CELL [--cell ...] --work DIR --out PATH
 Writes PATH.{json,md}. Run it with no other job on the machine.
 """
 
@@ -26,6 +28,9 @@ from qtool.artifacts import bench_meta, sha256_file, versions_line, write_result
 from qtool.graph import load_model, node_macs, prepare
 from qtool.ptq import run_ptq
 from qtool.recipe import load_recipe
+from qtool.runs import run_eval
+
+KEYS = ("image_auroc", "pixel_auroc", "aupro")
 
 
 def cell_setup(run_dir: Path) -> dict[str, Any]:
@@ -40,6 +45,21 @@ def cell_setup(run_dir: Path) -> dict[str, Any]:
             "layers": mp["layers"], "float_layers": [f["layer"] for f in mp["fallback"]],
             "float_nodes": [n for f in mp["fallback"] for n in f["nodes"]], "criterion": mp["criterion"],
             "budget": mp["budget"]}
+
+
+def recovered(mp: float, quantized: float, fp32: float) -> float | None:
+    """Share of the fp32 - all-quantized gap that mixed precision closes (None when there is no gap to close)."""
+    return round((mp - quantized) / (fp32 - quantized), 3) if fp32 - quantized > 0 else None
+
+
+def fp32_metrics(setup: dict[str, Any], work: Path) -> dict[str, float]:
+    """Test metrics of the cell's fp32 source (cached in ``work``)."""
+    cached = work / "fp32_metrics.json"
+    if not cached.exists():
+        work.mkdir(parents=True, exist_ok=True)
+        metrics = run_eval(setup["source"], setup["recipe"])["metrics"]["mean"]
+        cached.write_text(json.dumps({k: metrics.get(k) for k in KEYS}))
+    return json.loads(cached.read_text())
 
 
 def build_int8(setup: dict[str, Any], out: Path, exclude: list[str]) -> Path:
@@ -66,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     """Build the 8-bit graphs of every cell, time them with fp32 side by side, write the results."""
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cell", action="append", required=True, metavar="NAME=RUN_DIR")
+    ap.add_argument("--cell", action="append", required=True, metavar="NAME=MP_CELL:ALL_CELL")
     ap.add_argument("--work", required=True, help="folder for the 8-bit builds (reused when present)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=10)
@@ -74,15 +94,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     rows = []
-    for name, run_dir in (c.split("=", 1) for c in args.cell):
-        setup = cell_setup(Path(run_dir))
+    for name, dirs in (c.split("=", 1) for c in args.cell):
+        mp_cell, all_cell = (Path(d) for d in dirs.split(":", 1))
+        run_dir = mp_cell / "ptq"
+        setup = cell_setup(run_dir)
         work = Path(args.work) / name
+        tested = {"mixed": json.loads((mp_cell / "cell.json").read_text()),
+                  "all-quantized": json.loads((all_cell / "cell.json").read_text()),
+                  "fp32": fp32_metrics(setup, work)}
+        accuracy = {k: {**{m: tested[m][k] for m in tested},
+                        "recovered": recovered(tested["mixed"][k], tested["all-quantized"][k], tested["fp32"][k])}
+                    for k in KEYS}
         models = {"fp32": setup["source"], "all-int8": build_int8(setup, work / "all8", []),
                   "stand-in": build_int8(setup, work / "mp8", setup["float_nodes"])}
         size = load_model(setup["source"]).graph.input[0].type.tensor_type.shape.dim[-1].dim_value
         latency = ort_latency_ms({k: (p, size) for k, p in models.items()}, args.threads, args.warmup, args.iters)
         ms = {k: latency[k]["median_ms"] for k in models}
-        rows.append({"cell": name, "run": run_dir, "bits": setup["bits"], "criterion": setup["criterion"],
+        rows.append({"cell": name, "run": str(run_dir), "all_quantized": str(all_cell), "accuracy": accuracy,
+                     "bits": setup["bits"], "criterion": setup["criterion"],
                      "budget": setup["budget"], "float_layers": len(setup["float_layers"]), "layers": setup["layers"],
                      "float_macs_share": round(float_share(setup), 4),
                      "latency": latency, "sha256": {k: sha256_file(p) for k, p in models.items()},
@@ -93,7 +122,17 @@ def main(argv: list[str] | None = None) -> None:
     meta = bench_meta("bench/mixed_precision_latency.py", argv, threads=args.threads, iters=args.iters)
 
     def markdown(path: Path) -> None:
-        lines = ["# Mixed precision's latency cost on the 8-bit stand-in", "", f"`{meta['command']}`", "",
+        lines = ["# Mixed precision: the lower-width loss recovered, and the cost", "", f"`{meta['command']}`", "",
+                 "Test metrics: all-quantized -> mixed precision (fp32); recovered: share of the fp32 - "
+                 "all-quantized gap closed (- where the all-quantized cell is not below fp32).", "",
+                 "| cell | bits | float layers | " + " | ".join(f"{k} | {k} recovered" for k in KEYS) + " |",
+                 "|---" * (3 + 2 * len(KEYS)) + "|"]
+        for r in rows:
+            a = r["accuracy"]
+            lines.append(f"| {r['cell']} | {r['bits']} | {r['float_layers']} of {r['layers']} | " + " | ".join(
+                f"{a[k]['all-quantized']:.4f} -> {a[k]['mixed']:.4f} ({a[k]['fp32']:.4f}) | "
+                + ("-" if a[k]["recovered"] is None else f"{100 * a[k]['recovered']:.0f} %") for k in KEYS) + " |")
+        lines += ["", "## Cost", "",
                  f"machine: {meta['machine']}; ONNX Runtime CPU, {args.threads} threads, batch 1, median of "
                  f"{args.iters} interleaved rounds. The stand-in is the cell's float layers kept float and every "
                  "other layer at 8 bits (integer kernels): what this CPU can run, not the speed of the cell's own "
