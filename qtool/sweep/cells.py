@@ -77,7 +77,7 @@ def _ptq_summary(report: dict[str, Any]) -> dict[str, Any]:
         out["fallback"] = {"budget": mp["budget"], "criterion": mp["criterion"],
                            "layers": [f["layer"] for f in mp["fallback"]], "precision": mp["precision_kept"],
                            "latency_cost_ms": cost, "latency_stand_in": bool(lat.get("stand_in")),
-                           "float_macs_share": (mp.get("macs") or {}).get("float_share", 0.0 if not lat else None)}
+                           "float_macs_share": (mp.get("macs") or {}).get("float_share", 0.0)}  # no fallback: 0
     return out
 
 
