@@ -31,6 +31,8 @@ from qtool.recipe import load_recipe
 from qtool.runs import run_eval
 
 KEYS = ("image_auroc", "pixel_auroc", "aupro")
+#: A metric whose fp32 - all-quantized gap is under this has no loss to recover (its share is not stated).
+MIN_GAP = 0.01
 
 
 def cell_setup(run_dir: Path) -> dict[str, Any]:
@@ -48,8 +50,15 @@ def cell_setup(run_dir: Path) -> dict[str, Any]:
 
 
 def recovered(mp: float, quantized: float, fp32: float) -> float | None:
-    """Share of the fp32 - all-quantized gap that mixed precision closes (None when there is no gap to close)."""
-    return round((mp - quantized) / (fp32 - quantized), 3) if fp32 - quantized > 0 else None
+    """Share of the fp32 - all-quantized gap that mixed precision closes (None: a gap under ``MIN_GAP``)."""
+    return round((mp - quantized) / (fp32 - quantized), 3) if fp32 - quantized >= MIN_GAP else None
+
+
+def with_recovered(tested: dict[str, dict[str, float]]) -> dict[str, dict[str, float | None]]:
+    """Per metric: the mixed, all-quantized and fp32 values and the share recovered."""
+    return {k: {**{m: tested[m][k] for m in ("mixed", "all-quantized", "fp32")},
+                "recovered": recovered(tested["mixed"][k], tested["all-quantized"][k], tested["fp32"][k])}
+            for k in KEYS}
 
 
 def fp32_metrics(setup: dict[str, Any], work: Path) -> dict[str, float]:
@@ -92,7 +101,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--render", action="store_true",
+                    help="only write PATH.md again from PATH.json (shares recomputed), measuring nothing")
     args = ap.parse_args(argv)
+    if args.render:
+        saved = json.loads(Path(args.out).with_suffix(".json").read_text())
+        for r in saved["rows"]:
+            r["accuracy"] = with_recovered({m: {k: r["accuracy"][k][m] for k in KEYS}
+                                            for m in ("mixed", "all-quantized", "fp32")})
+        return write_results(Path(args.out), saved, lambda path: markdown(path, saved["meta"], saved["rows"]))
     rows = []
     for name, dirs in (c.split("=", 1) for c in args.cell):
         mp_cell, all_cell = (Path(d) for d in dirs.split(":", 1))
@@ -102,9 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         tested = {"mixed": json.loads((mp_cell / "cell.json").read_text()),
                   "all-quantized": json.loads((all_cell / "cell.json").read_text()),
                   "fp32": fp32_metrics(setup, work)}
-        accuracy = {k: {**{m: tested[m][k] for m in tested},
-                        "recovered": recovered(tested["mixed"][k], tested["all-quantized"][k], tested["fp32"][k])}
-                    for k in KEYS}
+        accuracy = with_recovered(tested)
         models = {"fp32": setup["source"], "all-int8": build_int8(setup, work / "all8", []),
                   "stand-in": build_int8(setup, work / "mp8", setup["float_nodes"])}
         size = load_model(setup["source"]).graph.input[0].type.tensor_type.shape.dim[-1].dim_value
@@ -120,34 +135,35 @@ def main(argv: list[str] | None = None) -> None:
                      "fp32_vs_all_int8": round(ms["fp32"] / ms["all-int8"], 3)})
         print(rows[-1]["cell"], ms, flush=True)
     meta = bench_meta("bench/mixed_precision_latency.py", argv, threads=args.threads, iters=args.iters)
+    write_results(Path(args.out), {"meta": meta, "rows": rows}, lambda path: markdown(path, meta, rows))
 
-    def markdown(path: Path) -> None:
-        lines = ["# Mixed precision: the lower-width loss recovered, and the cost", "", f"`{meta['command']}`", "",
-                 "Test metrics: all-quantized -> mixed precision (fp32); recovered: share of the fp32 - "
-                 "all-quantized gap closed (- where the all-quantized cell is not below fp32).", "",
-                 "| cell | bits | float layers | " + " | ".join(f"{k} | {k} recovered" for k in KEYS) + " |",
-                 "|---" * (3 + 2 * len(KEYS)) + "|"]
-        for r in rows:
-            a = r["accuracy"]
-            lines.append(f"| {r['cell']} | {r['bits']} | {r['float_layers']} of {r['layers']} | " + " | ".join(
-                f"{a[k]['all-quantized']:.4f} -> {a[k]['mixed']:.4f} ({a[k]['fp32']:.4f}) | "
-                + ("-" if a[k]["recovered"] is None else f"{100 * a[k]['recovered']:.0f} %") for k in KEYS) + " |")
-        lines += ["", "## Cost", "",
-                 f"machine: {meta['machine']}; ONNX Runtime CPU, {args.threads} threads, batch 1, median of "
-                 f"{args.iters} interleaved rounds. The stand-in is the cell's float layers kept float and every "
-                 "other layer at 8 bits (integer kernels): what this CPU can run, not the speed of the cell's own "
-                 "width (emulated in float here).", "",
-                 "| cell | bits | float layers | float MACs | fp32 ms | all-int8 ms | stand-in ms "
-                 "| stand-in / all-int8 | fp32 / stand-in | fp32 / all-int8 |", "|---" * 10 + "|"]
-        for r in rows:
-            m = {k: r["latency"][k]["median_ms"] for k in ("fp32", "all-int8", "stand-in")}
-            lines.append(f"| {r['cell']} | {r['bits']} | {r['float_layers']} of {r['layers']} | "
-                         f"{r['float_macs_share']:.3f} | {m['fp32']} | {m['all-int8']} | {m['stand-in']} | "
-                         f"{r['stand_in_vs_all_int8']} | {r['fp32_vs_stand_in']} | {r['fp32_vs_all_int8']} |")
-        lines += ["", versions_line(meta["versions"], skip_missing=True)]
-        path.write_text("\n".join(lines) + "\n")
 
-    write_results(Path(args.out), {"meta": meta, "rows": rows}, markdown)
+def markdown(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """The results table: loss recovered per metric, then the cost (float MACs, latencies side by side)."""
+    lines = ["# Mixed precision: the lower-width loss recovered, and the cost", "", f"`{meta['command']}`", "",
+             "Test metrics: all-quantized -> mixed precision (fp32); recovered: share of the fp32 - "
+             f"all-quantized gap closed (- where that gap is under {MIN_GAP}: no loss to recover).", "",
+             "| cell | bits | float layers | " + " | ".join(f"{k} | {k} recovered" for k in KEYS) + " |",
+             "|---" * (3 + 2 * len(KEYS)) + "|"]
+    for r in rows:
+        a = r["accuracy"]
+        lines.append(f"| {r['cell']} | {r['bits']} | {r['float_layers']} of {r['layers']} | " + " | ".join(
+            f"{a[k]['all-quantized']:.4f} -> {a[k]['mixed']:.4f} ({a[k]['fp32']:.4f}) | "
+            + ("-" if a[k]["recovered"] is None else f"{100 * a[k]['recovered'] + 0.0:.0f} %") for k in KEYS) + " |")
+    lines += ["", "## Cost", "",
+              f"machine: {meta['machine']}; ONNX Runtime CPU, {meta['threads']} threads, batch 1, median of "
+              f"{meta['iters']} interleaved rounds. The stand-in is the cell's float layers kept float and every "
+              "other layer at 8 bits (integer kernels): what this CPU can run, not the speed of the cell's own "
+              "width (emulated in float here).", "",
+              "| cell | bits | float layers | float MACs | fp32 ms | all-int8 ms | stand-in ms "
+              "| stand-in / all-int8 | fp32 / stand-in | fp32 / all-int8 |", "|---" * 10 + "|"]
+    for r in rows:
+        m = {k: r["latency"][k]["median_ms"] for k in ("fp32", "all-int8", "stand-in")}
+        lines.append(f"| {r['cell']} | {r['bits']} | {r['float_layers']} of {r['layers']} | "
+                     f"{r['float_macs_share']:.3f} | {m['fp32']} | {m['all-int8']} | {m['stand-in']} | "
+                     f"{r['stand_in_vs_all_int8']} | {r['fp32_vs_stand_in']} | {r['fp32_vs_all_int8']} |")
+    lines += ["", versions_line(meta["versions"], skip_missing=True)]
+    path.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
