@@ -10,7 +10,8 @@ multiply-accumulates. Accuracy: the cell's test metrics against the all-quantize
 second folder) and fp32 (evaluated here), and the share of the fp32 - all-quantized gap the cell recovers.
 
 Run: .venv/bin/python bench/mixed_precision_latency.py --cell NAME=MP_CELL:ALL_CELL [--cell ...] --work DIR --out PATH
-Writes PATH.{json,md}. Run it with no other job on the machine.
+Writes PATH.{json,md}. Run it with no other job on the machine. ``--out PATH --render`` writes PATH.md again
+from PATH.json, measuring nothing.
 """
 
 from __future__ import annotations
@@ -95,8 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     """Build the 8-bit graphs of every cell, time them with fp32 side by side, write the results."""
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cell", action="append", required=True, metavar="NAME=MP_CELL:ALL_CELL")
-    ap.add_argument("--work", required=True, help="folder for the 8-bit builds (reused when present)")
+    ap.add_argument("--cell", action="append", default=[], metavar="NAME=MP_CELL:ALL_CELL")
+    ap.add_argument("--work", help="folder for the 8-bit builds and fp32 metrics (reused when present)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--iters", type=int, default=100)
@@ -104,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--render", action="store_true",
                     help="only write PATH.md again from PATH.json (shares recomputed), measuring nothing")
     args = ap.parse_args(argv)
+    if not args.render and not (args.cell and args.work):
+        ap.error("give --cell (at least one) and --work, or --render")
     if args.render:
         saved = json.loads(Path(args.out).with_suffix(".json").read_text())
         for r in saved["rows"]:

@@ -160,7 +160,7 @@ def choose_precision(harness: Harness, ranges: Mapping[str, Any], budget: float,
         fallback, final, corrected = _corrected(score, names, order, fallback, correct, lambda st: value(st) <= budget)
     fallback.sort(key=rank.__getitem__)
     keep = [x for x in names if x not in fallback]
-    spec = subset(harness.model, harness.spec, score.nodes(keep), reason) if fallback else harness.spec
+    spec = score.spec(keep) if fallback else harness.spec
     report: dict[str, Any] = {
         "budget": budget, "criterion": criterion, "proxy": rule.proxy, "precision_kept": precision,
         "fp32": harness.reference_separation, "all_quantized": {**full, "value": value(full)},
@@ -218,13 +218,12 @@ def _latency(harness: Harness, score: _Scorer, names: list[str], fallback: list[
     keep = [x for x in names if x not in fallback]
     final = harness.latency_ms(score.model(keep), iterations)
     costs = {f: round(final - harness.latency_ms(score.model([*keep, f]), iterations), 4) for f in fallback}
-    spec = score.spec(names)
-    graph = (f"w{spec.weight_bits}a{spec.activation_bits} stand-in: the same layers float, the rest at 8 bits with "
-             f"integer kernels (w{harness.spec.weight_bits}a{harness.spec.activation_bits} has none here: emulated "
-             "in float)" if score.full is not harness.spec else
-             f"as chosen (w{spec.weight_bits}a{spec.activation_bits})")
+    timed, chosen, stand_in = score.full, harness.spec, score.full is not harness.spec
+    graph = (f"w{timed.weight_bits}a{timed.activation_bits} stand-in: the same layers float, the rest at 8 bits with "
+             f"integer kernels (w{chosen.weight_bits}a{chosen.activation_bits} has none here: emulated in float)"
+             if stand_in else f"as chosen (w{chosen.weight_bits}a{chosen.activation_bits})")
     return {"runtime": "onnxruntime cpu (default optimisations), one input batch, median", "graph": graph,
-            "stand_in": score.full is not harness.spec, "iterations": iterations,
+            "stand_in": stand_in, "iterations": iterations,
             "fp32_ms": round(harness.latency_ms(harness.model, iterations), 4),
             "all_quantized_ms": round(harness.latency_ms(score.model(names), iterations), 4),
             "final_ms": round(final, 4), "fallback_cost_ms": costs}
