@@ -18,20 +18,21 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
+from map_aware import KEYS
 from mtd_models import ort_latency_ms
 
 from qtool.artifacts import bench_meta, sha256_file, versions_line, write_results
 from qtool.graph import load_model, node_macs, prepare
 from qtool.ptq import run_ptq
-from qtool.recipe import load_recipe
+from qtool.recipe import PtqConfig, Recipe, load_recipe
 from qtool.runs import run_eval
 
-KEYS = ("image_auroc", "pixel_auroc", "aupro")
 #: A metric whose fp32 - all-quantized gap is under this has no loss to recover (its share is not stated).
 MIN_GAP = 0.01
 
@@ -72,13 +73,25 @@ def fp32_metrics(setup: dict[str, Any], work: Path) -> dict[str, float]:
     return json.loads(cached.read_text())
 
 
-def build_int8(setup: dict[str, Any], out: Path, exclude: list[str]) -> Path:
-    """``qtool ptq`` of the cell's source at 8 bits (same calibrator, data, bias correction), ``exclude`` kept float."""
+def int8_recipe(setup: dict[str, Any], exclude: list[str]) -> Recipe:
+    """The cell's recipe at 8 bits (same calibrator, data, bias correction), no mixed precision, ``exclude`` float."""
     recipe = setup["recipe"]
     ptq = recipe.ptq.model_copy(update={"activation_bits": 8, "weight_bits": 8, "mixed_precision": None,
+                                        "mixed_precision_criterion": PtqConfig().mixed_precision_criterion,
                                         "exclude_nodes": [*recipe.ptq.exclude_nodes, *map(glob.escape, exclude)]})
+    return recipe.model_copy(update={"ptq": ptq})
+
+
+def source_work(setup: dict[str, Any], work: Path) -> Path:
+    """The folder of what every cell of one source shares (fp32 metrics, the all-int8 build): built once."""
+    key = hashlib.sha256((sha256_file(setup["source"]) + int8_recipe(setup, []).model_dump_json()).encode())
+    return work / f"source-{key.hexdigest()[:12]}"
+
+
+def build_int8(setup: dict[str, Any], out: Path, exclude: list[str]) -> Path:
+    """``qtool ptq`` of :func:`int8_recipe` into ``out`` (reused when there)."""
     if not (out / "model.onnx").exists():
-        run_ptq(setup["source"], recipe.model_copy(update={"ptq": ptq}), out)
+        run_ptq(setup["source"], int8_recipe(setup, exclude), out)
     return out / "model.onnx"
 
 
@@ -118,12 +131,12 @@ def main(argv: list[str] | None = None) -> None:
         mp_cell, all_cell = (Path(d) for d in dirs.split(":", 1))
         run_dir = mp_cell / "ptq"
         setup = cell_setup(run_dir)
-        work = Path(args.work) / name
+        work, shared = Path(args.work) / name, source_work(setup, Path(args.work))
         tested = {"mixed": json.loads((mp_cell / "cell.json").read_text()),
                   "all-quantized": json.loads((all_cell / "cell.json").read_text()),
-                  "fp32": fp32_metrics(setup, work)}
+                  "fp32": fp32_metrics(setup, shared)}
         accuracy = with_recovered(tested)
-        models = {"fp32": setup["source"], "all-int8": build_int8(setup, work / "all8", []),
+        models = {"fp32": setup["source"], "all-int8": build_int8(setup, shared / "all8", []),
                   "stand-in": build_int8(setup, work / "mp8", setup["float_nodes"])}
         size = load_model(setup["source"]).graph.input[0].type.tensor_type.shape.dim[-1].dim_value
         latency = ort_latency_ms({k: (p, size) for k, p in models.items()}, args.threads, args.warmup, args.iters)
