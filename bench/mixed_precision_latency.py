@@ -37,6 +37,18 @@ from qtool.runs import run_eval
 MIN_GAP = 0.01
 
 
+def cell_dirs(text: str) -> tuple[str, Path, Path]:
+    """``NAME=MP_CELL:ALL_CELL`` -> name and the two cell folders, each checked to hold ``cell.json`` and ``ptq/``."""
+    name, _, dirs = text.partition("=")
+    mp_cell, _, all_cell = dirs.partition(":")
+    if not (name and mp_cell and all_cell):
+        raise SystemExit(f"--cell {text!r}: expected NAME=MP_CELL:ALL_CELL")
+    for d in (mp_cell, all_cell):
+        if not (Path(d) / "cell.json").is_file() or not (Path(d) / "ptq" / "report.json").is_file():
+            raise SystemExit(f"--cell {name}: {d} is not a bench/map_aware.py cell folder (cell.json, ptq/report.json)")
+    return name, Path(mp_cell), Path(all_cell)
+
+
 def cell_setup(run_dir: Path) -> dict[str, Any]:
     """Source model, recipe, width and float layers' nodes of a mixed-precision ``qtool ptq`` run folder."""
     report = json.loads((run_dir / "report.json").read_text())
@@ -127,8 +139,8 @@ def main(argv: list[str] | None = None) -> None:
                                             for m in ("mixed", "all-quantized", "fp32")})
         return write_results(Path(args.out), saved, lambda path: markdown(path, saved["meta"], saved["rows"]))
     rows = []
-    for name, dirs in (c.split("=", 1) for c in args.cell):
-        mp_cell, all_cell = (Path(d) for d in dirs.split(":", 1))
+    cells = [cell_dirs(c) for c in args.cell]  # every folder checked before anything is built
+    for name, mp_cell, all_cell in cells:
         run_dir = mp_cell / "ptq"
         setup = cell_setup(run_dir)
         work, shared = Path(args.work) / name, source_work(setup, Path(args.work))
