@@ -5,7 +5,9 @@ when only that layer is quantized: ``separation`` (default), the proxy's drop (t
 pixel AUROC drops on the search set), ties broken by the map distortion, and the budget bounds that drop;
 ``distortion``, the map distortion (:class:`qtool.proxy.MapDistortion`), ties broken by the proxy drop, and
 the budget is the share of the all-quantized graph's distortion that may remain. The most sensitive layers
-go back to float (fp16 on TensorRT) one at a time until the whole quantized model is within the budget;
+go back to float (fp16 on TensorRT) one at a time, in the order of the ranking (``ptq.mixed_precision_rank``,
+:data:`RANKS`: by sensitivity, or by sensitivity per share of the model's MACs), until the whole quantized model is
+within the budget;
 then every fallback that is no longer needed is quantized again, so no single fallback can be dropped. With
 bias correction the choice is then judged corrected, and more layers go float while it is over the budget.
 Each remaining fallback's cost is stated twice: its share of the model's multiply-accumulates (hardware
@@ -64,6 +66,21 @@ CRITERIA.add("distortion", Criterion(
     "pairs) left on the search set", "loss", "drop", _distortion_share))
 
 
+@dataclass(frozen=True)
+class Rank:
+    """The order in which layers go float: by ``key(sensitivity, mac_share)``, higher first (``help`` says what)."""
+
+    help: str
+    key: Callable[[float, float], float]
+
+
+RANKS: Registry[Rank] = Registry("mixed-precision rank")
+RANKS.add("sensitivity", Rank("the criterion's sensitivity alone (the fewest layers)", lambda value, share: value))
+RANKS.add("per-mac", Rank(
+    "sensitivity per share of the model's multiply-accumulates (a cheaper float share for the same budget; a layer "
+    "without MACs, e.g. an Add, counts as the cheapest layer that has some)", lambda value, share: value / share))
+
+
 @dataclass
 class MixedPrecision:
     """The chosen spec, the layers kept float, and the record of how they were chosen."""
@@ -102,7 +119,7 @@ class _Scorer:
 def choose_precision(harness: Harness, ranges: Mapping[str, Any], budget: float, cfg: SearchConfig,
                      progress: Callable[[int], None] | None = None, criterion: str = "separation",
                      correct: Callable[[QuantSpec], Biases] | None = None,
-                     stand_in: QuantSpec | None = None) -> MixedPrecision:
+                     stand_in: QuantSpec | None = None, rank: str = "sensitivity") -> MixedPrecision:
     """Keep the fewest layers float that bring the criterion's value within ``budget`` (see the module).
 
     Args:
@@ -118,14 +135,17 @@ def choose_precision(harness: Harness, ranges: Mapping[str, Any], budget: float,
         progress: called with 1 per scanned layer.
         stand_in: the 8-bit spec of the same graph, to time the fallbacks on when ``harness.spec`` is emulated
             (below 8 bits); None: time the spec itself.
+        rank: a name in :data:`RANKS`: the order in which the scanned layers go float.
 
     Returns:
         The spec with the fallback layers float, and the report (proxy before/after, per-layer
         sensitivity, fallbacks with their MAC share and latency cost).
     """
     t0 = time.monotonic()
-    rule = CRITERIA.get(criterion)
+    rule, order_by = CRITERIA.get(criterion), RANKS.get(rank)
     layers = layer_groups(harness.model, harness.spec)
+    macs = node_macs(harness.model)
+    shares = _mac_shares(macs, layers)
     names = list(layers)
     precision = "fp16" if harness.spec.profile.fp16_fallback else "fp32"
     reason = f"kept float by mixed precision ({precision} on {harness.spec.profile.name})"
@@ -142,9 +162,8 @@ def choose_precision(harness: Harness, ranges: Mapping[str, Any], budget: float,
         sens[layer] = score([layer])
         if progress:
             progress(1)
-    rank = {layer: i for i, layer in enumerate(names)}
-    order = sorted(sens, key=lambda x: (-sens[x][rule.key], -sens[x][rule.tie], rank[x]))
-    order += [x for x in names if x not in sens]
+    position = {layer: i for i, layer in enumerate(names)}
+    order = ranked(names, sens, shares, rule, order_by)
     fallback: list[str] = []
     final = full
     while value(final) > budget and len(fallback) < len(order):  # with every layer float, both values are 0
@@ -158,20 +177,22 @@ def choose_precision(harness: Harness, ranges: Mapping[str, Any], budget: float,
     corrected: dict[str, Any] | None = None
     if correct is not None:
         fallback, final, corrected = _corrected(score, names, order, fallback, correct, lambda st: value(st) <= budget)
-    fallback.sort(key=rank.__getitem__)
+    fallback.sort(key=position.__getitem__)
     keep = [x for x in names if x not in fallback]
     spec = score.spec(keep) if fallback else harness.spec
     report: dict[str, Any] = {
-        "budget": budget, "criterion": criterion, "proxy": rule.proxy, "precision_kept": precision,
+        "budget": budget, "criterion": criterion, "proxy": rule.proxy, "rank": rank, "rank_by": order_by.help,
+        "precision_kept": precision,
         "fp32": harness.reference_separation, "all_quantized": {**full, "value": value(full)},
         "final": {**final, "value": value(final)},
         "layers": len(names), "layers_scanned": len(sens), "scan_time_budget_s": cfg.time_budget_s,
         "fallback": [{"layer": x, "nodes": layers[x], "sensitivity": sens.get(x)} for x in fallback],
+        "order": order, "rank_mac_share": shares,  # MAC-less layers at the floor (_mac_shares)
     }
     if corrected is not None:
         report["bias_corrected"] = corrected
     if fallback:
-        report["macs"] = _macs(harness, layers, fallback)
+        report["macs"] = _macs(macs, layers, fallback)  # exact counts (``shares`` floors MAC-less layers)
         timed = _Scorer(harness, ranges, layers, reason, stand_in) if stand_in is not None else score
         report["latency"] = _latency(harness, timed, names, fallback, cfg.latency_iterations)
         for entry in report["fallback"]:
@@ -181,6 +202,19 @@ def choose_precision(harness: Harness, ranges: Mapping[str, Any], budget: float,
     log.info("mixed precision: %d of %d layers kept float, %s %.4f -> %.4f (budget %.4f), %.1f s",
              len(fallback), len(names), criterion, value(full), value(final), budget, report["seconds"])
     return MixedPrecision(spec, fallback, sens, report)
+
+
+def ranked(names: list[str], sens: Mapping[str, Scores], shares: Mapping[str, float], rule: Criterion,
+           rank: Rank) -> list[str]:
+    """The order in which layers go float: scanned ones by ``rank``, unscanned ones last.
+
+    Scanned layers sort by ``rank`` of the criterion's key, then of its tie, then graph order. ``names``: every
+    layer in graph order; ``sens``: scores of the scanned ones; ``shares``: their MAC shares.
+    """
+    position = {layer: i for i, layer in enumerate(names)}
+    order = sorted(sens, key=lambda x: (-rank.key(sens[x][rule.key], shares[x]),
+                                        -rank.key(sens[x][rule.tie], shares[x]), position[x]))
+    return order + [x for x in names if x not in sens]
 
 
 def _corrected(score: _Scorer, names: list[str], order: list[str], fallback: list[str],
@@ -198,9 +232,16 @@ def _corrected(score: _Scorer, names: list[str], order: list[str], fallback: lis
         added.append(layer)
 
 
-def _macs(harness: Harness, layers: Mapping[str, list[str]], fallback: list[str]) -> dict[str, Any]:
+def _mac_shares(macs: Mapping[str, int], layers: Mapping[str, list[str]]) -> dict[str, float]:
+    """Each layer's share of the graph's MACs, a layer without any counted as the smallest non-zero share (or 1)."""
+    total = sum(macs.values())
+    share = {x: sum(macs.get(n, 0) for n in nodes) / total if total else 0.0 for x, nodes in layers.items()}
+    floor = min((v for v in share.values() if v > 0), default=1.0)
+    return {x: v if v > 0 else floor for x, v in share.items()}
+
+
+def _macs(macs: Mapping[str, int], layers: Mapping[str, list[str]], fallback: list[str]) -> dict[str, Any]:
     """Multiply-accumulates of the whole graph, those the fallback layers keep float, and each one's share."""
-    macs = node_macs(harness.model)
     total = sum(macs.values())
     per = {f: sum(macs.get(n, 0) for n in layers[f]) for f in fallback}
     return {"total": total, "float": sum(per.values()),

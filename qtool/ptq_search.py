@@ -95,7 +95,7 @@ def run_search_stages(calibrator: Calibrator, ranges: dict[str, TensorRange], pr
             stand_in = (build_spec(prepared, cfg.model_copy(update={"activation_bits": 8, "weight_bits": 8}),
                                    spec.profile) if spec.emulated else None)
             mp = choose_precision(harness, ranges, cfg.mixed_precision, cfg.search, progress,
-                                  cfg.mixed_precision_criterion, correct, stand_in)
+                                  cfg.mixed_precision_criterion, correct, stand_in, cfg.mixed_precision_rank)
         spec, fallback, sensitivity = mp.spec, mp.fallback, mp.sensitivity
         extra["mixed_precision"] = mp.report
     extra["layers"] = layer_table(prepared, full_spec, ranges, sensitivity, fallback)

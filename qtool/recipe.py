@@ -183,6 +183,9 @@ class PtqConfig(Section):
     # AUROC, image or pixel, on the search set, e.g. 0.005) or "distortion" (the share of the all-quantized
     # graph's map distortion on the search set that may remain, e.g. 0.25); README, mixed precision
     mixed_precision_criterion: str = "separation"
+    # the order in which layers go float (qtool.mixed_precision.RANKS): "sensitivity" (the fewest layers) or
+    # "per-mac" (sensitivity per share of the model's MACs: a cheaper float share)
+    mixed_precision_rank: str = "sensitivity"
     search: SearchConfig = Field(default_factory=SearchConfig)
 
     @field_validator("activation_bits", "weight_bits")
@@ -205,6 +208,13 @@ class PtqConfig(Section):
         from qtool.mixed_precision import CRITERIA
 
         return _known("mixed-precision criterion", CRITERIA.names(), v)
+
+    @field_validator("mixed_precision_rank")
+    @classmethod
+    def _rank(cls, v: str) -> str:
+        from qtool.mixed_precision import RANKS
+
+        return _known("mixed-precision rank", RANKS.names(), v)
 
 
 class QatConfig(Section):

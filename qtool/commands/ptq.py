@@ -23,6 +23,9 @@ from qtool.commands.train import data_options
 @click.option("--mp-criterion", "mp_criterion", default=None, metavar="NAME",
               help="What --mixed-precision bounds: separation (default; the proxy AUROC drop, e.g. 0.005) or "
                    "distortion (the share of the all-quantized graph's map distortion left, e.g. 0.25).")
+@click.option("--mp-rank", "mp_rank", default=None, metavar="NAME",
+              help="Order in which layers go float: sensitivity (default; the fewest layers) or per-mac "
+                   "(sensitivity per share of the MACs: a cheaper float share).")
 @click.option("--calib-source", default=None, help="Calibration data: train (held-out normals), random-normal, mix.")
 @click.option("--num-calib", type=int, default=None, help="Number of calibration samples.")
 @click.option("--target", default=None, help="Target profile: cpu or tensorrt.")
@@ -41,6 +44,7 @@ from qtool.commands.train import data_options
 @recipe_options
 @fail_cleanly
 def ptq_cmd(model_path: str, calib: str | None, mixed_precision: float | None, mp_criterion: str | None,
+            mp_rank: str | None,
             calib_source: str | None, num_calib: int | None,
             target: str | None, bits: int | None, weight_range: str | None,
             bias_correction: bool | None, part: str | None, strict: bool | None,
@@ -60,7 +64,7 @@ def ptq_cmd(model_path: str, calib: str | None, mixed_precision: float | None, m
         "ptq.bias_correction": bias_correction,
         "ptq.quantize": part, "ptq.strict": strict,
         "ptq.input_shape": parse_input_shapes(input_shapes) or None, "ptq.mixed_precision": mixed_precision,
-        "ptq.mixed_precision_criterion": mp_criterion})
+        "ptq.mixed_precision_criterion": mp_criterion, "ptq.mixed_precision_rank": mp_rank})
     if out is not None and Path(out).exists() and any(Path(out).iterdir()) and not dry_run:
         if not (Path(out) / "report.json").exists():
             raise RecipeError(f"output folder {out} exists and is not a qtool PTQ run; choose another --out")

@@ -100,6 +100,7 @@ class Fallback(_Strict):
 
     budget: float
     criterion: str = "separation"  # reports written before the criterion existed (read_report) were separation
+    rank: str = "sensitivity"  # the order layers went float in (qtool.mixed_precision.RANKS); before it existed
     layers: list[str]
     precision: str
     latency_cost_ms: float | None

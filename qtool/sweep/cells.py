@@ -74,7 +74,7 @@ def _ptq_summary(report: dict[str, Any]) -> dict[str, Any]:
         mp = report["mixed_precision"]
         lat = mp.get("latency") or {}
         cost = round(lat["final_ms"] - lat["all_quantized_ms"], 4) if lat else 0.0
-        out["fallback"] = {"budget": mp["budget"], "criterion": mp["criterion"],
+        out["fallback"] = {"budget": mp["budget"], "criterion": mp["criterion"], "rank": mp["rank"],
                            "layers": [f["layer"] for f in mp["fallback"]], "precision": mp["precision_kept"],
                            "latency_cost_ms": cost, "latency_stand_in": bool(lat.get("stand_in")),
                            "float_macs_share": (mp.get("macs") or {}).get("float_share", 0.0)}  # no fallback: 0

@@ -486,7 +486,7 @@ def test_bias_correction_never_breaks_the_mixed_precision_budget(kd, tmp_path):
 def test_distortion_criterion_bounds_the_saved_graphs_share_of_the_map_distortion(kd, tmp_path):
     out = tmp_path / "mpd"
     result = invoke("ptq", "--model", kd.onnx, "--recipe", kd.recipe_file, "--out", out, "--calib", "minmax",
-                    "--bits", "4", "--mixed-precision", "0.5", "--mp-criterion", "distortion",
+                    "--bits", "4", "--mixed-precision", "0.5", "--mp-criterion", "distortion", "--mp-rank", "per-mac",
                     "--weight-range", "mse", "--set", "ptq.search.normals=4")
     ok(result)
     report = json.loads((out / "report.json").read_text())
@@ -498,6 +498,8 @@ def test_distortion_criterion_bounds_the_saved_graphs_share_of_the_map_distortio
     assert report["proxy"]["quantized"]["loss"] <= 0.5 * mp["all_quantized"]["loss"] + 1e-12
     assert "mixed precision:" in result.output and "distortion 1.0000 ->" in result.output
     assert load_recipe(out / "recipe.yaml").ptq.mixed_precision_criterion == "distortion"
+    assert load_recipe(out / "recipe.yaml").ptq.mixed_precision_rank == "per-mac" and mp["rank"] == "per-mac"
+    assert sorted(mp["order"]) == sorted(mp["rank_mac_share"]) and len(mp["order"]) == mp["layers"]
     # the saved graph keeps the recipe's weight range rule (mixed precision's sub-spec once dropped it for minmax)
     weights = report["quantization"]["weights"]
     assert weights and {w["range"] for w in weights.values()} == {"mse"}

@@ -127,7 +127,8 @@ def test_report_shows_per_layer_ranges_candidates_sensitivity_and_precision(sear
                                                ("ptq.search.normals=1", "ptq.search.normals"),
                                                ("ptq.search.kinds=[]", "ptq.search.kinds"),
                                                ("ptq.mixed_precision_criterion=auroc",
-                                                "ptq.mixed_precision_criterion")])
+                                                "ptq.mixed_precision_criterion"),
+                                               ("ptq.mixed_precision_rank=cheapest", "ptq.mixed_precision_rank")])
 def test_bad_search_fields_name_the_key(override: str, key: str):
     with pytest.raises(RecipeError, match=key.replace(".", r"\.")):
         load_recipe(None, [override])

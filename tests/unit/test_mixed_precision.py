@@ -19,7 +19,7 @@ from calibrators import get_calibrator
 from qtool.calibrate import calibrate
 from qtool.graph import build_spec, insert_qdq, layer_groups, lint, node_tensors, prepare, subset
 from qtool.graph.policy import OP_RULES
-from qtool.mixed_precision import CRITERIA, choose_precision
+from qtool.mixed_precision import CRITERIA, RANKS, choose_precision, ranked
 from qtool.proxy import MapDistortion
 from qtool.recipe import PtqConfig, SearchConfig
 from qtool.search import Harness, search_set_from_arrays
@@ -202,6 +202,30 @@ def test_distortion_criterion_keeps_the_fewest_layers_that_leave_a_share_of_the_
 
 def test_criteria_registry():
     assert set(CRITERIA.names()) == {"separation", "distortion"}
+    assert set(RANKS.names()) == {"sensitivity", "per-mac"}
+
+
+def test_per_mac_rank_puts_cheap_sensitive_layers_first_and_unscanned_layers_last():
+    names = ["stem", "big", "add", "small", "unscanned"]
+    sens = {"stem": {"loss": 0.4, "drop": 0.0}, "big": {"loss": 0.5, "drop": 0.0},
+            "add": {"loss": 0.1, "drop": 0.0}, "small": {"loss": 0.2, "drop": 0.0}}
+    shares = {"stem": 0.2, "big": 0.7, "add": 0.05, "small": 0.05, "unscanned": 0.0}
+    rule = CRITERIA.get("distortion")
+    assert ranked(names, sens, shares, rule, RANKS.get("sensitivity")) == ["big", "stem", "small", "add", "unscanned"]
+    # per MAC: small 4.0, stem 2.0, add 2.0 (tie on loss/share: the drop ties too, graph order), big 0.71
+    assert ranked(names, sens, shares, rule, RANKS.get("per-mac")) == ["small", "stem", "add", "big", "unscanned"]
+
+
+def test_per_mac_rank_is_recorded_with_the_shares_it_divided_by(entropy4):
+    model, search, spec, ranges, harness = entropy4
+    mp = choose_precision(harness, ranges, 0.3, SearchConfig(latency_iterations=1), criterion="distortion",
+                          rank="per-mac")
+    plain = choose_precision(harness, ranges, 0.3, SearchConfig(latency_iterations=1), criterion="distortion")
+    assert mp.report["rank"] == "per-mac" and plain.report["rank"] == "sensitivity"
+    # teacher and student Conv have the same MACs, so dividing by them keeps the order and the choice
+    assert mp.report["rank_mac_share"] == {"/teacher/conv/Conv": 0.5, "/student/conv/Conv": 0.5}
+    assert mp.report["order"] == plain.report["order"] == ["/teacher/conv/Conv", "/student/conv/Conv"]
+    assert mp.fallback == plain.fallback == ["/teacher/conv/Conv"]
 
 
 def test_a_correction_that_breaks_the_budget_floats_more_layers_instead_of_being_dropped(entropy4):
