@@ -5,12 +5,11 @@ when only that layer is quantized: ``separation`` (default), the proxy's drop (t
 pixel AUROC drops on the search set), ties broken by the map distortion, and the budget bounds that drop;
 ``distortion``, the map distortion (:class:`qtool.proxy.MapDistortion`), ties broken by the proxy drop, and
 the budget is the share of the all-quantized graph's distortion that may remain. The most sensitive layers
-go back to float (fp16 on TensorRT) one at a time, in the order of the ranking (``ptq.mixed_precision_rank``,
-:data:`RANKS`: by sensitivity, or by sensitivity per share of the model's MACs), until the whole quantized model is
-within the budget;
-then every fallback that is no longer needed is quantized again, so no single fallback can be dropped. With
-bias correction the choice is then judged corrected, and more layers go float while it is over the budget.
-Each remaining fallback's cost is stated twice: its share of the model's multiply-accumulates (hardware
+go back to float (fp16 on TensorRT) one at a time, in the order of the rank (``ptq.mixed_precision_rank``,
+:data:`RANKS`: sensitivity alone, or sensitivity per share of the model's MACs), until the whole quantized model
+is within the budget; then every fallback that is no longer needed is quantized again, so no single fallback
+can be dropped. With bias correction the choice is then judged corrected, and more layers go float while it is
+over the budget. Each remaining fallback's cost is stated twice: its share of the model's multiply-accumulates (hardware
 independent) and its ONNX Runtime CPU latency. Widths below 8 bits have no integer kernels here (emulated in
 float), so their fallbacks are timed on the executable stand-in: the same layers float, the rest at 8 bits.
 """
@@ -162,7 +161,6 @@ def choose_precision(harness: Harness, ranges: Mapping[str, Any], budget: float,
         sens[layer] = score([layer])
         if progress:
             progress(1)
-    position = {layer: i for i, layer in enumerate(names)}
     order = ranked(names, sens, shares, rule, order_by)
     fallback: list[str] = []
     final = full
@@ -177,7 +175,7 @@ def choose_precision(harness: Harness, ranges: Mapping[str, Any], budget: float,
     corrected: dict[str, Any] | None = None
     if correct is not None:
         fallback, final, corrected = _corrected(score, names, order, fallback, correct, lambda st: value(st) <= budget)
-    fallback.sort(key=position.__getitem__)
+    fallback.sort(key=names.index)
     keep = [x for x in names if x not in fallback]
     spec = score.spec(keep) if fallback else harness.spec
     report: dict[str, Any] = {

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from qtool.errors import RecipeError
 
@@ -202,19 +202,13 @@ class PtqConfig(Section):
 
         return _known("weight range rule", WEIGHT_RANGES.names(), v)
 
-    @field_validator("mixed_precision_criterion")
+    @field_validator("mixed_precision_criterion", "mixed_precision_rank")
     @classmethod
-    def _criterion(cls, v: str) -> str:
-        from qtool.mixed_precision import CRITERIA
+    def _mixed_precision_name(cls, v: str, info: ValidationInfo) -> str:
+        from qtool.mixed_precision import CRITERIA, RANKS
 
-        return _known("mixed-precision criterion", CRITERIA.names(), v)
-
-    @field_validator("mixed_precision_rank")
-    @classmethod
-    def _rank(cls, v: str) -> str:
-        from qtool.mixed_precision import RANKS
-
-        return _known("mixed-precision rank", RANKS.names(), v)
+        registry = {"mixed_precision_criterion": CRITERIA, "mixed_precision_rank": RANKS}[info.field_name]
+        return _known(registry.kind, registry.names(), v)
 
 
 class QatConfig(Section):
