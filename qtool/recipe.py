@@ -195,19 +195,14 @@ class PtqConfig(Section):
             raise ValueError(f"bit width {v} not supported; allowed: 4, 6, 8")
         return v
 
-    @field_validator("weight_range")
+    @field_validator("weight_range", "mixed_precision_criterion", "mixed_precision_rank")
     @classmethod
-    def _weight_range(cls, v: str) -> str:
+    def _registry_name(cls, v: str, info: ValidationInfo) -> str:
         from qtool.graph.weight_ranges import WEIGHT_RANGES
-
-        return _known("weight range rule", WEIGHT_RANGES.names(), v)
-
-    @field_validator("mixed_precision_criterion", "mixed_precision_rank")
-    @classmethod
-    def _mixed_precision_name(cls, v: str, info: ValidationInfo) -> str:
         from qtool.mixed_precision import CRITERIA, RANKS
 
-        registry = {"mixed_precision_criterion": CRITERIA, "mixed_precision_rank": RANKS}[info.field_name]
+        registry = {"weight_range": WEIGHT_RANGES, "mixed_precision_criterion": CRITERIA,
+                    "mixed_precision_rank": RANKS}[info.field_name]
         return _known(registry.kind, registry.names(), v)
 
 
