@@ -102,6 +102,12 @@ def models_table(report: dict[str, Any]) -> Table:
     return Table("models", "Models", headers, rows)
 
 
+def _budget(fallback: dict[str, Any]) -> str:
+    """A fallback's criterion and budget, and its rank unless the default (reports before it have none)."""
+    rank = fallback.get("rank", "sensitivity")
+    return f"{fallback['criterion']} {fallback['budget']:g}" + ("" if rank == "sensitivity" else f", {rank}")
+
+
 def proxy_table(report: dict[str, Any]) -> Table | None:
     """Per quantized cell with a search stage: proxy vs test metric, and the layers mixed precision kept float."""
     rows = []
@@ -112,7 +118,7 @@ def proxy_table(report: dict[str, Any]) -> Table | None:
         q = (p or {}).get("quantized", {})
         rows.append([c["label"], num(q.get("image_auroc")), num(_get(m, "image_auroc")), num(q.get("pixel_auroc")),
                      num(_get(m, "pixel_auroc")), num((p or {}).get("drop")),
-                     "-" if not fb else f"{len(fb['layers'])} {fb['precision']} ({fb['criterion']} {fb['budget']:g})",
+                     "-" if not fb else f"{len(fb['layers'])} {fb['precision']} ({_budget(fb)})",
                      num(_get(fb, "float_macs_share"), 3),
                      num(_get(fb, "latency_cost_ms"), 3) + (" (8-bit stand-in)" if _get(fb, "latency_stand_in")
                                                              else ""),

@@ -250,7 +250,8 @@ def test_mixed_precision_axis_and_proxy_correlation(sweep, tmp_path):
         "sweep.precisions=[fp32,int8,int4]", "sweep.calibrators=[minmax,entropy]", "sweep.calib_sources=[train]",
         "sweep.include=[]", "sweep.exclude=[{precision: int8, mixed_precision: 0.0}]",
         "sweep.mixed_precisions=[null,0.0]", "ptq.search.proxy=true", "ptq.search.normals=4",
-        "ptq.search.latency_iterations=2", "ptq.bias_correction=false", "ptq.mixed_precision_criterion=separation"]),
+        "ptq.search.latency_iterations=2", "ptq.bias_correction=false", "ptq.mixed_precision_criterion=separation",
+        "ptq.mixed_precision_rank=per-mac"]),
         tmp_path / "mp", jobs=1, cache_dir=cache)
     by_id = cells(report)  # without bias correction, which moves the proxy after mixed precision chose
     assert set(by_id) == {"train:fp32", "train:int8-ptq-minmax-train-both-cpu", "train:int8-ptq-entropy-train-both-cpu",
@@ -264,7 +265,7 @@ def test_mixed_precision_axis_and_proxy_correlation(sweep, tmp_path):
         fb = c["fallback"]
         assert (fb is None) == (c["mixed_precision"] is None), c["id"]
         if fb is not None:  # budget 0: the proxy of the final model must not drop at all
-            assert fb["budget"] == 0.0 and c["proxy"]["drop"] <= 1e-9, c["id"]
+            assert fb["budget"] == 0.0 and c["proxy"]["drop"] <= 1e-9 and fb["rank"] == "per-mac", c["id"]
             twin = by_id[c["id"].removesuffix("-mp0")]
             assert bool(fb["layers"]) == (twin["proxy"]["drop"] > 1e-9), c["id"]
             # int4 is emulated: a fallback's cost is timed on the 8-bit stand-in and stated as a MAC share too
@@ -277,4 +278,4 @@ def test_mixed_precision_axis_and_proxy_correlation(sweep, tmp_path):
         want = None if np.isnan(rho.statistic) else pytest.approx(float(rho.statistic))
         assert corr[key] == want, key
     md = (tmp_path / "mp" / "report.md").read_text()
-    assert "Proxy metric and mixed precision" in md and "int4 minmax mp0" in md
+    assert "Proxy metric and mixed precision" in md and "int4 minmax mp0" in md and "(separation 0, per-mac)" in md
