@@ -9,8 +9,8 @@ go back to float (fp16 on TensorRT) one at a time, in the order of the rank (``p
 :data:`RANKS`: sensitivity alone, or sensitivity per share of the model's MACs), until the whole quantized model
 is within the budget; then every fallback that is no longer needed is quantized again, so no single fallback
 can be dropped. With bias correction the choice is then judged corrected, and more layers go float while it is
-over the budget. Each remaining fallback's cost is stated twice: its share of the model's multiply-accumulates (hardware
-independent) and its ONNX Runtime CPU latency. Widths below 8 bits have no integer kernels here (emulated in
+over the budget. Each remaining fallback's cost is stated twice: its share of the model's multiply-accumulates
+(hardware independent) and its ONNX Runtime CPU latency. Widths below 8 bits have no integer kernels here (emulated in
 float), so their fallbacks are timed on the executable stand-in: the same layers float, the rest at 8 bits.
 """
 
@@ -143,8 +143,10 @@ def choose_precision(harness: Harness, ranges: Mapping[str, Any], budget: float,
     t0 = time.monotonic()
     rule, order_by = CRITERIA.get(criterion), RANKS.get(rank)
     layers = layer_groups(harness.model, harness.spec)
-    macs = node_macs(harness.model)
-    shares = _mac_shares(macs, layers)
+    per_node = node_macs(harness.model)
+    total = sum(per_node.values())  # the whole graph's, float parts (e.g. an unquantized head) included
+    macs = {x: sum(per_node.get(n, 0) for n in nodes) for x, nodes in layers.items()}
+    shares = _mac_shares(macs, total)
     names = list(layers)
     precision = "fp16" if harness.spec.profile.fp16_fallback else "fp32"
     reason = f"kept float by mixed precision ({precision} on {harness.spec.profile.name})"
@@ -190,7 +192,7 @@ def choose_precision(harness: Harness, ranges: Mapping[str, Any], budget: float,
     if corrected is not None:
         report["bias_corrected"] = corrected
     if fallback:
-        report["macs"] = _macs(macs, layers, fallback)  # exact counts (``shares`` floors MAC-less layers)
+        report["macs"] = _macs(macs, total, fallback)  # exact counts (``shares`` floors MAC-less layers)
         timed = _Scorer(harness, ranges, layers, reason, stand_in) if stand_in is not None else score
         report["latency"] = _latency(harness, timed, names, fallback, cfg.latency_iterations)
         for entry in report["fallback"]:
@@ -230,18 +232,16 @@ def _corrected(score: _Scorer, names: list[str], order: list[str], fallback: lis
         added.append(layer)
 
 
-def _mac_shares(macs: Mapping[str, int], layers: Mapping[str, list[str]]) -> dict[str, float]:
-    """Each layer's share of the graph's MACs, a layer without any counted as the smallest non-zero share (or 1)."""
-    total = sum(macs.values())
-    share = {x: sum(macs.get(n, 0) for n in nodes) / total if total else 0.0 for x, nodes in layers.items()}
+def _mac_shares(macs: Mapping[str, int], total: int) -> dict[str, float]:
+    """Each layer's share of the graph's ``total`` MACs, one without any at the smallest non-zero share (or 1)."""
+    share = {x: m / total if total else 0.0 for x, m in macs.items()}
     floor = min((v for v in share.values() if v > 0), default=1.0)
     return {x: v if v > 0 else floor for x, v in share.items()}
 
 
-def _macs(macs: Mapping[str, int], layers: Mapping[str, list[str]], fallback: list[str]) -> dict[str, Any]:
+def _macs(macs: Mapping[str, int], total: int, fallback: list[str]) -> dict[str, Any]:
     """Multiply-accumulates of the whole graph, those the fallback layers keep float, and each one's share."""
-    total = sum(macs.values())
-    per = {f: sum(macs.get(n, 0) for n in layers[f]) for f in fallback}
+    per = {f: macs[f] for f in fallback}
     return {"total": total, "float": sum(per.values()),
             "float_share": round(sum(per.values()) / total, 6) if total else None,
             "fallback_share": {f: round(m / total, 6) if total else None for f, m in per.items()},
