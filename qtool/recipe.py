@@ -6,6 +6,7 @@ validates; ``dump_recipe`` writes the resolved recipe next to every run's artifa
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -198,11 +199,10 @@ class PtqConfig(Section):
     @field_validator("weight_range", "mixed_precision_criterion", "mixed_precision_rank")
     @classmethod
     def _registry_name(cls, v: str, info: ValidationInfo) -> str:
-        from qtool.graph.weight_ranges import WEIGHT_RANGES
-        from qtool.mixed_precision import CRITERIA, RANKS
-
-        registry = {"weight_range": WEIGHT_RANGES, "mixed_precision_criterion": CRITERIA,
-                    "mixed_precision_rank": RANKS}[info.field_name]
+        module, name = {"weight_range": ("qtool.graph.weight_ranges", "WEIGHT_RANGES"),  # imported only when set
+                        "mixed_precision_criterion": ("qtool.mixed_precision", "CRITERIA"),
+                        "mixed_precision_rank": ("qtool.mixed_precision", "RANKS")}[info.field_name]
+        registry = getattr(importlib.import_module(module), name)
         return _known(registry.kind, registry.names(), v)
 
 
