@@ -1,7 +1,7 @@
 """``qtool ptq``: the post-training quantization pipeline, one stage after another, each timed.
 
 load (export a checkpoint first) -> prepare -> policy -> calibrate [-> search stages: a calibrator's
-refine, mixed precision] [-> bias correction] -> insert QDQ [-> proxy of that graph] -> lint -> save, then
+refine, mixed precision] -> weight rounding [-> bias correction] -> insert QDQ [-> proxy of that graph] -> lint -> save, then
 SQNR of the quantized outputs against fp32 on held-out normals. Writes ``model.onnx``, ``report.json``,
 ``recipe.yaml`` and ``manifest.json`` into the run folder.
 """
@@ -29,6 +29,7 @@ from qtool.graph import build_spec, get_profile, insert_qdq_report, lint, load_m
 from qtool.modelio import open_model, stamp_data_config
 from qtool.ptq_search import check_set_for, proxy_entry, run_search_stages, search_batches_for, search_set_for
 from qtool.recipe import Recipe, dump_recipe
+from qtool.weight_rounding import round_weights
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int], None] | None
@@ -143,6 +144,9 @@ def run_ptq(model_path: Path, recipe: Recipe, out_dir: Path, dry_run: bool = Fal
             calibrator, ranges, prepared, spec, search, cfg, recipe.eval.threads, timer.stage, search_progress,
             corrector, check)
         report["plan"] = plan(spec)  # mixed precision may have kept layers float
+    with timer.stage("weight_rounding"):  # on the final grid, before the biases are corrected for it
+        spec, report["weight_rounding"] = round_weights(cfg.weight_rounding, prepared, spec, ranges, calib.batches,
+                                                        recipe.eval.threads)
     if corrector is not None:  # a correction the search made for these very ranges is reused
         with timer.stage("bias_correction"):
             prepared, report["bias_correction"] = corrector.correct(spec, ranges)

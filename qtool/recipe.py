@@ -158,6 +158,9 @@ class PtqConfig(Section):
     weight_bits: int = 8
     # how each weight's float range is chosen (qtool.graph.weight_ranges): "minmax" (onnxruntime's), "mse"
     weight_range: str = "minmax"
+    # how weights are rounded onto that grid (qtool.weight_rounding): "nearest" (each on its own, onnxruntime's)
+    # or "gptq" (Conv weights rounded to keep each layer's output on the calibration images: OPTQ)
+    weight_rounding: str = "nearest"
     # shift each quantized layer's float bias so its per-channel output mean on the calibration images is
     # fp32's (qtool.bias_correction); only bias values change. On by default: bench/results/bias_correction_*
     bias_correction: bool = True
@@ -196,10 +199,11 @@ class PtqConfig(Section):
             raise ValueError(f"bit width {v} not supported; allowed: 4, 6, 8")
         return v
 
-    @field_validator("weight_range", "mixed_precision_criterion", "mixed_precision_rank")
+    @field_validator("weight_range", "weight_rounding", "mixed_precision_criterion", "mixed_precision_rank")
     @classmethod
     def _registry_name(cls, v: str, info: ValidationInfo) -> str:
         module, name = {"weight_range": ("qtool.graph.weight_ranges", "WEIGHT_RANGES"),  # imported only when set
+                        "weight_rounding": ("qtool.weight_rounding", "ROUNDINGS"),
                         "mixed_precision_criterion": ("qtool.mixed_precision", "CRITERIA"),
                         "mixed_precision_rank": ("qtool.mixed_precision", "RANKS")}[info.field_name]
         registry = getattr(importlib.import_module(module), name)

@@ -31,6 +31,8 @@ from qtool.commands.train import data_options
 @click.option("--target", default=None, help="Target profile: cpu or tensorrt.")
 @click.option("--bits", type=int, default=None, help="Bit width of weights and activations (8, 6, 4).")
 @click.option("--weight-range", default=None, help="Weight range rule: minmax (default) or mse (per-channel clip).")
+@click.option("--weight-rounding", default=None, metavar="NAME",
+              help="Weight rounding: nearest (default) or gptq (Conv weights rounded to keep each layer's output).")
 @click.option("--bias-correction/--no-bias-correction", "bias_correction", default=None,
               help="Shift quantized layers' biases so their output means match fp32 on the calibration images.")
 @click.option("--quantize", "part", type=click.Choice(["student", "teacher", "both"]), default=None,
@@ -46,7 +48,7 @@ from qtool.commands.train import data_options
 def ptq_cmd(model_path: str, calib: str | None, mixed_precision: float | None, mp_criterion: str | None,
             mp_rank: str | None,
             calib_source: str | None, num_calib: int | None,
-            target: str | None, bits: int | None, weight_range: str | None,
+            target: str | None, bits: int | None, weight_range: str | None, weight_rounding: str | None,
             bias_correction: bool | None, part: str | None, strict: bool | None,
             input_shapes: tuple[str, ...], out: str | None,
             dry_run: bool, data_root: str | None, data_format: str | None, recipe: str | None,
@@ -61,6 +63,7 @@ def ptq_cmd(model_path: str, calib: str | None, mixed_precision: float | None, m
         "data.root": data_root, "data.format": data_format, "ptq.calib": calib,
         "ptq.calib_data.source": calib_source, "ptq.calib_data.num_samples": num_calib, "ptq.target": target,
         "ptq.activation_bits": bits, "ptq.weight_bits": bits, "ptq.weight_range": weight_range,
+        "ptq.weight_rounding": weight_rounding,
         "ptq.bias_correction": bias_correction,
         "ptq.quantize": part, "ptq.strict": strict,
         "ptq.input_shape": parse_input_shapes(input_shapes) or None, "ptq.mixed_precision": mixed_precision,
@@ -78,6 +81,11 @@ def ptq_cmd(model_path: str, calib: str | None, mixed_precision: float | None, m
     click.echo(f"{report['output']}: {sum(report['plan']['quantized_nodes'].values())} nodes quantized, "
                f"SQNR map {report['sqnr_db']['anomaly_map']:.1f} dB, score {report['sqnr_db']['score']:.1f} dB, "
                f"lint issues {len(report['lint'])}, stages {report['stage_seconds']}")
+    if report.get("weight_rounding", {}).get("layers"):
+        wr = report["weight_rounding"]
+        err = wr["mean_relative_error"]
+        click.echo(f"weight rounding {wr['method']}: {len(wr['layers'])} weights, mean relative layer output error "
+                   f"{err['nearest']:.4g} (nearest) -> {err[wr['method']]:.4g}, {len(wr['skipped'])} kept nearest")
     if "bias_correction" in report:
         bc = report["bias_correction"]
         shift = bc.get("relative_shift", {})

@@ -56,6 +56,12 @@ def _range(t: str, a: ActivationSpec, idx: GraphIndex, ranges: Mapping[str, Any]
     return lo, hi
 
 
+def weight_grid(w: str, p: QuantParams, data: np.ndarray, rule: str,
+                ranges: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point of weight ``w`` (values ``data``) before any int32-bias adjustment."""
+    return scale_zero_point(*_weight_range(w, p, data, rule, ranges), p)
+
+
 def _weight_range(w: str, p: QuantParams, data: np.ndarray, rule: str,
                   ranges: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """A weight's bounds: given in ``ranges`` (one pair per channel), else the spec's weight range rule's."""
@@ -177,8 +183,7 @@ def insert_qdq_report(
     # weights: scales first, grown where an int32 bias would overflow, then quantized offline
     w_params: dict[str, tuple[QuantParams, np.ndarray, np.ndarray]] = {}
     for w, p in spec.weights.items():
-        lo, hi = _weight_range(w, p, numpy_helper.to_array(idx.initializers[w]), spec.weight_range, ranges)
-        w_params[w] = (p, *scale_zero_point(lo, hi, p))
+        w_params[w] = (p, *weight_grid(w, p, numpy_helper.to_array(idx.initializers[w]), spec.weight_range, ranges))
     for b in spec.biases.values():
         p, ws, wz = w_params[b.weight]
         if p.dtype == "int8" and not np.any(wz):
@@ -186,7 +191,8 @@ def insert_qdq_report(
             w_params[b.weight] = (p, _adjust_for_bias(ws, act_scale[b.input], bias), wz)
     w_dq: dict[str, str] = {}
     for w, (p, ws, wz) in w_params.items():
-        q = quantize_array(numpy_helper.to_array(idx.initializers[w]), ws, wz, p)
+        values = spec.weight_values.get(w)  # a rounding other than nearest (qtool.weight_rounding), on the same grid
+        q = quantize_array(numpy_helper.to_array(idx.initializers[w]) if values is None else values, ws, wz, p)
         w_dq[w] = dequant(const(f"{w}_quantized", q), const(f"{w}_scale", ws), const(f"{w}_zero_point", wz), w, p.axis)
         report["weights"][w] = {
             "dtype": p.dtype,
@@ -194,6 +200,7 @@ def insert_qdq_report(
             "axis": p.axis,
             "channels": int(ws.size),
             "range": "given" if w in ranges else spec.weight_range,
+            "rounding": "given" if values is not None else "nearest",
             "scale_min": float(ws.min()),
             "scale_max": float(ws.max()),
         }

@@ -66,7 +66,7 @@ def subset(model: onnx.ModelProto, spec: QuantSpec, keep: Collection[str], reaso
     """A copy of ``spec`` that quantizes only the nodes in ``keep``; the others stay float.
 
     Kept: those nodes, the activations they read or produce (with their original range owners, so
-    the full spec's ranges still apply), their weights and int32 biases, and the weight range rule.
+    the full spec's ranges still apply), their weights (with any rounded values) and int32 biases, and the weight range rule.
     Dropped nodes' decisions become float with ``reason``.
     """
     keep = set(keep)
@@ -86,6 +86,7 @@ def subset(model: onnx.ModelProto, spec: QuantSpec, keep: Collection[str], reaso
     out.activations = {t: ActivationSpec(a.params, a.range_of, a.constant)
                        for t, a in spec.activations.items() if t in used}
     out.weights = {w: p for w, p in spec.weights.items() if w in weights}
+    out.weight_values = {w: v for w, v in spec.weight_values.items() if w in weights}
     out.biases = {n: b for n, b in spec.biases.items() if n in nodes}
     out.nodes = nodes
     out.decisions = [d if not d.quantized or d.node in nodes else dataclasses.replace(d, quantized=False, reason=reason)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any, Literal
 
+import numpy as np
 import onnx
 
 from qtool.errors import GraphError
@@ -146,6 +147,9 @@ class QuantSpec:
     nodes: dict[str, QuantizedNode] = field(default_factory=dict)
     decisions: list[NodeDecision] = field(default_factory=list)
     weight_range: str = "minmax"  # the weight range rule (qtool.graph.weight_ranges) for weights not given a range
+    # float values quantized in place of a weight's initializer (its grid still comes from the initializer):
+    # how qtool.weight_rounding hands a rounding other than nearest to insert_qdq
+    weight_values: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def emulated(self) -> bool:
@@ -168,6 +172,7 @@ class QuantSpec:
             "activation_bits": self.activation_bits,
             "weight_bits": self.weight_bits,
             "weight_range": self.weight_range,
+            "rounded_weights": sorted(self.weight_values),
             "emulated": self.emulated,
             "activations": {
                 k: {**a.params.to_dict(), "range_of": a.range_of, "constant": a.constant}
