@@ -1,8 +1,8 @@
 """``qtool ptq``: the post-training quantization pipeline, one stage after another, each timed.
 
 load (export a checkpoint first) -> prepare -> policy -> calibrate [-> search stages: a calibrator's
-refine, mixed precision] -> weight rounding [-> bias correction] -> insert QDQ [-> proxy of that graph] -> lint -> save, then
-SQNR of the quantized outputs against fp32 on held-out normals. Writes ``model.onnx``, ``report.json``,
+refine, mixed precision] -> weight rounding [-> bias correction] -> insert QDQ [-> proxy of that graph] -> lint
+-> save, then SQNR of the quantized outputs against fp32 on held-out normals. Writes ``model.onnx``, ``report.json``,
 ``recipe.yaml`` and ``manifest.json`` into the run folder.
 """
 

@@ -66,7 +66,8 @@ def subset(model: onnx.ModelProto, spec: QuantSpec, keep: Collection[str], reaso
     """A copy of ``spec`` that quantizes only the nodes in ``keep``; the others stay float.
 
     Kept: those nodes, the activations they read or produce (with their original range owners, so
-    the full spec's ranges still apply), their weights (with any rounded values) and int32 biases, and the weight range rule.
+    the full spec's ranges still apply), their weights (with any rounded values) and int32 biases, and the
+    weight range rule.
     Dropped nodes' decisions become float with ``reason``.
     """
     keep = set(keep)

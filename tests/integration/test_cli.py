@@ -451,6 +451,21 @@ def test_weight_range_flag_sets_every_weights_rule_and_a_bad_rule_is_one_line(kd
                 "weight range rule 'kl' unknown", "minmax, mse", out=bad)
 
 
+def test_weight_rounding_flag_is_recorded_and_a_bad_method_is_one_line(kd, tmp_path):
+    out = tmp_path / "gptq"
+    res = ok(invoke("ptq", "--model", kd.onnx, "--recipe", kd.recipe_file, "--out", out, "--calib", "minmax",
+                    "--bits", "4", "--weight-rounding", "gptq"))
+    assert "weight rounding gptq:" in res.stdout and "(nearest) ->" in res.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["weight_rounding"]["method"] == "gptq" and "weight_rounding" in report["stage_seconds"]
+    assert {w["rounding"] for w in report["quantization"]["weights"].values()} == {"given"}
+    assert load_recipe(out / "recipe.yaml").ptq.weight_rounding == "gptq"
+    bad = tmp_path / "bad"
+    clean_error(invoke("ptq", "--model", kd.onnx, "--recipe", kd.recipe_file, "--out", bad,
+                       "--weight-rounding", "stochastic"),
+                "weight rounding 'stochastic' unknown", "gptaq, gptq, nearest", out=bad)
+
+
 def test_bias_correction_flag_moves_biases_toward_fp32_and_is_recorded(kd, tmp_path):
     out = tmp_path / "bc"
     ok(invoke("ptq", "--model", kd.onnx, "--recipe", kd.recipe_file, "--out", out, "--calib", "minmax",

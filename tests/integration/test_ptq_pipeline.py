@@ -232,3 +232,42 @@ def test_calibrate_ranges_match_numpy_minmax(tmp_path):
     want = minmax_ranges(model, names, feeds)
     for n in names:
         assert (got[n].lo, got[n].hi) == pytest.approx(want[n], rel=1e-6), n
+
+
+# ---------------------------------------------------------------- weight rounding
+
+
+def _weight_codes(path) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """{weight DequantizeLinear: (int codes, scale, zero point)} of a saved QDQ model."""
+    model = onnx.load(str(path))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return {n.name: tuple(inits[i] for i in n.input) for n in model.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].dtype == np.int8}
+
+
+@pytest.mark.parametrize(("method", "inputs"), [("gptq", "fp32"), ("gptaq", "quantized")])
+def test_optq_rounding_moves_integers_on_the_same_grid_and_cuts_each_layers_output_error(tmp_path_factory, method,
+                                                                                        inputs):
+    bits = ("ptq.activation_bits=4", "ptq.weight_bits=4", "ptq.calib=minmax")
+    near, near_out = lib_ptq(tmp_path_factory, "4bit", *bits)
+    report, out = lib_ptq(tmp_path_factory, f"4bit-{method}", *bits, f"ptq.weight_rounding={method}")
+    assert near["weight_rounding"] == {"method": "nearest"}
+    wr = report["weight_rounding"]
+    assert wr["method"] == method and wr["inputs"] == inputs and wr["layers"]
+    assert wr["images"] == report["calibration"]["images"]
+    # every quantized weight is either rounded or listed with why not (the tiny model has only Convs)
+    assert sorted([*wr["layers"], *wr["skipped"]]) == sorted(report["quantization"]["weights"])
+    assert not wr["skipped"]
+    for w, e in wr["layers"].items():
+        assert e[method] <= e["nearest"] + 1e-12, (w, e)
+        assert report["quantization"]["weights"][w]["rounding"] == "given"
+    assert wr["mean_relative_error"][method] < 0.8 * wr["mean_relative_error"]["nearest"]
+    a, b = _weight_codes(near_out / "model.onnx"), _weight_codes(out / "model.onnx")
+    assert a.keys() == b.keys()
+    moved = 0
+    for name in a:
+        np.testing.assert_array_equal(a[name][1], b[name][1], err_msg=f"{name}: scale differs")
+        np.testing.assert_array_equal(a[name][2], b[name][2], err_msg=f"{name}: zero point differs")
+        assert b[name][0].min() >= -7 and b[name][0].max() <= 7, name
+        moved += int((a[name][0] != b[name][0]).sum())
+    assert moved > 0
