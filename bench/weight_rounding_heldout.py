@@ -1,4 +1,4 @@
-"""Does OPTQ's smaller layer output error hold on images it did not see? Calibration vs held-out normals.
+r"""Does OPTQ's smaller layer output error hold on images it did not see? Calibration vs held-out normals.
 
 For one float ONNX and its PTQ recipe: the calibration images (``ptq.calib_data``, train source: the first N of
 the normal pool) and the next ``--heldout`` normal images (held-out, then training normals; never the test split).
@@ -7,8 +7,8 @@ weight is rounded by nearest and by OPTQ on the calibration Gram at each ``--dam
 ``|(W - Q) X|^2 / |W X|^2`` of every rounding is then measured on both sets. Reported: the mean over layers and the
 share of layers where OPTQ's held-out error is below nearest's. Activations are not quantized here (weights only).
 
-Run: .venv/bin/python bench/weight_rounding_heldout.py --onnx bench/work/pool_s1_rd/mtd-rd/fp32.onnx \\
-         --recipe bench/work/pool_s1_rd/mtd-rd/mse-bc-train-4bit/ptq/recipe.yaml --damp 0.01,0.1,1 \\
+Run: .venv/bin/python bench/weight_rounding_heldout.py --onnx bench/work/pool_s1_rd/mtd-rd/fp32.onnx \
+         --recipe bench/work/pool_s1_rd/mtd-rd/mse-bc-train-4bit/ptq/recipe.yaml --damp 0.01,0.1,1 \
          --out bench/results/weight_rounding_heldout_mtd_rd
 Writes PATH.{json,md} (``--out``).
 """
@@ -30,13 +30,13 @@ from qtool.graph import build_spec, get_profile, load_model, prepare
 from qtool.graph._index import GraphIndex
 from qtool.graph.insert_qdq import weight_grid
 from qtool.recipe import load_recipe
-from qtool.weight_rounding import Grams, conv_layers, gptq_values, layer_grams, nearest_values, output_error
+from qtool.weight_rounding import conv_layers, gptq_values, layer_grams, nearest_values, output_error
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _errors(w: np.ndarray, q: np.ndarray, g: Grams) -> float:
-    return output_error(w, q, g) / max(float(np.einsum("gri,gij,grj->", w, g.fp32, w)), 1e-30)
+def _errors(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:
+    return output_error(w, q, h) / max(float(np.einsum("gri,gij,grj->", w, h, w)), 1e-30)
 
 
 @fail_cleanly
@@ -68,14 +68,14 @@ def main(argv: list[str]) -> None:
         p = spec.weights[layer.weight]
         w = numpy_helper.to_array(idx.initializers[layer.weight])
         scale, zp = weight_grid(layer.weight, p, w, spec.weight_range, {})
-        groups = grams["calibration"][layer.weight].fp32.shape[0]
+        groups = grams["calibration"][layer.weight].shape[0]
         shape = (groups, w.shape[0] // groups, 1)
         s = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1, 1), (w.shape[0], 1)).reshape(shape)
         z = np.broadcast_to(np.asarray(zp, np.float64).reshape(-1, 1), (w.shape[0], 1)).reshape(shape)
         wg = w.reshape(groups, w.shape[0] // groups, -1).astype(np.float64)
         roundings = {"nearest": nearest_values(wg, s, z, p.qmin, p.qmax)}
         for d in damps:
-            roundings[f"gptq damp {d:g}"] = gptq_values(wg, grams["calibration"][layer.weight].quantized, s, z,
+            roundings[f"gptq damp {d:g}"] = gptq_values(wg, grams["calibration"][layer.weight], s, z,
                                                         p.qmin, p.qmax, damp=d)
         rows.append({"weight": layer.weight, "columns": int(wg.shape[2]),
                      "errors": {k: {name: _errors(wg, q, g[layer.weight]) for name, g in grams.items()}

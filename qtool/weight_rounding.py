@@ -32,7 +32,7 @@ from onnx import numpy_helper
 from qtool.calibrate import probe_outputs
 from qtool.errors import CalibrationError
 from qtool.graph._index import GraphIndex, node_attr
-from qtool.graph.insert_qdq import insert_qdq, weight_grid
+from qtool.graph.insert_qdq import weight_grid
 from qtool.graph.policy import QuantSpec
 from qtool.graph.probe import add_outputs, probe_session
 from qtool.registry import Registry
@@ -100,72 +100,32 @@ def patches(x: np.ndarray, layer: ConvLayer) -> np.ndarray:
     return win.reshape(n, g, c // g, ho, wo, kh, kw).transpose(0, 3, 4, 1, 2, 5, 6).reshape(n * ho * wo, g, -1)
 
 
-def gram(p: np.ndarray, q: np.ndarray | None = None) -> np.ndarray:
-    """Sum over positions of each group's patch products ``p^T q`` (no ``q``: ``p``): (groups, cols, cols), float64."""
+def gram(p: np.ndarray) -> np.ndarray:
+    """Sum over positions of each group's patch outer products: (groups, columns, columns), float64."""
     p = np.ascontiguousarray(p.transpose(1, 0, 2))  # (groups, positions, columns)
-    q = p if q is None else np.ascontiguousarray(q.transpose(1, 0, 2))
-    return np.matmul(p.transpose(0, 2, 1), q).astype(np.float64)
+    return np.matmul(p.transpose(0, 2, 1), p).astype(np.float64)
 
 
-@dataclasses.dataclass
-class Grams:
-    """One layer's input statistics: fp32 ``X X^T``, the cross term ``X X~^T`` and ``X~ X~^T`` of its inputs as run.
-
-    Without quantized inputs (``gptq``) all three are the same array.
-    """
-
-    fp32: np.ndarray
-    cross: np.ndarray
-    quantized: np.ndarray
-
-    def __add__(self, other: Grams) -> Grams:
-        if self.fp32 is self.quantized:
-            total = self.fp32 + other.fp32
-            return Grams(total, total, total)
-        return Grams(self.fp32 + other.fp32, self.cross + other.cross, self.quantized + other.quantized)
-
-
-def conv_inputs(qdq: onnx.ModelProto, layers: list[ConvLayer]) -> dict[str, str]:
-    """``{layer node: its input tensor in the Q/DQ graph}`` (the dequantized input the layer reads there)."""
-    by_name = {n.name: n for n in qdq.graph.node}
-    return {layer.node: by_name[layer.node].input[0] for layer in layers}
-
-
-def layer_grams(model: onnx.ModelProto, layers: list[ConvLayer], batches: Iterable[np.ndarray], threads: int,
-                qdq: onnx.ModelProto | None = None) -> tuple[dict[str, Grams], int]:
-    """Each layer's :class:`Grams` over the calibration images, and the number of images.
-
-    ``qdq``: the Q/DQ graph whose layer inputs are the quantized ones (None: fp32 inputs only).
+def layer_grams(model: onnx.ModelProto, layers: list[ConvLayer], batches: Iterable[np.ndarray],
+                threads: int) -> tuple[dict[str, np.ndarray], int]:
+    """Each layer's input Gram matrix over the calibration images (fp32 inputs), and the number of images.
 
     Raises:
         CalibrationError: no images, or a non-finite input of a layer (naming it).
     """
     inputs = list(dict.fromkeys(layer.input for layer in layers))
     sess = probe_session(add_outputs(model, inputs), threads)
-    q_of = conv_inputs(qdq, layers) if qdq is not None else {}
-    q_inputs = list(dict.fromkeys(q_of.values()))
-    q_sess = probe_session(add_outputs(qdq, q_inputs), threads) if qdq is not None else None
-    grams: dict[str, Grams] = {}
+    grams: dict[str, np.ndarray] = {}
     seen = 0
     for batch in batches:
-        q_runs = probe_outputs(q_sess, q_inputs, batch) if q_sess is not None else None
         for outs in probe_outputs(sess, inputs, batch):
             acts = dict(zip(inputs, outs))
-            q_acts = dict(zip(q_inputs, next(q_runs))) if q_runs is not None else {}
             for layer in layers:
                 x = acts[layer.input]
-                xq = q_acts.get(q_of.get(layer.node))
-                for name, arr in ((layer.input, x), (q_of.get(layer.node), xq)):
-                    if arr is not None and not np.isfinite(arr).all():
-                        raise CalibrationError(f"weight rounding: input {name!r} of {layer.node} is not finite")
+                if not np.isfinite(x).all():
+                    raise CalibrationError(f"weight rounding: input {layer.input!r} of {layer.node} is not finite")
                 for i in range(0, len(x), CHUNK):
-                    p = patches(x[i : i + CHUNK], layer)
-                    if xq is None:
-                        h = gram(p)
-                        g = Grams(h, h, h)
-                    else:
-                        pq = patches(xq[i : i + CHUNK], layer)
-                        g = Grams(gram(p), gram(p, pq), gram(pq))
+                    g = gram(patches(x[i : i + CHUNK], layer))
                     grams[layer.weight] = grams[layer.weight] + g if layer.weight in grams else g
             seen += len(outs[0])
     if seen == 0:
@@ -211,42 +171,22 @@ def gptq_values(w: np.ndarray, h: np.ndarray, scale: np.ndarray, zp: np.ndarray,
     return out
 
 
-def damping(h: np.ndarray, share: float = DAMP) -> np.ndarray:
-    """``share`` of each group's mean Gram diagonal: (groups, 1, 1)."""
-    return share * np.einsum("gii->gi", h).mean(axis=1)[:, None, None]
+def output_error(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:
+    """``sum over groups of trace((w - q) h (w - q)^T)``: the squared output error on the Gram's images."""
+    e = w - q
+    return float(np.einsum("gri,gij,grj->", e, h, e))
 
 
-def output_error(w: np.ndarray, q: np.ndarray, g: Grams) -> float:
-    """``sum over groups of |W X - Q X~|^2`` on the Grams' images (``X~ = X`` for fp32 inputs)."""
-    return float(np.einsum("gri,gij,grj->", w, g.fp32, w) - 2 * np.einsum("gri,gij,grj->", w, g.cross, q)
-                 + np.einsum("gri,gij,grj->", q, g.quantized, q))
-
-
-def ridge_target(w: np.ndarray, g: Grams) -> np.ndarray:
-    """The weights W* that best map the quantized inputs to fp32's output, pulled toward ``w``.
-
-    ``argmin |W X - W* X~|^2 + lambda |W* - W|^2 = (W X X~^T + lambda W)(X~ X~^T + lambda I)^-1``.
-    """
-    lam = np.maximum(damping(g.quantized), 1e-12)  # an input that is always zero: W* = W
-    eye = np.eye(w.shape[2])[None]
-    rhs = np.matmul(w, g.cross) + lam * w
-    return np.linalg.solve(g.quantized + lam * eye, rhs.transpose(0, 2, 1)).transpose(0, 2, 1)
-
-
-def round_conv(w: np.ndarray, g: Grams, scale: np.ndarray, zp: np.ndarray, qmin: int, qmax: int,
-               fit_inputs: bool = False) -> tuple[np.ndarray, dict[str, float]]:
-    """The OPTQ-rounded weight (float32 in ``w``'s shape) and the relative output errors of nearest and it.
-
-    ``fit_inputs``: first move the weights to :func:`ridge_target` (the quantized inputs' own correction).
-    """
-    rows, groups = w.shape[0], g.fp32.shape[0]
+def round_conv(w: np.ndarray, h: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmin: int, qmax: int
+               ) -> tuple[np.ndarray, dict[str, float]]:
+    """The OPTQ-rounded weight (as float32 in ``w``'s shape) and both roundings' relative output errors."""
+    rows, groups = w.shape[0], h.shape[0]
     s, z = _grid(scale, zp, rows, groups)
     wg = w.reshape(groups, rows // groups, -1).astype(np.float64)
-    target = ridge_target(wg, g) if fit_inputs else wg
-    rounded = gptq_values(target, g.quantized, s, z, qmin, qmax)
-    energy = max(float(np.einsum("gri,gij,grj->", wg, g.fp32, wg)), 1e-30)
-    errors = {"nearest": output_error(wg, nearest_values(wg, s, z, qmin, qmax), g) / energy,
-              "rounded": output_error(wg, rounded, g) / energy}
+    near = nearest_values(wg, s, z, qmin, qmax)
+    rounded = gptq_values(wg, h, s, z, qmin, qmax)
+    energy = max(float(np.einsum("gri,gij,grj->", wg, h, wg)), 1e-30)
+    errors = {"nearest": output_error(wg, near, h) / energy, "gptq": output_error(wg, rounded, h) / energy}
     return rounded.reshape(w.shape).astype(np.float32), errors
 
 
@@ -257,53 +197,32 @@ def nearest(model: onnx.ModelProto, spec: QuantSpec, ranges: Mapping[str, Any], 
     return spec, {"method": "nearest"}
 
 
-def _optq(model: onnx.ModelProto, spec: QuantSpec, ranges: Mapping[str, Any], batches: Callable[[], Iterable],
-          threads: int, method: str, quantized_inputs: bool) -> tuple[QuantSpec, dict[str, Any]]:
-    """OPTQ rounding of every quantized Conv's weight on the calibration images, on fp32 or quantized inputs."""
+@ROUNDINGS.register("gptq")
+def gptq(model: onnx.ModelProto, spec: QuantSpec, ranges: Mapping[str, Any], batches: Callable[[], Iterable],
+         threads: int = 2) -> tuple[QuantSpec, dict[str, Any]]:
+    """OPTQ rounding of every quantized Conv's weight on the calibration images ``batches()``.
+
+    Returns:
+        (a copy of ``spec`` with ``weight_values`` for the rounded weights, report: per layer the relative
+        output error of nearest and gptq rounding, the skipped weights with why, images, seconds).
+    """
     t0 = time.perf_counter()
     layers, skipped = conv_layers(model, spec)
     idx = GraphIndex(model)
-    qdq = insert_qdq(model, spec, ranges) if quantized_inputs and layers else None
-    grams, images = layer_grams(model, layers, batches(), threads, qdq) if layers else ({}, 0)
+    grams, images = layer_grams(model, layers, batches(), threads) if layers else ({}, 0)
     values: dict[str, np.ndarray] = {}
     per_layer: dict[str, dict[str, float]] = {}
     for layer in layers:
         p = spec.weights[layer.weight]
         w = numpy_helper.to_array(idx.initializers[layer.weight])
         scale, zp = weight_grid(layer.weight, p, w, spec.weight_range, ranges)
-        values[layer.weight], errors = round_conv(w, grams[layer.weight], scale, zp, p.qmin, p.qmax,
-                                                  quantized_inputs)
-        per_layer[layer.weight] = {"nearest": errors["nearest"], method: errors["rounded"]}
-    total = {k: float(np.mean([e[k] for e in per_layer.values()])) if per_layer else 0.0 for k in ("nearest", method)}
-    log.info("%s rounded %d weights on %d images: mean relative output error %.4g -> %.4g", method, len(values),
-             images, total["nearest"], total[method])
-    report = {"method": method, "inputs": "quantized" if quantized_inputs else "fp32", "damp": DAMP,
-              "images": images, "layers": per_layer, "skipped": skipped, "mean_relative_error": total,
-              "seconds": round(time.perf_counter() - t0, 3)}
+        values[layer.weight], per_layer[layer.weight] = round_conv(w, grams[layer.weight], scale, zp, p.qmin, p.qmax)
+    total = {k: float(np.mean([e[k] for e in per_layer.values()])) if per_layer else 0.0 for k in ("nearest", "gptq")}
+    log.info("gptq rounded %d weights on %d images: mean relative output error %.4g -> %.4g", len(values), images,
+             total["nearest"], total["gptq"])
+    report = {"method": "gptq", "damp": DAMP, "images": images, "layers": per_layer, "skipped": skipped,
+              "mean_relative_error": total, "seconds": round(time.perf_counter() - t0, 3)}
     return dataclasses.replace(spec, weight_values={**spec.weight_values, **values}), report
-
-
-@ROUNDINGS.register("gptq")
-def gptq(model: onnx.ModelProto, spec: QuantSpec, ranges: Mapping[str, Any], batches: Callable[[], Iterable],
-         threads: int = 2) -> tuple[QuantSpec, dict[str, Any]]:
-    """OPTQ rounding of every quantized Conv's weight, fitting ``Q X`` to ``W X`` on fp32 inputs ``X``.
-
-    Returns:
-        (a copy of ``spec`` with ``weight_values`` for the rounded weights, report: per layer the relative
-        output error of nearest and gptq rounding, the skipped weights with why, images, seconds).
-    """
-    return _optq(model, spec, ranges, batches, threads, "gptq", quantized_inputs=False)
-
-
-@ROUNDINGS.register("gptaq")
-def gptaq(model: onnx.ModelProto, spec: QuantSpec, ranges: Mapping[str, Any], batches: Callable[[], Iterable],
-          threads: int = 2) -> tuple[QuantSpec, dict[str, Any]]:
-    """OPTQ fitting ``Q X~`` to ``W X``: ``X~`` the layer's inputs in the Q/DQ graph (nearest weights upstream).
-
-    The weights first move to :func:`ridge_target` (what the quantized inputs need), then are rounded by OPTQ
-    on ``X~``. The report's errors are ``|W X - Q X~|`` for nearest and gptaq rounding, relative to ``|W X|``.
-    """
-    return _optq(model, spec, ranges, batches, threads, "gptaq", quantized_inputs=True)
 
 
 def round_weights(method: str, model: onnx.ModelProto, spec: QuantSpec, ranges: Mapping[str, Any],

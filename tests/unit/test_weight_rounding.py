@@ -11,13 +11,11 @@ from qtool.graph.profiles import QuantParams
 from qtool.weight_rounding import (
     ROUNDINGS,
     ConvLayer,
-    Grams,
     gptq_values,
     gram,
     nearest_values,
     output_error,
     patches,
-    ridge_target,
     round_conv,
     round_weights,
 )
@@ -54,10 +52,6 @@ def _correlated(seed: int, groups: int = 1, rows: int = 12, cols: int = 24, n: i
     return w, gram(x.astype(np.float32))
 
 
-def _same(h: np.ndarray) -> Grams:
-    return Grams(h, h, h)
-
-
 def _grid(w: np.ndarray, qmax: int = 7) -> tuple[np.ndarray, np.ndarray]:
     scale = np.abs(w).max(axis=2, keepdims=True) / qmax  # symmetric per row
     return scale, np.zeros_like(scale)
@@ -72,7 +66,7 @@ def test_gptq_values_lie_on_the_grid_and_cut_the_output_error_at_4_bits(groups):
     codes = rounded / scale + zp
     np.testing.assert_allclose(codes, np.round(codes), atol=1e-9)
     assert np.round(codes).min() >= -7 and np.round(codes).max() <= 7
-    assert output_error(w, rounded, _same(h)) < 0.5 * output_error(w, near, _same(h))
+    assert output_error(w, rounded, h) < 0.5 * output_error(w, near, h)
     # deterministic: a second call gives the same values, bit for bit
     np.testing.assert_array_equal(rounded, gptq_values(w, h, scale, zp, -7, 7))
 
@@ -100,9 +94,9 @@ def test_round_conv_reports_both_errors_and_keeps_the_weight_shape():
     w, h = _correlated(4, groups=2, rows=6, cols=18)
     weight = w.reshape(12, 2, 3, 3).astype(np.float32)  # 2 groups of 6 output channels, 2 x 3 x 3 columns
     scale = (np.abs(weight).reshape(12, -1).max(axis=1) / 7).astype(np.float32)
-    values, errors = round_conv(weight, _same(h), scale, np.zeros(12, np.int8), -7, 7)
+    values, errors = round_conv(weight, h, scale, np.zeros(12, np.int8), -7, 7)
     assert values.shape == weight.shape and values.dtype == np.float32
-    assert 0 < errors["rounded"] < errors["nearest"]
+    assert 0 < errors["gptq"] < errors["nearest"]
     p = QuantParams("int8", 4, True, 0)
     from qtool.graph.profiles import quantize_array
 
@@ -110,47 +104,7 @@ def test_round_conv_reports_both_errors_and_keeps_the_weight_shape():
     np.testing.assert_allclose(codes * scale[:, None, None, None], values, rtol=1e-6, atol=1e-7)
 
 
-def _patches_and_quantized(seed: int, groups: int = 2, n: int = 500, cols: int = 12):
-    """fp32 patches and their 'quantized' version: a per-column gain error plus coarse rounding."""
-    rng = np.random.default_rng(seed)
-    p = rng.normal(size=(n, groups, cols)).astype(np.float32) + 0.5
-    gain = rng.uniform(0.7, 1.3, size=cols).astype(np.float32)
-    pq = (np.round(p * gain * 4) / 4).astype(np.float32)
-    return p, pq
-
-
-def test_ridge_target_is_w_when_the_inputs_are_not_quantized():
-    p, _ = _patches_and_quantized(5)
-    w = np.random.default_rng(5).normal(size=(2, 4, 12))
-    np.testing.assert_allclose(ridge_target(w, _same(gram(p))), w, rtol=1e-8, atol=1e-10)
-
-
-def test_ridge_target_undoes_most_of_the_inputs_quantization_error():
-    p, pq = _patches_and_quantized(6)
-    g = Grams(gram(p), gram(p, pq), gram(pq))
-    w = np.random.default_rng(6).normal(size=(2, 4, 12))
-    target = ridge_target(w, g)
-    assert output_error(w, target, g) < 0.2 * output_error(w, w, g)
-    # the fitted output is the least-squares one (up to the small ridge): no other weight does much better
-    direct = np.einsum("ngc,grc->ngr", p, w)
-    lstsq = np.stack([np.linalg.lstsq(pq[:, k], direct[:, k], rcond=None)[0].T for k in range(2)])
-    assert output_error(w, target, g) <= 1.01 * output_error(w, lstsq, g)
-
-
-def test_gptaq_rounding_beats_gptq_when_the_inputs_are_quantized():
-    p, pq = _patches_and_quantized(7, cols=18)
-    g = Grams(gram(p), gram(p, pq), gram(pq))
-    weight = np.random.default_rng(7).normal(size=(8, 9, 2, 1)).astype(np.float32)  # 2 groups of 4 rows, 9 x 2 cols
-    scale = (np.abs(weight).reshape(8, -1).max(axis=1) / 7).astype(np.float32)
-    zero = np.zeros(8, np.int8)
-    plain, _ = round_conv(weight, _same(g.quantized), scale, zero, -7, 7)
-    fitted, errors = round_conv(weight, g, scale, zero, -7, 7, fit_inputs=True)
-    wg = weight.reshape(2, 4, -1).astype(np.float64)
-    assert errors["rounded"] < errors["nearest"]
-    assert output_error(wg, fitted.reshape(2, 4, -1), g) < output_error(wg, plain.reshape(2, 4, -1), g)
-
-
-def test_registry_lists_the_methods_and_names_an_unknown_one():
-    assert set(ROUNDINGS.names()) == {"nearest", "gptq", "gptaq"}
+def test_registry_lists_both_methods_and_names_an_unknown_one():
+    assert set(ROUNDINGS.names()) == {"nearest", "gptq"}
     with pytest.raises(RegistryError, match="weight rounding"):
         round_weights("stochastic", None, None, {}, list)
