@@ -30,7 +30,7 @@ from qtool.graph import build_spec, get_profile, load_model, prepare
 from qtool.graph._index import GraphIndex
 from qtool.graph.insert_qdq import weight_grid
 from qtool.recipe import load_recipe
-from qtool.weight_rounding import conv_layers, gptq_values, layer_grams, nearest_values, output_error
+from qtool.weight_rounding import conv_layers, gptq_values, layer_grams, nearest_values, output_error, row_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,9 +69,7 @@ def main(argv: list[str]) -> None:
         w = numpy_helper.to_array(idx.initializers[layer.weight])
         scale, zp = weight_grid(layer.weight, p, w, spec.weight_range, {})
         groups = grams["calibration"][layer.weight].shape[0]
-        shape = (groups, w.shape[0] // groups, 1)
-        s = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1, 1), (w.shape[0], 1)).reshape(shape)
-        z = np.broadcast_to(np.asarray(zp, np.float64).reshape(-1, 1), (w.shape[0], 1)).reshape(shape)
+        s, z = row_grid(scale, zp, w.shape[0], groups)
         wg = w.reshape(groups, w.shape[0] // groups, -1).astype(np.float64)
         roundings = {"nearest": nearest_values(wg, s, z, p.qmin, p.qmax)}
         for d in damps:

@@ -133,7 +133,7 @@ def layer_grams(model: onnx.ModelProto, layers: list[ConvLayer], batches: Iterab
     return grams, seen
 
 
-def _grid(scale: np.ndarray, zp: np.ndarray, rows: int, groups: int) -> tuple[np.ndarray, np.ndarray]:
+def row_grid(scale: np.ndarray, zp: np.ndarray, rows: int, groups: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-row scale and zero point as (groups, rows per group, 1), float64 (a per-tensor grid is broadcast)."""
     shape = (groups, rows // groups, 1)
     return (np.broadcast_to(np.asarray(scale, np.float64).reshape(-1, 1), (rows, 1)).reshape(shape),
@@ -181,7 +181,7 @@ def round_conv(w: np.ndarray, h: np.ndarray, scale: np.ndarray, zp: np.ndarray, 
                ) -> tuple[np.ndarray, dict[str, float]]:
     """The OPTQ-rounded weight (as float32 in ``w``'s shape) and both roundings' relative output errors."""
     rows, groups = w.shape[0], h.shape[0]
-    s, z = _grid(scale, zp, rows, groups)
+    s, z = row_grid(scale, zp, rows, groups)
     wg = w.reshape(groups, rows // groups, -1).astype(np.float64)
     near = nearest_values(wg, s, z, qmin, qmax)
     rounded = gptq_values(wg, h, s, z, qmin, qmax)
