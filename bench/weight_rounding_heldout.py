@@ -7,6 +7,11 @@ weight is rounded by nearest and by OPTQ on the calibration Gram at each ``--dam
 ``|(W - Q) X|^2 / |W X|^2`` of every rounding is then measured on both sets. Reported: the mean over layers and the
 share of layers where OPTQ's held-out error is below nearest's. Activations are not quantized here (weights only).
 
+``--anomalies``: also synthetic anomalies (``qtool.data.synth_anomalies``, seed 1) made from the held-out normals,
+the error measured only at the layer outputs inside their defect masks (each mask taken at the layer's output
+grid), and a third rounding, OPTQ on the calibration Gram plus the Gram of synthetic anomalies (seed 0) made from
+the calibration images themselves (their defect positions only, weighted ``--anomaly-weight`` per position).
+
 Run: .venv/bin/python bench/weight_rounding_heldout.py --onnx bench/work/pool_s1_rd/mtd-rd/fp32.onnx \
          --recipe bench/work/pool_s1_rd/mtd-rd/mse-bc-train-4bit/ptq/recipe.yaml --damp 0.01,0.1,1 \
          --out bench/results/weight_rounding_heldout_mtd_rd
@@ -24,19 +29,50 @@ from onnx import numpy_helper
 
 from qtool.artifacts import bench_meta, versions_line, write_results
 from qtool.calib_data import normal_pool
+from qtool.calibrate import probe_outputs
 from qtool.commands.common import fail_cleanly
 from qtool.data import ImageTransform, iter_batches, load_splits
+from qtool.data.synth_anomalies import synthesize
 from qtool.graph import build_spec, get_profile, load_model, prepare
 from qtool.graph._index import GraphIndex
 from qtool.graph.insert_qdq import weight_grid
+from qtool.graph.probe import add_outputs, probe_session
 from qtool.recipe import load_recipe
-from qtool.weight_rounding import conv_layers, gptq_values, layer_grams, nearest_values, output_error, row_grid
+from qtool.weight_rounding import (
+    conv_layers,
+    gptq_values,
+    gram,
+    layer_grams,
+    nearest_values,
+    output_error,
+    patches,
+    row_grid,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _errors(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:
     return output_error(w, q, h) / max(float(np.einsum("gri,gij,grj->", w, h, w)), 1e-30)
+
+
+def masked_grams(model, layers, images: np.ndarray, masks: np.ndarray, threads: int) -> dict[str, np.ndarray]:
+    """Each layer's input Gram over the output positions inside the defect masks (mask taken at the output grid)."""
+    inputs = list(dict.fromkeys(layer.input for layer in layers))
+    sess = probe_session(add_outputs(model, inputs), threads)
+    out: dict[str, np.ndarray] = {}
+    for i in range(0, len(images), 4):
+        acts = dict(zip(inputs, next(probe_outputs(sess, inputs, images[i : i + 4]))))
+        for layer in layers:
+            p = patches(acts[layer.input], layer)  # rows: (image, out row, out col)
+            n = len(acts[layer.input])
+            ho = wo = int(round((p.shape[0] / n) ** 0.5))
+            size = masks.shape[-1]
+            rows, cols = np.arange(ho) * size // ho, np.arange(wo) * size // wo
+            keep = (masks[i : i + n][:, rows][:, :, cols] > 0).reshape(-1)
+            g = gram(p[keep])
+            out[layer.weight] = out[layer.weight] + g if layer.weight in out else g
+    return out
 
 
 @fail_cleanly
@@ -46,6 +82,8 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--recipe", required=True)
     ap.add_argument("--heldout", type=int, default=64)
     ap.add_argument("--damp", default="0.01,0.1,1")
+    ap.add_argument("--anomalies", action="store_true")
+    ap.add_argument("--anomaly-weight", type=float, default=1.0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     recipe = load_recipe(Path(args.recipe))
@@ -62,6 +100,12 @@ def main(argv: list[str]) -> None:
     for name, samples in sets.items():
         batches = (images for images, _ in iter_batches(samples, transform, cfg.calib_data.batch_size))
         grams[name], _ = layer_grams(model, layers, batches, recipe.eval.threads)
+    if args.anomalies:
+        for name, samples, seed in (("held-out anomalies", sets["held-out"], 1), ("calibration anomalies",
+                                                                                  sets["calibration"], 0)):
+            normals = np.concatenate([im for im, _ in iter_batches(samples, transform, cfg.calib_data.batch_size)])
+            synth = synthesize(normals, recipe.ptq.search.kinds, seed)
+            grams[name] = masked_grams(model, layers, synth.images, synth.masks, recipe.eval.threads)
     idx = GraphIndex(model)
     rows = []
     for layer in layers:
@@ -75,27 +119,32 @@ def main(argv: list[str]) -> None:
         for d in damps:
             roundings[f"gptq damp {d:g}"] = gptq_values(wg, grams["calibration"][layer.weight], s, z,
                                                         p.qmin, p.qmax, damp=d)
+        if args.anomalies:
+            h = grams["calibration"][layer.weight] + args.anomaly_weight * grams["calibration anomalies"][layer.weight]
+            roundings["gptq + calibration anomalies"] = gptq_values(wg, h, s, z, p.qmin, p.qmax)
         rows.append({"weight": layer.weight, "columns": int(wg.shape[2]),
-                     "errors": {k: {name: _errors(wg, q, g[layer.weight]) for name, g in grams.items()}
+                     "errors": {k: {name: _errors(wg, q, g[layer.weight]) for name, g in grams.items()
+                                    if name != "calibration anomalies"}
                                 for k, q in roundings.items()}})
     methods = list(rows[0]["errors"]) if rows else []
-    summary = {m: {name: float(np.mean([r["errors"][m][name] for r in rows])) for name in sets} for m in methods}
-    wins = {m: float(np.mean([r["errors"][m]["held-out"] < r["errors"]["nearest"]["held-out"] for r in rows]))
-            for m in methods[1:]}
+    judged = [n for n in grams if n != "calibration anomalies"]
+    summary = {m: {name: float(np.mean([r["errors"][m][name] for r in rows])) for name in judged} for m in methods}
+    wins = {m: {name: float(np.mean([r["errors"][m][name] < r["errors"]["nearest"][name] for r in rows]))
+                for name in judged} for m in methods[1:]}
     meta = bench_meta("bench/weight_rounding_heldout.py", argv, images={k: len(v) for k, v in sets.items()},
                       bits=cfg.weight_bits)
     payload = {"meta": meta, "summary": summary, "heldout_wins": wins, "layers": rows}
 
     def markdown(path: Path) -> None:
-        lines = ["# OPTQ rounding: layer output error on calibration vs held-out normals", "",
+        lines = ["# OPTQ rounding: layer output error on calibration vs held-out images", "",
                  f"`{meta['command']}`", "",
                  f"machine: {meta['machine']}; {cfg.weight_bits}-bit weights, fp32 activations; {len(rows)} Conv "
                  f"layers; images: {meta['images']} (never the test split)", "",
-                 "| rounding | mean relative error, calibration | mean relative error, held-out | "
-                 "layers better than nearest on held-out |", "|---|---|---|---|"]
+                 "Mean over layers of the relative output error (share of layers below nearest's):", "",
+                 "| rounding | " + " | ".join(judged) + " |", "|---|" + "---|" * len(judged)]
         for m in methods:
-            lines.append(f"| {m} | {summary[m]['calibration']:.4g} | {summary[m]['held-out']:.4g} | "
-                         f"{'-' if m == 'nearest' else f'{wins[m]:.0%}'} |")
+            lines.append(f"| {m} | " + " | ".join(
+                f"{summary[m][n]:.4g}" + ("" if m == "nearest" else f" ({wins[m][n]:.0%})") for n in judged) + " |")
         lines += ["", versions_line(meta["versions"]), ""]
         path.write_text("\n".join(lines))
 
