@@ -176,8 +176,9 @@ def test_ptq_command_writes_model_report_recipe_manifest(kd, tmp_path_factory):
         assert t["scale"] > 0, name
     for key in ("anomaly_map", "score"):
         assert math.isfinite(report["sqnr_db"][key]), report["sqnr_db"]
-    assert set(report["stage_seconds"]) == {"load", "prepare", "policy", "calibrate", "bias_correction",
-                                            "insert_qdq", "lint", "save", "sqnr"}
+    assert set(report["stage_seconds"]) == {"load", "prepare", "policy", "calibrate", "weight_rounding",
+                                            "bias_correction", "insert_qdq", "lint", "save", "sqnr"}
+    assert report["weight_rounding"] == {"method": "nearest"}
     assert all(v >= 0 for v in report["stage_seconds"].values())
     saved = load_recipe(out / "recipe.yaml")
     assert saved.ptq.calib == "entropy" and saved == kd.recipe("ptq.calib=entropy", "ptq.target=cpu")
