@@ -91,10 +91,31 @@ SOURCES: Registry[Callable[[Splits, ImageTransform, CalibDataConfig], Calibratio
 @SOURCES.register("train")
 def train_source(splits: Splits, transform: ImageTransform, cfg: CalibDataConfig) -> CalibrationSet:
     """Held-out normal images (then training normals), never test images."""
-    samples = normal_pool(splits, cfg.num_samples)
+    return _pool_window(normal_pool(splits, cfg.num_samples), transform, cfg)
+
+
+def _pool_window(samples: list[Sample], transform: ImageTransform, cfg: CalibDataConfig,
+                 **extra: object) -> CalibrationSet:
+    """The train source's set of ``samples`` (a window of the normal pool), ``extra`` added to its description."""
     _check_labels(samples, cfg)
-    desc = {"source": "train", "images": len(samples), "files": [str(s.path) for s in samples]}
+    desc = {"source": "train", "images": len(samples), **extra, "files": [str(s.path) for s in samples]}
     return CalibrationSet(desc, lambda: _images(samples, transform, cfg.batch_size), len(samples))
+
+
+def calibration_draws(splits: Splits, transform: ImageTransform, cfg: CalibDataConfig) -> list[CalibrationSet]:
+    """``cfg.draws`` train-source sets on disjoint windows of the normal pool: draw ``i`` is images ``[i*n, (i+1)*n)``.
+
+    Draw 0 is :func:`train_source`'s set (the pool is fixed, so a longer pool extends a shorter one).
+
+    Raises:
+        CalibrationError: the pool holds fewer than ``draws x num_samples`` images, or refused anomalies.
+    """
+    n, k = cfg.num_samples, cfg.draws
+    pool = normal_pool(splits, n * k)
+    if len(pool) < n * k:
+        raise CalibrationError(f"ptq.calib_data.draws: the normal pool holds {len(pool)} images; {k} draws of "
+                               f"{n} need {n * k}")
+    return [_pool_window(pool[i * n : (i + 1) * n], transform, cfg, draw=i) for i in range(k)]
 
 
 @SOURCES.register("random-normal")

@@ -20,7 +20,8 @@ import numpy as np
 
 from qtool.artifacts import write_json, write_manifest
 from qtool.bias_correction import BiasCorrector
-from qtool.calib_data import calibration_set, normal_pool
+from qtool.calib_data import CalibrationSet, calibration_draws, calibration_set, normal_pool
+from qtool.calib_draws import Draw, choose_draw
 from qtool.calibrate import calibrate
 from qtool.data import ImageTransform, iter_batches, load_splits
 from qtool.errors import GraphError
@@ -107,8 +108,12 @@ def run_ptq(model_path: Path, recipe: Recipe, out_dir: Path, dry_run: bool = Fal
     warnings = [w for w in [_host_warning(profile)] if w]
     for w in warnings:
         log.warning(w)
-    calibrator = get_calibrator(cfg.calib, symmetric=profile.activation_symmetric, num_bits=cfg.activation_bits,
-                                **cfg.calib_options)
+
+    def new_calibrator() -> Any:
+        return get_calibrator(cfg.calib, symmetric=profile.activation_symmetric, num_bits=cfg.activation_bits,
+                              **cfg.calib_options)
+
+    calibrator = new_calibrator()
     with timer.stage("load"):
         if not dry_run:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -128,17 +133,27 @@ def run_ptq(model_path: Path, recipe: Recipe, out_dir: Path, dry_run: bool = Fal
                                                                           "normalize") if data_meta and k in data_meta})
     splits = load_splits(data_cfg)
     transform = ImageTransform(data_cfg)
-    calib = calibration_set(splits, transform, cfg.calib_data)
     search = search_set_for(calibrator, cfg, splits, transform)
     check = check_set_for(calibrator, cfg, splits, transform)
-    with timer.stage("calibrate"):
-        ranges = calibrate(prepared, spec.tensors_to_calibrate(),
-                           calib.batches(), calibrator, threads=recipe.eval.threads, group=cfg.calib_data.batch_size,
-                           progress=progress,
+
+    def calibrate_on(calib: CalibrationSet, calibrator: Any = calibrator) -> Draw:
+        """Ranges of ``calibrator`` on ``calib`` (and the search images it observes), with that set's corrector."""
+        ranges = calibrate(prepared, spec.tensors_to_calibrate(), calib.batches(), calibrator,
+                           threads=recipe.eval.threads, group=cfg.calib_data.batch_size, progress=progress,
                            search_batches=search_batches_for(search, calibrator, cfg.calib_data.batch_size))
+        corrector = (BiasCorrector(prepared, spec, calib.batches, recipe.eval.threads, cfg.bias_correction_max_mb)
+                     if cfg.bias_correction else None)
+        return Draw(calib, calibrator, ranges, corrector)
+
+    with timer.stage("calibrate"):
+        if cfg.calib_data.draws > 1:  # each draw a fresh calibrator; the least map distortion on the search set wins
+            draw, report["calibration_draws"] = choose_draw(
+                calibration_draws(splits, transform, cfg.calib_data),
+                lambda c: calibrate_on(c, new_calibrator()), prepared, spec, search, recipe.eval.threads)
+        else:
+            draw = calibrate_on(calibration_set(splits, transform, cfg.calib_data))
+    calib, calibrator, ranges, corrector = draw.calib, draw.calibrator, draw.ranges, draw.corrector
     searched: dict[str, Any] = {}
-    corrector = (BiasCorrector(prepared, spec, calib.batches, recipe.eval.threads, cfg.bias_correction_max_mb)
-                 if cfg.bias_correction else None)
     if search is not None:
         ranges, spec, searched, harness = run_search_stages(
             calibrator, ranges, prepared, spec, search, cfg, recipe.eval.threads, timer.stage, search_progress,

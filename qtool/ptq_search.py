@@ -28,8 +28,11 @@ Stage = Callable[[str], AbstractContextManager]
 
 def search_set_for(calibrator: Calibrator, cfg: PtqConfig, splits: Splits, transform: ImageTransform
                    ) -> SearchSet | None:
-    """The search set when a stage needs one (a graph-searching calibrator, mixed precision, the proxy), else None."""
-    if calibrator.needs_graph or cfg.mixed_precision is not None or cfg.search.proxy:
+    """The search set when a stage needs one, else None.
+
+    Needed by a graph-searching calibrator, mixed precision, the proxy and calibration draws.
+    """
+    if calibrator.needs_graph or cfg.mixed_precision is not None or cfg.search.proxy or cfg.calib_data.draws > 1:
         return build_search_set(splits, transform, cfg.search)
     return None
 

@@ -122,6 +122,17 @@ class CalibDataConfig(Section):
     mix_noise_fraction: float = Field(0.5, ge=0.0, le=1.0)
     allow_anomalies: bool = False
     seed: int = 0
+    # > 1: calibrate on that many disjoint windows of the normal pool (train source) and keep the one whose
+    # quantized graph distorts the anomaly map least on the search set (qtool.calib_draws)
+    draws: int = Field(1, ge=1)
+
+    @field_validator("draws")
+    @classmethod
+    def _draws_need_the_pool(cls, v: int, info: ValidationInfo) -> int:
+        if v > 1 and info.data.get("source") != "train":
+            raise ValueError(f"draws {v} need the train source (windows of the normal pool), not "
+                             f"{info.data.get('source')!r}")
+        return v
 
 
 class SearchConfig(Section):

@@ -207,3 +207,53 @@ def test_separation_guard_runs_in_the_pipeline_and_a_bad_guard_is_a_one_line_err
     allowed = [k for k in rules if k == initial or (gate["shares"][f"rule {k} vs {initial}"] >= gate["level"]
                                                     and gate["guarded"][f"rule {k} vs {initial}"]["passed"])]
     assert search["base"] == OBJECTIVES.get(search["objective"]).choose({k: rules[k] for k in allowed})
+
+
+# ---------------------------------------------------------------- calibration draws (ptq.calib_data.draws)
+
+
+def _run_ptq(kd, out, *args: str):
+    return CliRunner().invoke(main, ["ptq", "--model", str(kd.onnx), "--recipe", str(kd.recipe_file), "--out",
+                                     str(out), "--calib", "minmax", "--bits", "4", "--num-calib", "4",
+                                     "--set", "ptq.search.normals=4", *args])
+
+
+def test_calibration_draws_keep_the_window_with_the_least_map_distortion(kd, tmp_path):
+    out = tmp_path / "draws"
+    with opened_images() as opened:
+        result = _run_ptq(kd, out, "--set", "ptq.calib_data.draws=3")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    rows = report["calibration_draws"]["draws"]
+    assert [r["draw"] for r in rows] == [0, 1, 2] and all(r["images"] == 4 for r in rows)
+    losses = [r["loss"] for r in rows]
+    chosen = report["calibration_draws"]["chosen"]
+    assert chosen == min(range(3), key=lambda i: (losses[i], i)) and report["calibration_draws"]["bias_corrected"]
+    # the saved calibration is the chosen window: four pool images no other window holds, never the test split
+    files = report["calibration"]["files"]
+    assert report["calibration"]["draw"] == chosen and files[0] == rows[chosen]["first_file"]
+    splits = load_splits(kd.recipe().data)
+    pool = [str(s.path) for s in [*splits.holdout, *splits.train]]
+    assert len(set(files)) == 4 and set(files) <= set(pool)
+    assert len({r["first_file"] for r in rows}) == 3
+    test_files = {str(s.path) for s in splits.test}
+    assert not test_files & set(opened)
+    # draw 0 is the usual calibration set: a run without draws calibrates on exactly its files
+    plain = tmp_path / "plain"
+    assert _run_ptq(kd, plain).exit_code == 0
+    plain_report = json.loads((plain / "report.json").read_text())
+    assert plain_report["calibration"]["files"][0] == rows[0]["first_file"] and "calibration_draws" not in plain_report
+    if chosen == 0:
+        assert plain_report["quantization"]["tensors"] == report["quantization"]["tensors"]
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (("--set", "ptq.calib_data.draws=4"), "ptq.calib_data.draws: the normal pool holds"),
+    (("--calib-source", "random-normal", "--set", "ptq.calib_data.draws=2"), "need the train source"),
+])
+def test_bad_calibration_draws_are_one_line_errors(kd, tmp_path, args, needle):
+    out = tmp_path / "bad"
+    result = _run_ptq(kd, out, *args)
+    assert result.exit_code != 0 and needle in result.output, result.output
+    assert len([line for line in result.output.splitlines() if line.startswith("error")]) == 1
+    assert not out.exists()
