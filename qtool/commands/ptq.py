@@ -28,6 +28,9 @@ from qtool.commands.train import data_options
                    "(sensitivity per share of the MACs: a cheaper float share).")
 @click.option("--calib-source", default=None, help="Calibration data: train (held-out normals), random-normal, mix.")
 @click.option("--num-calib", type=int, default=None, help="Number of calibration samples.")
+@click.option("--calib-draws", type=int, default=None, metavar="K",
+              help="Calibrate on K disjoint windows of the normal pool (train source) and keep the one whose "
+                   "quantized graph distorts the anomaly map least on the search set.")
 @click.option("--target", default=None, help="Target profile: cpu or tensorrt.")
 @click.option("--bits", type=int, default=None, help="Bit width of weights and activations (8, 6, 4).")
 @click.option("--weight-range", default=None, help="Weight range rule: minmax (default) or mse (per-channel clip).")
@@ -47,7 +50,7 @@ from qtool.commands.train import data_options
 @fail_cleanly
 def ptq_cmd(model_path: str, calib: str | None, mixed_precision: float | None, mp_criterion: str | None,
             mp_rank: str | None,
-            calib_source: str | None, num_calib: int | None,
+            calib_source: str | None, num_calib: int | None, calib_draws: int | None,
             target: str | None, bits: int | None, weight_range: str | None, weight_rounding: str | None,
             bias_correction: bool | None, part: str | None, strict: bool | None,
             input_shapes: tuple[str, ...], out: str | None,
@@ -61,7 +64,8 @@ def ptq_cmd(model_path: str, calib: str | None, mixed_precision: float | None, m
         raise click.UsageError("--out is required unless --dry-run")
     r = build_recipe(recipe, overrides, {
         "data.root": data_root, "data.format": data_format, "ptq.calib": calib,
-        "ptq.calib_data.source": calib_source, "ptq.calib_data.num_samples": num_calib, "ptq.target": target,
+        "ptq.calib_data.source": calib_source, "ptq.calib_data.num_samples": num_calib,
+        "ptq.calib_data.draws": calib_draws, "ptq.target": target,
         "ptq.activation_bits": bits, "ptq.weight_bits": bits, "ptq.weight_range": weight_range,
         "ptq.weight_rounding": weight_rounding,
         "ptq.bias_correction": bias_correction,
@@ -86,6 +90,10 @@ def ptq_cmd(model_path: str, calib: str | None, mixed_precision: float | None, m
         err = wr["mean_relative_error"]
         click.echo(f"weight rounding {wr['method']}: {len(wr['layers'])} weights, mean relative layer output error "
                    f"{err['nearest']:.4g} (nearest) -> {err[wr['method']]:.4g}, {len(wr['skipped'])} kept nearest")
+    if "calibration_draws" in report:
+        cd = report["calibration_draws"]
+        click.echo(f"calibration draws: kept draw {cd['chosen']} of {len(cd['draws'])}, map distortion "
+                   + ", ".join(f"{r['loss']:.4f}" for r in cd["draws"]))
     if "bias_correction" in report:
         bc = report["bias_correction"]
         shift = bc.get("relative_shift", {})

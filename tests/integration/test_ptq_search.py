@@ -221,8 +221,9 @@ def _run_ptq(kd, out, *args: str):
 def test_calibration_draws_keep_the_window_with_the_least_map_distortion(kd, tmp_path):
     out = tmp_path / "draws"
     with opened_images() as opened:
-        result = _run_ptq(kd, out, "--set", "ptq.calib_data.draws=3")
+        result = _run_ptq(kd, out, "--calib-draws", "3")
     assert result.exit_code == 0, result.output
+    assert "calibration draws: kept draw" in result.output
     report = json.loads((out / "report.json").read_text())
     rows = report["calibration_draws"]["draws"]
     assert [r["draw"] for r in rows] == [0, 1, 2] and all(r["images"] == 4 for r in rows)
