@@ -29,50 +29,23 @@ from onnx import numpy_helper
 
 from qtool.artifacts import bench_meta, versions_line, write_results
 from qtool.calib_data import normal_pool
-from qtool.calibrate import probe_outputs
 from qtool.commands.common import fail_cleanly
 from qtool.data import ImageTransform, iter_batches, load_splits
 from qtool.data.synth_anomalies import synthesize
 from qtool.graph import build_spec, get_profile, load_model, prepare
 from qtool.graph._index import GraphIndex
 from qtool.graph.insert_qdq import weight_grid
-from qtool.graph.probe import add_outputs, probe_session
 from qtool.recipe import load_recipe
 from qtool.weight_rounding import (
     conv_layers,
     gptq_values,
-    gram,
     layer_grams,
     nearest_values,
-    output_error,
-    patches,
+    relative_error,
     row_grid,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _errors(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:
-    return output_error(w, q, h) / max(float(np.einsum("gri,gij,grj->", w, h, w)), 1e-30)
-
-
-def masked_grams(model, layers, images: np.ndarray, masks: np.ndarray, threads: int) -> dict[str, np.ndarray]:
-    """Each layer's input Gram over the output positions inside the defect masks (mask taken at the output grid)."""
-    inputs = list(dict.fromkeys(layer.input for layer in layers))
-    sess = probe_session(add_outputs(model, inputs), threads)
-    out: dict[str, np.ndarray] = {}
-    for i in range(0, len(images), 4):
-        acts = dict(zip(inputs, next(probe_outputs(sess, inputs, images[i : i + 4]))))
-        for layer in layers:
-            p = patches(acts[layer.input], layer)  # rows: (image, out row, out col)
-            n = len(acts[layer.input])
-            ho = wo = int(round((p.shape[0] / n) ** 0.5))
-            size = masks.shape[-1]
-            rows, cols = np.arange(ho) * size // ho, np.arange(wo) * size // wo
-            keep = (masks[i : i + n][:, rows][:, :, cols] > 0).reshape(-1)
-            g = gram(p[keep])
-            out[layer.weight] = out[layer.weight] + g if layer.weight in out else g
-    return out
 
 
 @fail_cleanly
@@ -105,7 +78,10 @@ def main(argv: list[str]) -> None:
                                                                                   sets["calibration"], 0)):
             normals = np.concatenate([im for im, _ in iter_batches(samples, transform, cfg.calib_data.batch_size)])
             synth = synthesize(normals, recipe.ptq.search.kinds, seed)
-            grams[name] = masked_grams(model, layers, synth.images, synth.masks, recipe.eval.threads)
+            step = cfg.calib_data.batch_size
+            starts = range(0, len(synth.images), step)
+            grams[name], _ = layer_grams(model, layers, (synth.images[i : i + step] for i in starts),
+                                         recipe.eval.threads, (synth.masks[i : i + step] for i in starts))
     idx = GraphIndex(model)
     rows = []
     for layer in layers:
@@ -123,7 +99,7 @@ def main(argv: list[str]) -> None:
             h = grams["calibration"][layer.weight] + args.anomaly_weight * grams["calibration anomalies"][layer.weight]
             roundings["gptq + calibration anomalies"] = gptq_values(wg, h, s, z, p.qmin, p.qmax)
         rows.append({"weight": layer.weight, "columns": int(wg.shape[2]),
-                     "errors": {k: {name: _errors(wg, q, g[layer.weight]) for name, g in grams.items()
+                     "errors": {k: {name: relative_error(wg, q, g[layer.weight]) for name, g in grams.items()
                                     if name != "calibration anomalies"}
                                 for k, q in roundings.items()}})
     methods = list(rows[0]["errors"]) if rows else []

@@ -19,6 +19,7 @@ The report gives, per layer, the output error of both roundings on the calibrati
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -106,9 +107,18 @@ def gram(p: np.ndarray) -> np.ndarray:
     return np.matmul(p.transpose(0, 2, 1), p).astype(np.float64)
 
 
-def layer_grams(model: onnx.ModelProto, layers: list[ConvLayer], batches: Iterable[np.ndarray],
-                threads: int) -> tuple[dict[str, np.ndarray], int]:
+def output_grid(x: np.ndarray, layer: ConvLayer) -> tuple[int, int]:
+    """The Conv's output height and width for input ``x`` (N, C, H, W)."""
+    (kh, kw), (t, left, b, r), (sh, sw), (dh, dw) = layer.kernel, layer.pads, layer.strides, layer.dilations
+    return ((x.shape[2] + t + b - (kh - 1) * dh - 1) // sh + 1, (x.shape[3] + left + r - (kw - 1) * dw - 1) // sw + 1)
+
+
+def layer_grams(model: onnx.ModelProto, layers: list[ConvLayer], batches: Iterable[np.ndarray], threads: int,
+                masks: Iterable[np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], int]:
     """Each layer's input Gram matrix over the calibration images (fp32 inputs), and the number of images.
+
+    ``masks``: one (B, S, S) array per batch; then only the output positions inside them count (each mask taken at
+    the layer's output grid, nearest sample), e.g. the defect regions of synthetic anomalies.
 
     Raises:
         CalibrationError: no images, or a non-finite input of a layer (naming it).
@@ -117,16 +127,25 @@ def layer_grams(model: onnx.ModelProto, layers: list[ConvLayer], batches: Iterab
     sess = probe_session(add_outputs(model, inputs), threads)
     grams: dict[str, np.ndarray] = {}
     seen = 0
-    for batch in batches:
+    for batch, mask in zip(batches, masks if masks is not None else itertools.repeat(None)):
+        start = 0
         for outs in probe_outputs(sess, inputs, batch):
             acts = dict(zip(inputs, outs))
+            for name, x in acts.items():
+                if not np.isfinite(x).all():
+                    raise CalibrationError(f"weight rounding: input {name!r} of a quantized Conv is not finite")
             for layer in layers:
                 x = acts[layer.input]
-                if not np.isfinite(x).all():
-                    raise CalibrationError(f"weight rounding: input {layer.input!r} of {layer.node} is not finite")
                 for i in range(0, len(x), CHUNK):
-                    g = gram(patches(x[i : i + CHUNK], layer))
+                    part = x[i : i + CHUNK]
+                    p = patches(part, layer)
+                    if mask is not None:
+                        (ho, wo), size = output_grid(x, layer), mask.shape[-1]
+                        m = mask[start + i : start + i + len(part)]
+                        p = p[(m[:, np.arange(ho) * size // ho][:, :, np.arange(wo) * size // wo] > 0).reshape(-1)]
+                    g = gram(p)
                     grams[layer.weight] = grams[layer.weight] + g if layer.weight in grams else g
+            start += len(outs[0])
             seen += len(outs[0])
     if seen == 0:
         raise CalibrationError("weight rounding: empty calibration set")
@@ -177,6 +196,11 @@ def output_error(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:
     return float(np.einsum("gri,gij,grj->", e, h, e))
 
 
+def relative_error(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:
+    """:func:`output_error` relative to fp32's output energy ``sum trace(w h w^T)`` on the same images."""
+    return output_error(w, q, h) / max(float(np.einsum("gri,gij,grj->", w, h, w)), 1e-30)
+
+
 def round_conv(w: np.ndarray, h: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmin: int, qmax: int
                ) -> tuple[np.ndarray, dict[str, float]]:
     """The OPTQ-rounded weight (as float32 in ``w``'s shape) and both roundings' relative output errors."""
@@ -185,8 +209,7 @@ def round_conv(w: np.ndarray, h: np.ndarray, scale: np.ndarray, zp: np.ndarray, 
     wg = w.reshape(groups, rows // groups, -1).astype(np.float64)
     near = nearest_values(wg, s, z, qmin, qmax)
     rounded = gptq_values(wg, h, s, z, qmin, qmax)
-    energy = max(float(np.einsum("gri,gij,grj->", wg, h, wg)), 1e-30)
-    errors = {"nearest": output_error(wg, near, h) / energy, "gptq": output_error(wg, rounded, h) / energy}
+    errors = {"nearest": relative_error(wg, near, h), "gptq": relative_error(wg, rounded, h)}
     return rounded.reshape(w.shape).astype(np.float32), errors
 
 

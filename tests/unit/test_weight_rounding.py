@@ -108,3 +108,13 @@ def test_registry_lists_both_methods_and_names_an_unknown_one():
     assert set(ROUNDINGS.names()) == {"nearest", "gptq"}
     with pytest.raises(RegistryError, match="weight rounding"):
         round_weights("stochastic", None, None, {}, list)
+
+
+def test_output_grid_matches_the_patch_rows():
+    from qtool.weight_rounding import output_grid
+
+    x = np.zeros((2, 4, 13, 11), np.float32)
+    for layer in (ConvLayer("c", "x", "w", 1, (3, 3), (1, 1, 1, 1), (2, 2), (1, 1)),
+                  ConvLayer("c", "x", "w", 4, (5, 3), (2, 0, 1, 1), (1, 2), (2, 1))):
+        ho, wo = output_grid(x, layer)
+        assert patches(x, layer).shape[0] == 2 * ho * wo
