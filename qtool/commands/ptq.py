@@ -38,6 +38,9 @@ from qtool.commands.train import data_options
               help="Weight rounding: nearest (default) or gptq (Conv weights rounded to keep each layer's output).")
 @click.option("--bias-correction/--no-bias-correction", "bias_correction", default=None,
               help="Shift quantized layers' biases so their output means match fp32 on the calibration images.")
+@click.option("--head-inputs", type=click.Choice(["quantized", "float"]), default=None,
+              help="Where the float head reads its features: quantized (default; as the next layer does) or float "
+                   "(before their Q/DQ; the producers run unfused on ONNX Runtime).")
 @click.option("--quantize", "part", type=click.Choice(["student", "teacher", "both"]), default=None,
               help="Which part of the KD model is quantized.")
 @click.option("--strict", is_flag=True, default=None, help="Unsupported ops and lint findings are errors.")
@@ -52,7 +55,7 @@ def ptq_cmd(model_path: str, calib: str | None, mixed_precision: float | None, m
             mp_rank: str | None,
             calib_source: str | None, num_calib: int | None, calib_draws: int | None,
             target: str | None, bits: int | None, weight_range: str | None, weight_rounding: str | None,
-            bias_correction: bool | None, part: str | None, strict: bool | None,
+            bias_correction: bool | None, head_inputs: str | None, part: str | None, strict: bool | None,
             input_shapes: tuple[str, ...], out: str | None,
             dry_run: bool, data_root: str | None, data_format: str | None, recipe: str | None,
             overrides: tuple[str, ...]) -> None:
@@ -68,7 +71,7 @@ def ptq_cmd(model_path: str, calib: str | None, mixed_precision: float | None, m
         "ptq.calib_data.draws": calib_draws, "ptq.target": target,
         "ptq.activation_bits": bits, "ptq.weight_bits": bits, "ptq.weight_range": weight_range,
         "ptq.weight_rounding": weight_rounding,
-        "ptq.bias_correction": bias_correction,
+        "ptq.bias_correction": bias_correction, "ptq.head_inputs": head_inputs,
         "ptq.quantize": part, "ptq.strict": strict,
         "ptq.input_shape": parse_input_shapes(input_shapes) or None, "ptq.mixed_precision": mixed_precision,
         "ptq.mixed_precision_criterion": mp_criterion, "ptq.mixed_precision_rank": mp_rank})

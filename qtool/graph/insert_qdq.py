@@ -228,7 +228,8 @@ def insert_qdq_report(
         }
 
     # rewire: quantized nodes read DQ outputs; float nodes too when the producer is quantized (its
-    # output must feed only its Q for ORT to fuse it), else float nodes keep the original tensor
+    # output must feed only its Q for ORT to fuse it) unless the spec names them float readers (the head
+    # with ptq.head_inputs=float), else float nodes keep the original tensor
     def producer_quantized(t: str) -> bool:
         prod = idx.producer.get(t)
         return prod is not None and prod.name in spec.nodes
@@ -240,7 +241,8 @@ def insert_qdq_report(
                 node.input[i] = w_dq[name]
             elif qn is not None and i == qn.bias:
                 node.input[i] = b_dq[node.name]
-            elif name in dq_of and ((qn is not None and i in qn.inputs) or producer_quantized(name)):
+            elif name in dq_of and ((qn is not None and i in qn.inputs)
+                                    or spec.reads_dequantized(node.name, producer_quantized(name))):
                 node.input[i] = dq_of[name]
     m.graph.node.extend(nodes)
     m.graph.initializer.extend(inits)

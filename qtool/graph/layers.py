@@ -89,6 +89,7 @@ def subset(model: onnx.ModelProto, spec: QuantSpec, keep: Collection[str], reaso
     out.weights = {w: p for w, p in spec.weights.items() if w in weights}
     out.weight_values = {w: v for w, v in spec.weight_values.items() if w in weights}
     out.biases = {n: b for n, b in spec.biases.items() if n in nodes}
+    out.float_readers = spec.float_readers
     out.nodes = nodes
     out.decisions = [d if not d.quantized or d.node in nodes else dataclasses.replace(d, quantized=False, reason=reason)
                      for d in spec.decisions]

@@ -150,6 +150,13 @@ class QuantSpec:
     # float values quantized in place of a weight's initializer (its grid still comes from the initializer):
     # how qtool.weight_rounding hands a rounding other than nearest to insert_qdq
     weight_values: dict[str, np.ndarray] = field(default_factory=dict)
+    # float nodes that read a quantized node's output before its Q/DQ (ptq.head_inputs=float: the head's);
+    # a tensor only such nodes read gets no Q/DQ (build_spec leaves it out of ``activations``)
+    float_readers: frozenset[str] = frozenset()
+
+    def reads_dequantized(self, node: str, producer_quantized: bool) -> bool:
+        """Whether float node ``node`` reads a tensor's dequantized value (the quantized producer's Q/DQ)."""
+        return producer_quantized and node not in self.float_readers
 
     @property
     def emulated(self) -> bool:
@@ -173,6 +180,7 @@ class QuantSpec:
             "weight_bits": self.weight_bits,
             "weight_range": self.weight_range,
             "rounded_weights": sorted(self.weight_values),
+            "float_readers": sorted(self.float_readers),
             "emulated": self.emulated,
             "activations": {
                 k: {**a.params.to_dict(), "range_of": a.range_of, "constant": a.constant}
@@ -274,7 +282,28 @@ def build_spec(model: onnx.ModelProto, cfg: PtqConfig, profile: str | TargetProf
             seen.add(a.range_of)
             a.range_of = spec.activations[a.range_of].range_of
     _report_unsupported(unsupported, cfg.strict)
+    if cfg.head_inputs == "float":
+        _head_reads_float(spec, idx)
     return spec
+
+
+def _head_reads_float(spec: QuantSpec, idx: GraphIndex) -> None:
+    """ptq.head_inputs=float: the float head reads its features before their Q/DQ.
+
+    A tensor whose every reader is such a node loses its Q/DQ (no quantized reader is left); its range
+    may still set another tensor's (``range_of``), so it stays calibrated.
+    """
+    head = {d.node for d in spec.decisions if d.part == "head" and not d.quantized}
+    spec.float_readers = frozenset(head)
+    for t in [t for t, a in spec.activations.items() if not a.constant]:
+        readers = idx.consumers.get(t, [])
+        if readers and all(n.name in head for n, _ in readers) and t not in idx.graph_outputs:
+            del spec.activations[t]
+            for d, dec in enumerate(spec.decisions):
+                if dec.node == idx.producer[t].name:
+                    spec.decisions[d] = NodeDecision(dec.node, dec.op_type, dec.part, True,
+                                                     "quantized; output read only by the float head, kept float "
+                                                     "(ptq.head_inputs=float)")
 
 
 def _quantize_node(

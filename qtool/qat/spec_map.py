@@ -5,8 +5,8 @@ ONNX nodes are matched to fx nodes by the module path in their name (the exporte
 type; nodes of one scope are told apart by which already-matched tensors they read (graph position),
 then by program order. An ONNX node inside a leaf module call (the Pad of timm's Conv2dSame) is
 "internal" to that leaf. Each spec activation then gets its fake-quant uses with the same semantics as
-``insert_qdq``: after a quantized producer every reader sees the fake-quantized tensor; otherwise only
-the quantized consumers do. A fake-quant that would sit inside a leaf, after an exactly commuting op
+``insert_qdq``: after a quantized producer every reader sees the fake-quantized tensor (but the spec's
+float readers, the head with ``ptq.head_inputs=float``); otherwise only the quantized consumers do. A fake-quant that would sit inside a leaf, after an exactly commuting op
 (zero Pad, MaxPool, reshapes), moves in front of it, which gives the same numbers. Anything that
 cannot be placed raises :class:`SpecMapError` naming the ONNX node or tensor.
 """
@@ -271,17 +271,20 @@ class _Mapper:
             ps = self.nodes.get(prod.name)
             if ps is None:
                 raise SpecMapError(f"quantized node {prod.name!r} ({prod.op_type}) has no counterpart in the fx graph")
-            if not ps.internal:
+            float_read = any(c.name in self.spec.float_readers for c, _ in self.consumers[t])
+            if not ps.internal and not float_read:
                 site.uses.append(FqUse(ps.part, self.vm[ps.part][t].name, None))
                 site.how = "output"
                 return site
-            for c, _ in self.consumers[t]:
-                cs = self.nodes.get(c.name)
-                if cs is None or cs.node != ps.node:
-                    raise SpecMapError(f"tensor {t!r} leaves the leaf module call of {prod.name!r} and cannot be "
-                                       f"fake-quantized there")
-            self._relocate(site, prod, ps)
-            return site
+            if ps.internal:
+                for c, _ in self.consumers[t]:
+                    cs = self.nodes.get(c.name)
+                    if cs is None or cs.node != ps.node:
+                        raise SpecMapError(f"tensor {t!r} leaves the leaf module call of {prod.name!r} and cannot "
+                                           f"be fake-quantized there")
+                self._relocate(site, prod, ps)
+                return site
+            # the head reads it in float (ptq.head_inputs=float): only the quantized consumers see the fake-quant
         qn = self.spec.nodes
         for c, slot in self.consumers[t]:
             if c.name not in qn or slot not in qn[c.name].inputs:
