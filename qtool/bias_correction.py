@@ -162,7 +162,7 @@ def correct_biases(model: onnx.ModelProto, spec: QuantSpec, ranges: Mapping[str,
     out = onnx.ModelProto()
     out.CopyFrom(model)
     moved, skipped = targets(out, spec)
-    report: dict[str, Any] = {"kept": True, "layers": {}, "skipped": skipped}
+    report: dict[str, Any] = {"layers": {}, "skipped": skipped}
     if not moved:
         report.update(levels=0, node_runs=0, seconds=round(time.perf_counter() - t0, 3))
         return out, report

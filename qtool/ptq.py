@@ -72,6 +72,7 @@ def plan(spec: Any) -> dict[str, Any]:
         "float_nodes": {f"{p}: {why}": n for (p, why), n in sorted(floating.items())},
         "tensors_to_calibrate": len(spec.tensors_to_calibrate()),
         "weights": len(spec.weights),
+        "head_reads_float": sorted(spec.float_readers),  # ptq.head_inputs=float: read before any Q/DQ
     }
 
 

@@ -5,9 +5,10 @@ ONNX nodes are matched to fx nodes by the module path in their name (the exporte
 type; nodes of one scope are told apart by which already-matched tensors they read (graph position),
 then by program order. An ONNX node inside a leaf module call (the Pad of timm's Conv2dSame) is
 "internal" to that leaf. Each spec activation then gets its fake-quant uses with the same semantics as
-``insert_qdq``: after a quantized producer every reader sees the fake-quantized tensor (but the spec's
-float readers, the head with ``ptq.head_inputs=float``); otherwise only the quantized consumers do. A fake-quant that would sit inside a leaf, after an exactly commuting op
-(zero Pad, MaxPool, reshapes), moves in front of it, which gives the same numbers. Anything that
+``insert_qdq``: after a quantized producer every reader sees the fake-quantized tensor (unless the
+spec's float readers, the head with ``ptq.head_inputs=float``, read it); otherwise only the quantized
+consumers do. A fake-quant that would sit inside a leaf, after an exactly commuting op (zero Pad,
+MaxPool, reshapes), moves in front of it, which gives the same numbers. Anything that
 cannot be placed raises :class:`SpecMapError` naming the ONNX node or tensor.
 """
 

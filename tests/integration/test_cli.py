@@ -523,3 +523,18 @@ def test_distortion_criterion_bounds_the_saved_graphs_share_of_the_map_distortio
     assert mp["latency"]["stand_in"] and mp["latency"]["graph"].startswith("w8a8 stand-in")
     assert 0 < mp["macs"]["float_share"] < 1
     assert sum(f["macs_share"] for f in mp["fallback"]) == pytest.approx(mp["macs"]["float_share"], abs=1e-5)
+
+
+def test_head_inputs_flag_drops_the_qdq_only_the_head_reads(kd, tmp_path):
+    runs = {}
+    for h in ("quantized", "float"):
+        out = tmp_path / h
+        ok(invoke("ptq", "--model", kd.onnx, "--recipe", kd.recipe_file, "--out", out, "--calib", "minmax",
+                  "--bits", "4", "--head-inputs", h))
+        runs[h] = json.loads((out / "report.json").read_text())
+        assert load_recipe(out / "recipe.yaml").ptq.head_inputs == h
+    q, f = (runs[h]["quantization"] for h in ("quantized", "float"))
+    assert runs["quantized"]["plan"]["head_reads_float"] == []
+    assert runs["float"]["plan"]["head_reads_float"] and all(
+        n.startswith("/head/") for n in runs["float"]["plan"]["head_reads_float"])
+    assert set(f["tensors"]) < set(q["tensors"]) and f["q_nodes"] < q["q_nodes"]

@@ -133,3 +133,49 @@ def test_unnamed_nodes_are_refused(prepared):
     m.graph.node[0].name = ""
     with pytest.raises(GraphError, match="has no name; run qtool.graph.prepare"):
         build_spec(m, PtqConfig(), "cpu")
+
+
+def _with_probe(prepared: onnx.ModelProto) -> onnx.ModelProto:
+    """The tiny graph plus a head node that also reads the student's residual sum (read by its Relu too)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(prepared)
+    m.graph.node.append(onnx.helper.make_node("ReduceMean", ["/student/Add_output_0"], ["probe"], "/head/Probe",
+                                              keepdims=0))
+    m.graph.output.append(onnx.helper.make_tensor_value_info("probe", onnx.TensorProto.FLOAT, None))
+    return m
+
+
+def test_head_inputs_float_reads_features_before_their_qdq(prepared):
+    m = _with_probe(prepared)
+    feeds = calib_batches(2)
+    specs = {h: build_spec(m, PtqConfig(head_inputs=h), "cpu") for h in ("quantized", "float")}
+    ranges = minmax_ranges(m, specs["quantized"].tensors_to_calibrate(), feeds)
+    head_only = ["/teacher/teacher.4/MaxPool_output_0", "/student/pool/MaxPool_output_0"]
+    assert all(t in specs["quantized"].activations for t in head_only)
+    spec = specs["float"]
+    assert not any(t in spec.activations for t in head_only)  # read by nothing quantized: no Q/DQ
+    assert "/student/Add_output_0" in spec.activations  # the Relu still reads it quantized
+    assert spec.float_readers == {d.node for d in spec.decisions if d.node.startswith("/head/")}
+    assert "ptq.head_inputs=float" in _decision(spec, "/student/pool/MaxPool").reason
+    assert set(spec.tensors_to_calibrate()) <= set(specs["quantized"].tensors_to_calibrate())
+
+    graphs = {h: insert_qdq(m, s, ranges) for h, s in specs.items()}
+    nodes = {h: {n.name: n for n in g.graph.node} for h, g in graphs.items()}
+    assert nodes["float"]["/head/Div_1"].input[0] == "/student/pool/MaxPool_output_0"
+    assert nodes["quantized"]["/head/Div_1"].input[0] == "/student/pool/MaxPool_output_0_DequantizeLinear_Output"
+    assert nodes["float"]["/head/Probe"].input[0] == "/student/Add_output_0"
+    assert nodes["float"]["/student/Relu"].input[0] == "/student/Add_output_0_DequantizeLinear_Output"
+    assert not any(n.name.startswith("/student/pool/MaxPool_output_0") for n in graphs["float"].graph.node)
+    # numerics: the probe averages the raw sum under float, its 8-bit rounding under quantized
+    for h, g in graphs.items():
+        g.graph.output.append(onnx.helper.make_tensor_value_info("/student/Add_output_0", onnx.TensorProto.FLOAT,
+                                                                 None))
+        probe, raw = run(g, feeds[:1])[0][2:]
+        scale = next(onnx.numpy_helper.to_array(t) for t in g.graph.initializer
+                     if t.name == "/student/Add_output_0_scale")
+        zp = next(onnx.numpy_helper.to_array(t) for t in g.graph.initializer
+                  if t.name == "/student/Add_output_0_zero_point").astype(np.float32)
+        rounded = (np.clip(np.round(raw / scale) + zp, 0, 255) - zp) * scale
+        assert not np.allclose(rounded, raw, atol=1e-6)
+        expect = raw.mean() if h == "float" else rounded.mean()
+        np.testing.assert_allclose(probe, expect, rtol=1e-5, atol=1e-6)

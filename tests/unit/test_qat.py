@@ -98,12 +98,16 @@ def test_tiny_placement_equals_policy_and_matches_qdq_numerically(tiny, target):
     assert model.student.conv1.weight.grad is None and not hasattr(model.student, FQ_ATTR)  # original untouched
 
 
-@pytest.mark.parametrize(("quantize", "target"), [("both", "cpu"), ("student", "tensorrt")])
-def test_stfpm_placement_equals_policy(stfpm, quantize, target):
+@pytest.mark.parametrize(("quantize", "target", "head_inputs"),
+                         [("both", "cpu", "quantized"), ("student", "tensorrt", "quantized"), ("both", "cpu", "float")])
+def test_stfpm_placement_equals_policy(stfpm, quantize, target, head_inputs):
     model, graph, feeds, ranges = stfpm
-    spec = build_spec(graph, PtqConfig(target=target, quantize=quantize))
+    spec = build_spec(graph, PtqConfig(target=target, quantize=quantize, head_inputs=head_inputs))
     smap = build_spec_map(model, graph, spec)
     _check_placement(smap, spec)
+    if head_inputs == "float":  # features the next block also reads: fake-quantized for that block only
+        mixed = [t for t, s in smap.activations.items() if s.how == "consumers" and t.endswith("/Add_output_0")]
+        assert mixed and all(u.consumers for t in mixed for u in smap.activations[t].uses)
     assert set(smap.parts) == ({"student", "teacher"} if quantize == "both" else {"student"})
     # the tf-"same" convs' Pad is fused into the Conv by prepare: the fake-quant sits on the Pad's input,
     # which F.pad then zero-pads inside the leaf module exactly as the fused Conv does
@@ -167,11 +171,12 @@ def test_unmatched_spec_entry_fails_with_the_node_name(tiny):
         build_spec_map(model, g, build_spec(g, PtqConfig()))
 
 
-@pytest.mark.parametrize(("target", "bits", "learnable"), [("cpu", 8, True), ("tensorrt", 8, False),
-                                                          ("cpu", 4, True)])
-def test_qat_export_equals_ptq_graph(stfpm, tmp_path, target, bits, learnable):
+@pytest.mark.parametrize(("target", "bits", "learnable", "head_inputs"),
+                         [("cpu", 8, True, "quantized"), ("tensorrt", 8, False, "quantized"),
+                          ("cpu", 4, True, "quantized"), ("cpu", 4, True, "float")])
+def test_qat_export_equals_ptq_graph(stfpm, tmp_path, target, bits, learnable, head_inputs):
     model, graph, feeds, ranges = stfpm
-    cfg = PtqConfig(target=target, activation_bits=bits, weight_bits=bits)
+    cfg = PtqConfig(target=target, activation_bits=bits, weight_bits=bits, head_inputs=head_inputs)
     spec = build_spec(graph, cfg)
     ptq, ptq_report = insert_qdq_report(graph, spec, ranges[target])
     qm = prepare_qat(model, graph, spec, ranges[target], learnable=learnable)
