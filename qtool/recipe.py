@@ -192,7 +192,7 @@ class PtqConfig(Section):
     # where the float head reads the features it compares: "quantized" (the dequantized tensor the next
     # quantized layer reads; ORT can fuse the producer) or "float" (before its Q/DQ: the anomaly map sees no
     # rounding of its inputs; a producer read in float runs unfused on ONNX Runtime). README, head inputs
-    head_inputs: Literal["quantized", "float"] = "quantized"
+    head_inputs: Literal["quantized", "float"] = "float"
     strict: bool = False
     input_shape: dict[str, list[int]] = Field(default_factory=dict)  # calibration shape of dynamic inputs
     # None, or the budget of mixed precision: the most sensitive layers stay float (fp16 on TensorRT) until

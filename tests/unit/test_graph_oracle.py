@@ -72,7 +72,7 @@ def _ort_quantize(model: onnx.ModelProto, feeds, tmp: Path) -> onnx.ModelProto:
 
 def test_minmax_qdq_matches_onnxruntime_quantize_static(prepared, tmp_path):
     feeds = calib_batches(4)
-    spec = build_spec(prepared, PtqConfig(), "cpu")
+    spec = build_spec(prepared, PtqConfig(head_inputs="quantized"), "cpu")  # onnxruntime's placement
     ours = insert_qdq(prepared, spec, minmax_ranges(prepared, spec.tensors_to_calibrate(), feeds))
     theirs = _ort_quantize(prepared, feeds, tmp_path)
 

@@ -86,7 +86,7 @@ def test_student_only_keeps_teacher_and_head_float(prepared):
 
 
 def test_relu_range_feeds_conv_output_and_pool_shares_it(prepared):
-    spec = build_spec(prepared, PtqConfig(), "cpu")
+    spec = build_spec(prepared, PtqConfig(head_inputs="quantized"), "cpu")  # the pools feed only the head
     acts = spec.activations
     assert acts["/teacher/teacher.0/Conv_output_0"].range_of == "/teacher/teacher.1/Relu_output_0"
     assert acts["/teacher/teacher.4/MaxPool_output_0"].range_of == "/teacher/teacher.3/Relu_output_0"

@@ -145,10 +145,18 @@ def test_decoder_upsampling_policy_per_target(tmp_path: Path, target: str) -> No
         return
     assert all(not d.quantized and "no integer kernel in ONNX Runtime CPU" in d.reason for d in deconv)
     feeds = [{"image": np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)}]
-    ops = optimized_ops(insert_qdq(graph, spec, minmax_ranges(graph, spec.tensors_to_calibrate(), feeds)), tmp_path)
-    student_convs = [n for n in graph.graph.node if n.op_type == "Conv" and n.name.startswith("/student/")]
-    assert sum(op == "QLinearConv" and name.startswith("/student/") for op, name in ops) == len(student_convs)
-    assert not [name for op, name in ops if op in ("Conv", "FusedConv") and name.startswith("/student/")]
+    student_convs = [n.name for n in graph.graph.node if n.op_type == "Conv" and n.name.startswith("/student/")]
+    for head_inputs in ("quantized", "float"):
+        spec = build_spec(graph, PtqConfig(quantize="student", target=target, head_inputs=head_inputs))
+        ranges = minmax_ranges(graph, spec.tensors_to_calibrate(), feeds)
+        (tmp_path / head_inputs).mkdir()
+        ops = optimized_ops(insert_qdq(graph, spec, ranges), tmp_path / head_inputs)
+        integer = {name for op, name in ops if op == "QLinearConv" and name.startswith("/student/")}
+        flt = {name for op, name in ops if op in ("Conv", "FusedConv") and name.startswith("/student/")}
+        # the output convs that only the head reads run in float when it reads them unrounded
+        head_only = {d.node for d in spec.decisions if "ptq.head_inputs=float" in d.reason}
+        assert head_only == (set() if head_inputs == "quantized" else {c for c in student_convs if "/outs." in c})
+        assert flt == head_only and integer == set(student_convs) - head_only
 
 
 def test_map_blur_matches_scipy_gaussian_and_smooths_the_score() -> None:

@@ -53,7 +53,8 @@ def stfpm(tmp_path_factory):
     graph = prepare(onnx.load(str(path)))
     rng = np.random.default_rng(0)
     feeds = [{"image": rng.standard_normal((1, 3, 64, 64)).astype(np.float32)} for _ in range(2)]
-    ranges = {t: minmax_ranges(graph, build_spec(graph, PtqConfig(target=t)).tensors_to_calibrate(), feeds)
+    ranges = {t: minmax_ranges(graph, build_spec(graph, PtqConfig(target=t, head_inputs="quantized"))
+                               .tensors_to_calibrate(), feeds)  # every tensor either placement needs
               for t in ("cpu", "tensorrt")}
     return model, graph, feeds, ranges
 
