@@ -189,9 +189,9 @@ class PtqConfig(Section):
     exclude_nodes: list[str] = Field(default_factory=list)
     exclude_op_types: list[str] = Field(default_factory=list)
     quantize_head: bool = False
-    # where the float head reads the features it compares: "quantized" (the dequantized tensor the next
-    # quantized layer reads; ORT can fuse the producer) or "float" (before its Q/DQ: the anomaly map sees no
-    # rounding of its inputs; a producer read in float runs unfused on ONNX Runtime). README, head inputs
+    # where the float head reads the features it compares: "float" (before their Q/DQ: the anomaly map sees no
+    # rounding of its inputs; a producer read in float runs unfused on ONNX Runtime) or "quantized" (the
+    # dequantized tensor the next layer reads: onnxruntime's placement). README, head inputs
     head_inputs: Literal["quantized", "float"] = "float"
     strict: bool = False
     input_shape: dict[str, list[int]] = Field(default_factory=dict)  # calibration shape of dynamic inputs

@@ -39,8 +39,8 @@ from qtool.commands.train import data_options
 @click.option("--bias-correction/--no-bias-correction", "bias_correction", default=None,
               help="Shift quantized layers' biases so their output means match fp32 on the calibration images.")
 @click.option("--head-inputs", type=click.Choice(["quantized", "float"]), default=None,
-              help="Where the float head reads its features: quantized (default; as the next layer does) or float "
-                   "(before their Q/DQ; the producers run unfused on ONNX Runtime).")
+              help="Where the float head reads its features: float (default; before their Q/DQ, so the map sees "
+                   "no rounding of them) or quantized (dequantized, as the next layer does: onnxruntime's placement).")
 @click.option("--quantize", "part", type=click.Choice(["student", "teacher", "both"]), default=None,
               help="Which part of the KD model is quantized.")
 @click.option("--strict", is_flag=True, default=None, help="Unsupported ops and lint findings are errors.")

@@ -9,6 +9,7 @@ that ORT's optimizer fuses DQ -> Conv -> Q into QLinearConv, DQ -> Add -> Q into
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -295,15 +296,15 @@ def _head_reads_float(spec: QuantSpec, idx: GraphIndex) -> None:
     """
     head = {d.node for d in spec.decisions if d.part == "head" and not d.quantized}
     spec.float_readers = frozenset(head)
+    position = {d.node: i for i, d in enumerate(spec.decisions)}
     for t in [t for t, a in spec.activations.items() if not a.constant]:
         readers = idx.consumers.get(t, [])
         if readers and all(n.name in head for n, _ in readers) and t not in idx.graph_outputs:
             del spec.activations[t]
-            for d, dec in enumerate(spec.decisions):
-                if dec.node == idx.producer[t].name:
-                    spec.decisions[d] = NodeDecision(dec.node, dec.op_type, dec.part, True,
-                                                     "quantized; output read only by the float head, kept float "
-                                                     "(ptq.head_inputs=float)")
+            i = position[idx.producer[t].name]
+            spec.decisions[i] = dataclasses.replace(
+                spec.decisions[i], reason="quantized; output read only by the float head, kept float "
+                                          "(ptq.head_inputs=float)")
 
 
 def _quantize_node(

@@ -285,14 +285,17 @@ class _Mapper:
                                            f"be fake-quantized there")
                 self._relocate(site, prod, ps)
                 return site
-            # the head reads it in float (ptq.head_inputs=float): only the quantized consumers see the fake-quant
+            # the head reads it in float (ptq.head_inputs=float): every other reader sees the fake-quant
         qn = self.spec.nodes
+        produced_quantized = prod is not None and prod.name in qn
         for c, slot in self.consumers[t]:
-            if c.name not in qn or slot not in qn[c.name].inputs:
+            if not ((c.name in qn and slot in qn[c.name].inputs)
+                    or self.spec.reads_dequantized(c.name, produced_quantized)):
                 continue
             cs = self.nodes.get(c.name)
             if cs is None:
-                raise SpecMapError(f"quantized node {c.name!r} ({c.op_type}) has no counterpart in the fx graph")
+                raise SpecMapError(f"node {c.name!r} ({c.op_type}) reads {t!r} quantized and has no counterpart in "
+                                   f"the fx graph")
             value = self.vm[cs.part].get(t)
             if value is not None:
                 site.uses.append(FqUse(cs.part, value.name, (cs.node,)))

@@ -4,7 +4,7 @@ profiles' scales, weights_only checkpoints, and ``qtool qat`` end to end."""
 from __future__ import annotations
 
 import json
-from collections import Counter
+from collections import Counter, defaultdict
 
 import numpy as np
 import onnx
@@ -315,3 +315,25 @@ def test_cli_qat_end_to_end_and_init_from_ptq(tmp_path_factory, tmp_path):
     bad = CliRunner().invoke(main, [*common, "--target", "cpu", "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: ")
     assert "tensorrt" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_float_head_leaves_other_float_readers_fake_quantized(stfpm):
+    """A feature the head reads in float and a float (excluded) conv reads dequantized: QAT rounds it for the conv."""
+    model, graph, feeds, ranges = stfpm
+    readers = defaultdict(list)
+    for n in graph.graph.node:
+        for x in n.input:
+            readers[x].append(n)
+    t, conv = next((t, c) for t, cs in readers.items() if any(c.name.startswith("/head/") for c in cs)
+                   for c in cs if c.op_type == "Conv")
+    spec = build_spec(graph, PtqConfig(exclude_nodes=[conv.name]))
+    assert conv.name not in spec.nodes and t in spec.activations
+    smap = build_spec_map(model, graph, spec)
+    (use,) = smap.activations[t].uses
+    assert use.consumers and len(use.consumers) == 1  # the excluded conv only, not the head
+    qm = prepare_qat(model, graph, spec, ranges["cpu"])
+    qdq, _ = insert_qdq_report(graph, spec, ranges["cpu"])
+    ref, flt = run(qdq, feeds[:1])[0][0], run(graph, feeds[:1])[0][0]
+    with torch.no_grad():
+        out = qm.model.eval()(torch.from_numpy(feeds[0]["image"]))[0].numpy()
+    assert np.abs(out - ref).mean() < 0.02 * np.abs(flt - ref).mean()
