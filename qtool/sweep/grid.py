@@ -18,7 +18,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from qtool.errors import RecipeError
-from qtool.recipe import SWEEP_AXES, ModelConfig, Recipe, SweepCellFilter, SweepModelConfig
+from qtool.recipe import ModelConfig, Recipe
+from qtool.recipe_sweep import SWEEP_AXES, SweepCellFilter, SweepModelConfig
 from qtool.registry import Registry
 from qtool.sweep.precisions import PRECISIONS
 
