@@ -5,11 +5,11 @@ ONNX nodes are matched to fx nodes by the module path in their name (the exporte
 type; nodes of one scope are told apart by which already-matched tensors they read (graph position),
 then by program order. An ONNX node inside a leaf module call (the Pad of timm's Conv2dSame) is
 "internal" to that leaf. Each spec activation then gets its fake-quant uses with the same semantics as
-``insert_qdq``: after a quantized producer every reader sees the fake-quantized tensor (unless the
-spec's float readers, the head with ``ptq.head_inputs=float``, read it); otherwise only the quantized
-consumers do. A fake-quant that would sit inside a leaf, after an exactly commuting op (zero Pad,
-MaxPool, reshapes), moves in front of it, which gives the same numbers. Anything that
-cannot be placed raises :class:`SpecMapError` naming the ONNX node or tensor.
+``insert_qdq``: after a quantized producer every reader but the spec's float readers (the head, with
+``ptq.head_inputs=float``) sees the fake-quantized tensor; otherwise only the quantized consumers do. A
+fake-quant that would sit inside a leaf, after an exactly commuting op (zero Pad, MaxPool, reshapes),
+moves in front of it, which gives the same numbers. Anything that cannot be placed raises
+:class:`SpecMapError` naming the ONNX node or tensor.
 """
 
 from __future__ import annotations
@@ -272,11 +272,6 @@ class _Mapper:
             ps = self.nodes.get(prod.name)
             if ps is None:
                 raise SpecMapError(f"quantized node {prod.name!r} ({prod.op_type}) has no counterpart in the fx graph")
-            float_read = any(c.name in self.spec.float_readers for c, _ in self.consumers[t])
-            if not ps.internal and not float_read:
-                site.uses.append(FqUse(ps.part, self.vm[ps.part][t].name, None))
-                site.how = "output"
-                return site
             if ps.internal:
                 for c, _ in self.consumers[t]:
                     cs = self.nodes.get(c.name)
@@ -284,6 +279,10 @@ class _Mapper:
                         raise SpecMapError(f"tensor {t!r} leaves the leaf module call of {prod.name!r} and cannot "
                                            f"be fake-quantized there")
                 self._relocate(site, prod, ps)
+                return site
+            if not any(c.name in self.spec.float_readers for c, _ in self.consumers[t]):
+                site.uses.append(FqUse(ps.part, self.vm[ps.part][t].name, None))
+                site.how = "output"
                 return site
             # the head reads it in float (ptq.head_inputs=float): every other reader sees the fake-quant
         qn = self.spec.nodes
@@ -294,8 +293,7 @@ class _Mapper:
                 continue
             cs = self.nodes.get(c.name)
             if cs is None:
-                raise SpecMapError(f"node {c.name!r} ({c.op_type}) reads {t!r} quantized and has no counterpart in "
-                                   f"the fx graph")
+                raise SpecMapError(f"node {c.name!r} ({c.op_type}) reads {t!r} quantized and is not in the fx graph")
             value = self.vm[cs.part].get(t)
             if value is not None:
                 site.uses.append(FqUse(cs.part, value.name, (cs.node,)))
