@@ -17,6 +17,7 @@ import onnx
 
 from calibrators import Calibrator, TensorRange
 from qtool.errors import CalibrationError
+from qtool.graph.policy import QuantSpec
 from qtool.graph.probe import add_outputs, chunks, probe_session
 
 log = logging.getLogger(__name__)
@@ -92,3 +93,25 @@ def calibrate(model: onnx.ModelProto, tensors: list[str], batches: Iterable[np.n
         seen += feed(search_batches, "search")
     log.info("calibrated %d tensors on %d images", len(names), seen)
     return calibrator.compute()
+
+
+def input_ranges(spec: QuantSpec, batches: Callable[[], Iterable[np.ndarray]],
+                 calibrator_at: Callable[[int], Calibrator]) -> dict[str, TensorRange]:
+    """Ranges of the graph input when ``spec`` quantizes it at another width than the activations (``ptq.input_bits``).
+
+    A fresh calibrator at that width (``calibrator_at(bits)``) observes the input batches themselves (the graph's
+    one input), so the input's range is what that calibrator chooses for the width it is quantized to; every other
+    tensor keeps the range chosen at the activation width. Empty when the input has the activations' width.
+    """
+    names: dict[int, list[str]] = {}
+    for t, a in spec.activations.items():
+        if a.range_of == t and not a.constant and a.params.bits != spec.activation_bits:
+            names.setdefault(a.params.bits, []).append(t)
+    out: dict[str, TensorRange] = {}
+    for bits, tensors in names.items():
+        calibrator = calibrator_at(bits)
+        for batch in batches():
+            for t in tensors:
+                calibrator.observe(t, batch)
+        out.update({t: r for t, r in calibrator.compute().items() if t in tensors})
+    return out

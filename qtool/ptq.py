@@ -22,7 +22,7 @@ from qtool.artifacts import write_json, write_manifest
 from qtool.bias_correction import BiasCorrector
 from qtool.calib_data import CalibrationSet, calibration_draws, calibration_set, normal_pool
 from qtool.calib_draws import Draw, choose_draw
-from qtool.calibrate import calibrate
+from qtool.calibrate import calibrate, input_ranges
 from qtool.data import ImageTransform, iter_batches, load_splits
 from qtool.errors import GraphError
 from qtool.evaluate import OnnxPredictor
@@ -110,9 +110,8 @@ def run_ptq(model_path: Path, recipe: Recipe, out_dir: Path, dry_run: bool = Fal
     for w in warnings:
         log.warning(w)
 
-    def new_calibrator() -> Any:
-        return get_calibrator(cfg.calib, symmetric=profile.activation_symmetric, num_bits=cfg.activation_bits,
-                              **cfg.calib_options)
+    def new_calibrator(bits: int = cfg.activation_bits) -> Any:
+        return get_calibrator(cfg.calib, symmetric=profile.activation_symmetric, num_bits=bits, **cfg.calib_options)
 
     calibrator = new_calibrator()
     with timer.stage("load"):
@@ -142,6 +141,7 @@ def run_ptq(model_path: Path, recipe: Recipe, out_dir: Path, dry_run: bool = Fal
         ranges = calibrate(prepared, spec.tensors_to_calibrate(), calib.batches(), calibrator,
                            threads=recipe.eval.threads, group=cfg.calib_data.batch_size, progress=progress,
                            search_batches=search_batches_for(search, calibrator, cfg.calib_data.batch_size))
+        ranges.update(input_ranges(spec, calib.batches, new_calibrator))  # ptq.input_bits: at its own width
         corrector = (BiasCorrector(prepared, spec, calib.batches, recipe.eval.threads, cfg.bias_correction_max_mb)
                      if cfg.bias_correction else None)
         return Draw(calib, calibrator, ranges, corrector)

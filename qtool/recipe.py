@@ -164,6 +164,8 @@ class PtqConfig(Section):
     target: str = "cpu"
     activation_bits: int = 8
     weight_bits: int = 8
+    # the graph input's width (the image's Q/DQ); null: activation_bits. README, input width
+    input_bits: int | None = None
     # how each weight's float range is chosen (qtool.graph.weight_ranges): "minmax" (onnxruntime's), "mse"
     weight_range: str = "minmax"
     # how weights are rounded onto that grid (qtool.weight_rounding): "nearest" (each on its own, onnxruntime's)
@@ -204,10 +206,10 @@ class PtqConfig(Section):
     mixed_precision_rank: str = "sensitivity"
     search: SearchConfig = Field(default_factory=SearchConfig)
 
-    @field_validator("activation_bits", "weight_bits")
+    @field_validator("activation_bits", "weight_bits", "input_bits")
     @classmethod
-    def _bits(cls, v: int) -> int:
-        if v not in (4, 6, 8):
+    def _bits(cls, v: int | None) -> int | None:
+        if v is not None and v not in (4, 6, 8):
             raise ValueError(f"bit width {v} not supported; allowed: 4, 6, 8")
         return v
 

@@ -33,6 +33,8 @@ from qtool.commands.train import data_options
                    "quantized graph distorts the anomaly map least on the search set.")
 @click.option("--target", default=None, help="Target profile: cpu or tensorrt.")
 @click.option("--bits", type=int, default=None, help="Bit width of weights and activations (8, 6, 4).")
+@click.option("--input-bits", type=int, default=None,
+              help="Bit width of the graph input, the image (default: --bits); e.g. 8 with --bits 4.")
 @click.option("--weight-range", default=None, help="Weight range rule: minmax (default) or mse (per-channel clip).")
 @click.option("--weight-rounding", default=None, metavar="NAME",
               help="Weight rounding: nearest (default) or gptq (Conv weights rounded to keep each layer's output).")
@@ -54,7 +56,8 @@ from qtool.commands.train import data_options
 def ptq_cmd(model_path: str, calib: str | None, mixed_precision: float | None, mp_criterion: str | None,
             mp_rank: str | None,
             calib_source: str | None, num_calib: int | None, calib_draws: int | None,
-            target: str | None, bits: int | None, weight_range: str | None, weight_rounding: str | None,
+            target: str | None, bits: int | None, input_bits: int | None, weight_range: str | None,
+            weight_rounding: str | None,
             bias_correction: bool | None, head_inputs: str | None, part: str | None, strict: bool | None,
             input_shapes: tuple[str, ...], out: str | None,
             dry_run: bool, data_root: str | None, data_format: str | None, recipe: str | None,
@@ -69,7 +72,8 @@ def ptq_cmd(model_path: str, calib: str | None, mixed_precision: float | None, m
         "data.root": data_root, "data.format": data_format, "ptq.calib": calib,
         "ptq.calib_data.source": calib_source, "ptq.calib_data.num_samples": num_calib,
         "ptq.calib_data.draws": calib_draws, "ptq.target": target,
-        "ptq.activation_bits": bits, "ptq.weight_bits": bits, "ptq.weight_range": weight_range,
+        "ptq.activation_bits": bits, "ptq.weight_bits": bits, "ptq.input_bits": input_bits,
+        "ptq.weight_range": weight_range,
         "ptq.weight_rounding": weight_rounding,
         "ptq.bias_correction": bias_correction, "ptq.head_inputs": head_inputs,
         "ptq.quantize": part, "ptq.strict": strict,

@@ -283,6 +283,11 @@ def build_spec(model: onnx.ModelProto, cfg: PtqConfig, profile: str | TargetProf
             seen.add(a.range_of)
             a.range_of = spec.activations[a.range_of].range_of
     _report_unsupported(unsupported, cfg.strict)
+    if cfg.input_bits is not None and cfg.input_bits != cfg.activation_bits:
+        wide = prof.activation(cfg.input_bits)
+        for a in spec.activations.values():
+            if a.range_of in idx.graph_inputs:
+                a.params = wide
     if cfg.head_inputs == "float":
         _head_reads_float(spec, idx)
     return spec

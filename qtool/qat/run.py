@@ -77,18 +77,22 @@ def _initial_ranges(recipe: Recipe, prepared: Any, spec: Any, splits: Any, trans
             "init_from": cfg.init_from}
     from calibrators import WeightRange, get_calibrator
     from qtool.calib_data import calibration_set
-    from qtool.calibrate import calibrate
+    from qtool.calibrate import calibrate, input_ranges
     from qtool.ptq_search import search_batches_for
     from qtool.search import Harness, build_search_set
 
-    calibrator = get_calibrator(ptq.calib, symmetric=spec.profile.activation_symmetric,
-                                num_bits=ptq.activation_bits, **ptq.calib_options)
+    def calibrator_at(bits: int) -> Any:
+        return get_calibrator(ptq.calib, symmetric=spec.profile.activation_symmetric, num_bits=bits,
+                              **ptq.calib_options)
+
+    calibrator = calibrator_at(ptq.activation_bits)
     calib = calibration_set(splits, transform, ptq.calib_data)
     search = build_search_set(splits, transform, ptq.search) if calibrator.needs_graph else None
     found = calibrate(prepared, spec.tensors_to_calibrate(),
                       calib.batches(), calibrator, threads=recipe.eval.threads, group=ptq.calib_data.batch_size,
                       progress=progress,
                       search_batches=search_batches_for(search, calibrator, ptq.calib_data.batch_size))
+    found.update(input_ranges(spec, calib.batches, calibrator_at))
     if search is not None:  # a graph-searching calibrator (map-aware) refines on the same spec
         found = calibrator.refine(found, Harness(prepared, spec, search, recipe.eval.threads).context())
     initial = {t: r if isinstance(r, WeightRange) else (float(r.lo), float(r.hi)) for t, r in found.items()}
