@@ -538,3 +538,16 @@ def test_head_inputs_flag_drops_the_qdq_only_the_head_reads(kd, tmp_path):
     assert runs["float"]["plan"]["head_reads_float"] and all(
         n.startswith("/head/") for n in runs["float"]["plan"]["head_reads_float"])
     assert set(f["tensors"]) < set(q["tensors"]) and f["q_nodes"] < q["q_nodes"]
+
+
+def test_input_bits_flag_widens_the_image_only_and_a_bad_width_is_one_line(kd, tmp_path):
+    out = tmp_path / "in8"
+    ok(invoke("ptq", "--model", kd.onnx, "--recipe", kd.recipe_file, "--out", out, "--calib", "mse",
+              "--bits", "4", "--input-bits", "8"))
+    tensors = json.loads((out / "report.json").read_text())["quantization"]["tensors"]
+    image = onnx.load(str(kd.onnx)).graph.input[0].name
+    assert tensors[image]["bits"] == 8 and {t["bits"] for n, t in tensors.items() if n != image} == {4}
+    assert load_recipe(out / "recipe.yaml").ptq.input_bits == 8
+    bad = tmp_path / "bad"
+    clean_error(invoke("ptq", "--model", kd.onnx, "--recipe", kd.recipe_file, "--out", bad, "--input-bits", "5"),
+                "ptq.input_bits", "bit width 5 not supported", out=bad)

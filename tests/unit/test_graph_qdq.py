@@ -146,3 +146,35 @@ def test_host_warning_names_the_reduced_range_profile():
     assert host_warning(cpu, {"avx2": True, "avx512_vnni": True}, "x86_64") is None
     assert host_warning(cpu, {}, "aarch64") is None
     assert host_warning(avx2, {"avx2": True}, "x86_64") is None
+
+
+def test_input_bits_widens_only_the_graph_input(prepared, ranges):
+    q, wide = _qdq(prepared, ranges, "cpu", activation_bits=4, weight_bits=4, input_bits=8)
+    _, narrow = _qdq(prepared, ranges, "cpu", activation_bits=4, weight_bits=4)
+    assert wide["tensors"]["input"]["bits"] == 8 and narrow["tensors"]["input"]["bits"] == 4
+    np.testing.assert_allclose(narrow["tensors"]["input"]["scale"] / wide["tensors"]["input"]["scale"], 255 / 15,
+                               rtol=1e-5)
+    rest = [t for t in narrow["tensors"] if t != "input"]
+    assert rest and all(wide["tensors"][t] == narrow["tensors"][t] for t in rest)
+    assert wide["clip_nodes"] == narrow["clip_nodes"] - 1  # no 4-bit saturation on the input
+    assert np.isfinite(run(q, calib_batches(1))[0][0]).all()
+
+
+def test_input_ranges_come_from_a_calibrator_at_the_input_width(prepared):
+    from calibrators import get_calibrator
+
+    from qtool.calibrate import input_ranges
+
+    batches = calib_batches(3)
+    spec = build_spec(prepared, PtqConfig(activation_bits=4, weight_bits=4, input_bits=8), "cpu")
+    got = input_ranges(spec, lambda: (b["input"] for b in batches), lambda bits: get_calibrator("mse", num_bits=bits))
+    assert set(got) == {"input"}
+    ref = {}
+    for bits in (8, 4):
+        c = get_calibrator("mse", num_bits=bits)
+        for b in batches:
+            c.observe("input", b["input"])
+        ref[bits] = c.compute()["input"]
+    assert (got["input"].lo, got["input"].hi) == (ref[8].lo, ref[8].hi) != (ref[4].lo, ref[4].hi)
+    same = build_spec(prepared, PtqConfig(activation_bits=4, weight_bits=4), "cpu")
+    assert input_ranges(same, lambda: (b["input"] for b in batches), lambda bits: get_calibrator("mse")) == {}
