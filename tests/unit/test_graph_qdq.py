@@ -162,7 +162,6 @@ def test_input_bits_widens_only_the_graph_input(prepared, ranges):
 
 def test_input_ranges_come_from_a_calibrator_at_the_input_width(prepared):
     from calibrators import get_calibrator
-
     from qtool.calibrate import input_ranges
 
     batches = calib_batches(3)
