@@ -15,12 +15,23 @@ from typing import Any
 import numpy as np
 import onnx
 
-from calibrators import Calibrator, TensorRange
+from calibrators import Calibrator, TensorRange, get_calibrator
 from qtool.errors import CalibrationError
 from qtool.graph.policy import QuantSpec
 from qtool.graph.probe import add_outputs, chunks, probe_session
+from qtool.graph.profiles import TargetProfile
+from qtool.recipe import PtqConfig
 
 log = logging.getLogger(__name__)
+
+
+def recipe_calibrator(cfg: PtqConfig, profile: TargetProfile, bits: int | None = None) -> Calibrator:
+    """A fresh calibrator as ``cfg`` (the recipe's ptq section) names it, for ``profile``'s activations at ``bits``.
+
+    ``bits`` defaults to ``cfg.activation_bits``; PTQ and QAT's initial ranges both build theirs here.
+    """
+    return get_calibrator(cfg.calib, symmetric=profile.activation_symmetric,
+                          num_bits=cfg.activation_bits if bits is None else bits, **cfg.calib_options)
 
 
 def probe_outputs(sess: Any, names: list[str], batch: np.ndarray) -> Iterator[list[np.ndarray]]:

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from qtool.artifacts import write_json, write_manifest
 from qtool.bias_correction import BiasCorrector
 from qtool.calib_data import CalibrationSet, calibration_draws, calibration_set, normal_pool
 from qtool.calib_draws import Draw, choose_draw
-from qtool.calibrate import calibrate, input_ranges
+from qtool.calibrate import calibrate, input_ranges, recipe_calibrator
 from qtool.data import ImageTransform, iter_batches, load_splits
 from qtool.errors import GraphError
 from qtool.evaluate import OnnxPredictor
@@ -100,8 +101,6 @@ def run_ptq(model_path: Path, recipe: Recipe, out_dir: Path, dry_run: bool = Fal
     Raises:
         GraphError, CalibrationError, DataError, RegistryError: with one-line messages.
     """
-    from calibrators import get_calibrator
-
     cfg = recipe.ptq
     out_dir = Path(out_dir)
     timer = StageTimer()
@@ -110,9 +109,7 @@ def run_ptq(model_path: Path, recipe: Recipe, out_dir: Path, dry_run: bool = Fal
     for w in warnings:
         log.warning(w)
 
-    def new_calibrator(bits: int = cfg.activation_bits) -> Any:
-        return get_calibrator(cfg.calib, symmetric=profile.activation_symmetric, num_bits=bits, **cfg.calib_options)
-
+    new_calibrator = partial(recipe_calibrator, cfg, profile)  # a fresh one per draw; bits for ptq.input_bits
     calibrator = new_calibrator()
     with timer.stage("load"):
         if not dry_run:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -75,17 +76,14 @@ def _initial_ranges(recipe: Recipe, prepared: Any, spec: Any, splits: Any, trans
     if cfg.init_from:
         return ranges_from_report(Path(cfg.init_from), spec.profile.name, ptq.activation_bits), {
             "init_from": cfg.init_from}
-    from calibrators import WeightRange, get_calibrator
+    from calibrators import WeightRange
     from qtool.calib_data import calibration_set
-    from qtool.calibrate import calibrate, input_ranges
+    from qtool.calibrate import calibrate, input_ranges, recipe_calibrator
     from qtool.ptq_search import search_batches_for
     from qtool.search import Harness, build_search_set
 
-    def calibrator_at(bits: int) -> Any:
-        return get_calibrator(ptq.calib, symmetric=spec.profile.activation_symmetric, num_bits=bits,
-                              **ptq.calib_options)
-
-    calibrator = calibrator_at(ptq.activation_bits)
+    calibrator_at = partial(recipe_calibrator, ptq, spec.profile)
+    calibrator = calibrator_at()
     calib = calibration_set(splits, transform, ptq.calib_data)
     search = build_search_set(splits, transform, ptq.search) if calibrator.needs_graph else None
     found = calibrate(prepared, spec.tensors_to_calibrate(),
