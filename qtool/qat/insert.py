@@ -25,7 +25,8 @@ from torch.nn.utils import parametrize
 from qtool.graph.insert_qdq import bounds_of
 from qtool.graph.policy import QuantSpec
 from qtool.qat.fakequant import ActFakeQuant, WeightFakeQuant
-from qtool.qat.spec_map import SpecMap, build_spec_map
+from qtool.qat.sites import SpecMap
+from qtool.qat.spec_map import build_spec_map
 from qtool.qat.trace import QatError, SpecMapError
 
 log = logging.getLogger(__name__)

@@ -17,15 +17,14 @@ from __future__ import annotations
 import logging
 import operator
 from collections import defaultdict
-from dataclasses import dataclass, field
 from typing import Any
 
 import onnx
 from torch import fx, nn
 
 from qtool.graph.policy import QuantSpec
-from qtool.graph.profiles import QuantParams
 from qtool.qat.fold import fold_batchnorm
+from qtool.qat.sites import ActivationSite, FqUse, FxSite, SpecMap, WeightSite
 from qtool.qat.trace import (
     QatError,
     SpecMapError,
@@ -44,75 +43,6 @@ log = logging.getLogger(__name__)
 # ops a fake-quant commutes with exactly (monotone or data-moving, zero preserved)
 EXACT_PASS = frozenset({"Pad", "MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
 WEIGHT_OPS = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2, "MatMul": None}  # op -> bias slot
-
-
-@dataclass(frozen=True)
-class FxSite:
-    """Where an ONNX node lives: part, fx node name, and whether it is one op inside that leaf call."""
-
-    part: str
-    node: str
-    internal: bool = False
-
-
-@dataclass(frozen=True)
-class FqUse:
-    """One fake-quant application: the fx node carrying the tensor, and who reads the fake-quantized value.
-
-    ``consumers`` None: every reader (the producer is quantized); else those fx nodes only.
-    """
-
-    part: str
-    value: str
-    consumers: tuple[str, ...] | None
-
-
-@dataclass
-class ActivationSite:
-    """A spec activation: its range owner, params, and its fake-quant uses in the fx graphs."""
-
-    tensor: str
-    owner: str
-    params: QuantParams
-    uses: list[FqUse] = field(default_factory=list)
-    how: str = ""
-
-
-@dataclass(frozen=True)
-class WeightSite:
-    """A weighted ONNX node's initializer and the torch module holding it (params None: kept float)."""
-
-    tensor: str
-    node: str
-    part: str
-    module: str
-    params: QuantParams | None
-    axis: int
-    transpose: bool
-    bias: str | None
-
-
-@dataclass
-class SpecMap:
-    """The spec placed on fx: traced parts, node sites, activation and weight sites."""
-
-    spec: QuantSpec
-    input_name: str
-    parts: dict[str, fx.GraphModule]
-    nodes: dict[str, FxSite]
-    activations: dict[str, ActivationSite]
-    weights: dict[str, WeightSite]
-    extras: dict[str, tuple[str, str]] = field(default_factory=dict)
-
-    def summary(self) -> dict[str, Any]:
-        """Counts for the run report."""
-        how: dict[str, int] = defaultdict(int)
-        for a in self.activations.values():
-            how[a.how] += 1
-        return {"parts": sorted(self.parts), "matched_nodes": len(self.nodes),
-                "activations": len(self.activations), "placement": dict(how),
-                "quantized_weights": sum(w.params is not None for w in self.weights.values()),
-                "float_weights": sum(w.params is None for w in self.weights.values())}
 
 
 class _RootLinks(fx.Tracer):
