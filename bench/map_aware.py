@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import sys
 import time
@@ -111,11 +112,12 @@ def parse_variant(text: str) -> tuple[str, str, list[str]]:
     """``LABEL=CALIB:KEY=VALUE,KEY=VALUE`` -> (label, calibrator, recipe overrides).
 
     A variant is a calibrator with options, run as its own column (cell folders ``LABEL-SOURCE-Nbit``). A
-    KEY is a ``ptq.calib_options`` key, or a recipe path starting ``ptq.`` (``ptq.weight_range=mse``).
+    KEY is a ``ptq.calib_options`` key, or a recipe path starting ``ptq.`` (``ptq.weight_range=mse``); a VALUE
+    may be a YAML list (``ptq.search.check_kinds=[crack,hole,stain]``).
     """
     label, _, rest = text.partition("=")
     calib, _, opts = rest.partition(":")
-    pairs = [o for o in opts.split(",") if o]
+    pairs = [o for o in re.split(r",(?![^\[]*\])", opts) if o]  # a comma inside [..] is a YAML list's
     if (not label or not calib or label in CALIBRATORS or "/" in label
             or any("=" not in o or o.startswith("=") for o in pairs)):
         raise argparse.ArgumentTypeError(f"--variant {text!r}: expected LABEL=CALIB:KEY=VALUE[,KEY=VALUE], "

@@ -84,6 +84,14 @@ class MapAwareCalibrator(Calibrator):
     holds every share computed. With ``guard`` ("separation") the ``separation`` objective must also prefer the
     departure to the prior on the same images. The descent's single moves are not gated (nor recorded).
 
+    Confirmation (``confirm``, off; needs a check set, ``ptq.search.check_normals`` > 0, best of other anomaly
+    kinds, ``ptq.search.check_kinds``): every departure the search set accepted (the base rule over ``initial``,
+    the weight base over the spec's weight range, the descent over its base, after the final check, which then
+    runs on the search set) is judged again on the check set, the prior and the departure scored there the same
+    way (the descent as saved), and kept only if there too the gate is convinced and the objective picks it (the
+    descent: the final check's test); otherwise the prior stays. It only vetoes; its graph runs are outside
+    ``max_graphs`` (``confirm`` in the summary: every comparison and its verdict).
+
     So the result never distorts more than the base and, under ``separation``, never separates the
     search set worse than the best whole rule (under ``anchored``, than ``initial``); with bias correction
     on and ``final_check``, the result as saved is also never worse than the base as saved. Ties keep the
@@ -102,13 +110,14 @@ class MapAwareCalibrator(Calibrator):
     ``time_budget_s`` (300), ``tail_quantile`` (0.99: fp32 map values above this quantile on normals count as
     tail), ``rank_weight`` (1.0: weight of flipped pairs in the distortion), ``corrected_scan`` (False: rules
     scored as quantized, without bias correction; see above), ``final_check`` (True; see above), ``evidence``
-    (0.95: see above; 0 turns the gate off), ``guard`` ("separation"; "none" turns it off: see above).
+    (0.95: see above; 0 turns the gate off), ``guard`` ("separation"; "none" turns it off: see above), ``confirm``
+    (False: see above).
     """
 
     OPTIONS = {"num_bins": 2048, "percentiles": [99.9, 99.99, 99.999], "initial": "mse",
                "objective": "distortion", "search_candidates": True, "search_weights": True, "max_graphs": None,
                "time_budget_s": 300.0, "tail_quantile": 0.99, "rank_weight": 1.0, "corrected_scan": False,
-               "final_check": True, "evidence": 0.95, "guard": "separation"}
+               "final_check": True, "evidence": 0.95, "guard": "separation", "confirm": False}
     needs_graph = True
 
     def __init__(self, **options: Any) -> None:
@@ -131,6 +140,8 @@ class MapAwareCalibrator(Calibrator):
             raise self._option_error("rank_weight", "a number >= 0")
         for option, expected in EvidenceGate.problems(o["evidence"], o["guard"]):
             raise self._option_error(option, expected)
+        if not isinstance(o["confirm"], bool):
+            raise self._option_error("confirm", "true or false")
         if o["objective"] not in OBJECTIVES.names():
             raise self._option_error("objective", "one of " + ", ".join(OBJECTIVES.names()))
         self.objective = OBJECTIVES.get(o["objective"])
@@ -248,10 +259,17 @@ class MapAwareCalibrator(Calibrator):
         corrected = bool(self.options["corrected_scan"])
         if corrected and context.correct is None:
             raise CalibrationError("map-aware: corrected_scan needs bias correction on (ptq.bias_correction: true)")
+        confirm, check_set = bool(self.options["confirm"]), context.check
+        if confirm and check_set is None:
+            raise CalibrationError("map-aware: confirm needs a check set (set ptq.search.check_normals > 0)")
+        check_loss = None if check_set is None else MapDistortion(
+            *check_set.reference, check_set.masks, check_set.labels, self.options["tail_quantile"],
+            self.options["rank_weight"])
         t0 = time.monotonic()
         budget, max_graphs = self.options["time_budget_s"], self.options["max_graphs"]
-        runs, corrections, stop = 0, 0, None
+        runs, corrections, stop, confirm_runs = 0, 0, None, 0
         gate = EvidenceGate(self.options["evidence"], self.options["guard"])
+        confirmations: dict[str, dict[str, Any]] = {}
 
         def spent() -> bool:
             """Whether a budget is spent; ``stop``: the first that cut the search (``graphs`` or ``time``)."""
@@ -262,10 +280,17 @@ class MapAwareCalibrator(Calibrator):
             return now is not None
 
         def score(assignment: dict[str, TensorRange], biases: Any = None, on: SearchContext = context,
-                  against: MapDistortion = loss, judged: bool = True) -> Scores:
-            """``assignment``'s scores on ``on``'s images (the search set's unless the final check's set)."""
-            nonlocal runs
-            runs += 1
+                  against: MapDistortion = loss, judged: bool = True, counted: bool = True) -> Scores:
+            """``assignment``'s scores on ``on``'s images (the search set's unless a check's set).
+
+            ``counted``: the run counts against ``max_graphs`` (a confirmation's runs do not, so confirming
+            leaves the descent's budget as it was).
+            """
+            nonlocal runs, confirm_runs
+            if counted:
+                runs += 1
+            else:
+                confirm_runs += 1
             maps, scores = on.run(on.build(assignment, None, biases))
             parts = against.parts(maps, scores)
             out = against.summary(parts)
@@ -287,6 +312,36 @@ class MapAwareCalibrator(Calibrator):
             """A whole rule's scores, and the corrected biases it was scored with (``corrected_scan``; else None)."""
             return as_saved(assignment) if corrected else (score(assignment), None)
 
+        def confirmed(prior: tuple[dict[str, TensorRange], Any], new: tuple[dict[str, TensorRange], Any],
+                      label: str, descent: bool = False) -> bool:
+            """Whether a departure the search set accepted (``new``: ranges, biases) beats ``prior`` on the check set.
+
+            Both are scored there with the biases given; the departure must convince the gate on the check
+            images and be the objective's pick of the two (a ``descent``: distort no more and, under the
+            objective, separate no worse, as in the final check). True when confirm is off.
+            """
+            if not confirm:
+                return True
+            p = score(*prior, check_set, check_loss, counted=False)
+            n = score(*new, check_set, check_loss, counted=False)
+            better = (objective.keeps(n, p) and n["loss"] <= p["loss"] if descent else
+                      objective.choose({"prior": p, "new": n}) == "new")
+            ok = gate.convinced(p, n, f"{label} on the check set") and better
+            confirmations[label] = {"prior": p, "new": n, "passed": ok}
+            return ok
+
+        def saved_biases(assignment: dict[str, TensorRange]) -> Any:
+            """The biases the pipeline saves ``assignment`` with: corrected for its ranges (None without correction)."""
+            nonlocal corrections
+            if context.correct is None:
+                return None
+            corrections += 1
+            return context.correct(assignment)
+
+        def at_rule(tensors: list[str], rule: str, onto: dict[str, TensorRange]) -> dict[str, TensorRange]:
+            """``onto`` with each of ``tensors`` at ``rule``'s candidate."""
+            return {**onto, **{t: self.candidates[t][self._index_of(t, rule)][1] for t in tensors}}
+
         names = [t for t in context.tensors if t in self.candidates]
         rule_scores: dict[str, Scores] = {}
         rule_biases: dict[str, Any] = {}
@@ -300,6 +355,10 @@ class MapAwareCalibrator(Calibrator):
             rule_scores[rule], rule_biases[rule] = seen[key]
         initial = self.options["initial"]
         base = objective.choose(gate.eligible(rule_scores, initial, "rule")) if rule_scores else initial
+        if base != initial and not confirmed((at_rule(names, initial, ranges), rule_biases[initial]),
+                                             (at_rule(names, base, ranges), rule_biases[base]),
+                                             f"rule {base} vs {initial}"):
+            base = initial
         index = {n: self._index_of(n, base) for n in names}
         current = {**ranges, **{n: self.candidates[n][index[n]][1] for n in names}}
         best, biases = rule_scores.get(base), rule_biases.get(base)
@@ -313,9 +372,14 @@ class MapAwareCalibrator(Calibrator):
             for rule in self.weight_rules[1:] if objective.scans else []:
                 if spent():
                     break
-                weight_scores[rule], weight_biases[rule] = judge(
-                    {**current, **{w: self.candidates[w][self._index_of(w, rule)][1] for w in weights}})
-            weight_base = objective.choose(gate.eligible(weight_scores, weight_base, "weight rule"))
+                weight_scores[rule], weight_biases[rule] = judge(at_rule(weights, rule, current))
+            spec_rule = weight_base
+            weight_base = objective.choose(gate.eligible(weight_scores, spec_rule, "weight rule"))
+            if weight_base != spec_rule and not confirmed(
+                    (at_rule(weights, spec_rule, current), weight_biases[spec_rule]),
+                    (at_rule(weights, weight_base, current), weight_biases[weight_base]),
+                    f"weight rule {weight_base} vs {spec_rule}"):
+                weight_base = spec_rule
             best, biases = weight_scores[weight_base], weight_biases[weight_base]
         for w in weights:
             index[w] = self._index_of(w, weight_base)
@@ -355,27 +419,33 @@ class MapAwareCalibrator(Calibrator):
             if context.progress:
                 context.progress(1)
         search_runs, check = runs, None
+        base_ranges = {**current, **{n: self.candidates[n][i][1] for n, i in start.items()}}
+        keep = True
         if changed and context.correct is not None and self.options["final_check"]:
             # the descent judged its moves on graphs whose biases are not the ones the pipeline saves: compare the
-            # result with the base as both will be saved (each with biases corrected for its own ranges)
-            # on the check set when there is one: the descent was chosen on the search set, so it looks better there
-            base_ranges = {**current, **{n: self.candidates[n][i][1] for n, i in start.items()}}
-            on = context.check or context
-            against = loss if context.check is None else MapDistortion(
-                *on.reference, on.masks, on.labels, self.options["tail_quantile"], self.options["rank_weight"])
-            base_saved = (start_scores if corrected and context.check is None else
-                          as_saved(base_ranges, on, against)[0])
+            # result with the base as both will be saved (each with biases corrected for its own ranges), on the
+            # check set when there is one and confirm is off (with confirm the check set confirms it below)
+            on = check_set if check_set is not None and not confirm else context
+            against = loss if on is context else check_loss
+            base_saved = start_scores if corrected and on is context else as_saved(base_ranges, on, against)[0]
             result_saved, _ = as_saved(current, on, against)
             keep = (objective.keeps(result_saved, base_saved) and result_saved["loss"] <= base_saved["loss"]
                     and gate.convinced(base_saved, result_saved, "descent vs base"))
-            check = {"set": "search" if context.check is None else "check", "images": len(on.images),
+            check = {"set": "search" if on is context else "check", "images": len(on.images),
                      "base": base_saved, "result": result_saved, "kept": "descent" if keep else "base",
                      "graphs_run": runs - search_runs, "changes_undone": 0 if keep else changed}
-            if not keep:
-                for name in [n for n in start if start[n] != index[n]]:
-                    index[name], current[name] = start[name], self.candidates[name][start[name]][1]
-                    out[name] = meta(name, "descent undone by the final check")
-                best, changed = start_scores, 0
+        undone_by = None if keep else "final check"
+        if changed and keep and confirm:  # as saved: with the biases the pipeline corrects for each (if it does)
+            keep = confirmed((base_ranges, saved_biases(base_ranges)), (current, saved_biases(current)),
+                             "descent vs base", descent=True)
+            undone_by = None if keep else "confirmation"
+            if check is not None:
+                check.update(kept="descent" if keep else "base", changes_undone=0 if keep else changed)
+        if not keep:
+            for name in [n for n in start if start[n] != index[n]]:
+                index[name], current[name] = start[name], self.candidates[name][start[name]][1]
+                out[name] = meta(name, f"descent undone by the {undone_by}")
+            best, changed = start_scores, 0
         seconds = time.monotonic() - t0
         self.search_summary = {
             "objective": self.options["objective"], "rule_losses": rule_scores, "base": base, "final": best,
@@ -384,6 +454,8 @@ class MapAwareCalibrator(Calibrator):
             "weights_searched": len(weights), "weight_rule_scores": weight_scores, "weight_base": weight_base,
             "seconds": round(seconds, 3), "budget_s": budget, "max_graphs": max_graphs,
             "budget_spent": stop is not None, "stopped_by": stop, "evidence": gate.summary(),
+            "confirm": None if not confirm else {"images": len(check_set.images), "graphs_run": confirm_runs,
+                                                 "departures": confirmations},
         }
         if stop == "time" and budget > 0:
             log.warning("map-aware search stopped by its time budget (%g s) after %d graphs: the result depends on "

@@ -143,6 +143,9 @@ class SearchConfig(Section):
     kinds: list[str] = Field(default_factory=lambda: ["patch", "scratch", "noise"], min_length=1)
     seed: int = 0
     check_normals: int = Field(0, ge=0)  # > 0: map-aware's final check runs on that many other normals (README)
+    # the check set's anomaly kinds; null: ``kinds``. Other families than the search set's test whether a move
+    # holds beyond the anomalies it was chosen on (map-aware's ``confirm``, README)
+    check_kinds: list[str] | None = Field(None, min_length=1)
     proxy: bool = False  # report the proxy (search-set AUROC) of every run, e.g. to correlate it with test AUROC
     time_budget_s: float = Field(600.0, ge=0.0)  # of the mixed-precision sensitivity scan and fallback
     latency_iterations: int = Field(10, ge=1)  # timed runs per model when costing fallbacks

@@ -85,6 +85,8 @@ def build_search_set(splits: Splits, transform: ImageTransform, cfg: SearchConfi
 def build_check_set(splits: Splits, transform: ImageTransform, cfg: SearchConfig) -> SearchSet:
     """The check set: the ``cfg.check_normals`` normals of the pool after the search set's, anomalies of seed + 1.
 
+    Its anomaly kinds are ``cfg.check_kinds`` (``cfg.kinds`` when null).
+
     Raises:
         CalibrationError: the pool holds fewer than two normals past the search set's. DataError: an unreadable image.
     """
@@ -92,7 +94,7 @@ def build_check_set(splits: Splits, transform: ImageTransform, cfg: SearchConfig
     if len(samples) < 2:
         raise CalibrationError(f"ptq.search.check_normals: the normal pool has {len(samples)} image(s) past the "
                                f"search set's {cfg.normals}; a check set needs at least 2")
-    return _pool_set(samples, transform, cfg.kinds, cfg.seed + 1,
+    return _pool_set(samples, transform, cfg.check_kinds or cfg.kinds, cfg.seed + 1,
                      f"ptq calibration normal pool after the search set's {cfg.normals} images (disjoint from it): "
                      "the categories in turn, held-out normals, then training normals")
 

@@ -37,7 +37,8 @@ def searched(kd, tmp_path_factory):
             "--calib", "map-aware", "--mixed-precision", "0.25", "--mp-criterion", "distortion",
             "--set", "ptq.calib_options.time_budget_s=600",  # ends by itself (~15 s); 20 s cut it short under load
             "--set", "ptq.search.normals=4", "--set", "ptq.search.latency_iterations=2",
-            "--set", "ptq.search.time_budget_s=20", "--set", "ptq.search.check_normals=3", "--no-bias-correction"])
+            "--set", "ptq.search.time_budget_s=20", "--set", "ptq.search.check_normals=3", "--set", "ptq.search.check_kinds=[crack,hole]",
+            "--no-bias-correction"])
     assert result.exit_code == 0, result.output
     return out, json.loads((out / "report.json").read_text()), opened, result.output
 
@@ -56,6 +57,9 @@ def test_search_stages_never_read_a_test_split_file(kd, searched):
     assert len(checked) == 3 and set(checked) <= {str(s.path) for s in [*splits.holdout, *splits.train]}
     assert not set(checked) & set(used) and set(checked) <= set(opened)
     assert report["check_set"]["seed"] == report["search_set"]["seed"] + 1
+    # its anomalies are of the families ptq.search.check_kinds names, not the search set's
+    assert report["check_set"]["kinds"] == ["crack", "hole"] != report["search_set"]["kinds"]
+    assert {r["kind"] for r in report["check_set"]["anomaly_records"]} <= {"crack", "hole"}
 
 
 def test_a_check_set_the_pool_cannot_fill_is_a_one_line_error(kd, tmp_path):
@@ -65,6 +69,15 @@ def test_a_check_set_the_pool_cannot_fill_is_a_one_line_error(kd, tmp_path):
         "--set", "ptq.search.normals=100000", "--set", "ptq.search.check_normals=4"])
     assert result.exit_code != 0 and not out.exists()
     assert "ptq.search.check_normals: the normal pool has 0 image(s) past the search set's 100000" in result.output
+
+
+def test_confirm_without_a_check_set_is_a_one_line_error(kd, tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, [
+        "ptq", "--model", str(kd.onnx), "--recipe", str(kd.recipe_file), "--out", str(out), "--calib", "map-aware",
+        "--set", "ptq.calib_options.confirm=true", "--set", "ptq.search.normals=4", "--no-bias-correction"])
+    assert result.exit_code != 0 and not out.exists()
+    assert "map-aware: confirm needs a check set (set ptq.search.check_normals > 0)" in result.output
 
 
 def test_report_shows_per_layer_ranges_candidates_sensitivity_and_precision(searched):
