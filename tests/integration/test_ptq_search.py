@@ -37,8 +37,8 @@ def searched(kd, tmp_path_factory):
             "--calib", "map-aware", "--mixed-precision", "0.25", "--mp-criterion", "distortion",
             "--set", "ptq.calib_options.time_budget_s=600",  # ends by itself (~15 s); 20 s cut it short under load
             "--set", "ptq.search.normals=4", "--set", "ptq.search.latency_iterations=2",
-            "--set", "ptq.search.time_budget_s=20", "--set", "ptq.search.check_normals=3", "--set", "ptq.search.check_kinds=[crack,hole]",
-            "--no-bias-correction"])
+            "--set", "ptq.search.time_budget_s=20", "--set", "ptq.search.check_normals=3",
+            "--set", "ptq.search.check_kinds=[crack,hole]", "--no-bias-correction"])
     assert result.exit_code == 0, result.output
     return out, json.loads((out / "report.json").read_text()), opened, result.output
 

@@ -1,0 +1,116 @@
+"""Add up ``bench/map_aware_bootstrap.py --every`` results into one grid table: below / tie / above per column.
+
+Each ``--group LABEL=WHAT:FILE[,FILE]`` names a row (files: ``*_every.json``); ``--focus COLUMN`` lists that
+column's every significant verdict (below or above) with its values and interval. Nothing is recomputed: the
+verdicts are those the bootstrap files hold (each column against the best of the others, same source and width).
+
+    python bench/every_summary.py --focus mawc-in8 --group "G1=4 and 6 bits:a_every.json,b_every.json" --out OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from qtool.artifacts import bench_meta, write_results
+
+VERDICTS = ("below", "tie", "above")
+
+
+def parse_group(text: str) -> tuple[str, str, list[Path]]:
+    """``LABEL=WHAT:FILE,FILE`` -> (label, what, files)."""
+    label, _, rest = text.partition("=")
+    what, _, files = rest.rpartition(":")
+    paths = [Path(f) for f in files.split(",") if f]
+    if not label or not what or not paths:
+        raise argparse.ArgumentTypeError(f"--group {text!r}: expected LABEL=WHAT:FILE[,FILE]")
+    return label, what, paths
+
+
+def load_cells(paths: list[Path]) -> list[dict]:
+    """The cells of ``paths`` (each a ``--every`` result), with the file each came from.
+
+    Raises:
+        FileNotFoundError / ValueError: a file is missing or is not an ``--every`` result.
+    """
+    cells = []
+    for path in paths:
+        data = json.loads(path.read_text())
+        if not data.get("meta", {}).get("every"):
+            raise ValueError(f"{path}: not a map_aware_bootstrap.py --every result")
+        cells += [{**c, "file": path.name} for c in data["cells"]]
+    return cells
+
+
+def tally(cells: list[dict]) -> dict[str, dict[str, int]]:
+    """Counts of below / tie / above per column over ``cells``' verdicts."""
+    out: dict[str, dict[str, int]] = {}
+    for cell in cells:
+        for v in cell["verdicts"]:
+            out.setdefault(v["anchor"], dict.fromkeys(VERDICTS, 0))[v["verdict"]] += 1
+    return out
+
+
+def significant(cells: list[dict], column: str) -> list[dict]:
+    """``column``'s below and above cell-metrics, with the cell they belong to."""
+    return [{"setup": c["setup"], "bits": c["bits"], "source": c["source"], "file": c["file"], **v}
+            for c in cells for v in c["verdicts"] if v["anchor"] == column and v["verdict"] != "tie"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--group", dest="groups", action="append", required=True, type=parse_group)
+    ap.add_argument("--focus", required=True, help="the column whose significant verdicts are listed")
+    ap.add_argument("--title", default="Grid: below / tie / above per column")
+    ap.add_argument("--out", required=True, help="output path without suffix (.json and .md are written)")
+    args = ap.parse_args(argv)
+    rows, every = [], []
+    for label, what, paths in args.groups:
+        try:
+            cells = load_cells(paths)
+        except (OSError, ValueError, KeyError) as e:  # a missing, truncated or foreign file: one line, nothing written
+            ap.error(f"--group {label}: {e}")
+        every += cells
+        rows.append({"group": label, "what": what, "files": [p.name for p in paths], "counts": tally(cells)})
+    columns = list(tally(every))
+    if args.focus not in columns:
+        ap.error(f"--focus {args.focus!r} is not a column of these files ({', '.join(columns)})")
+    total = tally(every)
+    focus = significant(every, args.focus)
+    meta = bench_meta("bench/every_summary.py", argv, focus=args.focus)
+    write_results(Path(args.out), {"meta": meta, "groups": rows, "total": total, "focus": focus},
+                  lambda path: write_markdown(path, args.title, meta, rows, total, focus, columns, args.focus))
+
+
+def write_markdown(path: Path, title: str, meta: dict, rows: list[dict], total: dict, focus: list[dict],
+                   columns: list[str], column: str) -> None:
+    """The table (a row per group and the total) and the focus column's significant verdicts."""
+    def cell(counts: dict[str, int] | None) -> str:
+        return " / ".join(str((counts or {}).get(v, 0)) for v in VERDICTS)
+
+    lines = [f"# {title}", "", f"`{meta['command']}`", "",
+             "Added up from the `--every` files named per row (each column against the best of the others, same "
+             "source and width; image and pixel AUROC); below / above: the 95 % interval of best - column lies "
+             "above / below 0.", "",
+             "| group | what | files | " + " | ".join(columns) + " |", "|---|---|---|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append(f"| {r['group']} | {r['what']} | {', '.join(r['files'])} | "
+                     + " | ".join(cell(r["counts"].get(c)) for c in columns) + " |")
+    n = sum(total[columns[0]].values())
+    lines.append(f"| all | {n} cell-metrics | | " + " | ".join(f"**{cell(total[c])}**" for c in columns) + " |")
+    lines += ["", f"{column}'s significant verdicts:", ""]
+    if focus:
+        lines += ["| setup | bits | source | metric | verdict | value | best | best value | best - it [95 %] |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {f['setup']} | {f['bits']} | {f['source']} | {f['metric']} | {f['verdict']} | "
+                  f"{f['anchor_value']:.4f} | {f['best']} | {f['best_value']:.4f} | {f['best_minus_anchor']:+.4f} "
+                  f"[{f['ci95'][0]:+.4f}, {f['ci95'][1]:+.4f}] |" for f in focus]
+    else:
+        lines.append("none: a tie in every cell-metric.")
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

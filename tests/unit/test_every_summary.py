@@ -1,0 +1,50 @@
+"""bench/every_summary.py: it adds up the verdicts the --every files hold, and refuses a file that is not one."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import every_summary as es  # noqa: E402
+
+
+def _verdict(anchor: str, metric: str, verdict: str, diff: float) -> dict:
+    lo, hi = {"below": (diff / 2, diff * 2), "above": (diff * 2, diff / 2), "tie": (-abs(diff), abs(diff))}[verdict]
+    return {"anchor": anchor, "metric": metric, "anchor_value": 0.7, "best": "other", "best_value": 0.7 + diff,
+            "best_minus_anchor": diff, "ci95": [lo, hi], "verdict": verdict}
+
+
+def _file(tmp_path: Path, name: str, cells: list[tuple[int, str, list[dict]]], every: bool = True) -> Path:
+    path = tmp_path / name
+    path.write_text(json.dumps({"meta": {"every": every}, "cells": [
+        {"setup": "mtd-rd", "bits": b, "source": s, "rows": [], "verdicts": v} for b, s, v in cells]}))
+    return path
+
+
+def test_counts_are_the_files_verdicts_and_the_focus_lists_the_significant_ones(tmp_path):
+    a = _file(tmp_path, "a_every.json", [(4, "train", [_verdict("x", "image_auroc", "below", 0.02),
+                                                        _verdict("y", "image_auroc", "tie", 0.01)])])
+    b = _file(tmp_path, "b_every.json", [(8, "mix", [_verdict("x", "pixel_auroc", "above", -0.03),
+                                                      _verdict("y", "pixel_auroc", "below", 0.04)])])
+    out = tmp_path / "sum"
+    es.main(["--focus", "x", "--group", f"G1=four bits:{a}", "--group", f"G2=eight:{b}", "--out", str(out)])
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["total"] == {"x": {"below": 1, "tie": 0, "above": 1}, "y": {"below": 1, "tie": 1, "above": 0}}
+    assert [g["counts"]["x"] for g in data["groups"]] == [{"below": 1, "tie": 0, "above": 0},
+                                                         {"below": 0, "tie": 0, "above": 1}]
+    assert [(f["bits"], f["metric"], f["verdict"]) for f in data["focus"]] == [(4, "image_auroc", "below"),
+                                                                              (8, "pixel_auroc", "above")]
+    assert "**1 / 0 / 1**" in out.with_suffix(".md").read_text()
+
+
+def test_a_file_that_is_not_an_every_result_is_refused_and_nothing_is_written(tmp_path, capsys):
+    bad = _file(tmp_path, "pair.json", [(4, "train", [])], every=False)
+    out = tmp_path / "sum"
+    with pytest.raises(SystemExit) as e:
+        es.main(["--focus", "x", "--group", f"G=w:{bad}", "--out", str(out)])
+    assert e.value.code != 0 and "not a map_aware_bootstrap.py --every result" in capsys.readouterr().err
+    assert not list(tmp_path.glob("sum*"))
