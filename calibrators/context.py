@@ -27,7 +27,8 @@ class SearchContext:
     """The search set and the means to try ranges on the real graph.
 
     Attributes:
-        tensors: the tensors to calibrate, in graph (topological) order.
+        tensors: the tensors whose ranges the search may choose, in graph (topological) order: those
+            calibrated at the activation width (a tensor quantized at another width keeps its range).
         build: ``build(ranges, tensors)`` -> a QDQ model quantizing only the nodes whose Q/DQ read
             or write at least one of ``tensors`` (every quantized node when ``tensors`` is None),
             taking each needed tensor's range from ``ranges``; a search quantizes progressively.

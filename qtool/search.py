@@ -183,7 +183,8 @@ class Harness:
 
     def context(self, progress: Callable[[int], None] | None = None) -> SearchContext:
         """The :class:`calibrators.SearchContext` a search calibrator's ``refine`` receives."""
-        return SearchContext(tensors=self.spec.tensors_to_calibrate(), build=self.build, run=self.run,
+        # a tensor quantized at another width (ptq.input_bits) keeps the range calibrated at that width
+        return SearchContext(tensors=self.spec.tensors_at_activation_width(), build=self.build, run=self.run,
                              images=self.search.images, masks=self.search.masks, labels=self.search.labels,
                              reference=self.reference, model=self.model, spec=self.spec, progress=progress,
                              correct=self.correct if self.corrector is not None else None,

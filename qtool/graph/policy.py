@@ -173,6 +173,15 @@ class QuantSpec:
                 out[a.range_of] = None
         return list(out)
 
+    def tensors_at_activation_width(self) -> list[str]:
+        """:meth:`tensors_to_calibrate` less those quantized at another width than the activations.
+
+        Those (the graph input under ``ptq.input_bits``) get their ranges from a calibrator at their own width
+        (:func:`qtool.calibrate.input_ranges`), so a search among activation-width candidates leaves them alone.
+        """
+        return [t for t in self.tensors_to_calibrate()
+                if t not in self.activations or self.activations[t].params.bits == self.activation_bits]
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able view for the run report."""
         return {

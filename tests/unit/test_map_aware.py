@@ -14,7 +14,7 @@ from sklearn.metrics import roc_auc_score
 
 from calibrators import CALIBRATORS, get_calibrator
 from calibrators.map_aware import MapAwareCalibrator
-from qtool.calibrate import calibrate
+from qtool.calibrate import calibrate, input_ranges
 from qtool.errors import CalibrationError
 from qtool.graph import build_spec, insert_qdq, prepare
 from qtool.recipe import PtqConfig
@@ -483,3 +483,24 @@ def test_final_check_keeps_the_descent_only_if_it_keeps_the_promise_as_saved(set
     # the base as saved is already scored under corrected_scan, on the search set
     assert check["graphs_run"] == (1 if corrected and check_set is None else 2)
     assert summary["graphs_run"] == unchecked_cal.search_summary["graphs_run"]  # the check is outside the budget
+
+
+def test_the_search_leaves_the_graph_input_at_its_own_width(setup):
+    """ptq.input_bits=8 under 4-bit activations: the image's range is calibrated at 8 bits and the search keeps it.
+
+    Regression: the search used to replace it with the 4-bit candidate of its base rule (a range clipped for 4
+    bits, quantized at 8), so map-aware's graph differed from its base rule's even when nothing moved.
+    Oracle: input_ranges' 8-bit range, and the spec's own list of activation-width tensors.
+    """
+    normals, model, search = setup
+    spec = build_spec(model, PtqConfig(activation_bits=4, weight_bits=4, input_bits=8), "cpu")
+    image = model.graph.input[0].name
+    assert spec.activations[image].params.bits == 8 and image in spec.tensors_to_calibrate()  # premise
+    assert image not in spec.tensors_at_activation_width()
+    cal = get_calibrator("map-aware", num_bits=4, **ACTIVATIONS_ONLY)
+    start = observe(model, spec.tensors_to_calibrate(), cal, normals, search)
+    at_8 = input_ranges(spec, lambda: iter([normals]), lambda bits: get_calibrator("map-aware", num_bits=bits))
+    assert at_8[image].hi != start[image].hi  # premise: the 4-bit and 8-bit ranges differ
+    chosen = cal.refine({**start, **at_8}, Harness(model, spec, search, threads=1).context())
+    assert (chosen[image].lo, chosen[image].hi) == (at_8[image].lo, at_8[image].hi)
+    assert cal.search_summary["tensors"] == len(spec.tensors_to_calibrate()) - 1
