@@ -84,7 +84,7 @@ class MapAwareCalibrator(Calibrator):
     holds every share computed. With ``guard`` ("separation") the ``separation`` objective must also prefer the
     departure to the prior on the same images. The descent's single moves are not gated (nor recorded).
 
-    Confirmation (``confirm``, off; needs a check set, ``ptq.search.check_normals`` > 0, best of other anomaly
+    Confirmation (``confirm``, off; needs a check set, ``ptq.search.check_normals`` > 0, best with anomalies of other
     kinds, ``ptq.search.check_kinds``): every departure the search set accepted (the base rule over ``initial``,
     the weight base over the spec's weight range, the descent over its base, after the final check, which then
     runs on the search set) is judged again on the check set, the prior and the departure scored there the same

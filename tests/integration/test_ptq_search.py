@@ -80,6 +80,17 @@ def test_confirm_without_a_check_set_is_a_one_line_error(kd, tmp_path):
     assert "map-aware: confirm needs a check set (set ptq.search.check_normals > 0)" in result.output
 
 
+def test_an_unknown_check_kind_is_a_one_line_error(kd, tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, [
+        "ptq", "--model", str(kd.onnx), "--recipe", str(kd.recipe_file), "--out", str(out), "--calib", "map-aware",
+        "--set", "ptq.search.normals=4", "--set", "ptq.search.check_normals=3",
+        "--set", "ptq.search.check_kinds=[dent]", "--no-bias-correction"])
+    assert result.exit_code != 0 and not out.exists()
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "'dent'" in lines[0] and "crack" in lines[0], result.output
+
+
 def test_report_shows_per_layer_ranges_candidates_sensitivity_and_precision(searched):
     out, report, _, stdout = searched
     assert {"search", "mixed_precision", "proxy", "calibrate"} <= set(report["stage_seconds"])
@@ -139,6 +150,7 @@ def test_report_shows_per_layer_ranges_candidates_sensitivity_and_precision(sear
 @pytest.mark.parametrize(("override", "key"), [("ptq.mixed_precision=-0.1", "ptq.mixed_precision"),
                                                ("ptq.search.normals=1", "ptq.search.normals"),
                                                ("ptq.search.kinds=[]", "ptq.search.kinds"),
+                                               ("ptq.search.check_kinds=[]", "ptq.search.check_kinds"),
                                                ("ptq.mixed_precision_criterion=auroc",
                                                 "ptq.mixed_precision_criterion"),
                                                ("ptq.mixed_precision_rank=cheapest", "ptq.mixed_precision_rank")])
