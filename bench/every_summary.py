@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from map_aware_bootstrap import verdict_counts
+
 from qtool.artifacts import bench_meta, write_results
 
 VERDICTS = ("below", "tie", "above")
@@ -45,12 +47,9 @@ def load_cells(paths: list[Path]) -> list[dict]:
 
 
 def tally(cells: list[dict]) -> dict[str, dict[str, int]]:
-    """Counts of below / tie / above per column over ``cells``' verdicts."""
-    out: dict[str, dict[str, int]] = {}
-    for cell in cells:
-        for v in cell["verdicts"]:
-            out.setdefault(v["anchor"], dict.fromkeys(VERDICTS, 0))[v["verdict"]] += 1
-    return out
+    """Counts of below / tie / above per column over ``cells``' verdicts (columns in order of appearance)."""
+    columns = dict.fromkeys(v["anchor"] for cell in cells for v in cell["verdicts"])
+    return {column: verdict_counts(cells, column) for column in columns}
 
 
 def significant(cells: list[dict], column: str) -> list[dict]:

@@ -62,31 +62,30 @@ def test_search_stages_never_read_a_test_split_file(kd, searched):
     assert {r["kind"] for r in report["check_set"]["anomaly_records"]} <= {"crack", "hole"}
 
 
-def test_a_check_set_the_pool_cannot_fill_is_a_one_line_error(kd, tmp_path):
+def _refused_ptq(kd, tmp_path, *options: str):
+    """``qtool ptq --calib map-aware`` with ``options``; asserts a non-zero exit and no output folder."""
     out = tmp_path / "run"
     result = CliRunner().invoke(main, [
         "ptq", "--model", str(kd.onnx), "--recipe", str(kd.recipe_file), "--out", str(out), "--calib", "map-aware",
-        "--set", "ptq.search.normals=100000", "--set", "ptq.search.check_normals=4"])
+        *options])
     assert result.exit_code != 0 and not out.exists()
+    return result
+
+
+def test_a_check_set_the_pool_cannot_fill_is_a_one_line_error(kd, tmp_path):
+    result = _refused_ptq(kd, tmp_path, "--set", "ptq.search.normals=100000", "--set", "ptq.search.check_normals=4")
     assert "ptq.search.check_normals: the normal pool has 0 image(s) past the search set's 100000" in result.output
 
 
 def test_confirm_without_a_check_set_is_a_one_line_error(kd, tmp_path):
-    out = tmp_path / "run"
-    result = CliRunner().invoke(main, [
-        "ptq", "--model", str(kd.onnx), "--recipe", str(kd.recipe_file), "--out", str(out), "--calib", "map-aware",
-        "--set", "ptq.calib_options.confirm=true", "--set", "ptq.search.normals=4", "--no-bias-correction"])
-    assert result.exit_code != 0 and not out.exists()
+    result = _refused_ptq(kd, tmp_path, "--set", "ptq.calib_options.confirm=true", "--set", "ptq.search.normals=4",
+                          "--no-bias-correction")
     assert "map-aware: confirm needs a check set (set ptq.search.check_normals > 0)" in result.output
 
 
 def test_an_unknown_check_kind_is_a_one_line_error(kd, tmp_path):
-    out = tmp_path / "run"
-    result = CliRunner().invoke(main, [
-        "ptq", "--model", str(kd.onnx), "--recipe", str(kd.recipe_file), "--out", str(out), "--calib", "map-aware",
-        "--set", "ptq.search.normals=4", "--set", "ptq.search.check_normals=3",
-        "--set", "ptq.search.check_kinds=[dent]", "--no-bias-correction"])
-    assert result.exit_code != 0 and not out.exists()
+    result = _refused_ptq(kd, tmp_path, "--set", "ptq.search.normals=4", "--set", "ptq.search.check_normals=3",
+                          "--set", "ptq.search.check_kinds=[dent]", "--no-bias-correction")
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "'dent'" in lines[0] and "crack" in lines[0], result.output
 
