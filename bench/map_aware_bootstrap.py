@@ -63,10 +63,16 @@ def best_standard(results: dict, setup: str, source: str, bits: int) -> list[str
 
 
 def cell_models(work: Path, setup: str, source: str, bits: int, names: list[str]) -> dict[str, str]:
-    """Each of ``names`` (calibrators, variants; the anchor first): name -> quantized ONNX of that cell."""
+    """Each of ``names`` (calibrators, variants; the anchor first): name -> quantized ONNX of that cell.
+
+    A cell's model is its PTQ run's (``ptq/model.onnx``) or, for a ``bench/map_distillation.py`` column, its QAT
+    run's (``qat/model.onnx``).
+    """
     models = {}
     for calib in names:
-        path = work / setup / f"{calib}-{source}-{bits}bit" / "ptq" / "model.onnx"
+        cell = work / setup / f"{calib}-{source}-{bits}bit"
+        path = next((p for p in (cell / "ptq" / "model.onnx", cell / "qat" / "model.onnx") if p.is_file()),
+                    cell / "ptq" / "model.onnx")
         if not path.is_file():
             sys.exit(f"error: {path} is missing; run bench/map_aware.py for that cell first")
         models[calib] = str(path)

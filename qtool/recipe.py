@@ -242,6 +242,16 @@ class QatConfig(Section):
     observer_momentum: float = Field(0.01, ge=0.0, le=1.0)
     init_from: str | None = None
     checkpoint_every: int = Field(1, ge=1)
+    loss: str = "kd"  # kd: the model's KD loss on the training split; map: map distillation on the search set
+    learn: str = "student"  # student: its weights and ranges; ranges: every scale and quantized bias, no weights
+
+    @field_validator("loss", "learn")
+    @classmethod
+    def _registry_name(cls, v: str, info: ValidationInfo) -> str:
+        from qtool.qat.objectives import LEARN_SETS, QAT_LOSSES  # imported only when set
+
+        registry = {"loss": QAT_LOSSES, "learn": LEARN_SETS}[info.field_name]
+        return _known(registry.kind, registry.names(), v)
 
 
 class EvalConfig(Section):

@@ -74,7 +74,7 @@ def _weight_range(w: str, p: QuantParams, data: np.ndarray, rule: str,
     return (lo, hi) if p.axis is not None else (lo.reshape(()), hi.reshape(()))
 
 
-def _adjust_for_bias(w_scale: np.ndarray, in_scale: np.ndarray, bias: np.ndarray) -> np.ndarray:
+def grow_for_int32_bias(w_scale: np.ndarray, in_scale: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """Grow weight scales whose bias scale (input_scale * weight_scale) would overflow int32.
 
     Same rule as onnxruntime's ``_adjust_weight_scale_for_int32_bias``.
@@ -188,7 +188,7 @@ def insert_qdq_report(
         p, ws, wz = w_params[b.weight]
         if p.dtype == "int8" and not np.any(wz):
             bias = numpy_helper.to_array(idx.initializers[b.tensor])
-            w_params[b.weight] = (p, _adjust_for_bias(ws, act_scale[b.input], bias), wz)
+            w_params[b.weight] = (p, grow_for_int32_bias(ws, act_scale[b.input], bias), wz)
     w_dq: dict[str, str] = {}
     for w, (p, ws, wz) in w_params.items():
         values = spec.weight_values.get(w)  # a rounding other than nearest (qtool.weight_rounding), on the same grid

@@ -19,6 +19,7 @@ from qtool.artifacts import atomic_path
 from qtool.errors import ModelError
 from qtool.models.checkpoint import read_payload
 from qtool.qat.insert import QatModel, prepare_qat
+from qtool.qat.objectives import LEARN_SETS
 
 FORMAT = "qtool-qat-checkpoint"
 VERSION = 1
@@ -100,8 +101,9 @@ def load_qat_checkpoint(path: Path) -> tuple[QatModel, onnx.ModelProto, dict[str
     graph = float_graph(model, payload["image_size"], payload["export"])
     spec = build_spec(graph, PtqConfig.model_validate(payload["ptq"]))
     qcfg = payload.get("qat", {})
+    learn = LEARN_SETS.get(str(qcfg.get("learn", "student")))
     qm = prepare_qat(model, graph, spec, None, bool(qcfg.get("learnable_scales", False)),
-                     float(qcfg.get("observer_momentum", 0.0)))
+                     float(qcfg.get("observer_momentum", 0.0)), ranges_only=learn.ranges_only)
     try:
         qm.model.load_state_dict(payload["qat_state_dict"])
     except RuntimeError as e:

@@ -266,3 +266,31 @@ class WeightFakeQuant(_Scale):
         p = self.params
         return (f"{self.tensor!r}, {p.dtype}, bits={p.bits}, symmetric={p.symmetric}, axis={self.axis}, "
                 f"learnable={self.learnable}")
+
+
+_INT32_MIN, _INT32_MAX = float(np.iinfo(np.int32).min), float(np.iinfo(np.int32).max)
+
+
+class BiasFakeQuant(nn.Module):
+    """int32 bias fake quantization, as the QDQ graph stores it: scale = input scale x weight scale, zero point 0.
+
+    A ``parametrize`` parametrization of a quantized layer's bias. Rounding is straight-through (the
+    bias gradient passes unchanged; the scales get none from here). The two quantizers are held outside
+    the module tree (they already belong to it elsewhere), so the state dict has no second copy of them.
+    """
+
+    def __init__(self, act: ActFakeQuant, weight: WeightFakeQuant, latent_weight: Any) -> None:
+        super().__init__()
+        self._sources = (act, weight, latent_weight)
+
+    def scale(self) -> torch.Tensor:
+        """The bias scale now: the input's scale times the weight's (per channel)."""
+        act, weight, latent = self._sources
+        w_scale, _ = weight.current_qparams(latent())
+        return (act.get_scale().detach() * w_scale.detach().to(torch.float32)).reshape(-1)
+
+    def forward(self, b: torch.Tensor) -> torch.Tensor:
+        """``b`` rounded to the int32 grid of :meth:`scale`, clamped to int32 as the export does."""
+        s = self.scale()
+        q = torch.clamp(torch.round(b.double() / s.double()), _INT32_MIN, _INT32_MAX) * s.double()
+        return b + (q.to(b.dtype) - b).detach()

@@ -22,9 +22,9 @@ from onnx import numpy_helper
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from qtool.graph.insert_qdq import bounds_of
+from qtool.graph.insert_qdq import bounds_of, grow_for_int32_bias
 from qtool.graph.policy import QuantSpec
-from qtool.qat.fakequant import ActFakeQuant, WeightFakeQuant
+from qtool.qat.fakequant import ActFakeQuant, BiasFakeQuant, WeightFakeQuant
 from qtool.qat.sites import SpecMap
 from qtool.qat.spec_map import build_spec_map
 from qtool.qat.trace import QatError, SpecMapError
@@ -83,10 +83,12 @@ class QatModel:
     def latent_weight(self, w: str) -> torch.Tensor:
         """The float (not fake-quantized) weight behind ONNX initializer ``w``."""
         site = self.smap.weights[w]
-        mod = self.part_module(site.part, site.module)
-        if parametrize.is_parametrized(mod, "weight"):
-            return mod.parametrizations.weight.original
-        return mod.weight
+        return _latent(self.part_module(site.part, site.module), "weight")
+
+    def latent_bias(self, w: str) -> torch.Tensor | None:
+        """The float (not fake-quantized) bias of the layer of ONNX weight ``w`` (None without one)."""
+        site = self.smap.weights[w]
+        return _latent(self.part_module(site.part, site.module), "bias")
 
     def trained_initializers(self) -> dict[str, np.ndarray]:
         """ONNX initializer name -> float value from the trained parts (weights in ONNX layout, biases)."""
@@ -96,7 +98,7 @@ class QatModel:
                 continue
             value = self.latent_weight(w).detach().cpu().numpy().astype(np.float32)
             out[w] = value.T.copy() if site.transpose else value
-            bias = self.part_module(site.part, site.module).bias
+            bias = self.latent_bias(w)
             if site.bias is not None and bias is not None:
                 out[site.bias] = bias.detach().cpu().numpy().astype(np.float32)
         for t, (part, path) in self.smap.extras.items():
@@ -111,6 +113,13 @@ class QatModel:
             for m in gm.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
+
+
+def _latent(mod: nn.Module, name: str) -> torch.Tensor | None:
+    """``mod``'s parameter ``name`` behind its parametrization (fake quant), or as it is."""
+    if parametrize.is_parametrized(mod, name):
+        return getattr(mod.parametrizations, name).original
+    return getattr(mod, name, None)
 
 
 def _tensor(gm: fx.GraphModule, path: str) -> torch.Tensor:
@@ -155,8 +164,8 @@ def _check_exportable(qm: QatModel) -> None:
             if site.part == part:
                 mod = gm.get_submodule(site.module)
                 covered.add(id(qm.latent_weight(site.tensor)))
-                if site.bias is not None and mod.bias is not None:
-                    covered.add(id(mod.bias))
+                if site.bias is not None and _latent(mod, "bias") is not None:
+                    covered.add(id(_latent(mod, "bias")))
         covered |= {id(_tensor(gm, path)) for p, path in qm.smap.extras.values() if p == part}
         quantizers = {id(q.scale_parameter) for q in [*qm.act.values(), *qm.weights.values()]}
         for name, p in gm.named_parameters():
@@ -179,7 +188,7 @@ def _sync_weights(smap: SpecMap, onnx_model: onnx.ModelProto) -> None:
 
 def prepare_qat(model: nn.Module, onnx_model: onnx.ModelProto, spec: QuantSpec,
                 ranges: Mapping[str, Any] | None = None, learnable: bool = False,
-                momentum: float = 0.01) -> QatModel:
+                momentum: float = 0.01, ranges_only: bool = False) -> QatModel:
     """Build the fake-quantized copy of ``model`` for ``spec`` (``model`` itself is left as it is).
 
     Args:
@@ -190,6 +199,9 @@ def prepare_qat(model: nn.Module, onnx_model: onnx.ModelProto, spec: QuantSpec,
             report); None leaves unit scales (set them later with ``set_range``).
         learnable: LSQ scales for the trained parts' activations and weights.
         momentum: EMA factor of observed activation ranges (0: ranges stay as calibrated).
+        ranges_only: no weight is trained (every parameter but the scales has ``requires_grad`` off; a
+            caller may turn biases back on) and no part is frozen: the teacher's quantizers learn (or
+            observe) too and its values are exported (``qat.learn: ranges``).
 
     Raises:
         SpecMapError: a spec entry with no place in the fx graph. QatError: untraceable part, a
@@ -198,7 +210,8 @@ def prepare_qat(model: nn.Module, onnx_model: onnx.ModelProto, spec: QuantSpec,
     smap = build_spec_map(model, onnx_model, spec)
     _sync_weights(smap, onnx_model)
     qmodel = copy.deepcopy(model)
-    frozen = {p for p in smap.parts if not any(q.requires_grad for q in getattr(model, p).parameters())}
+    frozen = set() if ranges_only else {p for p in smap.parts
+                                        if not any(q.requires_grad for q in getattr(model, p).parameters())}
     for part, gm in smap.parts.items():
         setattr(qmodel, part, gm)
         setattr(gm, FQ_ATTR, nn.ModuleDict())
@@ -231,16 +244,34 @@ def prepare_qat(model: nn.Module, onnx_model: onnx.ModelProto, spec: QuantSpec,
         wq.init_from(mod.weight)
         parametrize.register_parametrization(mod, "weight", wq)
         weights[w] = wq
+    _quantize_biases(smap, act, weights)
     for gm in smap.parts.values():
         gm.graph.lint()
         gm.recompile()
     qm = QatModel(qmodel, smap, act, weights, frozen)
+    if ranges_only:
+        scales = {id(p) for p in qm.quantizer_parameters()}
+        for p in qm.model.parameters():
+            p.requires_grad_(id(p) in scales)
     _check_exportable(qm)
     if ranges is not None:
         set_ranges(qm, ranges)
     qm.set_frozen(False)
     log.info("QAT graph: %s", smap.summary())
     return qm
+
+
+def _quantize_biases(smap: SpecMap, act: dict[str, ActFakeQuant], weights: dict[str, WeightFakeQuant]) -> None:
+    """A :class:`BiasFakeQuant` on every bias the spec stores as int32 (Conv/Gemm with quantized input and weight)."""
+    for b in smap.spec.biases.values():
+        site, owner = smap.weights.get(b.weight), smap.activations.get(b.input)
+        if site is None or owner is None or site.bias != b.tensor or b.weight not in weights:
+            continue
+        mod = smap.parts[site.part].get_submodule(site.module)
+        if mod.bias is None:
+            continue
+        latent = (lambda m=mod: m.parametrizations.weight.original)  # noqa: E731 (the weight behind its fake quant)
+        parametrize.register_parametrization(mod, "bias", BiasFakeQuant(act[owner.owner], weights[b.weight], latent))
 
 
 def set_ranges(qm: QatModel, ranges: Mapping[str, Any]) -> None:
@@ -268,3 +299,18 @@ def set_ranges(qm: QatModel, ranges: Mapping[str, Any]) -> None:
         if not (np.isfinite(lo) and np.isfinite(hi)):
             raise QatError(f"initial range of tensor {t!r} is [{lo}, {hi}]; need finite bounds")
         q.set_range(float(lo), float(hi))
+    _grow_for_biases(qm)
+
+
+def _grow_for_biases(qm: QatModel) -> None:
+    """Learned weight scales start where insert_qdq puts them: grown where the int32 bias would overflow."""
+    for b in qm.spec.biases.values():
+        wq, owner = qm.weights.get(b.weight), qm.smap.activations.get(b.input)
+        bias = qm.latent_bias(b.weight) if wq is not None else None
+        if bias is None or owner is None or not wq.learnable or wq.params.dtype != "int8" or wq.zero_point.any():
+            continue
+        ws = wq.get_scale().detach().numpy()
+        grown = grow_for_int32_bias(ws if wq.axis is not None else ws.reshape(()),
+                                    float(qm.act[owner.owner].get_scale().detach()), bias.detach().numpy())
+        if not np.array_equal(grown.reshape(ws.shape), ws):
+            wq.put_scale(torch.from_numpy(grown.reshape(ws.shape)))

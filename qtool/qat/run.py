@@ -25,6 +25,7 @@ from qtool.errors import GraphError, ModelError
 from qtool.qat.checkpoint import qat_payload, save_qat_checkpoint
 from qtool.qat.export import export_qdq, trained_float_graph
 from qtool.qat.insert import QatModel, prepare_qat
+from qtool.qat.objectives import LEARN_SETS, QAT_LOSSES, QatInputs, select_parameters
 from qtool.qat.trace import QatError
 from qtool.qat.train import QatOptimizer, build_optimizer, qat_train
 from qtool.recipe import Recipe, dump_recipe
@@ -112,7 +113,6 @@ def run_qat(model_path: Path, recipe: Recipe, out_dir: Path, progress: Progress 
     from qtool.modelio import stamp_data_config
     from qtool.models import load_checkpoint
     from qtool.ptq import StageTimer, output_sqnr, plan
-    from qtool.train import load_images
 
     cfg, out_dir, timer = recipe.qat, Path(out_dir), StageTimer()
     if Path(model_path).suffix not in (".pt", ".pth"):
@@ -145,10 +145,13 @@ def run_qat(model_path: Path, recipe: Recipe, out_dir: Path, progress: Progress 
     transform = ImageTransform(data_cfg)
     with timer.stage("init_ranges"):
         initial, init_desc = _initial_ranges(recipe, prepared, spec, splits, transform, progress)
+    learn = LEARN_SETS.get(cfg.learn)
     with timer.stage("insert_fakequant"):
-        qm = prepare_qat(model, prepared, spec, initial, cfg.learnable_scales, cfg.observer_momentum)
-    images = load_images(splits.train, transform)
-    holdout = load_images(splits.holdout, transform) if splits.holdout else None
+        qm = prepare_qat(model, prepared, spec, initial, cfg.learnable_scales, cfg.observer_momentum,
+                         ranges_only=learn.ranges_only)
+        trained = select_parameters(qm, learn)
+    with timer.stage("objective"):
+        data = QAT_LOSSES.get(cfg.loss)(QatInputs(qm, model, recipe, splits, transform))
     sections = {"ptq": recipe.ptq.model_dump(mode="json"), "export": recipe.export.model_dump(mode="json"),
                 "qat": cfg.model_dump(mode="json")}
 
@@ -160,7 +163,8 @@ def run_qat(model_path: Path, recipe: Recipe, out_dir: Path, progress: Progress 
             save("last.pt", {"epoch": epoch, "history": history, "optimizer": opt.state_dict()})
 
     with timer.stage("train"):
-        history = qat_train(qm, images, cfg, holdout, recipe.seed, on_epoch, progress, build_optimizer(qm, cfg))
+        history = qat_train(qm, data.images, cfg, data.holdout, recipe.seed, on_epoch, progress,
+                            build_optimizer(qm, cfg, trained), objective=data.objective)
     ckpt = save("qat.pt", {"epoch": cfg.epochs, "history": history, "category": category})
     with timer.stage("export_qdq"):
         qdq, qreport = export_qdq(qm, prepared)
@@ -184,7 +188,9 @@ def run_qat(model_path: Path, recipe: Recipe, out_dir: Path, progress: Progress 
         "init": init_desc, "qat": sections["qat"], "history": history,
         "epoch_seconds": [round(h["seconds"], 3) for h in epochs],
         "mean_epoch_seconds": float(np.mean([h["seconds"] for h in epochs])) if epochs else 0.0,
-        "train_images": len(images), "ranges": range_report(qm, initial), "quantization": qreport,
+        "train_images": len(data.images), "objective": data.description, "learn": cfg.learn,
+        "trained_parameters": int(sum(p.numel() for p in trained)), "ranges": range_report(qm, initial),
+        "quantization": qreport,
         "lint": [{"node": i.node, "message": i.message} for i in issues], "sqnr_db": fidelity,
         "sqnr_vs_qat_float_db": own,
         "stage_seconds": timer.seconds, "checkpoint": str(ckpt), "output": str(out_model),

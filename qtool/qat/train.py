@@ -24,7 +24,8 @@ Progress = Callable[[int], None] | None
 EpochHook = Callable[[int, list[dict[str, float]], "QatOptimizer"], None] | None
 
 
-def _trainable(model: nn.Module) -> list[nn.Parameter]:
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``model`` that require gradients (its ``trainable_parameters()`` when it has one)."""
     params = model.trainable_parameters() if hasattr(model, "trainable_parameters") else model.parameters()
     return [p for p in params if p.requires_grad]
 
@@ -36,7 +37,7 @@ class QatOptimizer:
     whatever its magnitude (a 1e-3 weight scale and a 10.0 activation scale alike).
     """
 
-    def __init__(self, weights: torch.optim.Optimizer, scales: torch.optim.Optimizer | None) -> None:
+    def __init__(self, weights: torch.optim.Optimizer | None, scales: torch.optim.Optimizer | None) -> None:
         self.weights, self.scales = weights, scales
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -53,24 +54,30 @@ class QatOptimizer:
 
     def state_dict(self) -> dict:
         """Both states (for checkpoints)."""
-        return {"weights": self.weights.state_dict(), "scales": self.scales.state_dict() if self.scales else None}
+        return {"weights": self.weights.state_dict() if self.weights else None,
+                "scales": self.scales.state_dict() if self.scales else None}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore both states."""
-        self.weights.load_state_dict(state["weights"])
+        if self.weights is not None and state.get("weights") is not None:
+            self.weights.load_state_dict(state["weights"])
         if self.scales is not None and state.get("scales") is not None:
             self.scales.load_state_dict(state["scales"])
 
 
-def build_optimizer(qm: QatModel, cfg: QatConfig) -> QatOptimizer:
-    """The recipe's optimizer (``qat.optimizer``, ``lr``, ``momentum``, ``weight_decay``) and the scales' Adam."""
+def build_optimizer(qm: QatModel, cfg: QatConfig, parameters: list[nn.Parameter] | None = None) -> QatOptimizer:
+    """The recipe's optimizer (``qat.optimizer``, ``lr``, ``momentum``, ``weight_decay``) and the scales' Adam.
+
+    ``parameters``: what the recipe's optimizer trains (default: the model's trainable parameters but the
+    scales); none (``qat.learn: ranges`` on a model without biases) leaves only the scales' Adam.
+    """
     from qtool.train import OPTIMIZERS
 
     scales = qm.quantizer_parameters()
     ids = {id(s) for s in scales}
-    weights = [p for p in _trainable(qm.model) if id(p) not in ids]
+    weights = [p for p in (trainable_parameters(qm.model) if parameters is None else parameters) if id(p) not in ids]
     scale_opt = torch.optim.Adam(scales, lr=cfg.scale_lr) if scales else None
-    return QatOptimizer(OPTIMIZERS.get(cfg.optimizer)(weights, cfg), scale_opt)
+    return QatOptimizer(OPTIMIZERS.get(cfg.optimizer)(weights, cfg) if weights else None, scale_opt)
 
 
 @torch.no_grad()
@@ -86,8 +93,9 @@ def mean_loss(model: nn.Module, images: torch.Tensor, batch_size: int) -> float:
 
 def qat_train(qm: QatModel, images: torch.Tensor, cfg: QatConfig, holdout: torch.Tensor | None = None,
               seed: int = 0, on_epoch: EpochHook = None, progress: Progress = None,
-              optimizer: QatOptimizer | None = None, start_epoch: int = 0) -> list[dict[str, float]]:
-    """Fine-tune ``qm`` for ``cfg.epochs`` epochs on ``images`` (N,3,S,S) normal images.
+              optimizer: QatOptimizer | None = None, start_epoch: int = 0,
+              objective: nn.Module | None = None) -> list[dict[str, float]]:
+    """Fine-tune ``qm`` for ``cfg.epochs`` epochs on ``images`` (N,3,S,S): normals, or the loss's own images.
 
     Args:
         qm: the QAT model (from :func:`qtool.qat.insert.prepare_qat`).
@@ -99,6 +107,8 @@ def qat_train(qm: QatModel, images: torch.Tensor, cfg: QatConfig, holdout: torch
         progress: called with the number of images of each step.
         optimizer: an optimizer to continue with (default: a new one from ``cfg``).
         start_epoch: epochs already done (the shuffling stream skips them).
+        objective: the module whose ``training_loss`` is minimised (default: ``qm.model``'s KD loss;
+            see :mod:`qtool.qat.objectives`).
 
     Returns:
         The history: one row per epoch (loss terms, holdout loss, seconds, frozen), after a row
@@ -109,7 +119,7 @@ def qat_train(qm: QatModel, images: torch.Tensor, cfg: QatConfig, holdout: torch
     """
     from qtool.qat.trace import QatError
 
-    model = qm.model
+    model = qm.model if objective is None else objective
     if not hasattr(model, "training_loss"):
         raise QatError(f"{type(model).__name__} has no training_loss; QAT needs a KD model")
     opt = optimizer or build_optimizer(qm, cfg)
