@@ -4,7 +4,7 @@ Reads the quantized models of a ``bench/map_aware.py`` run (``--work``; every ce
 For each setup, width and calibration source it runs the map-aware model and the standard
 calibrators' models on the test split. Then, with ``bench/paired_bootstrap.py``'s paired, stratified
 bootstrap (map-aware is the anchor A), it compares map-aware with the standard calibrator that is
-best on the full test split, per metric (image and pixel AUROC; AUPRO is not bootstrapped). With
+best on the full test split, per metric (image and pixel AUROC; AUPRO too with ``--aupro``). With
 ``--results`` (the run's results JSON) only the standard calibrators that are best on some metric
 there are run: the same test split and files, so the same values, at a fraction of the time
 (emulated sub-8-bit models run at 3 to 4x fp32's time on ONNX Runtime CPU).
@@ -39,7 +39,7 @@ import sys
 from pathlib import Path
 
 from map_aware import STANDARD, setup_folder
-from paired_bootstrap import compare, run_models
+from paired_bootstrap import METRICS, WITH_AUPRO, compare, run_models
 
 from qtool.artifacts import bench_meta, versions_line, write_json, write_results
 from qtool.commands.common import fail_cleanly
@@ -82,7 +82,7 @@ def cell_models(work: Path, setup: str, source: str, bits: int, names: list[str]
 def verdicts(rows: list[dict], anchor: str = "map-aware") -> list[dict]:
     """Per metric: ``anchor`` against the best of the other calibrators (on the full test split)."""
     out = []
-    for metric in ("image_auroc", "pixel_auroc"):
+    for metric in dict.fromkeys(r["metric"] for r in rows):  # image and pixel AUROC, and AUPRO when bootstrapped
         best = max((r for r in rows if r["metric"] == metric and r["a"] == anchor), key=lambda r: r["difference"])
         lo, hi = best["ci95"]
         verdict = "below" if lo > 0 else "above" if hi < 0 else "tie"
@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
                          "--variants are added)")
     ap.add_argument("--pair", type=lambda v: v.split(","), default=None, metavar="BASE,VARIANT",
                     help="judge the VARIANT column against the BASE column only (e.g. mse,mse-bc)")
+    ap.add_argument("--aupro", action="store_true", help="bootstrap AUPRO too (binned; see bench/paired_bootstrap.py)")
     ap.add_argument("--rounds", type=int, default=500)
     ap.add_argument("--bins", type=int, default=1 << 14)
     ap.add_argument("--seed", type=int, default=0)
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     anchors = {"every": columns, "best": ["map-aware"], "pair": (args.pair or [])[1:]}[mode]
     suffix = {"every": "-every" + (f"={'+'.join(args.columns)}" if args.columns else "")
                        + "".join(f"+{v}" for v in args.variants), "best": "",
-              "pair": "-pair+" + "+".join(args.pair or [])}[mode]
+              "pair": "-pair+" + "+".join(args.pair or [])}[mode] + ("+aupro" if args.aupro else "")
     cells = []
     for setup in args.setup:
         for bits in args.bits:
@@ -154,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
                     models = cell_models(Path(args.work), setup, source, bits, names)
                     outputs, masks, labels, groups = run_models(list(models.values()), splits, transform)
                     rows = compare(outputs, {n: [p] for n, p in models.items()}, masks, labels, args.rounds,
-                                   args.bins, args.seed, groups, anchors=anchors)
+                                   args.bins, args.seed, groups, anchors=anchors,
+                                   metrics=WITH_AUPRO if args.aupro else METRICS)
                     write_json(hit, {"models": models, "rounds": args.rounds, "seed": args.seed, "rows": rows})
                 cell = {"setup": setup, "bits": bits, "source": source, "rows": rows,
                         "verdicts": [v for a in anchors for v in verdicts(rows, a)]}

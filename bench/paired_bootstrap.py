@@ -7,8 +7,10 @@ stay present in each) and scores both models on the same draw: image AUROC, and 
 histograms of defect and normal pixels (``--bins`` equal bins per model over its map range; pairs in
 one bin count one half, as ``qtool.metrics.pixel_auroc`` above its exact limit). Reported per
 metric and B: both values on the full test split, the difference B - A, its 95 % percentile
-interval, and the share of rounds in which B >= A. AUPRO is not bootstrapped (one AUPRO takes
-seconds; a thousand rounds would take an hour here).
+interval, and the share of rounds in which B >= A. AUPRO too with ``metrics`` including ``aupro``
+(``--aupro`` in ``bench/map_aware_bootstrap.py``): each image's part of the PRO curve on ``--bins``
+binned thresholds (:func:`qtool.metrics.pro_tables`) is computed once, so a round's AUPRO is a weighted
+sum (binned; the full-split value in the rows is the exact one).
 
 Several training seeds per model: repeat a name (``--onnx stfpm=seed0.onnx --onnx stfpm=seed1.onnx``).
 A model's value is then the mean over its seeds, and each round also redraws every model's seeds
@@ -34,11 +36,20 @@ from qtool.commands.common import fail_cleanly
 from qtool.data import ImageTransform
 from qtool.data.datasets import load_splits
 from qtool.evaluate import OnnxPredictor
-from qtool.metrics import auroc_from_counts, image_auroc, pixel_auroc, pixel_histograms
+from qtool.metrics import (
+    aupro,
+    aupro_from_tables,
+    auroc_from_counts,
+    image_auroc,
+    pixel_auroc,
+    pixel_histograms,
+    pro_tables,
+)
 from qtool.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("image_auroc", "pixel_auroc")
+WITH_AUPRO = (*METRICS, "aupro")
 
 
 def categories(labels: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
@@ -67,29 +78,46 @@ def weighted_image_auroc(labels: np.ndarray, scores: np.ndarray, w: np.ndarray) 
     return float(roc_auc_score(labels[keep], scores[keep], sample_weight=w[keep]))
 
 
+def _round_auprs(tables, w: np.ndarray) -> list[float]:
+    """Binned AUPRO of each round of image weights ``w`` (R, N) from one category's :func:`pro_tables`."""
+    out = []
+    for i in range(0, len(w), 100):
+        wr = w[i : i + 100]
+        fp, ov = wr @ tables.false_positives, wr @ tables.overlap
+        nok, nreg = wr @ tables.normals, wr @ tables.regions
+        out += [aupro_from_tables(fp[j], ov[j], nok[j], nreg[j]) for j in range(len(wr))]
+    return out
+
+
 def bootstrap(outputs: dict[str, tuple[np.ndarray, np.ndarray]], masks: np.ndarray, labels: np.ndarray,
-              rounds: int, bins: int, seed: int, groups: np.ndarray | None = None) -> dict[str, dict[str, np.ndarray]]:
+              rounds: int, bins: int, seed: int, groups: np.ndarray | None = None,
+              metrics: tuple[str, ...] = METRICS) -> dict[str, dict[str, np.ndarray]]:
     """Per ONNX file, per metric: the ``rounds`` bootstrap values (the same image draws for every file).
 
     With ``groups`` (each test image's category) a value is the mean over categories of the
-    per-category AUROC, as ``qtool eval`` reports it; one category: the plain AUROC.
+    per-category AUROC (and AUPRO, when ``metrics`` has it), as ``qtool eval`` reports it; one category:
+    the plain value.
     """
     groups = categories(labels, groups)
     w = draws(labels, rounds, seed, groups)
     m = masks.astype(bool)
     out: dict[str, dict[str, np.ndarray]] = {}
     for name, (maps, scores) in outputs.items():
-        img, pix = [], []
+        img, pix, pro = [], [], []
         for g in np.unique(groups):
             sel = groups == g
-            pos, neg = pixel_histograms(m[sel], maps[sel], bins, float(maps.min()), float(maps.max()))
+            lo, hi = float(maps.min()), float(maps.max())
+            pos, neg = pixel_histograms(m[sel], maps[sel], bins, lo, hi)
             wg, per = w[:, sel], []
             for i in range(0, rounds, 100):  # (100, N) @ (N, bins) at a time: bounded memory
                 p, n = wg[i : i + 100] @ pos, wg[i : i + 100] @ neg
                 per += [auroc_from_counts(p[j], n[j]) for j in range(len(p))]
             pix.append(per)
             img.append([weighted_image_auroc(labels[sel], scores[sel], wr) for wr in wg])
-        out[name] = {"image_auroc": np.mean(img, axis=0), "pixel_auroc": np.mean(pix, axis=0)}
+            if "aupro" in metrics:
+                pro.append(_round_auprs(pro_tables(m[sel], maps[sel], bins, lo, hi), wg))
+        out[name] = {"image_auroc": np.mean(img, axis=0), "pixel_auroc": np.mean(pix, axis=0),
+                     **({"aupro": np.mean(pro, axis=0)} if "aupro" in metrics else {})}
     return out
 
 
@@ -108,34 +136,35 @@ def run_models(paths: list[str], splits, transform) -> tuple[dict[str, tuple[np.
 
 
 def seed_means(boot: dict[str, dict[str, np.ndarray]], models: dict[str, list[str]], rounds: int,
-               seed: int) -> dict[str, dict[str, np.ndarray]]:
+               seed: int, metrics: tuple[str, ...] = METRICS) -> dict[str, dict[str, np.ndarray]]:
     """Per model, per metric: each round's mean over its seeds, redrawn with replacement (one seed: itself)."""
     rng = np.random.default_rng(seed + 1)  # apart from the image draws
     out = {}
     for name, paths in models.items():
         pick = rng.integers(0, len(paths), size=(rounds, len(paths))) if len(paths) > 1 else np.zeros((rounds, 1), int)
         out[name] = {m: np.take_along_axis(np.stack([boot[p][m] for p in paths], axis=1), pick, axis=1).mean(axis=1)
-                     for m in METRICS}
+                     for m in metrics}
     return out
 
 
 def compare(outputs: dict[str, tuple[np.ndarray, np.ndarray]], models: dict[str, list[str]], masks: np.ndarray,
             labels: np.ndarray, rounds: int, bins: int, seed: int, groups: np.ndarray | None = None,
-            anchors: list[str] | None = None) -> list[dict]:
+            anchors: list[str] | None = None, metrics: tuple[str, ...] = METRICS) -> list[dict]:
     """Rows of every model B against the anchor A, per metric (see the module).
 
     ``anchors``: the models that are each an anchor in turn, against every other model, on the same
-    bootstrap rounds (default: the first model only).
+    bootstrap rounds (default: the first model only). ``metrics``: :data:`METRICS` or :data:`WITH_AUPRO`.
     """
     groups = categories(labels, groups)
     cats = [groups == g for g in np.unique(groups)]
-    full = {p: {k: float(np.mean(v)) for k, v in by_category(m, s, masks, labels, cats).items()}
+    full = {p: {k: float(np.mean(v)) for k, v in by_category(m, s, masks, labels, cats, metrics).items()}
             for p, (m, s) in outputs.items()}
-    boot = seed_means(bootstrap(outputs, masks, labels, rounds, bins, seed, groups), models, rounds, seed)
+    boot = seed_means(bootstrap(outputs, masks, labels, rounds, bins, seed, groups, metrics), models, rounds, seed,
+                      metrics)
     pairs = [(a, b) for a in (anchors or list(models)[:1]) for b in models if b != a]
     rows = []
     for a, b in pairs:
-        for metric in METRICS:
+        for metric in metrics:
             d = boot[b][metric] - boot[a][metric]
             lo, hi = np.percentile(d, [2.5, 97.5])
             values = {n: [full[p][metric] for p in models[n]] for n in (a, b)}
@@ -193,10 +222,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def by_category(maps: np.ndarray, scores: np.ndarray, masks: np.ndarray, labels: np.ndarray,
-                cats: list[np.ndarray]) -> dict[str, list[float]]:
+                cats: list[np.ndarray], metrics: tuple[str, ...] = METRICS) -> dict[str, list[float]]:
     """Each metric of one model on the full test split, one value per category (``cats``: boolean selections)."""
     return {"image_auroc": [image_auroc(labels[c], scores[c]) for c in cats],
-            "pixel_auroc": [pixel_auroc(masks[c], maps[c]) for c in cats]}
+            "pixel_auroc": [pixel_auroc(masks[c], maps[c]) for c in cats],
+            **({"aupro": [aupro(masks[c], maps[c]) for c in cats]} if "aupro" in metrics else {})}
 
 
 def category_values(outputs: dict[str, tuple[np.ndarray, np.ndarray]], models: dict[str, list[str]],

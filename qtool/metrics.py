@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -134,7 +135,7 @@ def auroc_from_counts(pos: np.ndarray, neg: np.ndarray) -> float:
     return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
 
 
-def _area_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
+def area_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
     """Trapezoid area under the polyline (x, y) (x non-decreasing) from x[0] to x_max.
 
     The last segment crossing x_max is cut there with y linearly interpolated.
@@ -208,7 +209,56 @@ def aupro(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3) -> float:
     last = np.append(np.diff(scores) != 0, True)  # one point per distinct threshold
     fpr = np.concatenate(([0.0], np.minimum(fpr[last], 1.0)))
     pro = np.concatenate(([0.0], np.minimum(pro[last], 1.0)))
-    return _area_to(fpr, pro, max_fpr) / max_fpr
+    return area_to(fpr, pro, max_fpr) / max_fpr
+
+
+@dataclass(frozen=True)
+class ProTables:
+    """Each image's share of the PRO curve on binned thresholds, so a resample's AUPRO is a weighted sum.
+
+    Threshold ``t`` is the lower edge of bin ``t`` counted from the top (``bins`` equal bins over [lo, hi]):
+    ``false_positives[i, t]``: normal pixels of image i scoring in bin ``t`` or above; ``overlap[i, t]``: the sum
+    over i's defect regions of each region's share scoring there; ``normals[i]``, ``regions[i]``: its normal pixel
+    and region counts. The PRO curve of images weighted ``w`` is ``(w @ overlap) / (w @ regions)`` against
+    ``(w @ false_positives) / (w @ normals)`` (:func:`aupro_from_tables`).
+    """
+
+    false_positives: np.ndarray
+    overlap: np.ndarray
+    normals: np.ndarray
+    regions: np.ndarray
+
+
+def pro_tables(masks: np.ndarray, maps: np.ndarray, bins: int, lo: float, hi: float) -> ProTables:
+    """:class:`ProTables` of ``maps`` against ``masks`` (regions as :func:`aupro`: 8-connected components)."""
+    m, a = _pixels(masks, maps)
+    n = len(m)
+    fp, ov = np.zeros((n, bins)), np.zeros((n, bins))
+    normals, regions = np.zeros(n), np.zeros(n)
+    for i, (mask, amap) in enumerate(zip(m, a, strict=True)):
+        labeled, sizes = defect_regions(mask)
+        inv_size = np.zeros(len(sizes))
+        inv_size[1:] = 1.0 / sizes[1:]
+        top = bins - 1 - _bin_index(amap, lo, hi, bins)  # bin index counted from the top
+        flat = mask.ravel()
+        fp[i] = np.cumsum(np.bincount(top[~flat], minlength=bins))
+        ov[i] = np.cumsum(np.bincount(top[flat], weights=inv_size[labeled.ravel()[flat]], minlength=bins))
+        normals[i], regions[i] = np.count_nonzero(~flat), len(sizes) - 1
+    return ProTables(fp, ov, normals, regions)
+
+
+def aupro_from_tables(fp: np.ndarray, overlap: np.ndarray, normals: float, regions: float,
+                      max_fpr: float = 0.3) -> float:
+    """Binned AUPRO from summed (or weighted-summed) :class:`ProTables` rows: ``fp``, ``overlap`` of shape (bins,).
+
+    Raises:
+        DataError: no normal pixel or no defect region.
+    """
+    if normals <= 0 or regions <= 0:
+        raise DataError("AUPRO needs normal pixels and at least one defect region")
+    fpr = np.concatenate(([0.0], np.minimum(fp / normals, 1.0)))
+    pro = np.concatenate(([0.0], np.minimum(overlap / regions, 1.0)))
+    return area_to(fpr, pro, max_fpr) / max_fpr
 
 
 def f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:

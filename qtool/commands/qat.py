@@ -21,12 +21,19 @@ from qtool.commands.train import data_options
 @click.option("--calib", default=None, help="Calibrator for the initial ranges (recipe ptq.calib).")
 @click.option("--quantize", "part", type=click.Choice(["student", "teacher", "both"]), default=None,
               help="Which part of the KD model is quantized.")
+@click.option("--loss", default=None,
+              help="What QAT minimises (recipe qat.loss): kd (the model's KD loss on the training split) or map "
+                   "(map distillation against fp32 on the search set: normals plus synthetic anomalies).")
+@click.option("--learn", default=None,
+              help="What QAT trains (recipe qat.learn): student (its weights and ranges) or ranges (every scale and "
+                   "quantized bias, no weight: post-training range learning).")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Run folder.")
 @data_options
 @recipe_options
 @fail_cleanly
 def qat_cmd(model_path: str, target: str | None, bits: int | None, epochs: int | None, init_from: str | None,
-            calib: str | None, part: str | None, out: str, data_root: str | None, data_format: str | None,
+            calib: str | None, part: str | None, loss: str | None, learn: str | None, out: str,
+            data_root: str | None, data_format: str | None,
             recipe: str | None, overrides: tuple[str, ...]) -> None:
     """Fine-tune a KD model under the PTQ spec's fake quantization and export the same QDQ ONNX."""
     from qtool.errors import RecipeError
@@ -35,7 +42,7 @@ def qat_cmd(model_path: str, target: str | None, bits: int | None, epochs: int |
     r = build_recipe(recipe, overrides, {
         "data.root": data_root, "data.format": data_format, "ptq.target": target, "ptq.activation_bits": bits,
         "ptq.weight_bits": bits, "ptq.calib": calib, "ptq.quantize": part, "qat.epochs": epochs,
-        "qat.init_from": init_from})
+        "qat.init_from": init_from, "qat.loss": loss, "qat.learn": learn})
     out_dir = Path(out)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "report.json").exists():
         raise RecipeError(f"output folder {out} exists and is not a qtool QAT run; choose another --out")

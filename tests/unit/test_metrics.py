@@ -110,6 +110,22 @@ def test_pixel_histograms_weighted_sum_is_the_auroc_of_repeated_images():
         metrics.auroc_from_counts(np.zeros(4), np.ones(4))
 
 
+def test_pro_tables_weighted_sum_is_the_aupro_of_repeated_images():
+    """A resample's AUPRO from per-image tables equals the exact AUPRO of the repeated stack (up to binning)."""
+    masks, maps = random_case(3, n=6, size=24, levels=1000)
+    masks[:3, 4:9, 4:9] = 1
+    masks[:3, 15:18, 2:20] = 1  # two regions in each of the first three images
+    tables = metrics.pro_tables(masks, maps, 1 << 14, float(maps.min()), float(maps.max()))
+    assert tables.false_positives.shape == tables.overlap.shape == (6, 1 << 14)
+    for w in (np.ones(6), np.array([2.0, 0.0, 1.0, 3.0, 1.0, 0.0])):
+        stack = np.repeat(np.arange(6), w.astype(int))
+        got = metrics.aupro_from_tables(w @ tables.false_positives, w @ tables.overlap, w @ tables.normals,
+                                        w @ tables.regions)
+        assert got == pytest.approx(metrics.aupro(masks[stack], maps[stack]), abs=2e-4)
+    with pytest.raises(DataError, match="defect region"):
+        metrics.aupro_from_tables(np.zeros(4), np.zeros(4), 10.0, 0.0)
+
+
 def test_pixel_auroc_needs_both_pixel_classes():
     with pytest.raises(DataError, match="only label 0"):
         metrics.pixel_auroc(np.zeros((2, 3, 3)), np.random.default_rng(0).random((2, 3, 3)))

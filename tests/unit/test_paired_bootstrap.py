@@ -12,6 +12,8 @@ from sklearn.metrics import roc_auc_score
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import paired_bootstrap as pb  # noqa: E402
 
+from qtool import metrics  # noqa: E402
+
 
 def _outputs(n: int = 48, seed: int = 0):
     rng = np.random.default_rng(seed)
@@ -59,6 +61,19 @@ def test_per_category_values_are_those_the_full_split_value_averages():
         assert r["b_value"] == pytest.approx(np.mean([per[g]["b"][r["metric"]] for g in ("a", "b")]))
     lines = pb.category_table(per)
     assert lines[0] == "| category (images, defective) | metric | a | b |" and len(lines) == 2 + 2 * 2
+
+
+def test_aupro_is_bootstrapped_on_the_same_rounds_when_asked():
+    outs, masks, labels, groups = _outputs()
+    models = {"a": ["m0"], "b": ["m1"]}
+    plain = pb.compare(outs, models, masks, labels, 40, 256, 0, groups)
+    rows = pb.compare(outs, models, masks, labels, 40, 256, 0, groups, metrics=pb.WITH_AUPRO)
+    assert [r["metric"] for r in rows] == ["image_auroc", "pixel_auroc", "aupro"] and rows[:2] == plain
+    row = rows[2]
+    want = np.mean([metrics.aupro(masks[groups == g], outs["m1"][0][groups == g]) for g in ("a", "b")])
+    assert row["b_value"] == pytest.approx(want)  # the full-split value is the exact per-category mean
+    lo, hi = row["ci95"]
+    assert lo > 0 and lo <= row["difference"] <= hi  # m1 marks the defects, m0 does not
 
 
 def test_one_category_equals_no_categories():

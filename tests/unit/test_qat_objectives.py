@@ -151,7 +151,7 @@ def test_cli_map_distillation_trains_on_the_search_set_never_the_test_split(tmp_
     kd = shared(tmp_path_factory)
     out = tmp_path / "mapd"
     args = ["qat", "--model", str(kd.checkpoint), "--recipe", str(kd.recipe_file), "--epochs", "1", "--bits", "4",
-            "--calib", "mse", "--out", str(out), "--set", "qat.loss=map", "--set", "qat.learn=ranges",
+            "--calib", "mse", "--out", str(out), "--loss", "map", "--learn", "ranges",
             "--set", "qat.batch_size=4", "--set", "ptq.search.normals=4", "--set", "ptq.search.check_normals=2"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, (res.stdout, res.stderr, res.exception)
