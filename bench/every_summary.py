@@ -31,8 +31,10 @@ def parse_group(text: str) -> tuple[str, str, list[Path]]:
     return label, what, paths
 
 
-def load_cells(paths: list[Path]) -> list[dict]:
+def load_cells(paths: list[Path], metrics: list[str] | None = None) -> list[dict]:
     """The cells of ``paths`` (each a ``--every`` result), with the file each came from.
+
+    ``metrics``: keep only these metrics' verdicts (default: every metric the files hold).
 
     Raises:
         FileNotFoundError / ValueError: a file is missing or is not an ``--every`` result.
@@ -42,7 +44,9 @@ def load_cells(paths: list[Path]) -> list[dict]:
         data = json.loads(path.read_text())
         if not data.get("meta", {}).get("every"):
             raise ValueError(f"{path}: not a map_aware_bootstrap.py --every result")
-        cells += [{**c, "file": path.name} for c in data["cells"]]
+        cells += [{**c, "file": path.name, "verdicts": [v for v in c["verdicts"]
+                                                        if metrics is None or v["metric"] in metrics]}
+                  for c in data["cells"]]
     return cells
 
 
@@ -63,12 +67,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--group", dest="groups", action="append", required=True, type=parse_group)
     ap.add_argument("--focus", required=True, help="the column whose significant verdicts are listed")
     ap.add_argument("--title", default="Grid: below / tie / above per column")
+    ap.add_argument("--metrics", type=lambda v: [m for m in v.split(",") if m], default=None,
+                    help="only these metrics' verdicts (e.g. aupro; default: all the files hold)")
     ap.add_argument("--out", required=True, help="output path without suffix (.json and .md are written)")
     args = ap.parse_args(argv)
     rows, every = [], []
     for label, what, paths in args.groups:
         try:
-            cells = load_cells(paths)
+            cells = load_cells(paths, args.metrics)
         except (OSError, ValueError, KeyError) as e:  # a missing, truncated or foreign file: one line, nothing written
             ap.error(f"--group {label}: {e}")
         every += cells
@@ -78,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--focus {args.focus!r} is not a column of these files ({', '.join(columns)})")
     total = tally(every)
     focus = significant(every, args.focus)
-    meta = bench_meta("bench/every_summary.py", argv, focus=args.focus)
+    metrics = list(dict.fromkeys(v["metric"] for c in every for v in c["verdicts"]))
+    meta = bench_meta("bench/every_summary.py", argv, focus=args.focus, metrics=metrics)
     write_results(Path(args.out), {"meta": meta, "groups": rows, "total": total, "focus": focus},
                   lambda path: write_markdown(path, args.title, meta, rows, total, focus, columns, args.focus))
 
@@ -91,7 +98,7 @@ def write_markdown(path: Path, title: str, meta: dict, rows: list[dict], total: 
 
     lines = [f"# {title}", "", f"`{meta['command']}`", "",
              "Added up from the `--every` files named per row (each column against the best of the others, same "
-             "source and width; image and pixel AUROC); below / above: the 95 % interval of best - column lies "
+             f"source and width; {', '.join(meta['metrics'])}); below / above: the 95 % interval of best - column lies "
              "above / below 0.", "",
              "| group | what | files | " + " | ".join(columns) + " |", "|---|---|---|" + "---|" * len(columns)]
     for r in rows:

@@ -48,3 +48,13 @@ def test_a_file_that_is_not_an_every_result_is_refused_and_nothing_is_written(tm
         es.main(["--focus", "x", "--group", f"G=w:{bad}", "--out", str(out)])
     assert e.value.code != 0 and "not a map_aware_bootstrap.py --every result" in capsys.readouterr().err
     assert not list(tmp_path.glob("sum*"))
+
+
+def test_metrics_keeps_only_those_verdicts(tmp_path):
+    a = _file(tmp_path, "a_every.json", [(4, "train", [_verdict("x", "image_auroc", "below", 0.02),
+                                                        _verdict("x", "aupro", "above", -0.1)])])
+    out = tmp_path / "sum"
+    es.main(["--focus", "x", "--metrics", "aupro", "--group", f"G=w:{a}", "--out", str(out)])
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["total"] == {"x": {"below": 0, "tie": 0, "above": 1}} and data["meta"]["metrics"] == ["aupro"]
+    assert "same source and width; aupro)" in out.with_suffix(".md").read_text()
