@@ -28,13 +28,7 @@ from qtool.qat.spec_map import build_spec_map
 from qtool.qat.train import mean_loss, qat_train
 from qtool.recipe import ModelConfig, PtqConfig, QatConfig
 
-
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

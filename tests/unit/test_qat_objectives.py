@@ -29,12 +29,7 @@ RANGES = QatConfig(epochs=4, batch_size=4, optimizer="adam", lr=1e-3, scale_lr=0
                    loss="map", learn="ranges")
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _setup(name: str, tmp_path, bits: int = 4):
