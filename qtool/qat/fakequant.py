@@ -282,12 +282,20 @@ class BiasFakeQuant(nn.Module):
     def __init__(self, act: ActFakeQuant, weight: WeightFakeQuant, latent_weight: Any) -> None:
         super().__init__()
         self._sources = (act, weight, latent_weight)
+        self._observed: tuple | None = None  # (weight version, its min/max scales): a frozen weight's, once
 
     def scale(self) -> torch.Tensor:
         """The bias scale now: the input's scale times the weight's (per channel)."""
         act, weight, latent = self._sources
-        w_scale, _ = weight.current_qparams(latent())
-        return (act.get_scale().detach() * w_scale.detach().to(torch.float32)).reshape(-1)
+        if weight.learnable:
+            w_scale = weight.get_scale().detach()
+        else:
+            w = latent()
+            key = (w.data_ptr(), w._version)
+            if self._observed is None or self._observed[0] != key:
+                self._observed = (key, weight.observed_qparams(w)[0].to(torch.float32))
+            w_scale = self._observed[1]
+        return (act.get_scale().detach() * w_scale).reshape(-1)
 
     def forward(self, b: torch.Tensor) -> torch.Tensor:
         """``b`` rounded to the int32 grid of :meth:`scale`, clamped to int32 as the export does."""

@@ -164,8 +164,9 @@ def _check_exportable(qm: QatModel) -> None:
             if site.part == part:
                 mod = gm.get_submodule(site.module)
                 covered.add(id(qm.latent_weight(site.tensor)))
-                if site.bias is not None and _latent(mod, "bias") is not None:
-                    covered.add(id(_latent(mod, "bias")))
+                bias = _latent(mod, "bias")
+                if site.bias is not None and bias is not None:
+                    covered.add(id(bias))
         covered |= {id(_tensor(gm, path)) for p, path in qm.smap.extras.values() if p == part}
         quantizers = {id(q.scale_parameter) for q in [*qm.act.values(), *qm.weights.values()]}
         for name, p in gm.named_parameters():
