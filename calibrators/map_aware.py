@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from typing import Any
 
 import numpy as np
@@ -19,15 +18,13 @@ from onnx import numpy_helper
 from calibrators.base import Calibrator, TensorRange, WeightRange, finite_values
 from calibrators.context import SearchContext
 from calibrators.evidence import EvidenceGate
+from calibrators.graph_search import GraphSearch
 from calibrators.objectives import OBJECTIVES, Scores
 from calibrators.rule_bank import SEARCH_SUFFIX, RuleBank
 from qtool.errors import CalibrationError
 from qtool.graph.weight_ranges import WEIGHT_RANGES, weight_bounds
-from qtool.proxy import MapDistortion, separation
 
 log = logging.getLogger(__name__)
-#: Up to this many search-set pixels the separation's pixel AUROC is exact; above, binned (error ~1e-6).
-SEARCH_EXACT_PIXELS = 1 << 20
 Candidates = list[tuple[list[str], TensorRange | WeightRange]]
 
 
@@ -253,90 +250,10 @@ class MapAwareCalibrator(Calibrator):
 
     def refine(self, ranges: dict[str, TensorRange], context: SearchContext) -> dict[str, TensorRange]:
         """Whole rules, then coordinate descent per tensor, on the quantized graph (see the class)."""
-        loss = MapDistortion(*context.reference, context.masks, context.labels,
-                             self.options["tail_quantile"], self.options["rank_weight"])
-        objective = self.objective
-        corrected = bool(self.options["corrected_scan"])
-        if corrected and context.correct is None:
-            raise CalibrationError("map-aware: corrected_scan needs bias correction on (ptq.bias_correction: true)")
-        confirm, check_set = bool(self.options["confirm"]), context.check
-        if confirm and check_set is None:
-            raise CalibrationError("map-aware: confirm needs a check set (set ptq.search.check_normals > 0)")
-        check_loss = None if check_set is None else MapDistortion(
-            *check_set.reference, check_set.masks, check_set.labels, self.options["tail_quantile"],
-            self.options["rank_weight"])
-        t0 = time.monotonic()
-        budget, max_graphs = self.options["time_budget_s"], self.options["max_graphs"]
-        runs, corrections, stop, confirm_runs = 0, 0, None, 0
-        gate = EvidenceGate(self.options["evidence"], self.options["guard"])
-        confirmations: dict[str, dict[str, Any]] = {}
-
-        def spent() -> bool:
-            """Whether a budget is spent; ``stop``: the first that cut the search (``graphs`` or ``time``)."""
-            nonlocal stop
-            now = ("graphs" if max_graphs is not None and runs >= max_graphs else
-                   "time" if budget <= 0 or time.monotonic() - t0 > budget else None)
-            stop = stop or now
-            return now is not None
-
-        def score(assignment: dict[str, TensorRange], biases: Any = None, on: SearchContext = context,
-                  against: MapDistortion = loss, judged: bool = True, counted: bool = True) -> Scores:
-            """``assignment``'s scores on ``on``'s images (the search set's unless a check's set).
-
-            ``counted``: the run counts against ``max_graphs`` (a confirmation's runs do not, so confirming
-            leaves the descent's budget as it was).
-            """
-            nonlocal runs, confirm_runs
-            if counted:
-                runs += 1
-            else:
-                confirm_runs += 1
-            maps, scores = on.run(on.build(assignment, None, biases))
-            parts = against.parts(maps, scores)
-            out = against.summary(parts)
-            if judged:  # a graph the gate may compare (a whole rule, the final check), not a descent move
-                gate.record(out, against, parts)
-            if objective.separates or (judged and gate.guard):
-                out.update(separation(maps, scores, on.masks, on.labels, exact_limit=SEARCH_EXACT_PIXELS))
-            return out
-
-        def as_saved(assignment: dict[str, TensorRange], on: SearchContext = context,
-                     against: MapDistortion = loss) -> tuple[Scores, Any]:
-            """Scores of the graph with biases corrected for ``assignment``'s own ranges, and those biases."""
-            nonlocal corrections
-            corrections += 1
-            biases = context.correct(assignment)
-            return score(assignment, biases, on, against), biases
-
-        def judge(assignment: dict[str, TensorRange]) -> tuple[Scores, Any]:
-            """A whole rule's scores, and the corrected biases it was scored with (``corrected_scan``; else None)."""
-            return as_saved(assignment) if corrected else (score(assignment), None)
-
-        def confirmed(prior: tuple[dict[str, TensorRange], Any], new: tuple[dict[str, TensorRange], Any],
-                      label: str, descent: bool = False) -> bool:
-            """Whether a departure the search set accepted (``new``: ranges, biases) beats ``prior`` on the check set.
-
-            Both are scored there with the biases given; the departure must convince the gate on the check
-            images and be the objective's pick of the two (a ``descent``: distort no more and, under the
-            objective, separate no worse, as in the final check). True when confirm is off.
-            """
-            if not confirm:
-                return True
-            p = score(*prior, check_set, check_loss, counted=False)
-            n = score(*new, check_set, check_loss, counted=False)
-            better = (objective.keeps(n, p) and n["loss"] <= p["loss"] if descent else
-                      objective.choose({"prior": p, "new": n}) == "new")
-            ok = gate.convinced(p, n, f"{label} on the check set") and better
-            confirmations[label] = {"prior": p, "new": n, "passed": ok}
-            return ok
-
-        def saved_biases(assignment: dict[str, TensorRange]) -> Any:
-            """The biases the pipeline saves ``assignment`` with: corrected for its ranges (None without correction)."""
-            nonlocal corrections
-            if context.correct is None:
-                return None
-            corrections += 1
-            return context.correct(assignment)
+        search = GraphSearch(context, self.objective, self.options)
+        objective, gate, spent, score = self.objective, search.gate, search.spent, search.score
+        judge, confirmed, corrected, confirm = search.judge, search.confirmed, search.corrected, search.confirm
+        check_set, loss, check_loss = search.check_set, search.loss, search.check_loss
 
         def at_rule(tensors: list[str], rule: str, onto: dict[str, TensorRange]) -> dict[str, TensorRange]:
             """``onto`` with each of ``tensors`` at ``rule``'s candidate."""
@@ -401,14 +318,14 @@ class MapAwareCalibrator(Calibrator):
             if len(cands) < 2:
                 status = "single candidate"
             elif best is None or spent():
-                status = f"{stop} budget spent: base kept"
+                status = f"{search.stop} budget spent: base kept"
             else:
                 tried[index[name]] = best
                 for i in (i for i in range(len(cands)) if i != index[name]):
                     if spent():
                         break
                     tried[i] = score({**current, name: cands[i][1]}, biases, judged=False)
-                status = "searched" if len(tried) == len(cands) else f"{stop} budget spent: best so far"
+                status = "searched" if len(tried) == len(cands) else f"{search.stop} budget spent: best so far"
                 kept = [i for i in tried if i == index[name] or objective.keeps(tried[i], best)]
                 pick = min(kept, key=lambda i: (tried[i]["loss"], i != index[name]))  # ties keep the current
                 if pick != index[name]:
@@ -418,7 +335,7 @@ class MapAwareCalibrator(Calibrator):
             out[name] = meta(name, status)
             if context.progress:
                 context.progress(1)
-        search_runs, check = runs, None
+        search_runs, check = search.runs, None
         base_ranges = {**current, **{n: self.candidates[n][i][1] for n, i in start.items()}}
         keep = True
         if changed and context.correct is not None and self.options["final_check"]:
@@ -427,16 +344,17 @@ class MapAwareCalibrator(Calibrator):
             # check set when there is one and confirm is off (with confirm the check set confirms it below)
             on = check_set if check_set is not None and not confirm else context
             against = loss if on is context else check_loss
-            base_saved = start_scores if corrected and on is context else as_saved(base_ranges, on, against)[0]
-            result_saved, _ = as_saved(current, on, against)
+            base_saved = (start_scores if corrected and on is context else
+                          search.as_saved(base_ranges, on, against)[0])
+            result_saved, _ = search.as_saved(current, on, against)
             keep = (objective.keeps(result_saved, base_saved) and result_saved["loss"] <= base_saved["loss"]
                     and gate.convinced(base_saved, result_saved, "descent vs base"))
             check = {"set": "search" if on is context else "check", "images": len(on.images),
                      "base": base_saved, "result": result_saved, "kept": "descent" if keep else "base",
-                     "graphs_run": runs - search_runs, "changes_undone": 0 if keep else changed}
+                     "graphs_run": search.runs - search_runs, "changes_undone": 0 if keep else changed}
         undone_by = None if keep else "final check"
         if changed and keep and confirm:  # as saved: with the biases the pipeline corrects for each (if it does)
-            keep = confirmed((base_ranges, saved_biases(base_ranges)), (current, saved_biases(current)),
+            keep = confirmed((base_ranges, search.saved_biases(base_ranges)), (current, search.saved_biases(current)),
                              "descent vs base", descent=True)
             undone_by = None if keep else "confirmation"
             if check is not None:
@@ -446,16 +364,17 @@ class MapAwareCalibrator(Calibrator):
                 index[name], current[name] = start[name], self.candidates[name][start[name]][1]
                 out[name] = meta(name, f"descent undone by the {undone_by}")
             best, changed = start_scores, 0
-        seconds = time.monotonic() - t0
+        seconds, stop, budget, runs = search.seconds(), search.stop, search.budget, search.runs
         self.search_summary = {
             "objective": self.options["objective"], "rule_losses": rule_scores, "base": base, "final": best,
-            "graphs_run": search_runs, "corrected_scan": corrected, "corrections": corrections, "final_check": check,
+            "graphs_run": search_runs, "corrected_scan": corrected, "corrections": search.corrections,
+            "final_check": check,
             "tensors": len(names), "tensors_changed_from_base": changed,
             "weights_searched": len(weights), "weight_rule_scores": weight_scores, "weight_base": weight_base,
-            "seconds": round(seconds, 3), "budget_s": budget, "max_graphs": max_graphs,
+            "seconds": round(seconds, 3), "budget_s": budget, "max_graphs": search.max_graphs,
             "budget_spent": stop is not None, "stopped_by": stop, "evidence": gate.summary(),
-            "confirm": None if not confirm else {"images": len(check_set.images), "graphs_run": confirm_runs,
-                                                 "departures": confirmations},
+            "confirm": None if not confirm else {"images": len(check_set.images), "graphs_run": search.confirm_runs,
+                                                 "departures": search.confirmations},
         }
         if stop == "time" and budget > 0:
             log.warning("map-aware search stopped by its time budget (%g s) after %d graphs: the result depends on "
