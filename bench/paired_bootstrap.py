@@ -78,7 +78,7 @@ def weighted_image_auroc(labels: np.ndarray, scores: np.ndarray, w: np.ndarray) 
     return float(roc_auc_score(labels[keep], scores[keep], sample_weight=w[keep]))
 
 
-def _round_auprs(tables, w: np.ndarray) -> list[float]:
+def _round_aupros(tables, w: np.ndarray) -> list[float]:
     """Binned AUPRO of each round of image weights ``w`` (R, N) from one category's :func:`pro_tables`."""
     out = []
     for i in range(0, len(w), 100):
@@ -115,7 +115,7 @@ def bootstrap(outputs: dict[str, tuple[np.ndarray, np.ndarray]], masks: np.ndarr
             pix.append(per)
             img.append([weighted_image_auroc(labels[sel], scores[sel], wr) for wr in wg])
             if "aupro" in metrics:
-                pro.append(_round_auprs(pro_tables(m[sel], maps[sel], bins, lo, hi), wg))
+                pro.append(_round_aupros(pro_tables(m[sel], maps[sel], bins, lo, hi), wg))
         out[name] = {"image_auroc": np.mean(img, axis=0), "pixel_auroc": np.mean(pix, axis=0),
                      **({"aupro": np.mean(pro, axis=0)} if "aupro" in metrics else {})}
     return out

@@ -135,7 +135,7 @@ def auroc_from_counts(pos: np.ndarray, neg: np.ndarray) -> float:
     return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
 
 
-def area_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
+def _area_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
     """Trapezoid area under the polyline (x, y) (x non-decreasing) from x[0] to x_max.
 
     The last segment crossing x_max is cut there with y linearly interpolated.
@@ -149,6 +149,13 @@ def area_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
         y_cut = y0[j] + (y1[j] - y0[j]) * (x_max - x0[j]) / (x1[j] - x0[j])
         area += float((x_max - x0[j]) * (y0[j] + y_cut) / 2)
     return area
+
+
+def _pro_area(fpr: np.ndarray, pro: np.ndarray, max_fpr: float) -> float:
+    """Normalised area under the PRO curve (points by falling threshold, starting at (0, 0)) up to ``max_fpr``."""
+    x = np.concatenate(([0.0], np.minimum(fpr, 1.0)))
+    y = np.concatenate(([0.0], np.minimum(pro, 1.0)))
+    return _area_to(x, y, max_fpr) / max_fpr
 
 
 def defect_regions(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -207,9 +214,7 @@ def aupro(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3) -> float:
     fpr = np.cumsum(np.concatenate(sel_fp)[order], dtype=np.int64) / n_ok
     pro = np.cumsum(np.concatenate(sel_w)[order]) / n_regions
     last = np.append(np.diff(scores) != 0, True)  # one point per distinct threshold
-    fpr = np.concatenate(([0.0], np.minimum(fpr[last], 1.0)))
-    pro = np.concatenate(([0.0], np.minimum(pro[last], 1.0)))
-    return area_to(fpr, pro, max_fpr) / max_fpr
+    return _pro_area(fpr[last], pro[last], max_fpr)
 
 
 @dataclass(frozen=True)
@@ -256,9 +261,7 @@ def aupro_from_tables(fp: np.ndarray, overlap: np.ndarray, normals: float, regio
     """
     if normals <= 0 or regions <= 0:
         raise DataError("AUPRO needs normal pixels and at least one defect region")
-    fpr = np.concatenate(([0.0], np.minimum(fp / normals, 1.0)))
-    pro = np.concatenate(([0.0], np.minimum(overlap / regions, 1.0)))
-    return area_to(fpr, pro, max_fpr) / max_fpr
+    return _pro_area(fp / normals, overlap / regions, max_fpr)
 
 
 def f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:

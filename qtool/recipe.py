@@ -158,6 +158,12 @@ def _known(kind: str, names: list[str], value: str) -> str:
     return value
 
 
+def _registered(value: str, module: str, name: str) -> str:
+    """``value`` if registry ``module.name`` (imported only when a recipe sets the field) knows it, else ValueError."""
+    registry = getattr(importlib.import_module(module), name)
+    return _known(registry.kind, registry.names(), value)
+
+
 class PtqConfig(Section):
     """Post-training quantization: calibrator, target profile, policy."""
 
@@ -219,12 +225,10 @@ class PtqConfig(Section):
     @field_validator("weight_range", "weight_rounding", "mixed_precision_criterion", "mixed_precision_rank")
     @classmethod
     def _registry_name(cls, v: str, info: ValidationInfo) -> str:
-        module, name = {"weight_range": ("qtool.graph.weight_ranges", "WEIGHT_RANGES"),  # imported only when set
-                        "weight_rounding": ("qtool.weight_rounding", "ROUNDINGS"),
-                        "mixed_precision_criterion": ("qtool.mixed_precision", "CRITERIA"),
-                        "mixed_precision_rank": ("qtool.mixed_precision", "RANKS")}[info.field_name]
-        registry = getattr(importlib.import_module(module), name)
-        return _known(registry.kind, registry.names(), v)
+        return _registered(v, *{"weight_range": ("qtool.graph.weight_ranges", "WEIGHT_RANGES"),
+                                "weight_rounding": ("qtool.weight_rounding", "ROUNDINGS"),
+                                "mixed_precision_criterion": ("qtool.mixed_precision", "CRITERIA"),
+                                "mixed_precision_rank": ("qtool.mixed_precision", "RANKS")}[info.field_name])
 
 
 class QatConfig(Section):
@@ -248,10 +252,7 @@ class QatConfig(Section):
     @field_validator("loss", "learn")
     @classmethod
     def _registry_name(cls, v: str, info: ValidationInfo) -> str:
-        from qtool.qat.objectives import LEARN_SETS, QAT_LOSSES  # imported only when set
-
-        registry = {"loss": QAT_LOSSES, "learn": LEARN_SETS}[info.field_name]
-        return _known(registry.kind, registry.names(), v)
+        return _registered(v, "qtool.qat.objectives", {"loss": "QAT_LOSSES", "learn": "LEARN_SETS"}[info.field_name])
 
 
 class EvalConfig(Section):

@@ -105,7 +105,6 @@ class MapDistillation(nn.Module):
         flat = maps.flatten().double()
         k = max(1, min(flat.numel(), int(round(tail_quantile * flat.numel()))))
         self.register_buffer("threshold", flat.kthvalue(k).values.float())
-        self.tail_quantile = tail_quantile
 
     @torch.no_grad()
     def reference(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
