@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from qtool.artifacts import removed_on_error
 from qtool.commands.common import TqdmProgress, build_recipe, fail_cleanly, recipe_options
 from qtool.commands.train import data_options
 
@@ -46,7 +47,7 @@ def qat_cmd(model_path: str, target: str | None, bits: int | None, epochs: int |
     out_dir = Path(out)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "report.json").exists():
         raise RecipeError(f"output folder {out} exists and is not a qtool QAT run; choose another --out")
-    with TqdmProgress("qat") as bar:
+    with removed_on_error(out_dir), TqdmProgress("qat") as bar:  # a failed run leaves no partial folder
         report = run_qat(Path(model_path), r, out_dir, progress=bar)
     losses = [h.get("holdout_loss") for h in report["history"] if "holdout_loss" in h]
     shown = f"holdout loss {losses[0]:.4g} -> {losses[-1]:.4g}, " if len(losses) > 1 else ""

@@ -160,6 +160,16 @@ def test_cli_map_distillation_trains_on_the_search_set_never_the_test_split(tmp_
     assert report["trained_parameters"] > 0 and report["lint"] == []
 
 
+def test_a_check_set_past_the_end_of_the_pool_is_a_one_line_error_and_no_folder(tmp_path_factory, tmp_path):
+    kd = shared(tmp_path_factory)
+    out = tmp_path / "mapd"
+    res = CliRunner().invoke(main, ["qat", "--model", str(kd.checkpoint), "--recipe", str(kd.recipe_file),
+                                    "--out", str(out), "--loss", "map", "--learn", "ranges", "--bits", "4",
+                                    "--set", "ptq.search.normals=1000", "--set", "ptq.search.check_normals=2"])
+    assert res.exit_code != 0 and res.stderr.count("\n") == 1 and "check_normals" in res.stderr, res.stderr
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(("key", "value"), [("qat.loss", "mse"), ("qat.learn", "everything")])
 def test_unknown_loss_or_learn_set_is_a_one_line_error(tmp_path_factory, tmp_path, key, value):
     kd = shared(tmp_path_factory)
