@@ -46,9 +46,10 @@ def run_cell(model: Path, base: Path, overrides: list[str], cell: Path, threads:
     metrics = run_eval(Path(report["output"]), recipe)["metrics"]["mean"]
     row = {**{k: metrics.get(k) for k in KEYS}, "qat_seconds": round(seconds, 2),
            "train_seconds": round(report["stage_seconds"]["train"], 2), "sqnr_db": report["sqnr_db"],
-           "history": [{k: v for k, v in h.items() if k in ("epoch", "train_loss", "holdout_loss", "seconds")}
+           "history": [{k: v for k, v in h.items() if k in ("epoch", "train_loss", "holdout_loss", "seconds", "kept")}
                        for h in report["history"]],
-           "qat": report["qat"], "learn": report["learn"], "trained_parameters": report["trained_parameters"],
+           "qat": report["qat"], "learn": report["learn"], "kept_epoch": report["kept_epoch"], "init": report["init"],
+           "trained_parameters": report["trained_parameters"],
            "objective": {k: v for k, v in report["objective"].items() if k not in ("images", "holdout")},
            "train_images": report["train_images"]}
     write_json(cached, row)
@@ -77,11 +78,12 @@ def write_markdown(path: Path, meta: dict, setups: list[dict]) -> None:
             lines.append(f"| {s['setup']} | {name} | {row['image_auroc']:.4f} | {row['pixel_auroc']:.4f} | "
                          f"{row['aupro']:.4f} | {sq:.1f} | {secs} |")
     nan = float("nan")
-    lines += ["", "Learning curves (map distillation loss: search set while training, check set after each epoch):",
+    lines += ["", "Learning curves (map distillation loss: search set while training, check set after each epoch; "
+              "* the state exported):",
               ""]
     for s in setups:
-        curve = ", ".join(f"{h['epoch']}: {h.get('train_loss', nan):.3f} / {h.get('holdout_loss', nan):.3f}"
-                          for h in s["cell"]["history"])
+        curve = ", ".join(f"{h['epoch']}{'*' if h.get('kept') else ''}: {h.get('train_loss', nan):.3f} / "
+                          f"{h.get('holdout_loss', nan):.3f}" for h in s["cell"]["history"])
         lines.append(f"- {s['setup']} ({s['cell']['train_images']} images, {s['cell']['trained_parameters']} "
                      f"biases, {s['cell']['train_seconds']} s): {curve}")
     lines += ["", versions_line(meta["versions"])]
@@ -100,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--source", default="train")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--init-from-base", action="store_true",
+                    help="start from the base cell's PTQ graph (qat.init_from = its ptq folder: ranges and biases)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override (qat.*, ptq.*)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
@@ -110,11 +114,13 @@ def main(argv: list[str] | None = None) -> None:
         if not model or not (base / "ptq" / "recipe.yaml").is_file() or not (base / "cell.json").is_file():
             sys.exit(f"error: --model {item!r}: need SETUP=CHECKPOINT and a finished base cell {base}")
         cell = Path(args.work) / setup / f"{args.label}-{args.source}-{args.bits}bit"
-        row = run_cell(Path(model), base, args.overrides, cell, args.threads)
+        overrides = [*args.overrides, f"qat.init_from={base / 'ptq'}"] if args.init_from_base else args.overrides
+        row = run_cell(Path(model), base, overrides, cell, args.threads)
         setups.append({"setup": setup, "model": model, "base": base_row(base), "cell": row})
         print(setup, {k: row[k] for k in (*KEYS, "qat_seconds")}, flush=True)
     meta = bench_meta("bench/map_distillation.py", argv, base=args.base, label=args.label, bits=args.bits,
-                      source=args.source, overrides=args.overrides)
+                      source=args.source, overrides=args.overrides,
+                      init_from_base=args.init_from_base)
     write_results(Path(args.out), {"meta": meta, "setups": setups}, lambda path: write_markdown(path, meta, setups))
 
 

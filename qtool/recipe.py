@@ -244,7 +244,10 @@ class QatConfig(Section):
     learnable_scales: bool = True
     scale_lr: float = Field(1e-3, gt=0.0)
     observer_momentum: float = Field(0.01, ge=0.0, le=1.0)
-    init_from: str | None = None
+    init_from: str | None = None  # a PTQ run folder: start from its graph (ranges and biases)
+    # the state exported: last (the last epoch's) or best (the lowest holdout loss among the start and every
+    # epoch; needs a holdout: the training split's, or with qat.loss map the check set)
+    keep: Literal["last", "best"] = "last"
     checkpoint_every: int = Field(1, ge=1)
     loss: str = "kd"  # kd: the model's KD loss on the training split; map: map distillation on the search set
     learn: str = "student"  # student: its weights and ranges; ranges: every scale and quantized bias, no weights

@@ -28,12 +28,15 @@ from qtool.commands.train import data_options
 @click.option("--learn", default=None,
               help="What QAT trains (recipe qat.learn): student (its weights and ranges) or ranges (every scale and "
                    "quantized bias, no weight: post-training range learning).")
+@click.option("--keep", type=click.Choice(["last", "best"]), default=None,
+              help="The state exported (recipe qat.keep): the last epoch's, or the lowest holdout loss among the "
+                   "start and every epoch.")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Run folder.")
 @data_options
 @recipe_options
 @fail_cleanly
 def qat_cmd(model_path: str, target: str | None, bits: int | None, epochs: int | None, init_from: str | None,
-            calib: str | None, part: str | None, loss: str | None, learn: str | None, out: str,
+            calib: str | None, part: str | None, loss: str | None, learn: str | None, keep: str | None, out: str,
             data_root: str | None, data_format: str | None,
             recipe: str | None, overrides: tuple[str, ...]) -> None:
     """Fine-tune a KD model under the PTQ spec's fake quantization and export the same QDQ ONNX."""
@@ -43,14 +46,17 @@ def qat_cmd(model_path: str, target: str | None, bits: int | None, epochs: int |
     r = build_recipe(recipe, overrides, {
         "data.root": data_root, "data.format": data_format, "ptq.target": target, "ptq.activation_bits": bits,
         "ptq.weight_bits": bits, "ptq.calib": calib, "ptq.quantize": part, "qat.epochs": epochs,
-        "qat.init_from": init_from, "qat.loss": loss, "qat.learn": learn})
+        "qat.init_from": init_from, "qat.loss": loss, "qat.learn": learn,
+        "qat.keep": keep})
     out_dir = Path(out)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "report.json").exists():
         raise RecipeError(f"output folder {out} exists and is not a qtool QAT run; choose another --out")
     with removed_on_error(out_dir), TqdmProgress("qat") as bar:  # a failed run leaves no partial folder
         report = run_qat(Path(model_path), r, out_dir, progress=bar)
-    losses = [h.get("holdout_loss") for h in report["history"] if "holdout_loss" in h]
-    shown = f"holdout loss {losses[0]:.4g} -> {losses[-1]:.4g}, " if len(losses) > 1 else ""
+    losses = {h["epoch"]: h["holdout_loss"] for h in report["history"] if "holdout_loss" in h}
+    kept = report["kept_epoch"]
+    shown = f"holdout loss {losses[0]:.4g} -> {losses[kept]:.4g} (epoch {kept}), " if 0 in losses and kept in losses \
+        else ""
     click.echo(f"{report['output']}: {report['plan']['weights']} weights, {shown}"
                f"{report['mean_epoch_seconds']:.1f} s/epoch, SQNR map {report['sqnr_db']['anomaly_map']:.1f} dB, "
                f"lint issues {len(report['lint'])}")

@@ -1,7 +1,8 @@
 """``qtool qat``: quantization-aware distillation of a trained checkpoint into a QDQ ONNX model.
 
 export (as PTQ) -> prepare -> policy (same PtqConfig/profile as PTQ) -> initial ranges (the PTQ
-calibrator on the same calibration data, or a PTQ run's report) -> fx fake-quant graph -> QAT
+calibrator on the same calibration data, or a PTQ run's graph: its ranges and biases;
+:mod:`qtool.qat.start`) -> fx fake-quant graph -> QAT
 epochs -> QDQ export -> lint -> save. The run folder mirrors ``qtool ptq``'s: ``model.onnx``,
 ``fp32.onnx`` (the input), ``qat_fp32.onnx`` (trained float), ``qat.pt`` (and ``last.pt``), ``report.json``,
 ``recipe.yaml``, ``manifest.json``. ``sqnr_db`` compares with the input fp32 model (as PTQ's report does);
@@ -10,10 +11,8 @@ epochs -> QDQ export -> lint -> save. The run folder mirrors ``qtool ptq``'s: ``
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,38 +25,12 @@ from qtool.qat.checkpoint import qat_payload, save_qat_checkpoint
 from qtool.qat.export import export_qdq, trained_float_graph
 from qtool.qat.insert import QatModel, prepare_qat
 from qtool.qat.objectives import LEARN_SETS, QAT_LOSSES, QatInputs, select_parameters
-from qtool.qat.trace import QatError
+from qtool.qat.start import biases_from_run, check_same_model, initial_ranges, ranges_from_report
 from qtool.qat.train import QatOptimizer, build_optimizer, qat_train
 from qtool.recipe import Recipe, dump_recipe
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int], None] | None
-
-
-def ranges_from_report(path: Path, profile: str, activation_bits: int) -> dict[str, Any]:
-    """Per-tensor ``(lo, hi)`` from a PTQ run's ``report.json`` (or its folder), keyed by range owner.
-
-    Per weight, the weight range rule PTQ used (the calibrator's choice where it made one).
-
-    Raises:
-        QatError: missing/unreadable report, or one made for another target or bit width.
-    """
-    path = Path(path)
-    report_path = path / "report.json" if path.is_dir() else path
-    try:
-        report = json.loads(report_path.read_text())
-        q = report["quantization"]
-        tensors = q["tensors"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise QatError(f"--init-from {path}: not a readable PTQ report ({type(e).__name__}: {e})") from None
-    if q.get("profile") != profile or int(q.get("activation_bits", 8)) != activation_bits:
-        raise QatError(f"--init-from {path}: the PTQ run is for target {q.get('profile')!r} at "
-                       f"{q.get('activation_bits')} bits; this QAT run is {profile!r} at {activation_bits} bits")
-    rules = {w: ((e.get("calibrator") or {}).get("chosen") or [None])[0] if e.get("range") == "given"
-             else e.get("range") for w, e in q.get("weights", {}).items()}
-    rules = {w: r for w, r in rules.items() if isinstance(r, str)}  # older reports name no rule: the spec's
-    return {**{e.get("range_of", t): (float(e["lo"]), float(e["hi"])) for t, e in tensors.items()
-               if not e.get("constant")}, **rules}
 
 
 def range_report(qm: QatModel, initial: dict[str, tuple[float, float]]) -> dict[str, Any]:
@@ -69,33 +42,6 @@ def range_report(qm: QatModel, initial: dict[str, tuple[float, float]]) -> dict[
                   "zero_point": int(q.zero_point), "dtype": q.params.dtype, "bits": q.params.bits,
                   "learnable": q.learnable}
     return out
-
-
-def _initial_ranges(recipe: Recipe, prepared: Any, spec: Any, splits: Any, transform: Any,
-                    progress: Progress) -> tuple[dict[str, tuple[float, float]], dict[str, Any]]:
-    cfg, ptq = recipe.qat, recipe.ptq
-    if cfg.init_from:
-        return ranges_from_report(Path(cfg.init_from), spec.profile.name, ptq.activation_bits), {
-            "init_from": cfg.init_from}
-    from calibrators import WeightRange
-    from qtool.calib_data import calibration_set
-    from qtool.calibrate import calibrate, input_ranges, recipe_calibrator
-    from qtool.ptq_search import search_batches_for
-    from qtool.search import Harness, build_search_set
-
-    calibrator_at = partial(recipe_calibrator, ptq, spec.profile)
-    calibrator = calibrator_at()
-    calib = calibration_set(splits, transform, ptq.calib_data)
-    search = build_search_set(splits, transform, ptq.search) if calibrator.needs_graph else None
-    found = calibrate(prepared, spec.tensors_to_calibrate(),
-                      calib.batches(), calibrator, threads=recipe.eval.threads, group=ptq.calib_data.batch_size,
-                      progress=progress,
-                      search_batches=search_batches_for(search, calibrator, ptq.calib_data.batch_size))
-    found.update(input_ranges(spec, calib.batches, calibrator_at))
-    if search is not None:  # a graph-searching calibrator (map-aware) refines on the same spec
-        found = calibrator.refine(found, Harness(prepared, spec, search, recipe.eval.threads).context())
-    initial = {t: r if isinstance(r, WeightRange) else (float(r.lo), float(r.hi)) for t, r in found.items()}
-    return initial, {"calibrator": ptq.calib, "calibration": calib.description}
 
 
 def run_qat(model_path: Path, recipe: Recipe, out_dir: Path, progress: Progress = None) -> dict[str, Any]:
@@ -136,6 +82,10 @@ def run_qat(model_path: Path, recipe: Recipe, out_dir: Path, progress: Progress 
         prepared = prepare(load_model(fp32))
     with timer.stage("policy"):
         spec = build_spec(prepared, recipe.ptq, profile)
+    start: dict[str, Any] = {}
+    if cfg.init_from:  # start from the PTQ run's graph: its biases too (bias correction's)
+        start["model_check"] = check_same_model(Path(cfg.init_from), [Path(model_path), fp32])
+        prepared, start["biases"] = biases_from_run(Path(cfg.init_from), prepared, spec)
     data_cfg = recipe.data.model_copy(update={k: meta["data"][k] for k in ("image_size", "resize", "scale_ref",
                                                                             "normalize") if k in meta["data"]})
     splits = load_splits(data_cfg)
@@ -144,7 +94,8 @@ def run_qat(model_path: Path, recipe: Recipe, out_dir: Path, progress: Progress 
         splits = splits.filter(category)
     transform = ImageTransform(data_cfg)
     with timer.stage("init_ranges"):
-        initial, init_desc = _initial_ranges(recipe, prepared, spec, splits, transform, progress)
+        initial, init_desc = initial_ranges(recipe, prepared, spec, splits, transform, progress)
+        init_desc.update(start)
     learn = LEARN_SETS.get(cfg.learn)
     with timer.stage("insert_fakequant"):
         qm = prepare_qat(model, prepared, spec, initial, cfg.learnable_scales, cfg.observer_momentum,
@@ -165,7 +116,8 @@ def run_qat(model_path: Path, recipe: Recipe, out_dir: Path, progress: Progress 
     with timer.stage("train"):
         history = qat_train(qm, data.images, cfg, data.holdout, recipe.seed, on_epoch, progress,
                             build_optimizer(qm, cfg, trained), objective=data.objective)
-    ckpt = save("qat.pt", {"epoch": cfg.epochs, "history": history, "category": category})
+    kept = next((h["epoch"] for h in history if h.get("kept")), cfg.epochs)  # the state exported (qat.keep)
+    ckpt = save("qat.pt", {"epoch": cfg.epochs, "kept_epoch": kept, "history": history, "category": category})
     with timer.stage("export_qdq"):
         qdq, qreport = export_qdq(qm, prepared)
         trained_fp32 = out_dir / "qat_fp32.onnx"  # the QAT-trained float model (BatchNorm folded)
@@ -185,7 +137,7 @@ def run_qat(model_path: Path, recipe: Recipe, out_dir: Path, progress: Progress 
     epochs = [h for h in history if h["epoch"] > 0]
     report: dict[str, Any] = {
         "model": str(model_path), "target": profile.name, "plan": plan(spec), "spec_map": qm.smap.summary(),
-        "init": init_desc, "qat": sections["qat"], "history": history,
+        "init": init_desc, "qat": sections["qat"], "history": history, "kept_epoch": kept,
         "epoch_seconds": [round(h["seconds"], 3) for h in epochs],
         "mean_epoch_seconds": float(np.mean([h["seconds"] for h in epochs])) if epochs else 0.0,
         "train_images": len(data.images), "objective": data.description, "learn": cfg.learn,

@@ -4,6 +4,8 @@ The loss is ``model.training_loss`` on the QAT model, whose teacher/student are 
 GraphModules: a quantized teacher gives fake-quantized targets (its ranges stay as calibrated), a
 float teacher gives float ones; DCAM, when the model has it, trains as in ``qtool train``. Activation
 and weight scales are frozen for the last ``freeze_epochs`` epochs (observers stop, LSQ scales stop).
+With ``keep: best`` the state with the lowest holdout loss, among the start and every epoch, is restored
+at the end (so on the holdout the result is never worse than where training began).
 """
 
 from __future__ import annotations
@@ -112,23 +114,29 @@ def qat_train(qm: QatModel, images: torch.Tensor, cfg: QatConfig, holdout: torch
 
     Returns:
         The history: one row per epoch (loss terms, holdout loss, seconds, frozen), after a row
-        ``epoch 0`` with the holdout loss of the fake-quantized model before training.
+        ``epoch 0`` with the holdout loss of the fake-quantized model before training; the row of the
+        state kept (``cfg.keep``) has ``kept: True``.
 
     Raises:
-        QatError: the model has no ``training_loss``.
+        QatError: the model has no ``training_loss``, or ``keep: best`` without a holdout.
     """
     from qtool.qat.trace import QatError
 
     model = qm.model if objective is None else objective
     if not hasattr(model, "training_loss"):
         raise QatError(f"{type(model).__name__} has no training_loss; QAT needs a KD model")
+    has_holdout = holdout is not None and len(holdout) > 0
+    if cfg.keep == "best" and not (has_holdout and start_epoch == 0):
+        raise QatError("qat.keep best needs a holdout loss from the start (a holdout split, or with qat.loss map "
+                       "ptq.search.check_normals > 0) and a run that starts at epoch 0")
     opt = optimizer or build_optimizer(qm, cfg)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(start_epoch):
         torch.randperm(len(images), generator=gen)
     history: list[dict[str, float]] = []
-    if holdout is not None and len(holdout) and start_epoch == 0:
+    if has_holdout and start_epoch == 0:
         history.append({"epoch": 0, "holdout_loss": mean_loss(model, holdout, cfg.batch_size), "seconds": 0.0})
+    best = _Best(qm, history[0]) if cfg.keep == "best" else None
     for epoch in range(start_epoch, cfg.epochs):
         frozen = epoch >= cfg.epochs - cfg.freeze_epochs
         qm.set_frozen(frozen)
@@ -143,8 +151,35 @@ def qat_train(qm: QatModel, images: torch.Tensor, cfg: QatConfig, holdout: torch
             row["holdout_loss"] = mean_loss(model, holdout, cfg.batch_size)
         history.append(row)
         log.info("qat epoch %d %s", epoch + 1, row)
+        if best is not None:
+            best.offer(row)
         if on_epoch is not None:
             on_epoch(epoch + 1, history, opt)
     qm.set_frozen(True)
+    if best is not None:
+        best.restore()
+    if history:
+        (best.row if best is not None else history[-1])["kept"] = True
     model.eval()
     return history
+
+
+class _Best:
+    """The QAT model's state with the lowest holdout loss offered so far (the first of equals)."""
+
+    def __init__(self, qm: QatModel, row: dict[str, float]) -> None:
+        self.qm, self.row = qm, row
+        self.state = self._snapshot()
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.qm.model.state_dict().items()}
+
+    def offer(self, row: dict[str, float]) -> None:
+        """Keep the current state if ``row``'s holdout loss is lower than the kept one's."""
+        if row["holdout_loss"] < self.row["holdout_loss"]:
+            self.row, self.state = row, self._snapshot()
+
+    def restore(self) -> None:
+        """Load the kept state back into the model."""
+        with torch.no_grad():
+            self.qm.model.load_state_dict(self.state)
