@@ -162,7 +162,7 @@ def test_qat_initial_ranges_come_from_the_search_too(kd, monkeypatch):
     from calibrators import MapAwareCalibrator
     from qtool.data import ImageTransform
     from qtool.graph import build_spec, load_model, prepare
-    from qtool.qat.run import _initial_ranges
+    from qtool.qat.start import initial_ranges
 
     refined = []
     real = MapAwareCalibrator.refine
@@ -175,7 +175,7 @@ def test_qat_initial_ranges_come_from_the_search_too(kd, monkeypatch):
     recipe = kd.recipe("ptq.calib=map-aware", "ptq.calib_options.time_budget_s=2", "ptq.search.normals=2")
     prepared = prepare(load_model(kd.onnx))
     spec = build_spec(prepared, recipe.ptq)
-    ranges, _ = _initial_ranges(recipe, prepared, spec, load_splits(recipe.data), ImageTransform(recipe.data), None)
+    ranges, _ = initial_ranges(recipe, prepared, spec, load_splits(recipe.data), ImageTransform(recipe.data), None)
     from calibrators import WeightRange
 
     assert len(refined) == 1 and ranges.keys() == refined[0].keys()

@@ -145,7 +145,8 @@ def test_qat_cell_starts_from_the_ranges_of_its_ptq_twin(sweep):
     builds = sweep.cache / "builds"
     qat_report = json.loads((builds / qat["build_key"] / "report.json").read_text())
     ptq_tensors = json.loads((builds / ptq["build_key"] / "report.json").read_text())["quantization"]["tensors"]
-    assert qat_report["init"] == {"init_from": str(builds / ptq["build_key"])}
+    assert qat_report["init"]["init_from"] == str(builds / ptq["build_key"])
+    assert qat_report["init"]["model_check"] == "checked"
     for t, r in qat_report["ranges"].items():
         assert r["initial"] == pytest.approx([ptq_tensors[t]["lo"], ptq_tensors[t]["hi"]]), t
 

@@ -296,7 +296,8 @@ def test_cli_qat_end_to_end_and_init_from_ptq(tmp_path_factory, tmp_path):
     assert {"model.onnx", "fp32.onnx", "qat_fp32.onnx", "qat.pt", "last.pt", "report.json", "recipe.yaml",
             "manifest.json"} <= names
     report = json.loads((out / "report.json").read_text())
-    assert report["init"] == {"init_from": str(ptq_dir)} and report["lint"] == []
+    assert report["init"]["init_from"] == str(ptq_dir) and report["init"]["model_check"] == "checked"
+    assert report["lint"] == []
     assert len(report["epoch_seconds"]) == 1 and report["mean_epoch_seconds"] > 0
     for t, r in report["ranges"].items():  # QAT started from the PTQ run's ranges
         entry = ptq_report["quantization"]["tensors"][t]
