@@ -121,16 +121,19 @@ def bootstrap(outputs: dict[str, tuple[np.ndarray, np.ndarray]], masks: np.ndarr
     return out
 
 
+def model_outputs(path: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(maps as float32, scores) of the ONNX model ``path`` on ``images``, 8 at a time."""
+    predictor = OnnxPredictor(Path(path))
+    runs = [predictor(images[i : i + 8]) for i in range(0, len(images), 8)]
+    return np.concatenate([m for m, _ in runs]).astype(np.float32), np.concatenate([s for _, s in runs])
+
+
 def run_models(paths: list[str], splits, transform) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]],
                                                               np.ndarray, np.ndarray, np.ndarray]:
     """Each ONNX file on the test split: ({path: (maps, scores)}, masks, labels, categories); images read once."""
     images = np.stack([transform.image(s.path) for s in splits.test])
     masks = np.stack([transform.mask(s) for s in splits.test]).astype(np.uint8)
-    outputs = {}
-    for path in paths:
-        predictor = OnnxPredictor(Path(path))
-        runs = [predictor(images[i : i + 8]) for i in range(0, len(images), 8)]
-        outputs[path] = (np.concatenate([m for m, _ in runs]).astype(np.float32), np.concatenate([s for _, s in runs]))
+    outputs = {path: model_outputs(Path(path), images) for path in paths}
     return (outputs, masks, np.array([s.label for s in splits.test]),
             np.array([s.category for s in splits.test]))
 

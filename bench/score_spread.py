@@ -22,21 +22,14 @@ from types import SimpleNamespace
 
 import numpy as np
 from map_aware_bootstrap import cell_models
+from paired_bootstrap import model_outputs
 
 from qtool.artifacts import bench_meta, versions_line, write_results
 from qtool.commands.common import fail_cleanly
 from qtool.data import ImageTransform, load_splits
-from qtool.evaluate import OnnxPredictor
 from qtool.metrics import image_auroc
 from qtool.recipe import load_recipe
 from qtool.search import build_check_set
-
-
-def outputs(path: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(maps, scores) of the ONNX model ``path`` on ``images``, 8 at a time."""
-    predictor = OnnxPredictor(Path(path))
-    runs = [predictor(images[i : i + 8]) for i in range(0, len(images), 8)]
-    return np.concatenate([m for m, _ in runs]).astype(np.float64), np.concatenate([s for _, s in runs])
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -47,6 +40,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 def errors(q: np.ndarray, r: np.ndarray) -> dict[str, float]:
     """Relative squared error of ``q`` against ``r``: over ``sum r^2`` (raw) and over ``sum (r - mean r)^2``."""
+    q, r = q.astype(np.float64), r.astype(np.float64)
     err = float(((q - r) ** 2).sum())
     return {"raw": err / float((r**2).sum()), "centred": err / float(((r - r.mean()) ** 2).sum())}
 
@@ -110,10 +104,10 @@ def main(argv: list[str] | None = None) -> None:
         splits, transform = load_splits(recipe.data), ImageTransform(recipe.data)
         check = (build_check_set(splits, transform, recipe.ptq.search) if args.images == "check"
                  else test_set(splits, transform))
-        ref = outputs(work / args.setup / "fp32.onnx", check.images)
-        rows = [cell_row(n, *outputs(Path(p), check.images), ref, check.labels) for n, p in models.items()]
+        ref = model_outputs(work / args.setup / "fp32.onnx", check.images)
+        rows = [cell_row(n, *model_outputs(Path(p), check.images), ref, check.labels) for n, p in models.items()]
         cells.append({"setup": args.setup, "bits": bits, "images": len(check.images), "rows": rows,
-                      "spread": float(ref[1].std() / abs(ref[1].mean())),
+                      "spread": float(ref[1].astype(np.float64).std() / abs(ref[1].astype(np.float64).mean())),
                       "fp32_check_image_auroc": float(image_auroc(check.labels, ref[1]))})
         print(args.setup, bits, [(r["column"], round(r["score"]["centred"], 3), round(r["spearman"], 3))
                                  for r in rows], flush=True)
