@@ -27,15 +27,10 @@ from paired_bootstrap import model_outputs
 from qtool.artifacts import bench_meta, versions_line, write_results
 from qtool.commands.common import fail_cleanly
 from qtool.data import ImageTransform, load_splits
+from qtool.fidelity import map_fidelity
 from qtool.metrics import image_auroc
 from qtool.recipe import load_recipe
 from qtool.search import build_check_set
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Rank correlation (no ties expected in float scores)."""
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def errors(q: np.ndarray, r: np.ndarray) -> dict[str, float]:
@@ -49,7 +44,8 @@ def cell_row(name: str, maps: np.ndarray, scores: np.ndarray, ref: tuple[np.ndar
              labels: np.ndarray) -> dict:
     """One column's fidelity to fp32 and its own separation on the check set."""
     return {"column": name, "score": errors(scores, ref[1]), "map": errors(maps, ref[0]),
-            "spearman": spearman(scores, ref[1]), "check_image_auroc": float(image_auroc(labels, scores))}
+            "spearman": map_fidelity(ref[0], maps, ref[1], scores)["score_spearman"],
+            "check_image_auroc": float(image_auroc(labels, scores))}
 
 
 def test_set(splits, transform) -> SimpleNamespace:
@@ -66,7 +62,7 @@ def write_markdown(path: Path, meta: dict, cells: list[dict]) -> None:
              f"`{meta['command']}`", "",
              "Relative squared error against fp32: raw = over sum r^2 (map distillation's form), centred = over "
              "sum (r - mean r)^2 (what a ranking sees). spread = std / mean of fp32's scores.", "",
-             "| setup | bits | check images | fp32 score spread | column | score raw | score centred | map raw | "
+             "| setup | bits | images | fp32 score spread | column | score raw | score centred | map raw | "
              f"map centred | Spearman vs fp32 | {meta['images']} image AUROC (fp32) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in cells:

@@ -23,6 +23,8 @@ def test_an_offset_hides_a_reordering_from_the_raw_error_only():
     assert err["raw"] < 0.05  # small against sum r^2 ...
     assert err["centred"] == pytest.approx(4.0, rel=1e-6)  # ... but 4x the spread: (2 (r - mean))^2 / (r - mean)^2
     assert ss.errors(ref, ref) == {"raw": 0.0, "centred": 0.0}
-    assert ss.spearman(swapped, ref) == pytest.approx(-1.0)
+    maps, labels = rng.random((200, 1, 2, 2)), np.arange(200) % 2
+    assert ss.cell_row("x", maps, swapped, (maps, ref), labels)["spearman"] == pytest.approx(-1.0)
     shuffled = rng.permutation(ref)
-    assert ss.spearman(shuffled, ref) == pytest.approx(spearmanr(shuffled, ref).statistic)
+    assert ss.cell_row("x", maps, shuffled, (maps, ref), labels)["spearman"] == pytest.approx(
+        spearmanr(shuffled, ref).statistic)
