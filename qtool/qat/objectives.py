@@ -83,6 +83,36 @@ def _relative(err: torch.Tensor, ref: torch.Tensor, where: torch.Tensor | None =
     return err.sum() / den if den > 0 else err.sum() * 0.0
 
 
+@dataclass(frozen=True)
+class Targets:
+    """Images with the fp32 model's anomaly map and score of each, computed once.
+
+    Indexed like a tensor (an index tensor or a slice picks the same rows of all three), so the
+    training loop batches it as it batches images, and each step reads its targets instead of
+    running the fp32 model again.
+    """
+
+    images: torch.Tensor
+    maps: torch.Tensor
+    scores: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: Any) -> Targets:
+        return Targets(self.images[index], self.maps[index], self.scores[index])
+
+
+@torch.no_grad()
+def fp32_targets(reference: nn.Module, images: torch.Tensor, batch_size: int) -> Targets:
+    """``images`` with ``reference``'s (map, score) of each, run in eval mode in batches of ``batch_size``."""
+    reference.eval()
+    outs = [reference(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    if not outs:
+        raise ValueError("no images to compute fp32 targets of")
+    return Targets(images, torch.cat([m for m, _ in outs]), torch.cat([s for _, s in outs]))
+
+
 class MapDistillation(nn.Module):
     """The quantized model's anomaly map and score against the fp32 model's on the same images.
 
@@ -91,30 +121,32 @@ class MapDistillation(nn.Module):
     the fp32 maps of ``normals`` (where detections are decided), and over the image scores.
 
     The fp32 model is kept outside the module tree, so ``train()`` on this module never moves it out
-    of eval mode.
+    of eval mode. Its outputs are computed once per image with :meth:`targets`; a batch of plain
+    images still works (the fp32 model then runs on it).
     """
 
-    def __init__(self, quantized: nn.Module, reference: nn.Module, normals: torch.Tensor,
+    def __init__(self, quantized: nn.Module, reference: nn.Module, normals: torch.Tensor | Targets,
                  tail_quantile: float = 0.99, batch_size: int = 8) -> None:
         super().__init__()
         self.quantized = quantized
+        self.batch_size = batch_size
         self._reference = (reference.eval(),)
         for p in reference.parameters():
             p.requires_grad_(False)
-        maps = torch.cat([self.reference(normals[i : i + batch_size])[0] for i in range(0, len(normals), batch_size)])
+        maps = (normals if isinstance(normals, Targets) else self.targets(normals)).maps
         flat = maps.flatten().double()
         k = max(1, min(flat.numel(), int(round(tail_quantile * flat.numel()))))
         self.register_buffer("threshold", flat.kthvalue(k).values.float())
 
-    @torch.no_grad()
-    def reference(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fp32 model's (map, score) of ``x``."""
-        return self._reference[0](x)
+    def targets(self, images: torch.Tensor) -> Targets:
+        """``images`` with the fp32 model's outputs (see :func:`fp32_targets`)."""
+        return fp32_targets(self._reference[0], images, self.batch_size)
 
-    def training_loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def training_loss(self, x: torch.Tensor | Targets) -> dict[str, torch.Tensor]:
         """``{"loss", "map", "tail", "score"}`` of a batch (see the class docstring)."""
-        ref_map, ref_score = self.reference(x)
-        q_map, q_score = self.quantized(x)
+        batch = x if isinstance(x, Targets) else self.targets(x)
+        ref_map, ref_score = batch.maps, batch.scores
+        q_map, q_score = self.quantized(batch.images)
         err = (q_map - ref_map) ** 2
         terms = {"map": _relative(err, ref_map), "tail": _relative(err, ref_map, ref_map > self.threshold),
                  "score": _relative((q_score - ref_score) ** 2, ref_score)}
@@ -126,8 +158,8 @@ class QatData:
     """What a QAT loss trains on: the module whose ``training_loss`` is minimised, its images, a holdout."""
 
     objective: nn.Module
-    images: torch.Tensor
-    holdout: torch.Tensor | None
+    images: torch.Tensor | Targets
+    holdout: torch.Tensor | Targets | None
     description: dict[str, Any] = field(default_factory=dict)
 
 
@@ -156,19 +188,32 @@ def _map(inputs: QatInputs) -> QatData:
 
     cfg = inputs.recipe.ptq.search
     search = build_search_set(inputs.splits, inputs.transform, cfg)
-    images = torch.from_numpy(search.images)
-    normals = images[torch.from_numpy(search.labels == 0)]
-    objective = MapDistillation(inputs.qm.model, inputs.reference, normals, batch_size=inputs.recipe.qat.batch_size)
+    batch = inputs.recipe.qat.batch_size
+    images = fp32_targets(inputs.reference, torch.from_numpy(search.images), batch)
+    objective = MapDistillation(inputs.qm.model, inputs.reference, images[torch.from_numpy(search.labels == 0)],
+                                batch_size=batch)
     holdout = None
     described = {"loss": "map", "images": {k: v for k, v in search.description.items() if k != "anomaly_records"},
                  "tail_threshold": float(objective.threshold)}
     if cfg.check_normals > 0:
         check = build_check_set(inputs.splits, inputs.transform, cfg)
-        holdout = torch.from_numpy(check.images)
+        holdout = objective.targets(torch.from_numpy(check.images))
         described["holdout"] = {k: v for k, v in check.description.items() if k != "anomaly_records"}
     return QatData(objective, images, holdout, described)
 
 
-QAT_LOSSES: Registry[Callable[[QatInputs], QatData]] = Registry("qat.loss")
-QAT_LOSSES.add("kd", _kd)
-QAT_LOSSES.add("map", _map)
+@dataclass(frozen=True)
+class QatLoss:
+    """A ``qat.loss``: how its training data is built and whether it will have a holdout.
+
+    ``build`` makes its :class:`QatData`; ``has_holdout(recipe, splits)`` says, before any image is read,
+    whether that data will have a holdout (what ``qat.keep: best`` judges on).
+    """
+
+    build: Callable[[QatInputs], QatData]
+    has_holdout: Callable[[Any, Any], bool]
+
+
+QAT_LOSSES: Registry[QatLoss] = Registry("qat.loss")
+QAT_LOSSES.add("kd", QatLoss(_kd, lambda recipe, splits: bool(splits.holdout)))
+QAT_LOSSES.add("map", QatLoss(_map, lambda recipe, splits: recipe.ptq.search.check_normals > 0))

@@ -26,6 +26,7 @@ from qtool.qat.export import export_qdq, trained_float_graph
 from qtool.qat.insert import QatModel, prepare_qat
 from qtool.qat.objectives import LEARN_SETS, QAT_LOSSES, QatInputs, select_parameters
 from qtool.qat.start import biases_from_run, check_same_model, initial_ranges, ranges_from_report
+from qtool.qat.trace import QatError
 from qtool.qat.train import QatOptimizer, build_optimizer, qat_train
 from qtool.recipe import Recipe, dump_recipe
 
@@ -64,14 +65,27 @@ def run_qat(model_path: Path, recipe: Recipe, out_dir: Path, progress: Progress 
     if Path(model_path).suffix not in (".pt", ".pth"):
         raise ModelError(f"QAT needs a qtool checkpoint (.pt), got {model_path}")
     profile = get_profile(recipe.ptq.target)
-    if cfg.init_from:  # a report for another target or width is refused before anything is written
-        ranges_from_report(Path(cfg.init_from), profile.name, recipe.ptq.activation_bits)
+    # a report for another target or width is refused before anything is written
+    from_run = None
+    if cfg.init_from:
+        from_run = ranges_from_report(Path(cfg.init_from), profile.name, recipe.ptq.activation_bits)
     torch.manual_seed(recipe.seed)
     torch.set_num_threads(recipe.train.threads)
     with timer.stage("load"):
         model, meta = load_checkpoint(Path(model_path))
         base = {k: v for k, v in meta.items() if k != "data_config"}
         base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    data_cfg = recipe.data.model_copy(update={k: meta["data"][k] for k in ("image_size", "resize", "scale_ref",
+                                                                            "normalize") if k in meta["data"]})
+    splits = load_splits(data_cfg)
+    category = meta.get("extra", {}).get("category", "all")
+    if category != "all" and category in splits.categories():
+        splits = splits.filter(category)
+    loss = QAT_LOSSES.get(cfg.loss)
+    if cfg.keep == "best" and not loss.has_holdout(recipe, splits):  # refused before anything is written
+        raise QatError(f"qat.keep best needs a holdout loss: qat.loss {cfg.loss} has none here (a holdout split, "
+                       "or with qat.loss map ptq.search.check_normals > 0)")
+    with timer.stage("export"):
         out_dir.mkdir(parents=True, exist_ok=True)
         from qtool.export import export_onnx
 
@@ -86,15 +100,9 @@ def run_qat(model_path: Path, recipe: Recipe, out_dir: Path, progress: Progress 
     if cfg.init_from:  # start from the PTQ run's graph: its biases too (bias correction's)
         start["model_check"] = check_same_model(Path(cfg.init_from), [Path(model_path), fp32])
         prepared, start["biases"] = biases_from_run(Path(cfg.init_from), prepared, spec)
-    data_cfg = recipe.data.model_copy(update={k: meta["data"][k] for k in ("image_size", "resize", "scale_ref",
-                                                                            "normalize") if k in meta["data"]})
-    splits = load_splits(data_cfg)
-    category = meta.get("extra", {}).get("category", "all")
-    if category != "all" and category in splits.categories():
-        splits = splits.filter(category)
     transform = ImageTransform(data_cfg)
     with timer.stage("init_ranges"):
-        initial, init_desc = initial_ranges(recipe, prepared, spec, splits, transform, progress)
+        initial, init_desc = initial_ranges(recipe, prepared, spec, splits, transform, progress, from_run)
         init_desc.update(start)
     learn = LEARN_SETS.get(cfg.learn)
     with timer.stage("insert_fakequant"):
@@ -102,7 +110,7 @@ def run_qat(model_path: Path, recipe: Recipe, out_dir: Path, progress: Progress 
                          ranges_only=learn.ranges_only)
         trained = select_parameters(qm, learn)
     with timer.stage("objective"):
-        data = QAT_LOSSES.get(cfg.loss)(QatInputs(qm, model, recipe, splits, transform))
+        data = loss.build(QatInputs(qm, model, recipe, splits, transform))
     sections = {"ptq": recipe.ptq.model_dump(mode="json"), "export": recipe.export.model_dump(mode="json"),
                 "qat": cfg.model_dump(mode="json")}
 

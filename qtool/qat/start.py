@@ -100,12 +100,16 @@ def biases_from_run(path: Path, prepared: onnx.ModelProto, spec: Any) -> tuple[o
 
 
 def initial_ranges(recipe: Any, prepared: Any, spec: Any, splits: Any, transform: Any,
-                   progress: Progress) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The starting ranges: the PTQ run's (``qat.init_from``) or the recipe's calibrator's, and how they were found."""
+                   progress: Progress, from_run: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The starting ranges: the PTQ run's (``qat.init_from``) or the recipe's calibrator's, and how they were found.
+
+    ``from_run``: the ``qat.init_from`` run's ranges when already read (:func:`ranges_from_report`).
+    """
     cfg, ptq = recipe.qat, recipe.ptq
     if cfg.init_from:
-        return ranges_from_report(Path(cfg.init_from), spec.profile.name, ptq.activation_bits), {
-            "init_from": cfg.init_from}
+        if from_run is None:
+            from_run = ranges_from_report(Path(cfg.init_from), spec.profile.name, ptq.activation_bits)
+        return from_run, {"init_from": cfg.init_from}
     from calibrators import WeightRange
     from qtool.calib_data import calibration_set
     from qtool.calibrate import calibrate, input_ranges, recipe_calibrator

@@ -21,7 +21,7 @@ from qtool.models import build_model
 from qtool.qat.checkpoint import load_qat_checkpoint
 from qtool.qat.export import export_qdq
 from qtool.qat.insert import prepare_qat
-from qtool.qat.objectives import LEARN_SETS, MapDistillation, quantized_biases, select_parameters
+from qtool.qat.objectives import LEARN_SETS, MapDistillation, fp32_targets, quantized_biases, select_parameters
 from qtool.qat.train import build_optimizer, mean_loss, qat_train
 from qtool.recipe import ModelConfig, PtqConfig, QatConfig
 
@@ -125,6 +125,34 @@ def test_map_distillation_is_zero_against_itself_and_measures_the_tail(tmp_path)
     assert float(tail["tail"]) > float(tail["map"]) > 0 and float(tail["score"]) == 0.0
     MapDistillation(Shifted(), model, images[:8]).train()
     assert not model.training  # train() on the loss never reaches the reference
+
+
+def test_map_distillation_reads_fp32_targets_computed_once(tmp_path):
+    """Training on :class:`Targets` gives the plain-image run's history, and the fp32 model runs only for them."""
+    import copy
+
+    model, graph, spec, ranges, images = _setup("stfpm", tmp_path)
+    reference, calls = copy.deepcopy(model), []  # a copy: the QAT models are copies of ``model`` (hooks too)
+    reference.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    targets = fp32_targets(reference, images, 4)
+    assert sum(calls) == len(images) and len(targets[torch.tensor([3, 1])]) == 2
+    objective = MapDistillation(model, reference, targets[:8])
+    assert sum(calls) == len(images)  # the tail threshold came from the targets' maps
+    for key, value in objective.training_loss(targets[2:6]).items():
+        assert float(value.detach()) == float(objective.training_loss(images[2:6])[key].detach()), key
+    histories = []
+    for data in (images, targets):
+        qm = prepare_qat(model, graph, spec, _clipped(ranges), learnable=True, ranges_only=True)
+        params = select_parameters(qm, LEARN_SETS.get("ranges"))
+        del calls[:]
+        histories.append(qat_train(qm, data, RANGES, data, optimizer=build_optimizer(qm, RANGES, params),
+                                   objective=MapDistillation(qm.model, reference, targets[:8])))
+        # plain images run the fp32 model on every training batch and every holdout pass; targets never
+        assert sum(calls) == (len(images) * (2 * RANGES.epochs + 1) if data is images else 0)
+    for a, b in zip(*histories, strict=True):
+        assert a["epoch"] == b["epoch"] and a["holdout_loss"] == pytest.approx(b["holdout_loss"], rel=1e-4)
+    with pytest.raises(ValueError, match="no images"):
+        fp32_targets(reference, images[:0], 4)
 
 
 def test_checkpoint_of_a_ranges_run_rebuilds_it(tmp_path):

@@ -134,3 +134,23 @@ def test_bad_ptq_start_or_keep_is_a_one_line_error_and_no_folder(tmp_path_factor
     assert {"another model": "another model", "truncated model": "model.onnx",
             "no check set": "keep best"}[damage] in res.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("loss", ["map", "kd"])
+def test_keep_best_without_a_holdout_is_refused_before_anything_is_written(tmp_path_factory, tmp_path, loss):
+    """``run_qat`` itself (no CLI clean-up) refuses before its folder exists: map without a check set, kd without a
+    holdout split."""
+    from qtool.qat.run import run_qat
+    from qtool.recipe import load_recipe
+
+    kd = shared(tmp_path_factory)
+    recipe = load_recipe(kd.recipe_file)
+    if loss == "map":
+        recipe.ptq.search.check_normals = 0
+    else:
+        recipe.data.holdout_fraction = 0.0
+    recipe.qat.loss, recipe.qat.keep = loss, "best"
+    out = tmp_path / "qat"
+    with pytest.raises(QatError, match=f"keep best needs a holdout loss: qat.loss {loss}"):
+        run_qat(kd.checkpoint, recipe, out)
+    assert not out.exists()
