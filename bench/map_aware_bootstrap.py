@@ -48,6 +48,7 @@ from qtool.data.datasets import load_splits
 from qtool.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
+FP32 = "fp32"  # a column name: the setup's float model
 
 
 def best_standard(results: dict, setup: str, source: str, bits: int) -> list[str]:
@@ -66,10 +67,17 @@ def cell_models(work: Path, setup: str, source: str, bits: int, names: list[str]
     """Each of ``names`` (calibrators, variants; the anchor first): name -> quantized ONNX of that cell.
 
     A cell's model is its PTQ run's (``ptq/model.onnx``) or, for a ``bench/map_distillation.py`` column, its QAT
-    run's (``qat/model.onnx``).
+    run's (``qat/model.onnx``). The name ``fp32`` is the setup's float model (``fp32.onnx``, the export every cell
+    quantized), e.g. ``--pair fp32,COLUMN`` judges a column against fp32.
     """
     models = {}
     for calib in names:
+        if calib == FP32:
+            path = work / setup / "fp32.onnx"
+            if not path.is_file():
+                sys.exit(f"error: {path} is missing; run bench/map_aware.py for that setup first")
+            models[calib] = str(path)
+            continue
         cell = work / setup / f"{calib}-{source}-{bits}bit"
         path = next((p for p in (cell / "ptq" / "model.onnx", cell / "qat" / "model.onnx") if p.is_file()),
                     cell / "ptq" / "model.onnx")

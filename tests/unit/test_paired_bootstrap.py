@@ -196,3 +196,17 @@ def test_bootstrap_columns_need_every_and_two_names(capsys):
     for bad in (["--columns", "a,b"], ["--every", "--columns", "a"], ["--every", "--columns", ","]):
         with pytest.raises(SystemExit, match="--columns takes two or more column names and needs --every"):
             mab.main(["--work", "w", "--setup", "s", *bad, "--out", "o"])
+
+
+def test_bootstrap_column_fp32_is_the_setups_float_model(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import map_aware_bootstrap as mab
+
+    setup = tmp_path / "mtd-rd"
+    (setup / "mse-train-6bit" / "qat").mkdir(parents=True)
+    (setup / "mse-train-6bit" / "qat" / "model.onnx").write_bytes(b"x")
+    with pytest.raises(SystemExit, match="fp32.onnx is missing"):
+        mab.cell_models(tmp_path, "mtd-rd", "train", 6, ["fp32", "mse"])
+    (setup / "fp32.onnx").write_bytes(b"x")
+    assert mab.cell_models(tmp_path, "mtd-rd", "train", 6, ["fp32", "mse"]) == {
+        "fp32": str(setup / "fp32.onnx"), "mse": str(setup / "mse-train-6bit" / "qat" / "model.onnx")}
