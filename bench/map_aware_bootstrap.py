@@ -22,9 +22,10 @@ cell"; the summary counts each calibrator's verdicts.
 ``--columns`` (with ``--every``): the columns judged, each against the best of the others (default map-aware and
 the standard calibrators; ``--variants`` are added), e.g. variant columns only (every calibrator bias-corrected).
 
-``--pair BASE,VARIANT``: one comparison per cell and metric, the variant column (e.g. a
-``bench/map_aware.py --variant mse-bc=mse:ptq.bias_correction=true``) against its base column, no
-pick of a best: "above" when the variant's interval lies wholly above the base's.
+``--pair BASE,VARIANT[,VARIANT...]``: one comparison per cell, metric and variant, each variant column (e.g. a
+``bench/map_aware.py --variant mse-bc=mse:ptq.bias_correction=true``) against the base column only, no pick
+of a best: "above" when the variant's interval lies wholly above the base's. The base may be ``fp32``
+(``--pair fp32,entropy,mse``: each column against the float model, on the same rounds).
 
 Run: .venv/bin/python bench/map_aware_bootstrap.py --work bench/work/map_aware_mtd \
          --setup mtd-stfpm --setup mtd-rd [--bits 8,6,4] [--sources train,random-normal,mix] [--every]
@@ -125,8 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--columns", type=lambda v: [x for x in v.split(",") if x], default=None, metavar="LABEL,...",
                     help="with --every: the columns (default: map-aware and the standard calibrators; "
                          "--variants are added)")
-    ap.add_argument("--pair", type=lambda v: v.split(","), default=None, metavar="BASE,VARIANT",
-                    help="judge the VARIANT column against the BASE column only (e.g. mse,mse-bc)")
+    ap.add_argument("--pair", type=lambda v: v.split(","), default=None, metavar="BASE,VARIANT[,VARIANT...]",
+                    help="judge each VARIANT column against the BASE column only (e.g. mse,mse-bc; fp32,mse,entropy)")
     ap.add_argument("--aupro", action="store_true", help="bootstrap AUPRO too (binned; see bench/paired_bootstrap.py)")
     ap.add_argument("--rounds", type=int, default=500)
     ap.add_argument("--bins", type=int, default=1 << 14)
@@ -136,8 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.variants and not args.every:
         sys.exit("error: --variants needs --every (a variant is judged against the best of all the others)")
-    if args.pair is not None and (args.every or len(args.pair) != 2 or not all(args.pair)):
-        sys.exit("error: --pair takes BASE,VARIANT (two column names) and excludes --every")
+    if args.pair is not None and (args.every or len(args.pair) < 2 or not all(args.pair)
+                                  or len(set(args.pair)) != len(args.pair)):
+        sys.exit("error: --pair takes BASE,VARIANT[,VARIANT...] (distinct column names) and excludes --every")
     if args.columns is not None and (not args.every or len(args.columns) < 2):
         sys.exit("error: --columns takes two or more column names and needs --every")
     columns = [*(args.columns or ["map-aware", *STANDARD]), *args.variants]
@@ -166,8 +168,9 @@ def main(argv: list[str] | None = None) -> None:
                                    args.bins, args.seed, groups, anchors=anchors,
                                    metrics=WITH_AUPRO if args.aupro else METRICS)
                     write_json(hit, {"models": models, "rounds": args.rounds, "seed": args.seed, "rows": rows})
+                judged = [r for r in rows if r["b"] == args.pair[0]] if mode == "pair" else rows  # base only
                 cell = {"setup": setup, "bits": bits, "source": source, "rows": rows,
-                        "verdicts": [v for a in anchors for v in verdicts(rows, a)]}
+                        "verdicts": [v for a in anchors for v in verdicts(judged, a)]}
                 cells.append(cell)
                 print(setup, bits, source, [(v["anchor"], v["metric"], v["best"], round(v["best_minus_anchor"], 4),
                                              v["verdict"]) for v in cell["verdicts"]], flush=True)

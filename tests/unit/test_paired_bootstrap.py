@@ -176,7 +176,7 @@ def test_bootstrap_pair_judges_the_variant_against_its_base_only(capsys):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
     import map_aware_bootstrap as mab
 
-    for bad in (["--pair", "mse"], ["--pair", "mse,mse-bc", "--every"], ["--pair", "mse,"]):
+    for bad in (["--pair", "mse"], ["--pair", "mse,mse-bc", "--every"], ["--pair", "mse,"], ["--pair", "a,b,a"]):
         with pytest.raises(SystemExit, match="--pair takes BASE,VARIANT"):
             mab.main(["--work", "w", "--setup", "s", *bad, "--out", "o"])
     outs, models, masks, labels, groups = _three()
@@ -210,3 +210,27 @@ def test_bootstrap_column_fp32_is_the_setups_float_model(tmp_path):
     (setup / "fp32.onnx").write_bytes(b"x")
     assert mab.cell_models(tmp_path, "mtd-rd", "train", 6, ["fp32", "mse"]) == {
         "fp32": str(setup / "fp32.onnx"), "mse": str(setup / "mse-train-6bit" / "qat" / "model.onnx")}
+
+
+def test_bootstrap_pair_with_several_variants_judges_each_against_the_base_only(tmp_path, monkeypatch):
+    """``--pair b,a,c``: a and c each against b (never against each other), on one set of rounds."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import json
+
+    import map_aware_bootstrap as mab
+
+    outs, models, masks, labels, groups = _three()
+    paths = {"a": "m0", "b": "m1", "c": "m2"}
+    monkeypatch.setattr(mab, "cell_models", lambda work, setup, source, bits, names: {n: paths[n] for n in names})
+    monkeypatch.setattr(mab, "load_splits", lambda data: type("S", (), {"test": list(range(len(labels)))})())
+    monkeypatch.setattr(mab, "run_models", lambda files, splits, transform: (
+        {f: outs[f] for f in files}, masks, labels, groups))
+    out = tmp_path / "pair"
+    mab.main(["--work", "w", "--setup", "s", "--bits", "8", "--sources", "train", "--pair", "b,a,c", "--rounds", "60",
+              "--bins", "128", "--cache", str(tmp_path / "cache"), "--out", str(out)])
+    cell = json.loads(out.with_suffix(".json").read_text())["cells"][0]
+    assert {(v["anchor"], v["best"]) for v in cell["verdicts"]} == {("a", "b"), ("c", "b")}
+    for v in cell["verdicts"]:
+        row = next(r for r in cell["rows"] if (r["a"], r["b"], r["metric"]) == (v["anchor"], "b", v["metric"]))
+        assert v["best_minus_anchor"] == row["difference"] and v["ci95"] == row["ci95"]
+    assert any(r["b"] == "c" for r in cell["rows"] if r["a"] == "a")  # compared, but not what a is judged on
