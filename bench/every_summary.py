@@ -3,6 +3,8 @@
 Each ``--group LABEL=WHAT:FILE[,FILE]`` names a row (files: ``*_every.json``); ``--focus COLUMN`` lists that
 column's every significant verdict (below or above) with its values and interval. Nothing is recomputed: the
 verdicts are those the bootstrap files hold (each column against the best of the others, same source and width).
+``--pair`` results add up the same way (each variant against the pair's base, e.g. fp32); one summary takes files
+of one baseline only (all ``--every``, or all ``--pair`` with the same base).
 
     python bench/every_summary.py --focus mawc-in8 --group "G1=4 and 6 bits:a_every.json,b_every.json" --out OUT
 """
@@ -37,14 +39,16 @@ def load_cells(paths: list[Path], metrics: list[str] | None = None) -> list[dict
     ``metrics``: keep only these metrics' verdicts (default: every metric the files hold).
 
     Raises:
-        FileNotFoundError / ValueError: a file is missing or is not an ``--every`` result.
+        FileNotFoundError / ValueError: a file is missing or is not an ``--every`` or ``--pair`` result.
     """
     cells = []
     for path in paths:
         data = json.loads(path.read_text())
-        if not data.get("meta", {}).get("every"):
-            raise ValueError(f"{path}: not a map_aware_bootstrap.py --every result")
-        cells += [{**c, "file": path.name, "verdicts": [v for v in c["verdicts"]
+        meta = data.get("meta", {})
+        if not (meta.get("every") or meta.get("pair")):
+            raise ValueError(f"{path}: not a map_aware_bootstrap.py --every or --pair result")
+        against = "the best of the others" if meta.get("every") else f"the pair's base {meta['pair'][0]}"
+        cells += [{**c, "file": path.name, "against": against, "verdicts": [v for v in c["verdicts"]
                                                         if metrics is None or v["metric"] in metrics]}
                   for c in data["cells"]]
     return cells
@@ -79,13 +83,16 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(f"--group {label}: {e}")
         every += cells
         rows.append({"group": label, "what": what, "files": [p.name for p in paths], "counts": tally(cells)})
+    baselines = sorted({c["against"] for c in every})
+    if len(baselines) > 1:
+        ap.error(f"the files judge against different baselines ({'; '.join(baselines)}); one summary takes one")
     columns = list(tally(every))
     if args.focus not in columns:
         ap.error(f"--focus {args.focus!r} is not a column of these files ({', '.join(columns)})")
     total = tally(every)
     focus = significant(every, args.focus)
     metrics = list(dict.fromkeys(v["metric"] for c in every for v in c["verdicts"]))
-    meta = bench_meta("bench/every_summary.py", argv, focus=args.focus, metrics=metrics)
+    meta = bench_meta("bench/every_summary.py", argv, focus=args.focus, metrics=metrics, against=baselines[0])
     write_results(Path(args.out), {"meta": meta, "groups": rows, "total": total, "focus": focus},
                   lambda path: write_markdown(path, args.title, meta, rows, total, focus, columns, args.focus))
 
@@ -97,7 +104,7 @@ def write_markdown(path: Path, title: str, meta: dict, rows: list[dict], total: 
         return " / ".join(str((counts or {}).get(v, 0)) for v in VERDICTS)
 
     lines = [f"# {title}", "", f"`{meta['command']}`", "",
-             "Added up from the `--every` files named per row (each column against the best of the others, same "
+             f"Added up from the bootstrap files named per row (each column against {meta['against']}, same "
              f"source and width; {', '.join(meta['metrics'])}); below / above: the 95 % interval of best - column lies "
              "above / below 0.", "",
              "| group | what | files | " + " | ".join(columns) + " |", "|---|---|---|" + "---|" * len(columns)]

@@ -18,9 +18,10 @@ def _verdict(anchor: str, metric: str, verdict: str, diff: float) -> dict:
             "best_minus_anchor": diff, "ci95": [lo, hi], "verdict": verdict}
 
 
-def _file(tmp_path: Path, name: str, cells: list[tuple[int, str, list[dict]]], every: bool = True) -> Path:
+def _file(tmp_path: Path, name: str, cells: list[tuple[int, str, list[dict]]], every: bool = True,
+          pair: list[str] | None = None) -> Path:
     path = tmp_path / name
-    path.write_text(json.dumps({"meta": {"every": every}, "cells": [
+    path.write_text(json.dumps({"meta": {"every": every, "pair": pair}, "cells": [
         {"setup": "mtd-rd", "bits": b, "source": s, "rows": [], "verdicts": v} for b, s, v in cells]}))
     return path
 
@@ -42,12 +43,27 @@ def test_counts_are_the_files_verdicts_and_the_focus_lists_the_significant_ones(
 
 
 def test_a_file_that_is_not_an_every_result_is_refused_and_nothing_is_written(tmp_path, capsys):
-    bad = _file(tmp_path, "pair.json", [(4, "train", [])], every=False)
+    bad = _file(tmp_path, "best.json", [(4, "train", [])], every=False)
     out = tmp_path / "sum"
     with pytest.raises(SystemExit) as e:
         es.main(["--focus", "x", "--group", f"G=w:{bad}", "--out", str(out)])
-    assert e.value.code != 0 and "not a map_aware_bootstrap.py --every result" in capsys.readouterr().err
+    assert e.value.code != 0 and "not a map_aware_bootstrap.py --every or --pair result" in capsys.readouterr().err
     assert not list(tmp_path.glob("sum*"))
+
+
+def test_pair_files_add_up_against_their_base_and_baselines_do_not_mix(tmp_path, capsys):
+    one = [(6, "train", [_verdict("x", "image_auroc", "below", 0.02)])]
+    a = _file(tmp_path, "a_fp32.json", one, every=False, pair=["fp32", "x"])
+    b = _file(tmp_path, "b_fp32.json", one, every=False, pair=["fp32", "x", "y"])
+    out = tmp_path / "sum"
+    es.main(["--focus", "x", "--group", f"G=w:{a},{b}", "--out", str(out)])
+    assert json.loads(out.with_suffix(".json").read_text())["total"] == {"x": {"below": 2, "tie": 0, "above": 0}}
+    assert "each column against the pair's base fp32" in out.with_suffix(".md").read_text()
+    for other in (_file(tmp_path, "c_every.json", one), _file(tmp_path, "d.json", one, every=False, pair=["mse", "x"])):
+        with pytest.raises(SystemExit):
+            es.main(["--focus", "x", "--group", f"G=w:{a},{other}", "--out", str(tmp_path / "mixed")])
+        assert "different baselines" in capsys.readouterr().err
+    assert not list(tmp_path.glob("mixed*"))
 
 
 def test_metrics_keeps_only_those_verdicts(tmp_path):
