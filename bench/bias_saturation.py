@@ -42,8 +42,8 @@ def saturated_biases(run: Path) -> list[dict]:
         if dq is None or dq.op_type != "DequantizeLinear" or init.get(dq.input[0]) is None:
             continue
         q = init[dq.input[0]]
-        hit = np.flatnonzero(np.abs(q.astype(np.int64)) >= INT32_LIMIT)
-        if q.dtype != np.int32 or not hit.size:
+        hit = np.flatnonzero(np.abs(q.astype(np.int64)) >= INT32_LIMIT) if q.dtype == np.int32 else []
+        if not len(hit):
             continue
         exported = (q.astype(np.float64) * init[dq.input[1]].astype(np.float64).reshape(-1))[hit]
         name = module_name(node.name)
@@ -77,7 +77,12 @@ def main(argv: list[str] | None = None) -> None:
     runs = sorted(Path(p) for p in glob.glob(args.runs) if (Path(p) / "model.onnx").is_file())
     if not runs:
         sys.exit(f"error: no QAT run folder matches {args.runs!r}")
-    rows = [{"run": str(r), "saturated": saturated_biases(r)} for r in runs]
+    rows = []
+    for r in runs:  # every run read before anything is written
+        try:
+            rows.append({"run": str(r), "saturated": saturated_biases(r)})
+        except Exception as e:  # noqa: BLE001 (a truncated ONNX, a missing or foreign qat.pt: one line)
+            sys.exit(f"error: {r}: cannot read its model.onnx / qat.pt ({type(e).__name__}: {str(e)[:120]})")
     meta = bench_meta("bench/bias_saturation.py", argv, runs=len(runs))
     write_results(Path(args.out), {"meta": meta, "rows": rows}, lambda path: write_markdown(path, meta, rows))
 

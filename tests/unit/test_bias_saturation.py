@@ -36,3 +36,14 @@ def test_saturated_channels_are_found_with_their_learned_bias(tmp_path):
     assert hit["layer"] == "/teacher/body/conv_stem/Conv" and hit["channels"] == [1, 2]
     assert hit["learned"] == [2.5, -3.0]
     np.testing.assert_allclose(hit["exported"], [(2**31 - 1) * 1e-9, (-(2**31) + 1) * 1e-9], rtol=1e-6)
+
+
+def test_an_unreadable_run_is_a_one_line_error_and_nothing_is_written(tmp_path, capsys):
+    import pytest
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.onnx").write_bytes(b"not an onnx file")
+    with pytest.raises(SystemExit, match="cannot read its model.onnx"):
+        bs.main(["--runs", str(run), "--out", str(tmp_path / "out")])
+    assert not list(tmp_path.glob("out*"))
