@@ -324,5 +324,5 @@ def grow_for_biases(qm: QatModel) -> int:
         below = grown > ws * (1.0 + 1e-6)
         if below.any():
             count += int(np.count_nonzero(below))
-            wq.put_scale(torch.from_numpy(np.where(below, grown, ws)))
+            wq.put_scale(torch.from_numpy(grown), where=torch.from_numpy(below))  # the rest untouched, bit for bit
     return count
