@@ -93,14 +93,17 @@ class _Scale(nn.Module):
         """The scale (differentiable when learnable)."""
         return self.log_scale.exp() if self.learnable else self.scale
 
-    def put_scale(self, value: torch.Tensor | float) -> None:
-        """Set the scale (float32 values, clamped positive)."""
+    def put_scale(self, value: torch.Tensor | float, where: torch.Tensor | None = None) -> None:
+        """Set the scale (float32 values, clamped positive).
+
+        With ``where`` (a mask of the scale's shape) only those entries are set; the others keep their stored
+        value bit for bit (a learnable scale is not taken through exp and log again).
+        """
         v = torch.as_tensor(value, dtype=torch.float32).clamp_min(1e-12)
+        stored = self.log_scale if self.learnable else self.scale
+        v = (v.log() if self.learnable else v).reshape(stored.shape)
         with torch.no_grad():
-            if self.learnable:
-                self.log_scale.copy_(v.log().reshape(self.log_scale.shape))
-            else:
-                self.scale.copy_(v.reshape(self.scale.shape))
+            stored.copy_(v if where is None else torch.where(torch.as_tensor(where).reshape(stored.shape), v, stored))
 
     @property
     def scale_parameter(self) -> nn.Parameter | None:

@@ -300,11 +300,17 @@ def set_ranges(qm: QatModel, ranges: Mapping[str, Any]) -> None:
         if not (np.isfinite(lo) and np.isfinite(hi)):
             raise QatError(f"initial range of tensor {t!r} is [{lo}, {hi}]; need finite bounds")
         q.set_range(float(lo), float(hi))
-    _grow_for_biases(qm)
+    grow_for_biases(qm)
 
 
-def _grow_for_biases(qm: QatModel) -> None:
-    """Learned weight scales start where insert_qdq puts them: grown where the int32 bias would overflow."""
+def grow_for_biases(qm: QatModel) -> int:
+    """Grow learned weight scales where the int32 bias would overflow, as insert_qdq does; return how many grew.
+
+    Run when the ranges are set (so learned scales start where PTQ puts them) and after every optimizer step
+    (:func:`qtool.qat.train.build_optimizer`): a learned weight or input scale can drop below that floor, and the
+    bias fake quant would then clamp the bias at int32 (as the export would), away from its learned value.
+    """
+    count = 0
     for b in qm.spec.biases.values():
         wq, owner = qm.weights.get(b.weight), qm.smap.activations.get(b.input)
         bias = qm.latent_bias(b.weight) if wq is not None else None
@@ -313,5 +319,10 @@ def _grow_for_biases(qm: QatModel) -> None:
         ws = wq.get_scale().detach().numpy()
         grown = grow_for_int32_bias(ws if wq.axis is not None else ws.reshape(()),
                                     float(qm.act[owner.owner].get_scale().detach()), bias.detach().numpy())
-        if not np.array_equal(grown.reshape(ws.shape), ws):
-            wq.put_scale(torch.from_numpy(grown.reshape(ws.shape)))
+        grown = grown.reshape(ws.shape)
+        # the rule's 1e-4 margin covers a learned scale's float32 log round trip (~1e-7): only real drops count
+        below = grown > ws * (1.0 + 1e-6)
+        if below.any():
+            count += int(np.count_nonzero(below))
+            wq.put_scale(torch.from_numpy(grown), where=torch.from_numpy(below))  # the rest untouched, bit for bit
+    return count

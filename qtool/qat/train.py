@@ -13,11 +13,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from qtool.qat.insert import QatModel
+from qtool.qat.insert import QatModel, grow_for_biases
 from qtool.recipe import QatConfig
 from qtool.train import train_epoch
 
@@ -39,8 +40,9 @@ class QatOptimizer:
     whatever its magnitude (a 1e-3 weight scale and a 10.0 activation scale alike).
     """
 
-    def __init__(self, weights: torch.optim.Optimizer | None, scales: torch.optim.Optimizer | None) -> None:
-        self.weights, self.scales = weights, scales
+    def __init__(self, weights: torch.optim.Optimizer | None, scales: torch.optim.Optimizer | None,
+                 after_step: Callable[[], Any] | None = None) -> None:
+        self.weights, self.scales, self.after_step = weights, scales, after_step
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients of both."""
@@ -49,10 +51,12 @@ class QatOptimizer:
                 opt.zero_grad(set_to_none=set_to_none)
 
     def step(self) -> None:
-        """One step of both."""
+        """One step of both, then ``after_step`` (e.g. keep the int32 biases in range)."""
         for opt in (self.weights, self.scales):
             if opt is not None:
                 opt.step()
+        if self.after_step is not None:
+            self.after_step()
 
     def state_dict(self) -> dict:
         """Both states (for checkpoints)."""
@@ -79,7 +83,8 @@ def build_optimizer(qm: QatModel, cfg: QatConfig, parameters: list[nn.Parameter]
     ids = {id(s) for s in scales}
     weights = [p for p in (trainable_parameters(qm.model) if parameters is None else parameters) if id(p) not in ids]
     scale_opt = torch.optim.Adam(scales, lr=cfg.scale_lr) if scales else None
-    return QatOptimizer(OPTIMIZERS.get(cfg.optimizer)(weights, cfg) if weights else None, scale_opt)
+    return QatOptimizer(OPTIMIZERS.get(cfg.optimizer)(weights, cfg) if weights else None, scale_opt,
+                        after_step=lambda: grow_for_biases(qm))
 
 
 @torch.no_grad()

@@ -332,3 +332,19 @@ def test_float_head_leaves_other_float_readers_fake_quantized(stfpm):
     with torch.no_grad():
         out = qm.model.eval()(torch.from_numpy(feeds[0]["image"]))[0].numpy()
     assert np.abs(out - ref).mean() < 0.02 * np.abs(flt - ref).mean()
+
+
+@pytest.mark.parametrize("learnable", [True, False])
+def test_put_scale_with_a_mask_sets_those_channels_and_keeps_the_others_bit_for_bit(learnable):
+    """Growing a few weight scales (QAT's int32-bias floor) must not move the others: no exp/log round trip."""
+    from qtool.graph.profiles import get_profile
+
+    wq = WeightFakeQuant(get_profile("cpu").weight(8, axis=0), "w", axis=0, channels=1000, learnable=learnable)
+    wq.put_scale(torch.exp(torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 3 - 8))
+    stored = (wq.log_scale if learnable else wq.scale).detach().clone()
+    mask = torch.zeros(1000, dtype=torch.bool)
+    mask[::7] = True
+    wq.put_scale(torch.full((1000,), 0.5), where=mask)
+    after = (wq.log_scale if learnable else wq.scale).detach()
+    assert torch.equal(after[~mask], stored[~mask])
+    torch.testing.assert_close(wq.get_scale().detach()[mask], torch.full((int(mask.sum()),), 0.5))

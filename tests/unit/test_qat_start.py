@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from click.testing import CliRunner
 from helpers.kd_run import lib_ptq, shared
 from test_qat_objectives import RANGES, _clipped, _setup
@@ -154,3 +155,37 @@ def test_keep_best_without_a_holdout_is_refused_before_anything_is_written(tmp_p
     with pytest.raises(QatError, match=f"keep best needs a holdout loss: qat.loss {loss}"):
         run_qat(kd.checkpoint, recipe, out)
     assert not out.exists()
+
+
+def test_learned_weight_scales_stay_above_the_int32_bias_floor_after_every_step(tmp_path):
+    """A learned weight scale pushed below PTQ's int32-bias floor is grown back by the next optimizer step, so the
+    bias fake quant (and the export) never clamps a bias at the int32 limit."""
+    from qtool.qat.insert import grow_for_biases
+
+    model, graph, spec, ranges, images = _setup("stfpm", tmp_path, bits=8)
+    qm = prepare_qat(model, graph, spec, ranges, learnable=True, ranges_only=True)
+    params = select_parameters(qm, LEARN_SETS.get("ranges"))
+    assert grow_for_biases(qm) == 0  # set_ranges already grew what PTQ would
+    from torch.nn.utils import parametrize
+
+    def module_of(w):
+        return qm.part_module(qm.smap.weights[w].part, qm.smap.weights[w].module)
+
+    w = next(w for w in qm.weights if parametrize.is_parametrized(module_of(w), "bias"))
+    wq, bias, module = qm.weights[w], qm.latent_bias(w), module_of(w)
+    with torch.no_grad():
+        bias.copy_(torch.linspace(-2.0, 2.0, len(bias)))
+    low = torch.zeros(len(bias), dtype=torch.bool)
+    low[::2] = True  # every other channel far below the floor: those biases saturate
+    wq.put_scale(torch.full_like(wq.get_scale(), 1e-12), where=low)
+    others = wq.scale_parameter.detach().clone()[~low]
+    assert not torch.allclose(module.bias, bias, rtol=1e-3)  # the fake-quant bias is clamped at int32
+    opt = build_optimizer(qm, RANGES, params)
+    opt.zero_grad()
+    opt.step()  # no gradients: only after_step acts
+    assert float(wq.get_scale().detach().min()) > 1e-12
+    assert torch.equal(wq.scale_parameter.detach()[~low], others)  # the channels above the floor: bit for bit
+    spec_bias = next(b for b in qm.spec.biases.values() if b.weight == w)
+    step = (qm.act[qm.smap.activations[spec_bias.input].owner].get_scale() * wq.get_scale()).detach()
+    assert torch.all((module.bias - bias).abs() <= 0.5 * step * (1 + 1e-4))  # on the int32 grid, unclamped
+    assert grow_for_biases(qm) == 0
