@@ -42,6 +42,12 @@ def saturated_biases(run: Path) -> list[dict]:
     init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
     latent = torch.load(run / "qat.pt", map_location="cpu", weights_only=True)["qat_state_dict"]
+    readers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    init.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
+                 if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})  # Clip bounds
     out = []
     for node in model.graph.node:
         dq = producer.get(node.input[2]) if len(node.input) > 2 else None
@@ -56,7 +62,7 @@ def saturated_biases(run: Path) -> list[dict]:
         learned = latent.get(f"{name}.parametrizations.bias.original")
         learned = None if learned is None else learned.double().numpy()[hit]
         reach = input_reach(node, producer, init, hit)
-        floor = activation_floor(node, model.graph, init)
+        floor = activation_floor(node, readers, init)
         bound_e = None if reach is None else reach + exported
         bound_l = None if reach is None or learned is None else reach + learned
         known = floor is not None and bound_e is not None and bound_l is not None
@@ -68,8 +74,8 @@ def saturated_biases(run: Path) -> list[dict]:
     return out
 
 
-def _dequantized(name: str, producer: dict, init: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, int] | None:
-    """(scale, zero point, integer qmin, qmax) of the DequantizeLinear that produces ``name``; None otherwise."""
+def _dequantized(name: str, producer: dict, init: dict) -> tuple[np.ndarray, np.ndarray, tuple[int, int], int] | None:
+    """(scale, zero point, (qmin, qmax) of its integer type, axis) of the DequantizeLinear making ``name``; or None."""
     dq = producer.get(name)
     if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
         return None
@@ -100,22 +106,19 @@ def input_reach(node, producer: dict, init: dict, channels: np.ndarray) -> np.nd
     return per_weight.reshape(weight.shape[0], -1).sum(axis=1)[channels]
 
 
-def activation_floor(node, graph, init: dict) -> float | None:
-    """The floor of the Relu/Clip that reads ``node``'s output (through its Q/DQ), when it is the only reader."""
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    constants = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
-                 if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+def activation_floor(node, readers: dict, values: dict) -> float | None:
+    """The floor of the Relu/Clip that reads ``node``'s output (through its Q/DQ), when it is the only reader.
+
+    ``readers``: tensor -> the nodes reading it; ``values``: constant tensors (initializers and Constant outputs).
+    """
     tensor = node.output[0]
-    while len(consumers.get(tensor, [])) == 1:
-        reader = consumers[tensor][0]
+    while len(readers.get(tensor, [])) == 1:
+        reader = readers[tensor][0]
         if reader.op_type == "Relu":
             return 0.0
         if reader.op_type == "Clip":
-            low = init.get(reader.input[1], constants.get(reader.input[1])) if len(reader.input) > 1 else None
-            return None if low is None or not reader.input[1] else float(low)
+            low = values.get(reader.input[1]) if len(reader.input) > 1 and reader.input[1] else None
+            return None if low is None else float(low)
         if reader.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             return None
         tensor = reader.output[0]
