@@ -32,6 +32,7 @@ import torch
 from onnx import numpy_helper
 
 from qtool.artifacts import bench_meta, versions_line, write_results
+from qtool.graph._index import GraphIndex
 
 INT32_LIMIT = 2**31 - 1
 
@@ -39,13 +40,10 @@ INT32_LIMIT = 2**31 - 1
 def saturated_biases(run: Path) -> list[dict]:
     """Per quantized layer of ``run/model.onnx`` with int32 biases at the limit: channels, learned and exported."""
     model = onnx.load(str(run / "model.onnx"))
-    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    producer = {o: n for n in model.graph.node for o in n.output}
+    idx = GraphIndex(model)  # producer and readers of every tensor
+    producer, readers = idx.producer, {t: [n for n, _ in r] for t, r in idx.consumers.items()}
+    init = {name: numpy_helper.to_array(t) for name, t in idx.initializers.items()}
     latent = torch.load(run / "qat.pt", map_location="cpu", weights_only=True)["qat_state_dict"]
-    readers: dict[str, list] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
     init.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
                  if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})  # Clip bounds
     out = []
