@@ -27,6 +27,15 @@ the standard calibrators; ``--variants`` are added), e.g. variant columns only (
 of a best: "above" when the variant's interval lies wholly above the base's. The base may be ``fp32``
 (``--pair fp32,entropy,mse``: each column against the float model, on the same rounds).
 
+``--against LABEL,...`` (with ``--every``): each column is judged against the best of these columns other than
+itself, not of all the others; e.g. QAT runs, each alone and pooled, against the calibrators only.
+
+``--pool NAME=LABEL+LABEL[+...]``: the column NAME stands for several runs of one method in each cell (e.g. QAT
+runs that differ only in their training order), usable in ``--columns`` and ``--pair``. Its value is the mean over
+its runs, and each round redraws its runs with replacement as well as the test images (``paired_bootstrap.py``'s
+two-level bootstrap), so a verdict on it covers the run-to-run spread, not one run's luck. With few runs that
+spread is underestimated (by the factor (R - 1) / R in variance); the rows give every run's own value.
+
 Run: .venv/bin/python bench/map_aware_bootstrap.py --work bench/work/map_aware_mtd \
          --setup mtd-stfpm --setup mtd-rd [--bits 8,6,4] [--sources train,random-normal,mix] [--every]
 Writes PATH.{json,md} (``--out``).
@@ -88,6 +97,24 @@ def cell_models(work: Path, setup: str, source: str, bits: int, names: list[str]
     return models
 
 
+def parse_pool(text: str) -> tuple[str, list[str]]:
+    """``NAME=LABEL+LABEL[+...]`` -> (NAME, [LABEL, ...]); a malformed spec is an argparse error (one line)."""
+    name, _, labels = text.partition("=")
+    runs = labels.split("+")
+    if not name or not all(runs) or len(set(runs)) != len(runs) or name in runs:
+        raise argparse.ArgumentTypeError(f"--pool takes NAME=LABEL+LABEL[+...] (distinct labels, NAME not among "
+                                         f"them), not {text!r}")
+    return name, runs
+
+
+def pooled_models(work: Path, setup: str, source: str, bits: int, names: list[str],
+                  pools: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Each of ``names`` -> its cell's ONNX files: one for a column, one per run for a ``--pool`` name."""
+    paths = cell_models(work, setup, source, bits, list(dict.fromkeys(
+        label for n in names for label in pools.get(n, [n]))))
+    return {n: [paths[label] for label in pools.get(n, [n])] for n in names}
+
+
 def verdicts(rows: list[dict], anchor: str = "map-aware") -> list[dict]:
     """Per metric: ``anchor`` against the best of the other calibrators (on the full test split)."""
     out = []
@@ -97,7 +124,7 @@ def verdicts(rows: list[dict], anchor: str = "map-aware") -> list[dict]:
         verdict = "below" if lo > 0 else "above" if hi < 0 else "tie"
         out.append({"anchor": anchor, "metric": metric, "anchor_value": best["a_value"], "best": best["b"],
                     "best_value": best["b_value"], "best_minus_anchor": best["difference"], "ci95": best["ci95"],
-                    "verdict": verdict})
+                    "verdict": verdict, "anchor_runs": best["a_seeds"]})
     return out
 
 
@@ -128,6 +155,11 @@ def main(argv: list[str] | None = None) -> None:
                          "--variants are added)")
     ap.add_argument("--pair", type=lambda v: v.split(","), default=None, metavar="BASE,VARIANT[,VARIANT...]",
                     help="judge each VARIANT column against the BASE column only (e.g. mse,mse-bc; fp32,mse,entropy)")
+    ap.add_argument("--against", type=lambda v: [x for x in v.split(",") if x], default=None, metavar="LABEL,...",
+                    help="with --every: judge each column against the best of these (default: all the others)")
+    ap.add_argument("--pool", dest="pools", type=parse_pool, action="append", default=[],
+                    metavar="NAME=LABEL+LABEL[+...]",
+                    help="a column made of several runs (their mean; each round redraws the runs too)")
     ap.add_argument("--aupro", action="store_true", help="bootstrap AUPRO too (binned; see bench/paired_bootstrap.py)")
     ap.add_argument("--rounds", type=int, default=500)
     ap.add_argument("--bins", type=int, default=1 << 14)
@@ -143,6 +175,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.columns is not None and (not args.every or len(args.columns) < 2):
         sys.exit("error: --columns takes two or more column names and needs --every")
     columns = [*(args.columns or ["map-aware", *STANDARD]), *args.variants]
+    if args.against is not None and (not args.every or len(args.against) < 2 or not set(args.against) <= set(columns)):
+        sys.exit("error: --against takes two or more of the judged columns and needs --every")
+    pools = dict(args.pools)
+    if len(pools) != len(args.pools):
+        sys.exit("error: --pool names a column twice")
     mode = "pair" if args.pair else "every" if args.every else "best"
     recipe = load_recipe(Path(args.recipe), args.overrides)
     splits, transform = load_splits(recipe.data), ImageTransform(recipe.data)
@@ -150,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     anchors = {"every": columns, "best": ["map-aware"], "pair": (args.pair or [])[1:]}[mode]
     suffix = {"every": "-every" + (f"={'+'.join(args.columns)}" if args.columns else "")
                        + "".join(f"+{v}" for v in args.variants), "best": "",
-              "pair": "-pair+" + "+".join(args.pair or [])}[mode] + ("+aupro" if args.aupro else "")
+              "pair": "-pair+" + "+".join(args.pair or [])}[mode] + ("+aupro" if args.aupro else "") \
+        + "".join(f"+pool={n}={'+'.join(r)}" for n, r in pools.items())  # --against reuses the rows
     cells = []
     for setup in args.setup:
         for bits in args.bits:
@@ -162,13 +200,15 @@ def main(argv: list[str] | None = None) -> None:
                     names = {"every": anchors, "pair": anchors + (args.pair or [])[:1],
                              "best": ["map-aware", *(best_standard(results, setup, source, bits) if results
                                                      else STANDARD)]}[mode]
-                    models = cell_models(Path(args.work), setup, source, bits, names)
-                    outputs, masks, labels, groups = run_models(list(models.values()), splits, transform)
-                    rows = compare(outputs, {n: [p] for n, p in models.items()}, masks, labels, args.rounds,
+                    models = pooled_models(Path(args.work), setup, source, bits, names, pools)
+                    files = list(dict.fromkeys(p for paths in models.values() for p in paths))
+                    outputs, masks, labels, groups = run_models(files, splits, transform)
+                    rows = compare(outputs, models, masks, labels, args.rounds,
                                    args.bins, args.seed, groups, anchors=anchors,
                                    metrics=WITH_AUPRO if args.aupro else METRICS)
                     write_json(hit, {"models": models, "rounds": args.rounds, "seed": args.seed, "rows": rows})
-                judged = [r for r in rows if r["b"] == args.pair[0]] if mode == "pair" else rows  # base only
+                judged = ([r for r in rows if r["b"] == args.pair[0]] if mode == "pair"  # base only
+                          else [r for r in rows if r["b"] in args.against] if args.against else rows)
                 cell = {"setup": setup, "bits": bits, "source": source, "rows": rows,
                         "verdicts": [v for a in anchors for v in verdicts(judged, a)]}
                 cells.append(cell)
@@ -176,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
                                              v["verdict"]) for v in cell["verdicts"]], flush=True)
     meta = bench_meta("bench/map_aware_bootstrap.py", argv, rounds=args.rounds, bins=args.bins, seed=args.seed,
                       n_test=len(splits.test), every=args.every, pair=args.pair,
-                      columns=columns if args.every else None)
+                      columns=columns if args.every else None, pools=pools or None, against=args.against)
     counts = {a: verdict_counts(cells, a) for a in anchors}
     write_results(Path(args.out), {"meta": meta, "counts": counts, "cells": cells},
                   lambda path: write_markdown(path, meta, cells, counts, mode, anchors))
@@ -202,11 +242,15 @@ def write_markdown(path: Path, meta: dict, cells: list[dict], counts: dict[str, 
     title, anchor, best, who = WORDING[mode]
     if mode == "pair":
         names = meta["pair"]
+    names = meta.get("against") or names
     who = who.format(names=", ".join(sorted(names, key=lambda n: n == "map-aware")))
     lines = [f"# {title}, per cell: paired bootstrap on test", "", f"`{meta['command']}`", "",
              f"machine: {meta['machine']}; {meta['n_test']} test images; {meta['rounds']} stratified rounds, "
              f"seed {meta['seed']}. Best = the {who}. below / above: the 95 % interval of best - {anchor} lies "
              "above / below 0; tie otherwise.", ""]
+    for name, runs in (meta.get("pools") or {}).items():
+        lines += [f"Pooled column {name}: the mean of the runs {', '.join(runs)}; each round redraws them with "
+                  "replacement as well as the images (the rows give each run's own value).", ""]
     if per_anchor:
         lines += ["| calibrator | below | tie | above | cell metrics |", "|---|---|---|---|---|"]
         lines += [f"| {a} | {c['below']} | {c['tie']} | {c['above']} | {sum(c.values())} |" for a, c in counts.items()]
@@ -225,8 +269,10 @@ def write_markdown(path: Path, meta: dict, cells: list[dict], counts: dict[str, 
     for c in cells:
         for v in c["verdicts"]:
             name = f"{v['anchor']} " if per_anchor else ""
+            runs = v.get("anchor_runs") or []
+            each = f" (runs {', '.join(f'{x:.4f}' for x in runs)})" if len(runs) > 1 else ""
             lines.append(f"| {c['setup']} | {c['bits']} | {c['source']} | {v['metric']} | "
-                         f"{name}{v['anchor_value']:.4f} | {v['best']} {v['best_value']:.4f} | "
+                         f"{name}{v['anchor_value']:.4f}{each} | {v['best']} {v['best_value']:.4f} | "
                          f"{v['best_minus_anchor']:+.4f} | [{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}] | "
                          f"{v['verdict']} |")
     lines += ["", versions_line(meta["versions"])]

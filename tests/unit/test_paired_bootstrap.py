@@ -234,3 +234,93 @@ def test_bootstrap_pair_with_several_variants_judges_each_against_the_base_only(
         row = next(r for r in cell["rows"] if (r["a"], r["b"], r["metric"]) == (v["anchor"], "b", v["metric"]))
         assert v["best_minus_anchor"] == row["difference"] and v["ci95"] == row["ci95"]
     assert any(r["b"] == "c" for r in cell["rows"] if r["a"] == "a")  # compared, but not what a is judged on
+
+
+def test_a_pool_spec_is_parsed_or_refused_in_one_line():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import argparse
+
+    import map_aware_bootstrap as mab
+
+    assert mab.parse_pool("mapdw=mapdw-in8+mapdw-r-in8") == ("mapdw", ["mapdw-in8", "mapdw-r-in8"])
+    assert mab.parse_pool("one=mapdw-in8") == ("one", ["mapdw-in8"])
+    for bad in ("mapdw", "=a+b", "p=a+", "p=a+a", "p=p+a", "p="):
+        with pytest.raises(argparse.ArgumentTypeError, match="--pool takes NAME=LABEL"):
+            mab.parse_pool(bad)
+    with pytest.raises(SystemExit, match="names a column twice"):
+        mab.main(["--work", "w", "--setup", "s", "--every", "--pool", "p=a+b", "--pool", "p=c+d", "--out", "o"])
+
+
+def test_pooled_models_give_a_pool_one_file_per_run(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import map_aware_bootstrap as mab
+
+    for label in ("mse", "q0", "q1"):
+        (tmp_path / "mtd-rd" / f"{label}-train-6bit" / "qat").mkdir(parents=True)
+        (tmp_path / "mtd-rd" / f"{label}-train-6bit" / "qat" / "model.onnx").write_bytes(b"x")
+    got = mab.pooled_models(tmp_path, "mtd-rd", "train", 6, ["mse", "q"], {"q": ["q0", "q1"]})
+    cell = tmp_path / "mtd-rd"
+    assert got == {"mse": [str(cell / "mse-train-6bit/qat/model.onnx")],
+                   "q": [str(cell / f"q{i}-train-6bit/qat/model.onnx") for i in (0, 1)]}
+    with pytest.raises(SystemExit, match="q2-train-6bit"):  # a run missing in the cell: one line, nothing judged
+        mab.pooled_models(tmp_path, "mtd-rd", "train", 6, ["mse", "q"], {"q": ["q0", "q2"]})
+
+
+def test_a_pooled_column_is_judged_on_the_mean_of_its_runs(tmp_path, monkeypatch):
+    """``--every --pool p=b+c``: p's value is the mean of b's and c's, its rows keep each run's value, and its
+    interval comes from rounds that redraw the runs (so it differs from judging either run alone)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import json
+
+    import map_aware_bootstrap as mab
+
+    outs, _, masks, labels, groups = _three()
+    paths = {"a": "m0", "b": "m1", "c": "m2"}
+    monkeypatch.setattr(mab, "cell_models", lambda work, setup, source, bits, names: {n: paths[n] for n in names})
+    monkeypatch.setattr(mab, "load_splits", lambda data: type("S", (), {"test": list(range(len(labels)))})())
+    seen = []
+    monkeypatch.setattr(mab, "run_models", lambda files, splits, transform: (
+        seen.append(files) or {f: outs[f] for f in files}, masks, labels, groups))
+    common = ["--work", "w", "--setup", "s", "--bits", "8", "--sources", "train", "--every", "--rounds", "60",
+              "--bins", "128", "--cache", str(tmp_path / "cache")]
+    mab.main([*common, "--columns", "a,p", "--pool", "p=b+c", "--out", str(tmp_path / "pool")])
+    mab.main([*common, "--columns", "a,b,c", "--out", str(tmp_path / "each")])
+    assert seen[0] == ["m0", "m1", "m2"]  # each file run once
+    pooled = json.loads((tmp_path / "pool.json").read_text())
+    each = json.loads((tmp_path / "each.json").read_text())["cells"][0]["verdicts"]
+    assert pooled["meta"]["pools"] == {"p": ["b", "c"]}
+    for v in (v for v in pooled["cells"][0]["verdicts"] if v["anchor"] == "p"):
+        runs = [next(x["anchor_value"] for x in each if (x["anchor"], x["metric"]) == (r, v["metric"]))
+                for r in ("b", "c")]
+        assert v["anchor_runs"] == pytest.approx(runs) and v["anchor_value"] == pytest.approx(np.mean(runs))
+        lo, hi = v["ci95"]
+        assert v["verdict"] == ("below" if lo > 0 else "above" if hi < 0 else "tie")
+    md = (tmp_path / "pool.md").read_text()
+    assert "Pooled column p: the mean of the runs b, c" in md and "(runs " in md
+    assert len(list((tmp_path / "cache").glob("*pool=p=b+c*"))) == 1  # cached apart from the unpooled columns
+
+
+def test_against_judges_each_column_against_the_best_of_those_columns_only(tmp_path, monkeypatch):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import json
+
+    import map_aware_bootstrap as mab
+
+    for bad in (["--against", "a,b"], ["--every", "--columns", "a,b", "--against", "a"],
+                ["--every", "--columns", "a,b", "--against", "a,z"]):
+        with pytest.raises(SystemExit, match="--against takes two or more of the judged columns"):
+            mab.main(["--work", "w", "--setup", "s", *bad, "--out", "o"])
+    outs, _, masks, labels, groups = _three()
+    paths = {"a": "m0", "b": "m1", "c": "m2"}
+    monkeypatch.setattr(mab, "cell_models", lambda work, setup, source, bits, names: {n: paths[n] for n in names})
+    monkeypatch.setattr(mab, "load_splits", lambda data: type("S", (), {"test": list(range(len(labels)))})())
+    monkeypatch.setattr(mab, "run_models", lambda files, splits, transform: (
+        {f: outs[f] for f in files}, masks, labels, groups))
+    mab.main(["--work", "w", "--setup", "s", "--bits", "8", "--sources", "train", "--every", "--columns", "a,b,c",
+              "--against", "a,b", "--rounds", "60", "--bins", "128", "--cache", str(tmp_path / "cache"),
+              "--out", str(tmp_path / "out")])
+    verdicts = json.loads((tmp_path / "out.json").read_text())["cells"][0]["verdicts"]
+    assert {v["best"] for v in verdicts if v["anchor"] == "c"} <= {"a", "b"}  # c judged against a and b only
+    assert {v["best"] for v in verdicts if v["anchor"] == "a"} == {"b"}  # never against itself or c
+    assert {v["best"] for v in verdicts if v["anchor"] == "b"} == {"a"}
+    assert "Best = the other calibrator (of a, b;" in (tmp_path / "out.md").read_text()
