@@ -212,6 +212,17 @@ def test_bootstrap_column_fp32_is_the_setups_float_model(tmp_path):
         "fp32": str(setup / "fp32.onnx"), "mse": str(setup / "mse-train-6bit" / "qat" / "model.onnx")}
 
 
+def _fake_cell(monkeypatch, mab) -> list[list[str]]:
+    """One cell of columns a, b, c (``_three``'s m0, m1, m2) without files; returns the file lists run, in order."""
+    outs, _, masks, labels, groups = _three()
+    paths, seen = {"a": "m0", "b": "m1", "c": "m2"}, []
+    monkeypatch.setattr(mab, "cell_models", lambda work, setup, source, bits, names: {n: paths[n] for n in names})
+    monkeypatch.setattr(mab, "load_splits", lambda data: type("S", (), {"test": list(range(len(labels)))})())
+    monkeypatch.setattr(mab, "run_models", lambda files, splits, transform: (
+        seen.append(files) or {f: outs[f] for f in files}, masks, labels, groups))
+    return seen
+
+
 def test_bootstrap_pair_with_several_variants_judges_each_against_the_base_only(tmp_path, monkeypatch):
     """``--pair b,a,c``: a and c each against b (never against each other), on one set of rounds."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
@@ -219,12 +230,7 @@ def test_bootstrap_pair_with_several_variants_judges_each_against_the_base_only(
 
     import map_aware_bootstrap as mab
 
-    outs, models, masks, labels, groups = _three()
-    paths = {"a": "m0", "b": "m1", "c": "m2"}
-    monkeypatch.setattr(mab, "cell_models", lambda work, setup, source, bits, names: {n: paths[n] for n in names})
-    monkeypatch.setattr(mab, "load_splits", lambda data: type("S", (), {"test": list(range(len(labels)))})())
-    monkeypatch.setattr(mab, "run_models", lambda files, splits, transform: (
-        {f: outs[f] for f in files}, masks, labels, groups))
+    _fake_cell(monkeypatch, mab)
     out = tmp_path / "pair"
     mab.main(["--work", "w", "--setup", "s", "--bits", "8", "--sources", "train", "--pair", "b,a,c", "--rounds", "60",
               "--bins", "128", "--cache", str(tmp_path / "cache"), "--out", str(out)])
@@ -274,13 +280,7 @@ def test_a_pooled_column_is_judged_on_the_mean_of_its_runs(tmp_path, monkeypatch
 
     import map_aware_bootstrap as mab
 
-    outs, _, masks, labels, groups = _three()
-    paths = {"a": "m0", "b": "m1", "c": "m2"}
-    monkeypatch.setattr(mab, "cell_models", lambda work, setup, source, bits, names: {n: paths[n] for n in names})
-    monkeypatch.setattr(mab, "load_splits", lambda data: type("S", (), {"test": list(range(len(labels)))})())
-    seen = []
-    monkeypatch.setattr(mab, "run_models", lambda files, splits, transform: (
-        seen.append(files) or {f: outs[f] for f in files}, masks, labels, groups))
+    seen = _fake_cell(monkeypatch, mab)
     common = ["--work", "w", "--setup", "s", "--bits", "8", "--sources", "train", "--every", "--rounds", "60",
               "--bins", "128", "--cache", str(tmp_path / "cache")]
     mab.main([*common, "--columns", "a,p", "--pool", "p=b+c", "--out", str(tmp_path / "pool")])
@@ -310,12 +310,7 @@ def test_against_judges_each_column_against_the_best_of_those_columns_only(tmp_p
                 ["--every", "--columns", "a,b", "--against", "a,z"]):
         with pytest.raises(SystemExit, match="--against takes two or more of the judged columns"):
             mab.main(["--work", "w", "--setup", "s", *bad, "--out", "o"])
-    outs, _, masks, labels, groups = _three()
-    paths = {"a": "m0", "b": "m1", "c": "m2"}
-    monkeypatch.setattr(mab, "cell_models", lambda work, setup, source, bits, names: {n: paths[n] for n in names})
-    monkeypatch.setattr(mab, "load_splits", lambda data: type("S", (), {"test": list(range(len(labels)))})())
-    monkeypatch.setattr(mab, "run_models", lambda files, splits, transform: (
-        {f: outs[f] for f in files}, masks, labels, groups))
+    _fake_cell(monkeypatch, mab)
     mab.main(["--work", "w", "--setup", "s", "--bits", "8", "--sources", "train", "--every", "--columns", "a,b,c",
               "--against", "a,b", "--rounds", "60", "--bins", "128", "--cache", str(tmp_path / "cache"),
               "--out", str(tmp_path / "out")])
