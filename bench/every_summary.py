@@ -47,7 +47,9 @@ def load_cells(paths: list[Path], metrics: list[str] | None = None) -> list[dict
         meta = data.get("meta", {})
         if not (meta.get("every") or meta.get("pair")):
             raise ValueError(f"{path}: not a map_aware_bootstrap.py --every or --pair result")
-        against = "the best of the others" if meta.get("every") else f"the pair's base {meta['pair'][0]}"
+        against = (f"the pair's base {meta['pair'][0]}" if not meta.get("every")
+                   else f"the best of {', '.join(meta['against'])}" if meta.get("against")
+                   else "the best of the others")
         cells += [{**c, "file": path.name, "against": against, "verdicts": [v for v in c["verdicts"]
                                                         if metrics is None or v["metric"] in metrics]}
                   for c in data["cells"]]
@@ -64,6 +66,23 @@ def significant(cells: list[dict], column: str) -> list[dict]:
     """``column``'s below and above cell-metrics, with the cell they belong to."""
     return [{"setup": c["setup"], "bits": c["bits"], "source": c["source"], "file": c["file"], **v}
             for c in cells for v in c["verdicts"] if v["anchor"] == column and v["verdict"] != "tie"]
+
+
+def margins(cells: list[dict], column: str) -> list[dict]:
+    """Per metric, ``column``'s point estimates, whatever their verdicts.
+
+    Each entry: cells, mean best - column, how many cells have it above 0 (the column under the best), and the
+    mean width of the 95 % intervals.
+    """
+    out = []
+    for metric in dict.fromkeys(v["metric"] for c in cells for v in c["verdicts"]):
+        mine = [v for c in cells for v in c["verdicts"] if v["anchor"] == column and v["metric"] == metric]
+        if mine:
+            out.append({"metric": metric, "cells": len(mine),
+                        "mean_best_minus": sum(v["best_minus_anchor"] for v in mine) / len(mine),
+                        "under_best": sum(v["best_minus_anchor"] > 0 for v in mine),
+                        "mean_ci_width": sum(v["ci95"][1] - v["ci95"][0] for v in mine) / len(mine)})
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -93,13 +112,14 @@ def main(argv: list[str] | None = None) -> None:
     focus = significant(every, args.focus)
     metrics = list(dict.fromkeys(v["metric"] for c in every for v in c["verdicts"]))
     meta = bench_meta("bench/every_summary.py", argv, focus=args.focus, metrics=metrics, against=baselines[0])
-    write_results(Path(args.out), {"meta": meta, "groups": rows, "total": total, "focus": focus},
-                  lambda path: write_markdown(path, args.title, meta, rows, total, focus, columns, args.focus))
+    margin = margins(every, args.focus)
+    write_results(Path(args.out), {"meta": meta, "groups": rows, "total": total, "focus": focus, "margins": margin},
+                  lambda path: write_markdown(path, args.title, meta, rows, total, focus, columns, args.focus, margin))
 
 
 def write_markdown(path: Path, title: str, meta: dict, rows: list[dict], total: dict, focus: list[dict],
-                   columns: list[str], column: str) -> None:
-    """The table (a row per group and the total) and the focus column's significant verdicts."""
+                   columns: list[str], column: str, margin: list[dict]) -> None:
+    """The table (a row per group and the total), the focus column's significant verdicts and its margins."""
     def cell(counts: dict[str, int] | None) -> str:
         return " / ".join(str((counts or {}).get(v, 0)) for v in VERDICTS)
 
@@ -122,6 +142,11 @@ def write_markdown(path: Path, title: str, meta: dict, rows: list[dict], total: 
                   f"[{f['ci95'][0]:+.4f}, {f['ci95'][1]:+.4f}] |" for f in focus]
     else:
         lines.append("none: a tie in every cell-metric.")
+    lines += ["", f"{column}'s point estimates, every cell (significant or not):", "",
+              "| metric | cells | mean best - it | cells under the best | mean 95 % interval width |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {m['metric']} | {m['cells']} | {m['mean_best_minus']:+.4f} | {m['under_best']} | "
+              f"{m['mean_ci_width']:.4f} |" for m in margin]
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -74,3 +74,22 @@ def test_metrics_keeps_only_those_verdicts(tmp_path):
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["total"] == {"x": {"below": 0, "tie": 0, "above": 1}} and data["meta"]["metrics"] == ["aupro"]
     assert "same source and width; aupro)" in out.with_suffix(".md").read_text()
+
+
+def test_the_focus_margins_average_every_cell_and_against_sets_name_the_baseline(tmp_path):
+    cells = [(4, "train", [_verdict("x", "image_auroc", "tie", 0.02), _verdict("x", "aupro", "above", -0.10)]),
+             (8, "train", [_verdict("x", "image_auroc", "below", 0.04), _verdict("y", "image_auroc", "tie", 0.0)])]
+    a = _file(tmp_path, "a_every.json", cells)
+    data = json.loads(a.read_text())
+    data["meta"]["against"] = ["minmax", "mse"]
+    a.write_text(json.dumps(data))
+    out = tmp_path / "sum"
+    es.main(["--focus", "x", "--group", f"G=w:{a}", "--out", str(out)])
+    got = {m["metric"]: m for m in json.loads(out.with_suffix(".json").read_text())["margins"]}
+    assert got["image_auroc"]["cells"] == 2 and got["image_auroc"]["under_best"] == 2
+    assert got["image_auroc"]["mean_best_minus"] == pytest.approx(0.03)
+    assert got["image_auroc"]["mean_ci_width"] == pytest.approx((0.04 + 0.06) / 2)
+    assert got["aupro"] == {"metric": "aupro", "cells": 1, "mean_best_minus": pytest.approx(-0.10), "under_best": 0,
+                            "mean_ci_width": pytest.approx(0.15)}
+    md = out.with_suffix(".md").read_text()
+    assert "against the best of minmax, mse" in md and "| image_auroc | 2 | +0.0300 | 2 | 0.0500 |" in md
