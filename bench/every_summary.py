@@ -135,11 +135,11 @@ def write_markdown(path: Path, title: str, meta: dict, rows: list[dict], total: 
     lines.append(f"| all | {n} cell-metrics | | " + " | ".join(f"**{cell(total[c])}**" for c in columns) + " |")
     lines += ["", f"{column}'s significant verdicts:", ""]
     if focus:
-        lines += ["| setup | bits | source | metric | verdict | value | best | best value | best - it [95 %] |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| setup | bits | source | metric | verdict | value | best | best value | best - it [95 %] | file |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {f['setup']} | {f['bits']} | {f['source']} | {f['metric']} | {f['verdict']} | "
                   f"{f['anchor_value']:.4f} | {f['best']} | {f['best_value']:.4f} | {f['best_minus_anchor']:+.4f} "
-                  f"[{f['ci95'][0]:+.4f}, {f['ci95'][1]:+.4f}] |" for f in focus]
+                  f"[{f['ci95'][0]:+.4f}, {f['ci95'][1]:+.4f}] | {f['file']} |" for f in focus]
     else:
         lines.append("none: a tie in every cell-metric.")
     lines += ["", f"{column}'s point estimates, every cell (significant or not):", "",

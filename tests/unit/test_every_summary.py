@@ -39,7 +39,9 @@ def test_counts_are_the_files_verdicts_and_the_focus_lists_the_significant_ones(
                                                          {"below": 0, "tie": 0, "above": 1}]
     assert [(f["bits"], f["metric"], f["verdict"]) for f in data["focus"]] == [(4, "image_auroc", "below"),
                                                                               (8, "pixel_auroc", "above")]
-    assert "**1 / 0 / 1**" in out.with_suffix(".md").read_text()
+    md = out.with_suffix(".md").read_text()
+    assert "**1 / 0 / 1**" in md
+    assert "| 4 | train | image_auroc | below |" in md and "| a_every.json |" in md  # which file (seed) it came from
 
 
 def test_a_file_that_is_not_an_every_result_is_refused_and_nothing_is_written(tmp_path, capsys):
