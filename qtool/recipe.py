@@ -245,17 +245,20 @@ class QatConfig(Section):
     scale_lr: float = Field(1e-3, gt=0.0)
     observer_momentum: float = Field(0.01, ge=0.0, le=1.0)
     init_from: str | None = None  # a PTQ run folder: start from its graph (ranges and biases)
-    # the state exported: last (the last epoch's) or best (the lowest holdout loss among the start and every
-    # epoch; needs a holdout: the training split's, or with qat.loss map the check set)
-    keep: Literal["last", "best"] = "last"
+    # the state exported (qtool.qat.keep): last (the last epoch's), best (the lowest holdout loss among the start
+    # and every epoch; needs a holdout: the training split's, or with qat.loss map the check set) or guarded (best
+    # among the states whose check-set proxy AUROCs are at least the start's; qat.loss map with a check set)
+    keep: str = "last"
     checkpoint_every: int = Field(1, ge=1)
     loss: str = "kd"  # kd: the model's KD loss on the training split; map: map distillation on the search set
     learn: str = "student"  # student: its weights and ranges; ranges: every scale and quantized bias, no weights
 
-    @field_validator("loss", "learn")
+    @field_validator("loss", "learn", "keep")
     @classmethod
     def _registry_name(cls, v: str, info: ValidationInfo) -> str:
-        return _registered(v, "qtool.qat.objectives", {"loss": "QAT_LOSSES", "learn": "LEARN_SETS"}[info.field_name])
+        return _registered(v, *{"loss": ("qtool.qat.objectives", "QAT_LOSSES"),
+                                "learn": ("qtool.qat.objectives", "LEARN_SETS"),
+                                "keep": ("qtool.qat.keep", "KEEP_RULES")}[info.field_name])
 
 
 class EvalConfig(Section):

@@ -28,9 +28,10 @@ from qtool.commands.train import data_options
 @click.option("--learn", default=None,
               help="What QAT trains (recipe qat.learn): student (its weights and ranges) or ranges (every scale and "
                    "quantized bias, no weight: post-training range learning).")
-@click.option("--keep", type=click.Choice(["last", "best"]), default=None,
-              help="The state exported (recipe qat.keep): the last epoch's, or the lowest holdout loss among the "
-                   "start and every epoch.")
+@click.option("--keep", default=None,
+              help="The state exported (recipe qat.keep): last (the last epoch's), best (the lowest holdout loss "
+                   "among the start and every epoch) or guarded (best among the states whose check-set proxy image "
+                   "and pixel AUROC are at least the start's; --loss map).")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Run folder.")
 @data_options
 @recipe_options

@@ -144,23 +144,32 @@ class MapDistillation(nn.Module):
 
     def training_loss(self, x: torch.Tensor | Targets) -> dict[str, torch.Tensor]:
         """``{"loss", "map", "tail", "score"}`` of a batch (see the class docstring)."""
+        return self.outputs_and_loss(x)[1]
+
+    def outputs_and_loss(self, x: torch.Tensor | Targets) -> tuple[tuple[torch.Tensor, torch.Tensor],
+                                                                  dict[str, torch.Tensor]]:
+        """The quantized model's (map, score) of a batch, and the batch's loss terms (:meth:`training_loss`)."""
         batch = x if isinstance(x, Targets) else self.targets(x)
         ref_map, ref_score = batch.maps, batch.scores
         q_map, q_score = self.quantized(batch.images)
         err = (q_map - ref_map) ** 2
         terms = {"map": _relative(err, ref_map), "tail": _relative(err, ref_map, ref_map > self.threshold),
                  "score": _relative((q_score - ref_score) ** 2, ref_score)}
-        return {"loss": terms["map"] + terms["tail"] + terms["score"], **terms}
+        return (q_map, q_score), {"loss": terms["map"] + terms["tail"] + terms["score"], **terms}
 
 
 @dataclass
 class QatData:
-    """What a QAT loss trains on: the module whose ``training_loss`` is minimised, its images, a holdout."""
+    """What a QAT loss trains on: the module whose ``training_loss`` is minimised, its images, a holdout.
+
+    ``check``: the holdout's masks and labels, when the holdout is a check set with synthetic anomalies.
+    """
 
     objective: nn.Module
     images: torch.Tensor | Targets
     holdout: torch.Tensor | Targets | None
     description: dict[str, Any] = field(default_factory=dict)
+    check: Any = None
 
 
 @dataclass(frozen=True)
@@ -192,28 +201,38 @@ def _map(inputs: QatInputs) -> QatData:
     images = fp32_targets(inputs.reference, torch.from_numpy(search.images), batch)
     objective = MapDistillation(inputs.qm.model, inputs.reference, images[torch.from_numpy(search.labels == 0)],
                                 batch_size=batch)
-    holdout = None
+    holdout = check = None
     described = {"loss": "map", "images": {k: v for k, v in search.description.items() if k != "anomaly_records"},
                  "tail_threshold": float(objective.threshold)}
     if cfg.check_normals > 0:
         check = build_check_set(inputs.splits, inputs.transform, cfg)
         holdout = objective.targets(torch.from_numpy(check.images))
         described["holdout"] = {k: v for k, v in check.description.items() if k != "anomaly_records"}
-    return QatData(objective, images, holdout, described)
+    return QatData(objective, images, holdout, described, check)
 
 
 @dataclass(frozen=True)
 class QatLoss:
-    """A ``qat.loss``: how its training data is built and whether it will have a holdout.
+    """A ``qat.loss``: how its training data is built and whether it will have a holdout, or a check set.
 
     ``build`` makes its :class:`QatData`; ``has_holdout(recipe, splits)`` says, before any image is read,
-    whether that data will have a holdout (what ``qat.keep: best`` judges on).
+    whether that data will have a holdout (what ``qat.keep: best`` judges on); ``has_check`` whether that holdout
+    will be a check set with masks (what ``qat.keep: guarded`` also judges on).
     """
 
     build: Callable[[QatInputs], QatData]
     has_holdout: Callable[[Any, Any], bool]
+    has_check: Callable[[Any, Any], bool] = lambda recipe, splits: False
+
+    def provides(self, needs: str | None, recipe: Any, splits: Any) -> bool:
+        """Whether this loss's data will carry what a keep rule ``needs`` (None, "holdout" or "check")."""
+        return needs is None or {"holdout": self.has_holdout, "check": self.has_check}[needs](recipe, splits)
 
 
 QAT_LOSSES: Registry[QatLoss] = Registry("qat.loss")
 QAT_LOSSES.add("kd", QatLoss(_kd, lambda recipe, splits: bool(splits.holdout)))
-QAT_LOSSES.add("map", QatLoss(_map, lambda recipe, splits: recipe.ptq.search.check_normals > 0))
+def _has_check_set(recipe: Any, splits: Any) -> bool:
+    return recipe.ptq.search.check_normals > 0
+
+
+QAT_LOSSES.add("map", QatLoss(_map, _has_check_set, _has_check_set))

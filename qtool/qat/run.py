@@ -24,6 +24,7 @@ from qtool.errors import GraphError, ModelError
 from qtool.qat.checkpoint import qat_payload, save_qat_checkpoint
 from qtool.qat.export import export_qdq, trained_float_graph
 from qtool.qat.insert import QatModel, prepare_qat
+from qtool.qat.keep import KEEP_RULES
 from qtool.qat.objectives import LEARN_SETS, QAT_LOSSES, QatInputs, select_parameters
 from qtool.qat.start import biases_from_run, check_same_model, initial_ranges, ranges_from_report
 from qtool.qat.trace import QatError
@@ -82,8 +83,10 @@ def run_qat(model_path: Path, recipe: Recipe, out_dir: Path, progress: Progress 
     if category != "all" and category in splits.categories():
         splits = splits.filter(category)
     loss = QAT_LOSSES.get(cfg.loss)
-    if cfg.keep == "best" and not loss.has_holdout(recipe, splits):  # refused before anything is written
-        raise QatError(f"qat.keep best needs a holdout loss: qat.loss {cfg.loss} has none here (a holdout split, "
+    needs = KEEP_RULES.get(cfg.keep).needs
+    if not loss.provides(needs, recipe, splits):  # refused before anything is written
+        what = {"holdout": "a holdout loss", "check": "a check set with synthetic anomalies"}[needs]
+        raise QatError(f"qat.keep {cfg.keep} needs {what}: qat.loss {cfg.loss} has none here (a holdout split, "
                        "or with qat.loss map ptq.search.check_normals > 0)")
     with timer.stage("export"):
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -123,7 +126,7 @@ def run_qat(model_path: Path, recipe: Recipe, out_dir: Path, progress: Progress 
 
     with timer.stage("train"):
         history = qat_train(qm, data.images, cfg, data.holdout, recipe.seed, on_epoch, progress,
-                            build_optimizer(qm, cfg, trained), objective=data.objective)
+                            build_optimizer(qm, cfg, trained), objective=data.objective, check=data.check)
     kept = next((h["epoch"] for h in history if h.get("kept")), cfg.epochs)  # the state exported (qat.keep)
     ckpt = save("qat.pt", {"epoch": cfg.epochs, "kept_epoch": kept, "history": history, "category": category})
     with timer.stage("export_qdq"):

@@ -4,8 +4,8 @@ The loss is ``model.training_loss`` on the QAT model, whose teacher/student are 
 GraphModules: a quantized teacher gives fake-quantized targets (its ranges stay as calibrated), a
 float teacher gives float ones; DCAM, when the model has it, trains as in ``qtool train``. Activation
 and weight scales are frozen for the last ``freeze_epochs`` epochs (observers stop, LSQ scales stop).
-With ``keep: best`` the state with the lowest holdout loss, among the start and every epoch, is restored
-at the end (so on the holdout the result is never worse than where training began).
+``qat.keep`` chooses the state restored at the end (:mod:`qtool.qat.keep`: the last epoch's, the lowest holdout
+loss among the start and every epoch, or that among the states whose check-set proxy AUROCs did not fall).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from qtool.qat.insert import QatModel, grow_for_biases
+from qtool.qat.keep import KEEP_RULES, Kept, holdout_row
 from qtool.recipe import QatConfig
 from qtool.train import train_epoch
 
@@ -87,21 +88,10 @@ def build_optimizer(qm: QatModel, cfg: QatConfig, parameters: list[nn.Parameter]
                         after_step=lambda: grow_for_biases(qm))
 
 
-@torch.no_grad()
-def mean_loss(model: nn.Module, images: torch.Tensor, batch_size: int) -> float:
-    """Mean KD loss of ``model`` (in eval mode) over ``images``."""
-    model.eval()
-    total = 0.0
-    for i in range(0, len(images), batch_size):
-        batch = images[i : i + batch_size]
-        total += float(model.training_loss(batch)["loss"]) * len(batch)
-    return total / max(1, len(images))
-
-
 def qat_train(qm: QatModel, images: torch.Tensor, cfg: QatConfig, holdout: torch.Tensor | None = None,
               seed: int = 0, on_epoch: EpochHook = None, progress: Progress = None,
               optimizer: QatOptimizer | None = None, start_epoch: int = 0,
-              objective: nn.Module | None = None) -> list[dict[str, float]]:
+              objective: nn.Module | None = None, check: Any = None) -> list[dict[str, float]]:
     """Fine-tune ``qm`` for ``cfg.epochs`` epochs on ``images`` (N,3,S,S): normals, or the loss's own images.
 
     Args:
@@ -116,14 +106,16 @@ def qat_train(qm: QatModel, images: torch.Tensor, cfg: QatConfig, holdout: torch
         start_epoch: epochs already done (the shuffling stream skips them).
         objective: the module whose ``training_loss`` is minimised (default: ``qm.model``'s KD loss;
             see :mod:`qtool.qat.objectives`).
+        check: the holdout's masks and labels (a :class:`qtool.search.SearchSet` of the same images): each
+            holdout row then also has the proxy image and pixel AUROC (what ``keep: guarded`` judges on).
 
     Returns:
-        The history: one row per epoch (loss terms, holdout loss, seconds, frozen), after a row
-        ``epoch 0`` with the holdout loss of the fake-quantized model before training; the row of the
-        state kept (``cfg.keep``) has ``kept: True``.
+        The history: one row per epoch (loss terms, holdout loss and proxy AUROCs, seconds, frozen), after a
+        row ``epoch 0`` with those of the fake-quantized model before training; the row of the state kept
+        (``cfg.keep``) has ``kept: True``.
 
     Raises:
-        QatError: the model has no ``training_loss``, or ``keep: best`` without a holdout.
+        QatError: the model has no ``training_loss``; a ``keep`` rule without the holdout (or check set) it needs.
     """
     from qtool.qat.trace import QatError
 
@@ -131,17 +123,20 @@ def qat_train(qm: QatModel, images: torch.Tensor, cfg: QatConfig, holdout: torch
     if not hasattr(model, "training_loss"):
         raise QatError(f"{type(model).__name__} has no training_loss; QAT needs a KD model")
     has_holdout = holdout is not None and len(holdout) > 0
-    if cfg.keep == "best" and not (has_holdout and start_epoch == 0):
-        raise QatError("qat.keep best needs a holdout loss from the start (a holdout split, or with qat.loss map "
-                       "ptq.search.check_normals > 0) and a run that starts at epoch 0")
+    rule = KEEP_RULES.get(cfg.keep)
+    if rule.needs and not (has_holdout and start_epoch == 0 and (rule.needs != "check" or check is not None)):
+        raise QatError(f"qat.keep {cfg.keep} needs a holdout loss from the start (a holdout split, or with qat.loss "
+                       "map ptq.search.check_normals > 0)"
+                       + (" and the check set's masks" if rule.needs == "check" else "")
+                       + " and a run that starts at epoch 0")
     opt = optimizer or build_optimizer(qm, cfg)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(start_epoch):
         torch.randperm(len(images), generator=gen)
     history: list[dict[str, float]] = []
     if has_holdout and start_epoch == 0:
-        history.append({"epoch": 0, "holdout_loss": mean_loss(model, holdout, cfg.batch_size), "seconds": 0.0})
-    best = _Best(qm, history[0]) if cfg.keep == "best" else None
+        history.append({"epoch": 0, **holdout_row(model, holdout, cfg.batch_size, check), "seconds": 0.0})
+    best = Kept(qm.model, rule, history[0]) if rule.better is not None else None
     for epoch in range(start_epoch, cfg.epochs):
         frozen = epoch >= cfg.epochs - cfg.freeze_epochs
         qm.set_frozen(frozen)
@@ -153,7 +148,7 @@ def qat_train(qm: QatModel, images: torch.Tensor, cfg: QatConfig, holdout: torch
         row["seconds"] = time.perf_counter() - t0
         row["frozen"] = frozen
         if holdout is not None and len(holdout):
-            row["holdout_loss"] = mean_loss(model, holdout, cfg.batch_size)
+            row.update(holdout_row(model, holdout, cfg.batch_size, check))
         history.append(row)
         log.info("qat epoch %d %s", epoch + 1, row)
         if best is not None:
@@ -167,24 +162,3 @@ def qat_train(qm: QatModel, images: torch.Tensor, cfg: QatConfig, holdout: torch
         (best.row if best is not None else history[-1])["kept"] = True
     model.eval()
     return history
-
-
-class _Best:
-    """The QAT model's state with the lowest holdout loss offered so far (the first of equals)."""
-
-    def __init__(self, qm: QatModel, row: dict[str, float]) -> None:
-        self.qm, self.row = qm, row
-        self.state = self._snapshot()
-
-    def _snapshot(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.qm.model.state_dict().items()}
-
-    def offer(self, row: dict[str, float]) -> None:
-        """Keep the current state if ``row``'s holdout loss is lower than the kept one's."""
-        if row["holdout_loss"] < self.row["holdout_loss"]:
-            self.row, self.state = row, self._snapshot()
-
-    def restore(self) -> None:
-        """Load the kept state back into the model."""
-        with torch.no_grad():
-            self.qm.model.load_state_dict(self.state)

@@ -24,8 +24,9 @@ from qtool.qat.checkpoint import load_qat_checkpoint, qat_payload, read_qat_chec
 from qtool.qat.export import export_qdq
 from qtool.qat.fakequant import ActFakeQuant, WeightFakeQuant
 from qtool.qat.insert import FQ_ATTR, prepare_qat
+from qtool.qat.keep import mean_loss
 from qtool.qat.spec_map import build_spec_map
-from qtool.qat.train import mean_loss, qat_train
+from qtool.qat.train import qat_train
 from qtool.recipe import ModelConfig, PtqConfig, QatConfig
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")

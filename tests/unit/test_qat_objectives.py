@@ -21,8 +21,9 @@ from qtool.models import build_model
 from qtool.qat.checkpoint import load_qat_checkpoint
 from qtool.qat.export import export_qdq
 from qtool.qat.insert import prepare_qat
+from qtool.qat.keep import mean_loss
 from qtool.qat.objectives import LEARN_SETS, MapDistillation, fp32_targets, quantized_biases, select_parameters
-from qtool.qat.train import build_optimizer, mean_loss, qat_train
+from qtool.qat.train import build_optimizer, qat_train
 from qtool.recipe import ModelConfig, PtqConfig, QatConfig
 
 RANGES = QatConfig(epochs=4, batch_size=4, optimizer="adam", lr=1e-3, scale_lr=0.02, freeze_epochs=0,

@@ -17,9 +17,10 @@ from test_qat_objectives import RANGES, _clipped, _setup
 
 from qtool.cli import main
 from qtool.qat.insert import prepare_qat
+from qtool.qat.keep import mean_loss
 from qtool.qat.objectives import LEARN_SETS, MapDistillation, select_parameters
 from qtool.qat.trace import QatError
-from qtool.qat.train import build_optimizer, mean_loss, qat_train
+from qtool.qat.train import build_optimizer, qat_train
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
