@@ -60,6 +60,20 @@ KEEP_RULES.add("guarded", KeepRule("the lowest holdout loss among the start and 
                                    _guarded, "check"))
 
 
+def replay(rule: KeepRule, history: list[Row]) -> Row:
+    """The row ``rule`` keeps of a run's ``history`` (rows from epoch 0 on, offered in order).
+
+    Another rule's choice on a finished run, without rerunning it (the trajectory does not depend on the keep rule).
+    """
+    if rule.better is None:
+        return history[-1]
+    kept = start = history[0]
+    for row in history[1:]:
+        if rule.better(row, kept, start):
+            kept = row
+    return kept
+
+
 class Kept:
     """The state a keep rule prefers among those offered so far (a snapshot of ``module``'s state dict)."""
 

@@ -106,3 +106,14 @@ def test_guarded_with_the_kd_loss_or_no_check_set_is_refused_before_anything_is_
 def test_an_unknown_keep_rule_is_a_recipe_error_naming_the_known_ones():
     with pytest.raises(ValidationError, match="guarded"):
         QatConfig(keep="worst")
+
+
+def test_replaying_a_guarded_runs_history_gives_each_rules_choice(tmp_path):
+    """The guarded run's kept row is what replay picks; replay of best picks the lowest loss; last the last row."""
+    from qtool.qat.keep import replay
+
+    *_, history = _map_run(tmp_path, "guarded", epochs=3)
+    assert replay(KEEP_RULES.get("guarded"), history)["epoch"] == next(h["epoch"] for h in history if h.get("kept"))
+    losses = [h["holdout_loss"] for h in history]
+    assert replay(KEEP_RULES.get("best"), history)["epoch"] == history[losses.index(min(losses))]["epoch"]
+    assert replay(KEEP_RULES.get("last"), history) is history[-1]
