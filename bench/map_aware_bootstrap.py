@@ -92,7 +92,8 @@ def cell_models(work: Path, setup: str, source: str, bits: int, names: list[str]
         path = next((p for p in (cell / "ptq" / "model.onnx", cell / "qat" / "model.onnx") if p.is_file()),
                     cell / "ptq" / "model.onnx")
         if not path.is_file():
-            sys.exit(f"error: {path} is missing; run bench/map_aware.py for that cell first")
+            sys.exit(f"error: {cell} has no ptq/model.onnx or qat/model.onnx; run bench/map_aware.py (a calibrator "
+                     "column) or bench/map_distillation.py (a QAT column) for that cell first")
         models[calib] = str(path)
     return models
 
