@@ -229,10 +229,10 @@ class QatLoss:
         return needs is None or {"holdout": self.has_holdout, "check": self.has_check}[needs](recipe, splits)
 
 
-QAT_LOSSES: Registry[QatLoss] = Registry("qat.loss")
-QAT_LOSSES.add("kd", QatLoss(_kd, lambda recipe, splits: bool(splits.holdout)))
 def _has_check_set(recipe: Any, splits: Any) -> bool:
     return recipe.ptq.search.check_normals > 0
 
 
+QAT_LOSSES: Registry[QatLoss] = Registry("qat.loss")
+QAT_LOSSES.add("kd", QatLoss(_kd, lambda recipe, splits: bool(splits.holdout)))
 QAT_LOSSES.add("map", QatLoss(_map, _has_check_set, _has_check_set))
