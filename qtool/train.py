@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,7 +85,8 @@ def load_images(samples: list[Sample], transform: ImageTransform, progress: Prog
 
 
 @torch.no_grad()
-def _mean_loss(model: torch.nn.Module, images: torch.Tensor, batch_size: int) -> float:
+def mean_loss(model: torch.nn.Module, images: Any, batch_size: int) -> float:
+    """Mean ``training_loss`` of ``model`` (in eval mode) over ``images`` (a tensor, or anything batched like one)."""
     model.eval()
     losses = [float(model.training_loss(images[i : i + batch_size])["loss"]) * len(images[i : i + batch_size])
               for i in range(0, len(images), batch_size)]
@@ -192,7 +194,7 @@ def fit(recipe: Recipe, train: list[Sample], holdout: list[Sample], out_dir: Pat
         order = torch.randperm(len(images), generator=gen)
         row = {"epoch": epoch + 1, **train_epoch(model, images, order, cfg.batch_size, opt, progress)}
         if val_images is not None:
-            row["holdout_loss"] = _mean_loss(model, val_images, cfg.batch_size)
+            row["holdout_loss"] = mean_loss(model, val_images, cfg.batch_size)
         if search is not None and ((epoch + 1) % cfg.proxy_every == 0 or epoch + 1 == cfg.epochs):
             row.update(proxy_metrics(model, search, cfg.batch_size))
             if best is not None:

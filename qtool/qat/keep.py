@@ -25,6 +25,7 @@ from torch import nn
 
 from qtool.proxy import SEPARATION_KEYS, separation
 from qtool.registry import Registry
+from qtool.train import mean_loss
 
 Row = dict[str, Any]
 
@@ -96,17 +97,6 @@ class Kept:
 
 
 @torch.no_grad()
-def mean_loss(model: nn.Module, images: Any, batch_size: int) -> float:
-    """Mean KD loss of ``model`` (in eval mode) over ``images``."""
-    model.eval()
-    total = 0.0
-    for i in range(0, len(images), batch_size):
-        batch = images[i : i + batch_size]
-        total += float(model.training_loss(batch)["loss"]) * len(batch)
-    return total / max(1, len(images))
-
-
-@torch.no_grad()
 def holdout_row(model: nn.Module, holdout: Any, batch_size: int, check: Any = None) -> Row:
     """``{"holdout_loss", "holdout_seconds"}`` of ``model`` (eval mode) on ``holdout``.
 
@@ -118,13 +108,9 @@ def holdout_row(model: nn.Module, holdout: Any, batch_size: int, check: Any = No
     if check is None:
         return {"holdout_loss": mean_loss(model, holdout, batch_size), "holdout_seconds": time.perf_counter() - t0}
     model.eval()
-    total, maps, scores = 0.0, [], []
-    for i in range(0, len(holdout), batch_size):
-        batch = holdout[i : i + batch_size]
-        (q_map, q_score), terms = model.outputs_and_loss(batch)
-        total += float(terms["loss"]) * len(batch)
-        maps.append(q_map[:, 0].numpy())
-        scores.append(q_score.numpy())
-    sep = separation(np.concatenate(maps), np.concatenate(scores), check.masks, check.labels)
-    return {"holdout_loss": total / max(1, len(holdout)), **{f"proxy_{k}": v for k, v in sep.items()},
+    outputs = [model.outputs_and_loss(holdout[i : i + batch_size]) for i in range(0, len(holdout), batch_size)]
+    loss = sum(float(terms["loss"]) * len(q_map) for (q_map, _), terms in outputs) / max(1, len(holdout))
+    sep = separation(np.concatenate([q_map[:, 0].numpy() for (q_map, _), _ in outputs]),
+                     np.concatenate([q_score.numpy() for (_, q_score), _ in outputs]), check.masks, check.labels)
+    return {"holdout_loss": loss, **{f"proxy_{k}": v for k, v in sep.items()},
             "holdout_seconds": time.perf_counter() - t0}
