@@ -250,6 +250,9 @@ class QatConfig(Section):
     # among the states whose check-set proxy AUROCs are at least the start's; qat.loss map with a check set)
     keep: str = "last"
     checkpoint_every: int = Field(1, ge=1)
+    # also export the QDQ ONNX of the start and of every epoch (snapshots/epoch_NNN.onnx): each state a keep could
+    # choose, to evaluate after the run (bench/qat_trajectory.py)
+    snapshots: bool = False
     loss: str = "kd"  # kd: the model's KD loss on the training split; map: map distillation on the search set
     learn: str = "student"  # student: its weights and ranges; ranges: every scale and quantized bias, no weights
 

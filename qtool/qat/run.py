@@ -5,7 +5,8 @@ calibrator on the same calibration data, or a PTQ run's graph: its ranges and bi
 :mod:`qtool.qat.start`) -> fx fake-quant graph -> QAT
 epochs -> QDQ export -> lint -> save. The run folder mirrors ``qtool ptq``'s: ``model.onnx``,
 ``fp32.onnx`` (the input), ``qat_fp32.onnx`` (trained float), ``qat.pt`` (and ``last.pt``), ``report.json``,
-``recipe.yaml``, ``manifest.json``. ``sqnr_db`` compares with the input fp32 model (as PTQ's report does);
+``recipe.yaml``, ``manifest.json``; with ``qat.snapshots`` also ``snapshots/epoch_NNN.onnx``, the QDQ ONNX of the
+start (000) and of every epoch. ``sqnr_db`` compares with the input fp32 model (as PTQ's report does);
 ``sqnr_vs_qat_float_db`` with the trained float model, i.e. the quantization noise alone.
 """
 
@@ -120,10 +121,19 @@ def run_qat(model_path: Path, recipe: Recipe, out_dir: Path, progress: Progress 
     def save(name: str, extra: dict[str, Any]) -> Path:
         return save_qat_checkpoint(qat_payload(qm, base, base_state, extra=extra, **sections), out_dir / name)
 
+    def snapshot(epoch: int) -> None:  # the QDQ ONNX of the current state (qat.snapshots)
+        if cfg.snapshots:
+            path = out_dir / "snapshots" / f"epoch_{epoch:03d}.onnx"
+            path.parent.mkdir(exist_ok=True)
+            save_model(export_qdq(qm, prepared)[0], path)
+            stamp_data_config(path, meta["data"])
+
     def on_epoch(epoch: int, history: list[dict[str, float]], opt: QatOptimizer) -> None:
+        snapshot(epoch)
         if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
             save("last.pt", {"epoch": epoch, "history": history, "optimizer": opt.state_dict()})
 
+    snapshot(0)
     with timer.stage("train"):
         history = qat_train(qm, data.images, cfg, data.holdout, recipe.seed, on_epoch, progress,
                             build_optimizer(qm, cfg, trained), objective=data.objective, check=data.check)

@@ -190,3 +190,33 @@ def test_learned_weight_scales_stay_above_the_int32_bias_floor_after_every_step(
     step = (qm.act[qm.smap.activations[spec_bias.input].owner].get_scale() * wq.get_scale()).detach()
     assert torch.all((module.bias - bias).abs() <= 0.5 * step * (1 + 1e-4))  # on the int32 grid, unclamped
     assert grow_for_biases(qm) == 0
+
+
+def test_snapshots_export_every_state_and_change_nothing_else(tmp_path_factory, tmp_path):
+    """``qat.snapshots``: the QDQ ONNX of the start and of each epoch; the start's is the PTQ graph, the kept epoch's
+    is ``model.onnx`` (same initializers), and the run's history equals the same run without snapshots."""
+    kd = shared(tmp_path_factory)
+    _, ptq_dir = _bias_corrected_ptq(tmp_path_factory)
+    runs = {}
+    for snap in ("true", "false"):
+        out = tmp_path / f"qat-{snap}"
+        res = _qat(kd, out, ptq_dir, "--epochs", "2", "--keep", "best", "--set", f"qat.snapshots={snap}")
+        assert res.exit_code == 0, (res.stdout, res.stderr, res.exception)
+        runs[snap] = json.loads((out / "report.json").read_text())
+    snaps = tmp_path / "qat-true" / "snapshots"
+    assert sorted(p.name for p in snaps.iterdir()) == ["epoch_000.onnx", "epoch_001.onnx", "epoch_002.onnx"]
+    assert not (tmp_path / "qat-false" / "snapshots").exists()
+    assert runs["true"]["history"] == [{**h, "seconds": runs["true"]["history"][i]["seconds"],
+                                        "holdout_seconds": runs["true"]["history"][i]["holdout_seconds"]}
+                                       for i, h in enumerate(runs["false"]["history"])]
+
+    def weights(path):
+        return [t.raw_data for t in onnx.load(str(path)).graph.initializer]
+
+    kept = runs["true"]["kept_epoch"]
+    assert weights(snaps / f"epoch_{kept:03d}.onnx") == weights(tmp_path / "qat-true" / "model.onnx")
+    assert len({b"".join(weights(p)) for p in snaps.iterdir()}) == 3, "each epoch moved the ranges"
+    image = np.random.default_rng(2).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    for got, want in zip(_outputs(snaps / "epoch_000.onnx", image), _outputs(ptq_dir / "model.onnx", image),
+                         strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
