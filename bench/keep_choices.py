@@ -42,6 +42,11 @@ def _run(cell: Path) -> tuple[dict, dict]:
     return tuple(json.loads(f.read_text()) for f in files)
 
 
+def same_curve(a: list[dict], b: list[dict]) -> bool:
+    """Whether two runs' histories have the same check-set loss at every epoch (to 1e-9): the same trajectory."""
+    return [round(h["holdout_loss"], 9) for h in a] == [round(h["holdout_loss"], 9) for h in b]
+
+
 def compare(name: str, guarded_dir: Path, other_dir: Path) -> dict:
     """One run's row: each rule's epoch and proxies on the guarded run, both runs' metrics, same-curve check."""
     g_cell, g_report = _run(guarded_dir)
@@ -49,8 +54,7 @@ def compare(name: str, guarded_dir: Path, other_dir: Path) -> dict:
     history = g_report["history"]
     if "proxy_pixel_auroc" not in history[0]:
         sys.exit(f"error: {guarded_dir}: its history has no check-set proxy AUROCs (not a guarded run)")
-    same = [round(h["holdout_loss"], 9) for h in history] == [round(h["holdout_loss"], 9)
-                                                              for h in o_report["history"]]
+    same = same_curve(history, o_report["history"])
     choices = {rule: replay(KEEP_RULES.get(rule), history) for rule in KEEP_RULES.names()}
 
     def proxies(row: dict) -> dict:

@@ -68,7 +68,12 @@ def search_images(dataset: str, normals: int, kind_sets: dict[str, list[str]], s
     recipe = load_recipe(RECIPES[dataset])
     pool = normal_pool(load_splits(recipe.data), normals)
     transform = ImageTransform(recipe.data)
-    base = np.stack([transform.image(s.path) for s in pool])
+    return kind_set_images(np.stack([transform.image(s.path) for s in pool]), kind_sets, seed)
+
+
+def kind_set_images(base: np.ndarray, kind_sets: dict[str, list[str]], seed: int
+                    ) -> tuple[np.ndarray, dict[str, tuple[slice, np.ndarray, np.ndarray]], int]:
+    """``base`` normals, then each kind set's anomalies made from them (``seed``); the layout :func:`proxies` reads."""
     n = len(base)
     images, layout = [base], {}
     for name, kinds in kind_sets.items():
@@ -79,9 +84,9 @@ def search_images(dataset: str, normals: int, kind_sets: dict[str, list[str]], s
     return np.concatenate(images), layout, n
 
 
-def proxies(model: Path, images: np.ndarray, layout: dict, n: int) -> dict[str, dict[str, float]]:
+def proxies(model: Path, images: np.ndarray, layout: dict, n: int, threads: int = 2) -> dict[str, dict[str, float]]:
     """Per kind set: the proxy separation of ``model`` (run as the search runs it: Q/DQ in float)."""
-    maps, scores = OnnxPredictor(model, 2, RUN_LEVEL)(images)
+    maps, scores = OnnxPredictor(model, threads, RUN_LEVEL)(images)
     out = {}
     for name, (part, masks, labels) in layout.items():
         m = np.concatenate([maps[:n], maps[part]])
