@@ -111,7 +111,7 @@ def predictors(history: list[dict], states: list[dict], kind_sets: list[str]) ->
            "run proxy pixel (torch)": [h["proxy_pixel_auroc"] for h in history]}
     for kind in kind_sets:
         for key, short in (("image_auroc", "image"), ("pixel_auroc", "pixel")):
-            out[f"{kind} proxy {short}"] = [s["proxies"][kind][key] for s in states]
+            out[f"{kind} proxy {short} (ONNX)"] = [s["proxies"][kind][key] for s in states]
     return out
 
 
