@@ -118,3 +118,24 @@ def test_bad_input_is_a_one_line_error_and_no_output(tiny_cell, tmp_path, damage
     else:
         assert e.value.code == 2
     assert not (tmp_path / "out.json").exists()
+
+
+def test_export_parity_of_a_real_run(tiny_cell, tmp_path):
+    """bench/qat_export_parity.py on the tiny run: the float export matches torch to float precision, the QDQ export
+    matches its fake-quant model far closer than any quantization step; a missing checkpoint is a one-line error."""
+    import shutil
+
+    import qat_export_parity as qp
+
+    _, _, cell = tiny_cell
+    row = qp.parity(cell, images=2, noise=1e-5, threads=1)
+    assert row["images"] == 2
+    assert row["fp32_onnx_vs_torch"]["max"] < 1e-4
+    assert row["qdq_vs_fake_quant"]["mean"] < 1e-3
+    assert row["fp32_under_noise"]["mean"] > 0.0
+    broken = tmp_path / cell.name
+    shutil.copytree(cell, broken, ignore=shutil.ignore_patterns("qat.pt", "snapshots", "trajectory"))
+    with pytest.raises(SystemExit) as e:
+        qp.main(["--cell", str(broken), "--out", str(tmp_path / "out")])
+    assert str(e.value).startswith("error: ") and "qat.pt" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "out.json").exists()
