@@ -26,12 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from qat_trajectory import check_normals
 
 from qtool.artifacts import bench_meta, versions_line, write_results
 from qtool.commands.common import fail_cleanly
-from qtool.data import ImageTransform
 from qtool.evaluate import OnnxPredictor, TorchPredictor
-from qtool.modelio import open_model
 from qtool.recipe import load_recipe
 from qtool.search import RUN_LEVEL
 
@@ -52,8 +51,7 @@ def parity(cell: Path, images: int, noise: float, threads: int) -> dict:
         sys.exit(f"error: {missing[0]}: not a finished QAT cell")
     report = json.loads((cell / "qat" / "report.json").read_text())
     recipe = load_recipe(cell / "qat" / "recipe.yaml")
-    transform = ImageTransform(open_model(cell / "qat" / "model.onnx").apply_transform(recipe.data))
-    x = np.stack([transform.image(Path(f)) for f in report["objective"]["holdout"]["files"][:images]])
+    x = check_normals(cell / "qat" / "model.onnx", report, recipe)[:images]
     noisy = x + np.random.default_rng(0).standard_normal(x.shape).astype(np.float32) * noise * float(np.abs(x).max())
 
     def onnx_map(name: str, inputs: np.ndarray) -> np.ndarray:

@@ -82,12 +82,16 @@ def score_state(snapshot: Path, recipe, check: tuple, threads: int) -> dict:
     return row
 
 
+def check_normals(model: Path, report: dict, recipe) -> np.ndarray:
+    """A QAT run's check normals (its report's file list), preprocessed as ``model`` (ONNX) expects."""
+    transform = ImageTransform(open_model(model).apply_transform(recipe.data))
+    return np.stack([transform.image(Path(f)) for f in report["objective"]["holdout"]["files"]])
+
+
 def check_images(cell_dir: Path, report: dict, recipe, kind_sets: dict[str, list[str]]) -> tuple:
-    """The run's check normals (its report's files), with the run's own kinds first, then each of ``kind_sets``."""
+    """The run's check normals, with the run's own kinds' anomalies first, then each of ``kind_sets``'."""
     holdout = report["objective"]["holdout"]
-    snapshot = cell_dir / "qat" / "snapshots" / "epoch_000.onnx"
-    transform = ImageTransform(open_model(snapshot).apply_transform(recipe.data))
-    normals = np.stack([transform.image(Path(f)) for f in holdout["files"]])
+    normals = check_normals(cell_dir / "qat" / "snapshots" / "epoch_000.onnx", report, recipe)
     return kind_set_images(normals, {RUN_KINDS: holdout["kinds"], **kind_sets}, holdout["seed"])
 
 
