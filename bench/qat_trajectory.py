@@ -8,7 +8,9 @@ every state is scored on
 - the test split: image AUROC, pixel AUROC, AUPRO (``qtool eval``, as the cell itself was);
 - the run's check set (its 32 normals and the synthetic anomalies of the run's kinds and seed, rebuilt from the
   run report's file list) and each ``--kinds`` set made from the same normals: proxy image and pixel AUROC of the
-  ONNX model (run as the search runs it: Q/DQ in float). Never the test split.
+  ONNX model (run as the search runs it: Q/DQ in float). Never the test split;
+- the map order: the mean over the run's check normals of the Spearman correlation between the state's map pixels
+  and the fp32 model's (``qat/fp32.onnx``), i.e. how well the order of the many normal values is kept.
 
 Per run it gives the Spearman correlation over the states between each test metric and each predictor (the
 check-set map loss, negated; the run's own proxies from its history; each kind set's ONNX proxies), the state
@@ -42,10 +44,12 @@ from proxy_kinds import kind_set_images, parse_kinds, proxies
 from qtool.artifacts import bench_meta, versions_line, write_json, write_results
 from qtool.commands.common import fail_cleanly
 from qtool.data import ImageTransform
+from qtool.evaluate import OnnxPredictor
 from qtool.modelio import open_model
 from qtool.qat.keep import KEEP_RULES, replay
 from qtool.recipe import load_recipe
 from qtool.runs import run_eval
+from qtool.search import RUN_LEVEL
 
 STANDARD = "minmax-in8,percentile-in8,entropy-in8,mse-bc-in8,mawc-in8"
 RUN_KINDS = "run"  # the kind set of the run's own check set
@@ -67,19 +71,36 @@ def parse_cell(text: str) -> dict:
             "earlier": Path(m["earlier"]) if m["earlier"] else None}
 
 
-def score_state(snapshot: Path, recipe, check: tuple, threads: int) -> dict:
-    """Test metrics and per-kind-set check proxies of one snapshot (cached beside the run as JSON)."""
+def score_state(snapshot: Path, recipe, check: tuple, reference: tuple[np.ndarray, np.ndarray], threads: int) -> dict:
+    """Test metrics, per-kind-set check proxies and map order of one snapshot (cached beside the run as JSON).
+
+    ``reference``: the check normals and the fp32 model's maps of them (for the map order).
+    """
     cached = snapshot.parents[2] / "trajectory" / f"{snapshot.stem}.json"
-    if cached.is_file():
-        return json.loads(cached.read_text())
-    t0 = time.perf_counter()
-    metrics = run_eval(snapshot, recipe)["metrics"]["mean"]
-    t1 = time.perf_counter()
-    row = {"epoch": int(snapshot.stem.split("_")[1]), **{k: metrics[k] for k in KEYS},
-           "proxies": proxies(snapshot, *check, threads=threads), "eval_seconds": round(t1 - t0, 2),
-           "proxy_seconds": round(time.perf_counter() - t1, 2)}
-    write_json(cached, row)
+    row = json.loads(cached.read_text()) if cached.is_file() else None
+    if row is None:
+        t0 = time.perf_counter()
+        metrics = run_eval(snapshot, recipe)["metrics"]["mean"]
+        t1 = time.perf_counter()
+        row = {"epoch": int(snapshot.stem.split("_")[1]), **{k: metrics[k] for k in KEYS},
+               "proxies": proxies(snapshot, *check, threads=threads), "eval_seconds": round(t1 - t0, 2),
+               "proxy_seconds": round(time.perf_counter() - t1, 2)}
+    if "map_order" not in row:  # added after the first scores were cached: computed once, then cached too
+        row["map_order"] = map_order(snapshot, *reference, threads)
+        write_json(cached, row)
     return row
+
+
+def map_order(model: Path, normals: np.ndarray, reference: np.ndarray, threads: int) -> float:
+    """Mean over ``normals`` of the Spearman correlation between ``model``'s map pixels and the ``reference`` maps.
+
+    How well the order of the many (normal, low) map values is kept: what pixel AUROC ranks, and what a loss on
+    squared errors, dominated by the largest values, may not keep.
+    """
+    from scipy.stats import spearmanr
+
+    maps = OnnxPredictor(model, threads, RUN_LEVEL)(normals)[0]
+    return float(np.mean([spearmanr(m.ravel(), r.ravel()).statistic for m, r in zip(maps, reference, strict=True)]))
 
 
 def check_normals(model: Path, report: dict, recipe) -> np.ndarray:
@@ -111,6 +132,7 @@ def standard_best(cell_dir: Path, columns: list[str], metric: str) -> dict:
 def predictors(history: list[dict], states: list[dict], kind_sets: list[str]) -> dict[str, list[float]]:
     """Per predictor, its value at each state (higher: predicted better)."""
     out = {"check loss (negated)": [-h["holdout_loss"] for h in history],
+           "map order vs fp32 (check normals)": [s["map_order"] for s in states],
            "run proxy image (torch)": [h["proxy_image_auroc"] for h in history],
            "run proxy pixel (torch)": [h["proxy_pixel_auroc"] for h in history]}
     for kind in kind_sets:
@@ -139,7 +161,9 @@ def analyse(spec: dict, columns: list[str], kind_sets: dict[str, list[str]], thr
                  "(a run without qat.snapshots?)")
     recipe = load_recipe(cell_dir / "qat" / "recipe.yaml", [f"eval.threads={threads}"])
     check = check_images(cell_dir, report, recipe, kind_sets)
-    states = [score_state(p, recipe, check, threads) for p in snapshots]
+    normals = check[0][: check[2]]
+    reference = normals, OnnxPredictor(cell_dir / "qat" / "fp32.onnx", threads, RUN_LEVEL)(normals)[0]
+    states = [score_state(p, recipe, check, reference, threads) for p in snapshots]
     kinds = [RUN_KINDS, *kind_sets]
     preds = predictors(history, states, kinds)
     spearman = {name: {k: rank_correlation(list(zip(values, [s[k] for s in states], strict=True))) for k in KEYS}
@@ -209,12 +233,14 @@ def write_markdown(path: Path, meta: dict, runs: list[dict], dec: dict) -> None:
                   + (f"; retraces {r['earlier']['dir']}: curve {'yes' if r['earlier']['same_curve'] else 'NO'}, "
                      f"kept epoch {'yes' if r['earlier']['same_kept_epoch'] else 'NO'}, kept metrics "
                      f"{'yes' if r['earlier']['kept_metrics_equal'] else 'NO'}" if "earlier" in r else "") + ".", "",
-                  "| epoch | check loss | run proxies (torch) | " + " | ".join(f"{k} proxies (ONNX)" for k in kinds)
-                  + " | test image | test pixel | test AUPRO | eval s |", "|---|---|---|" + "---|" * len(kinds)
+                  "| epoch | check loss | map order | run proxies (torch) | "
+                  + " | ".join(f"{k} proxies (ONNX)" for k in kinds)
+                  + " | test image | test pixel | test AUPRO | eval s |", "|---|---|---|---|" + "---|" * len(kinds)
                   + "---|---|---|---|"]
         for h, s in zip(r["history"], r["states"], strict=True):
             mark = ("*" if s["epoch"] == r["kept_epoch"] else "") + ("o" if s["epoch"] == r["oracle"]["epoch"] else "")
-            lines.append(f"| {s['epoch']}{mark} | {h['holdout_loss']:.4f} | {h['proxy_image_auroc']:.3f} / "
+            lines.append(f"| {s['epoch']}{mark} | {h['holdout_loss']:.4f} | {s['map_order']:.4f} | "
+                         f"{h['proxy_image_auroc']:.3f} / "
                          f"{h['proxy_pixel_auroc']:.3f} | "
                          + " | ".join(f"{s['proxies'][k]['image_auroc']:.3f} / {s['proxies'][k]['pixel_auroc']:.3f}"
                                       for k in kinds)

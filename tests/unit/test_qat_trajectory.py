@@ -53,6 +53,19 @@ def test_every_state_is_scored_and_the_kept_one_is_the_cells_export(tiny_cell):
     assert run["oracle"]["value"] == max(s["image_auroc"] for s in run["states"])
     assert run["picks"]["guarded (run)"] == run["kept_epoch"]
     assert all(-1.0 <= r <= 1.0 for rho in run["spearman"].values() for r in rho.values() if r is not None)
+    assert all(-1.0 <= s["map_order"] < 1.0 for s in run["states"])  # quantized maps do not keep every pixel's order
+
+
+def test_map_order_of_the_fp32_model_against_itself_is_one(tiny_cell):
+    from qtool.evaluate import OnnxPredictor
+    from qtool.search import RUN_LEVEL
+
+    _, recipe, cell = tiny_cell
+    report = json.loads((cell / "qat" / "report.json").read_text())
+    normals = qt.check_normals(cell / "qat" / "model.onnx", report, recipe)
+    ref = OnnxPredictor(cell / "qat" / "fp32.onnx", 1, RUN_LEVEL)(normals)[0]
+    assert qt.map_order(cell / "qat" / "fp32.onnx", normals, ref, 1) == pytest.approx(1.0)
+    assert qt.map_order(cell / "qat" / "model.onnx", normals, ref, 1) < 1.0
 
 
 def test_the_run_kinds_check_set_is_the_runs_own(tiny_cell):
