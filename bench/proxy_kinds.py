@@ -86,7 +86,11 @@ def kind_set_images(base: np.ndarray, kind_sets: dict[str, list[str]], seed: int
 
 def proxies(model: Path, images: np.ndarray, layout: dict, n: int, threads: int = 2) -> dict[str, dict[str, float]]:
     """Per kind set: the proxy separation of ``model`` (run as the search runs it: Q/DQ in float)."""
-    maps, scores = OnnxPredictor(model, threads, RUN_LEVEL)(images)
+    return separations(*OnnxPredictor(model, threads, RUN_LEVEL)(images), layout, n)
+
+
+def separations(maps: np.ndarray, scores: np.ndarray, layout: dict, n: int) -> dict[str, dict[str, float]]:
+    """Per kind set: the separation of the maps and scores of :func:`kind_set_images`' images."""
     out = {}
     for name, (part, masks, labels) in layout.items():
         m = np.concatenate([maps[:n], maps[part]])

@@ -39,13 +39,14 @@ from pathlib import Path
 import numpy as np
 from keep_choices import _run, same_curve
 from map_aware import KEYS, SOURCES
-from proxy_kinds import kind_set_images, parse_kinds, proxies
+from proxy_kinds import kind_set_images, parse_kinds, separations
 
 from qtool.artifacts import bench_meta, versions_line, write_json, write_results
 from qtool.commands.common import fail_cleanly
 from qtool.data import ImageTransform
 from qtool.evaluate import OnnxPredictor
 from qtool.modelio import open_model
+from qtool.proxy import SEPARATION_KEYS, rank_correlation
 from qtool.qat.keep import KEEP_RULES, replay
 from qtool.recipe import load_recipe
 from qtool.runs import run_eval
@@ -71,35 +72,39 @@ def parse_cell(text: str) -> dict:
             "earlier": Path(m["earlier"]) if m["earlier"] else None}
 
 
-def score_state(snapshot: Path, recipe, check: tuple, reference: tuple[np.ndarray, np.ndarray], threads: int) -> dict:
+def _epoch(snapshot: Path) -> int:
+    return int(snapshot.stem.split("_")[1])
+
+
+def score_state(snapshot: Path, recipe, check: tuple, reference: np.ndarray, threads: int) -> dict:
     """Test metrics, per-kind-set check proxies and map order of one snapshot (cached beside the run as JSON).
 
-    ``reference``: the check normals and the fp32 model's maps of them (for the map order).
+    ``check``: :func:`check_images`' (images, layout, normals); ``reference``: the fp32 model's maps of the normals.
+    One pass over the check images gives the proxies and the map order.
     """
     cached = snapshot.parents[2] / "trajectory" / f"{snapshot.stem}.json"
-    row = json.loads(cached.read_text()) if cached.is_file() else None
-    if row is None:
-        t0 = time.perf_counter()
-        metrics = run_eval(snapshot, recipe)["metrics"]["mean"]
-        t1 = time.perf_counter()
-        row = {"epoch": int(snapshot.stem.split("_")[1]), **{k: metrics[k] for k in KEYS},
-               "proxies": proxies(snapshot, *check, threads=threads), "eval_seconds": round(t1 - t0, 2),
-               "proxy_seconds": round(time.perf_counter() - t1, 2)}
-    if "map_order" not in row:  # added after the first scores were cached: computed once, then cached too
-        row["map_order"] = map_order(snapshot, *reference, threads)
-        write_json(cached, row)
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    t0 = time.perf_counter()
+    metrics = run_eval(snapshot, recipe)["metrics"]["mean"]
+    t1 = time.perf_counter()
+    images, layout, n = check
+    maps, scores = OnnxPredictor(snapshot, threads, RUN_LEVEL)(images)
+    row = {"epoch": _epoch(snapshot), **{k: metrics[k] for k in KEYS},
+           "proxies": separations(maps, scores, layout, n), "map_order": map_order(maps[:n], reference),
+           "eval_seconds": round(t1 - t0, 2), "proxy_seconds": round(time.perf_counter() - t1, 2)}
+    write_json(cached, row)
     return row
 
 
-def map_order(model: Path, normals: np.ndarray, reference: np.ndarray, threads: int) -> float:
-    """Mean over ``normals`` of the Spearman correlation between ``model``'s map pixels and the ``reference`` maps.
+def map_order(maps: np.ndarray, reference: np.ndarray) -> float:
+    """Mean over the images of the Spearman correlation between ``maps``' pixels and the ``reference`` maps'.
 
     How well the order of the many (normal, low) map values is kept: what pixel AUROC ranks, and what a loss on
     squared errors, dominated by the largest values, may not keep.
     """
     from scipy.stats import spearmanr
 
-    maps = OnnxPredictor(model, threads, RUN_LEVEL)(normals)[0]
     return float(np.mean([spearmanr(m.ravel(), r.ravel()).statistic for m, r in zip(maps, reference, strict=True)]))
 
 
@@ -143,26 +148,23 @@ def predictors(history: list[dict], states: list[dict], kind_sets: list[str]) ->
 
 def guarded_with(history: list[dict], states: list[dict], kind: str) -> int:
     """The epoch ``guarded`` keeps when its guard is ``kind``'s ONNX proxies (the loss is the run's)."""
-    rows = [{**h, **{f"proxy_{k}": s["proxies"][kind][k] for k in ("image_auroc", "pixel_auroc")}}
+    rows = [{**h, **{f"proxy_{k}": s["proxies"][kind][k] for k in SEPARATION_KEYS}}
             for h, s in zip(history, states, strict=True)]
     return replay(KEEP_RULES.get("guarded"), rows)["epoch"]
 
 
 def analyse(spec: dict, columns: list[str], kind_sets: dict[str, list[str]], threads: int) -> dict:
     """Score every state of one run and compare predictors, picks and the oracle."""
-    from qtool.proxy import rank_correlation
-
     cell_dir, metric = spec["dir"], spec["metric"]
     cell, report = _run(cell_dir)
     history = report["history"]
     snapshots = sorted((cell_dir / "qat" / "snapshots").glob("epoch_*.onnx"))
-    if [int(p.stem.split("_")[1]) for p in snapshots] != [h["epoch"] for h in history]:
+    if [_epoch(p) for p in snapshots] != [h["epoch"] for h in history]:
         sys.exit(f"error: {cell_dir}: snapshots {[p.name for p in snapshots]} do not match the history's epochs "
                  "(a run without qat.snapshots?)")
     recipe = load_recipe(cell_dir / "qat" / "recipe.yaml", [f"eval.threads={threads}"])
     check = check_images(cell_dir, report, recipe, kind_sets)
-    normals = check[0][: check[2]]
-    reference = normals, OnnxPredictor(cell_dir / "qat" / "fp32.onnx", threads, RUN_LEVEL)(normals)[0]
+    reference = OnnxPredictor(cell_dir / "qat" / "fp32.onnx", threads, RUN_LEVEL)(check[0][: check[2]])[0]
     states = [score_state(p, recipe, check, reference, threads) for p in snapshots]
     kinds = [RUN_KINDS, *kind_sets]
     preds = predictors(history, states, kinds)
@@ -170,7 +172,7 @@ def analyse(spec: dict, columns: list[str], kind_sets: dict[str, list[str]], thr
                 for name, values in preds.items()}
     kept = report["kept_epoch"]
     oracle = max(states, key=lambda s: (s[metric], -s["epoch"]))
-    torch_vs_onnx = max(max(abs(h[f"proxy_{k}"] - s["proxies"][RUN_KINDS][k]) for k in ("image_auroc", "pixel_auroc"))
+    torch_vs_onnx = max(max(abs(h[f"proxy_{k}"] - s["proxies"][RUN_KINDS][k]) for k in SEPARATION_KEYS)
                         for h, s in zip(history, states, strict=True))
     out = {"cell": spec["cell"], "run": spec["run"], "dir": str(cell_dir), "metric": metric, "kept_epoch": kept,
            "history": history, "states": states, "spearman": spearman, "standard": standard_best(cell_dir, columns,

@@ -64,8 +64,8 @@ def test_map_order_of_the_fp32_model_against_itself_is_one(tiny_cell):
     report = json.loads((cell / "qat" / "report.json").read_text())
     normals = qt.check_normals(cell / "qat" / "model.onnx", report, recipe)
     ref = OnnxPredictor(cell / "qat" / "fp32.onnx", 1, RUN_LEVEL)(normals)[0]
-    assert qt.map_order(cell / "qat" / "fp32.onnx", normals, ref, 1) == pytest.approx(1.0)
-    assert qt.map_order(cell / "qat" / "model.onnx", normals, ref, 1) < 1.0
+    assert qt.map_order(OnnxPredictor(cell / "qat" / "fp32.onnx", 1, RUN_LEVEL)(normals)[0], ref) == pytest.approx(1.0)
+    assert qt.map_order(OnnxPredictor(cell / "qat" / "model.onnx", 1, RUN_LEVEL)(normals)[0], ref) < 1.0
 
 
 def test_the_run_kinds_check_set_is_the_runs_own(tiny_cell):
