@@ -241,6 +241,10 @@ class QatConfig(Section):
     momentum: float = Field(0.9, ge=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     freeze_epochs: int = Field(1, ge=0)
+    # every learning rate's shape over the run's steps (qtool.qat.schedule): constant or cosine (down to 0 at the
+    # last step), after warmup_epochs of linear warm-up
+    lr_schedule: str = "constant"
+    warmup_epochs: float = Field(0.0, ge=0.0)
     learnable_scales: bool = True
     scale_lr: float = Field(1e-3, gt=0.0)
     observer_momentum: float = Field(0.01, ge=0.0, le=1.0)
@@ -256,12 +260,13 @@ class QatConfig(Section):
     loss: str = "kd"  # kd: the model's KD loss on the training split; map: map distillation on the search set
     learn: str = "student"  # student: its weights and ranges; ranges: every scale and quantized bias, no weights
 
-    @field_validator("loss", "learn", "keep")
+    @field_validator("loss", "learn", "keep", "lr_schedule")
     @classmethod
     def _registry_name(cls, v: str, info: ValidationInfo) -> str:
         return _registered(v, *{"loss": ("qtool.qat.objectives", "QAT_LOSSES"),
                                 "learn": ("qtool.qat.objectives", "LEARN_SETS"),
-                                "keep": ("qtool.qat.keep", "KEEP_RULES")}[info.field_name])
+                                "keep": ("qtool.qat.keep", "KEEP_RULES"),
+                                "lr_schedule": ("qtool.qat.schedule", "LR_SCHEDULES")}[info.field_name])
 
 
 class EvalConfig(Section):

@@ -3,7 +3,8 @@
 The loss is ``model.training_loss`` on the QAT model, whose teacher/student are the fake-quantized
 GraphModules: a quantized teacher gives fake-quantized targets (its ranges stay as calibrated), a
 float teacher gives float ones; DCAM, when the model has it, trains as in ``qtool train``. Activation
-and weight scales are frozen for the last ``freeze_epochs`` epochs (observers stop, LSQ scales stop).
+and weight scales are frozen for the last ``freeze_epochs`` epochs (observers stop, LSQ scales stop). The
+learning rates follow ``qat.lr_schedule`` after ``qat.warmup_epochs`` of linear warm-up (:mod:`qtool.qat.schedule`).
 ``qat.keep`` chooses the state restored at the end (:mod:`qtool.qat.keep`: the last epoch's, the lowest holdout
 loss among the start and every epoch, or that among the states whose check-set proxy AUROCs did not fall).
 """
@@ -20,6 +21,7 @@ from torch import nn
 
 from qtool.qat.insert import QatModel, grow_for_biases
 from qtool.qat.keep import KEEP_RULES, Kept, holdout_row
+from qtool.qat.schedule import StepSchedule, step_schedule
 from qtool.recipe import QatConfig
 from qtool.train import train_epoch
 
@@ -38,12 +40,24 @@ class QatOptimizer:
     """The recipe's optimizer over the trained weights, plus Adam (lr ``qat.scale_lr``) over the log-scales.
 
     Adam normalises the scale gradients, so a step changes a scale by about ``scale_lr`` relative,
-    whatever its magnitude (a 1e-3 weight scale and a 10.0 activation scale alike).
+    whatever its magnitude (a 1e-3 weight scale and a 10.0 activation scale alike). With a schedule
+    (:meth:`set_schedule`) each step first sets every learning rate to its base value times the step's factor.
     """
 
     def __init__(self, weights: torch.optim.Optimizer | None, scales: torch.optim.Optimizer | None,
                  after_step: Callable[[], Any] | None = None) -> None:
         self.weights, self.scales, self.after_step = weights, scales, after_step
+        self.base_lrs = [[g["lr"] for g in opt.param_groups] if opt is not None else [] for opt in (weights, scales)]
+        self.schedule: StepSchedule | None = None
+        self.steps = 0
+
+    def set_schedule(self, schedule: StepSchedule, steps_done: int = 0) -> None:
+        """Scale the learning rates per step by ``schedule``, the next step being ``steps_done``."""
+        self.schedule, self.steps = schedule, steps_done
+
+    def lr_factor(self) -> float:
+        """The factor of the last step taken (1.0 without a schedule or before any step)."""
+        return self.schedule.factor(max(0, self.steps - 1)) if self.schedule is not None else 1.0
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients of both."""
@@ -52,10 +66,14 @@ class QatOptimizer:
                 opt.zero_grad(set_to_none=set_to_none)
 
     def step(self) -> None:
-        """One step of both, then ``after_step`` (e.g. keep the int32 biases in range)."""
-        for opt in (self.weights, self.scales):
+        """One step of both at the schedule's learning rates, then ``after_step`` (keeps the int32 biases in range)."""
+        factor = self.schedule.factor(self.steps) if self.schedule is not None else 1.0
+        for opt, bases in zip((self.weights, self.scales), self.base_lrs, strict=True):
             if opt is not None:
+                for group, base in zip(opt.param_groups, bases, strict=True):
+                    group["lr"] = base * factor
                 opt.step()
+        self.steps += 1
         if self.after_step is not None:
             self.after_step()
 
@@ -130,6 +148,9 @@ def qat_train(qm: QatModel, images: torch.Tensor, cfg: QatConfig, holdout: torch
                        + (" and the check set's masks" if rule.needs == "check" else "")
                        + " and a run that starts at epoch 0")
     opt = optimizer or build_optimizer(qm, cfg)
+    steps_per_epoch = -(-len(images) // cfg.batch_size)
+    opt.set_schedule(step_schedule(cfg.lr_schedule, cfg.epochs, steps_per_epoch, cfg.warmup_epochs),
+                     start_epoch * steps_per_epoch)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(start_epoch):
         torch.randperm(len(images), generator=gen)
@@ -147,6 +168,7 @@ def qat_train(qm: QatModel, images: torch.Tensor, cfg: QatConfig, holdout: torch
                                  **train_epoch(model, images, order, cfg.batch_size, opt, progress)}
         row["seconds"] = time.perf_counter() - t0
         row["frozen"] = frozen
+        row["lr_factor"] = opt.lr_factor()
         if holdout is not None and len(holdout):
             row.update(holdout_row(model, holdout, cfg.batch_size, check))
         history.append(row)
