@@ -32,12 +32,16 @@ from qtool.commands.train import data_options
               help="The state exported (recipe qat.keep): last (the last epoch's), best (the lowest holdout loss "
                    "among the start and every epoch) or guarded (best among the states whose check-set proxy image "
                    "and pixel AUROC are at least the start's; --loss map).")
+@click.option("--lr-schedule", "lr_schedule", default=None,
+              help="Learning-rate shape over the run (recipe qat.lr_schedule): constant or cosine; a linear warm-up "
+                   "first with --set qat.warmup_epochs=N.")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Run folder.")
 @data_options
 @recipe_options
 @fail_cleanly
 def qat_cmd(model_path: str, target: str | None, bits: int | None, epochs: int | None, init_from: str | None,
-            calib: str | None, part: str | None, loss: str | None, learn: str | None, keep: str | None, out: str,
+            calib: str | None, part: str | None, loss: str | None, learn: str | None, keep: str | None,
+            lr_schedule: str | None, out: str,
             data_root: str | None, data_format: str | None,
             recipe: str | None, overrides: tuple[str, ...]) -> None:
     """Fine-tune a KD model under the PTQ spec's fake quantization and export the same QDQ ONNX."""
@@ -48,7 +52,7 @@ def qat_cmd(model_path: str, target: str | None, bits: int | None, epochs: int |
         "data.root": data_root, "data.format": data_format, "ptq.target": target, "ptq.activation_bits": bits,
         "ptq.weight_bits": bits, "ptq.calib": calib, "ptq.quantize": part, "qat.epochs": epochs,
         "qat.init_from": init_from, "qat.loss": loss, "qat.learn": learn,
-        "qat.keep": keep})
+        "qat.keep": keep, "qat.lr_schedule": lr_schedule})
     out_dir = Path(out)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "report.json").exists():
         raise RecipeError(f"output folder {out} exists and is not a qtool QAT run; choose another --out")

@@ -4,6 +4,7 @@ following it, a resumed run continuing it, and bad names refused."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -93,12 +94,31 @@ def test_a_cosine_run_records_its_factors_and_a_resumed_run_continues_the_same_s
     assert constant[0]["train_loss"] != pytest.approx(history[0]["train_loss"], rel=1e-4)  # the warm-up's smaller steps
 
 
-@pytest.mark.parametrize("setting", ["qat.lr_schedule=step", "qat.warmup_epochs=-1"])
+@pytest.mark.parametrize("setting", [["--lr-schedule", "step"], ["--set", "qat.lr_schedule=step"],
+                                     ["--set", "qat.warmup_epochs=-1"]])
 def test_a_bad_schedule_is_a_one_line_error_and_no_folder(tmp_path_factory, tmp_path, setting):
     kd = shared(tmp_path_factory)
     out = tmp_path / "qat"
     res = CliRunner().invoke(main, ["qat", "--model", str(kd.checkpoint), "--recipe", str(kd.recipe_file),
-                                    "--out", str(out), "--set", setting])
+                                    "--out", str(out), *setting])
     assert res.exit_code == 2, (res.stdout, res.stderr)
-    assert len(res.stderr.strip().splitlines()) == 1 and setting.split("=")[0] in res.stderr
+    key = "qat.warmup_epochs" if "warmup" in setting[1] else "qat.lr_schedule"
+    assert len(res.stderr.strip().splitlines()) == 1 and key in res.stderr, res.stderr
     assert not out.exists()
+
+
+def test_qat_cli_runs_a_cosine_schedule_and_records_it(tmp_path_factory, tmp_path):
+    from test_qat_start import _bias_corrected_ptq, _qat
+
+    kd = shared(tmp_path_factory)
+    _, ptq_dir = _bias_corrected_ptq(tmp_path_factory)
+    res = _qat(kd, tmp_path / "qat", ptq_dir, "--epochs", "2", "--lr-schedule", "cosine",
+               "--set", "qat.warmup_epochs=1")
+    assert res.exit_code == 0, (res.stdout, res.stderr, res.exception)
+    report = json.loads((tmp_path / "qat" / "report.json").read_text())
+    assert report["qat"]["lr_schedule"] == "cosine" and report["qat"]["warmup_epochs"] == 1.0
+    steps = -(-report["train_images"] // 4)  # batch size 4 (MAP_RANGES)
+    schedule = step_schedule("cosine", 2, steps, 1.0)
+    assert [h["lr_factor"] for h in report["history"] if h["epoch"] > 0] == [schedule.factor(steps - 1),
+                                                                             schedule.factor(2 * steps - 1)]
+    assert schedule.factor(steps - 1) == 1.0 > schedule.factor(2 * steps - 1)  # warmed up, then decayed
