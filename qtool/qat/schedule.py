@@ -6,7 +6,7 @@ Every learning rate of a QAT run (the recipe optimizer's and the scales' Adam) i
 * a linear warm-up over the first ``W = warmup_epochs * steps_per_epoch`` steps, ``(step + 1) / W``, whatever the
   schedule;
 * then the schedule's shape over the remaining steps, at ``t = (step - W) / (S - W)`` in ``[0, 1)``:
-  ``constant`` 1 (the default: with no warm-up, today's constant learning rate), ``cosine``
+  ``constant`` 1 (the default: with no warm-up, the constant learning rate QAT always had), ``cosine``
   ``0.5 * (1 + cos(pi * t))`` (from 1 down towards 0 at the last step).
 
 The factor depends only on the step index, so a run resumed at epoch ``e`` continues the same schedule from step

@@ -56,7 +56,7 @@ class QatOptimizer:
         self.schedule, self.steps = schedule, steps_done
 
     def lr_factor(self) -> float:
-        """The factor of the last step taken (1.0 without a schedule or before any step)."""
+        """The factor of the last step taken (of step 0 before any; 1.0 without a schedule)."""
         return self.schedule.factor(max(0, self.steps - 1)) if self.schedule is not None else 1.0
 
     def zero_grad(self, set_to_none: bool = True) -> None:
