@@ -245,6 +245,9 @@ class QatConfig(Section):
     # last step), after warmup_epochs of linear warm-up
     lr_schedule: str = "constant"
     warmup_epochs: float = Field(0.0, ge=0.0)
+    # each epoch's state (evaluated, kept, exported) is the mean of the trained parameters over the last
+    # average_epochs epoch ends (qtool.qat.average); 1: the epoch's own state
+    average_epochs: int = Field(1, ge=1)
     learnable_scales: bool = True
     scale_lr: float = Field(1e-3, gt=0.0)
     observer_momentum: float = Field(0.01, ge=0.0, le=1.0)

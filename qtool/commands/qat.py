@@ -35,13 +35,16 @@ from qtool.commands.train import data_options
 @click.option("--lr-schedule", "lr_schedule", default=None,
               help="Learning-rate shape over the run (recipe qat.lr_schedule): constant or cosine; a linear warm-up "
                    "first with --set qat.warmup_epochs=N.")
+@click.option("--average-epochs", "average_epochs", type=int, default=None,
+              help="Evaluate, keep and export the mean of the trained parameters over the last N epoch ends "
+                   "(recipe qat.average_epochs; 1: each epoch's own state).")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Run folder.")
 @data_options
 @recipe_options
 @fail_cleanly
 def qat_cmd(model_path: str, target: str | None, bits: int | None, epochs: int | None, init_from: str | None,
             calib: str | None, part: str | None, loss: str | None, learn: str | None, keep: str | None,
-            lr_schedule: str | None, out: str,
+            lr_schedule: str | None, average_epochs: int | None, out: str,
             data_root: str | None, data_format: str | None,
             recipe: str | None, overrides: tuple[str, ...]) -> None:
     """Fine-tune a KD model under the PTQ spec's fake quantization and export the same QDQ ONNX."""
@@ -52,7 +55,7 @@ def qat_cmd(model_path: str, target: str | None, bits: int | None, epochs: int |
         "data.root": data_root, "data.format": data_format, "ptq.target": target, "ptq.activation_bits": bits,
         "ptq.weight_bits": bits, "ptq.calib": calib, "ptq.quantize": part, "qat.epochs": epochs,
         "qat.init_from": init_from, "qat.loss": loss, "qat.learn": learn,
-        "qat.keep": keep, "qat.lr_schedule": lr_schedule})
+        "qat.keep": keep, "qat.lr_schedule": lr_schedule, "qat.average_epochs": average_epochs})
     out_dir = Path(out)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "report.json").exists():
         raise RecipeError(f"output folder {out} exists and is not a qtool QAT run; choose another --out")

@@ -7,18 +7,22 @@ and weight scales are frozen for the last ``freeze_epochs`` epochs (observers st
 learning rates follow ``qat.lr_schedule`` after ``qat.warmup_epochs`` of linear warm-up (:mod:`qtool.qat.schedule`).
 ``qat.keep`` chooses the state restored at the end (:mod:`qtool.qat.keep`: the last epoch's, the lowest holdout
 loss among the start and every epoch, or that among the states whose check-set proxy AUROCs did not fall).
+With ``qat.average_epochs`` K > 1 each epoch's state (evaluated, offered to the keep rule, exported) is the mean
+of the trained parameters over the last K epoch ends (:mod:`qtool.qat.average`); training goes on from the raw one.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 from torch import nn
 
+from qtool.qat.average import TailAverage
 from qtool.qat.insert import QatModel, grow_for_biases
 from qtool.qat.keep import KEEP_RULES, Kept, holdout_row
 from qtool.qat.schedule import StepSchedule, step_schedule
@@ -42,14 +46,19 @@ class QatOptimizer:
     Adam normalises the scale gradients, so a step changes a scale by about ``scale_lr`` relative,
     whatever its magnitude (a 1e-3 weight scale and a 10.0 activation scale alike). With a schedule
     (:meth:`set_schedule`) each step first sets every learning rate to its base value times the step's factor.
+    ``average_epochs`` > 1 keeps a :class:`~qtool.qat.average.TailAverage` of every parameter of both over that
+    many epoch ends (:meth:`end_epoch`, :meth:`averaged`).
     """
 
     def __init__(self, weights: torch.optim.Optimizer | None, scales: torch.optim.Optimizer | None,
-                 after_step: Callable[[], Any] | None = None) -> None:
+                 after_step: Callable[[], Any] | None = None, average_epochs: int = 1) -> None:
         self.weights, self.scales, self.after_step = weights, scales, after_step
+        optimizers = [opt for opt in (weights, scales) if opt is not None]
         self.base_lrs = [[g["lr"] for g in opt.param_groups] if opt is not None else [] for opt in (weights, scales)]
         self.schedule: StepSchedule | None = None
         self.steps = 0
+        self.average = (TailAverage([p for opt in optimizers for g in opt.param_groups for p in g["params"]],
+                                    average_epochs) if average_epochs > 1 else None)
 
     def set_schedule(self, schedule: StepSchedule, steps_done: int = 0) -> None:
         """Scale the learning rates per step by ``schedule``, the next step being ``steps_done``."""
@@ -58,6 +67,29 @@ class QatOptimizer:
     def lr_factor(self) -> float:
         """The factor of the last step taken (of step 0 before any; 1.0 without a schedule)."""
         return self.schedule.factor(max(0, self.steps - 1)) if self.schedule is not None else 1.0
+
+    def end_epoch(self) -> None:
+        """Add the state at an epoch's end to the tail average (nothing without one)."""
+        if self.average is not None:
+            self.average.push()
+
+    @contextmanager
+    def averaged(self) -> Iterator[None]:
+        """The tail average in the parameters inside the block (then ``after_step``'s bias floor); raw after it.
+
+        Without an average the block sees the raw state.
+        """
+        with self.average.applied() if self.average is not None else nullcontext():
+            if self.average is not None and self.after_step is not None:
+                self.after_step()
+            yield
+
+    def apply_average(self) -> None:
+        """Load the tail average into the parameters for good (then ``after_step``); nothing without one."""
+        if self.average is not None:
+            self.average.apply()
+            if self.after_step is not None:
+                self.after_step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients of both."""
@@ -78,9 +110,10 @@ class QatOptimizer:
             self.after_step()
 
     def state_dict(self) -> dict:
-        """Both states (for checkpoints)."""
+        """Both states and the tail average's (for checkpoints)."""
         return {"weights": self.weights.state_dict() if self.weights else None,
-                "scales": self.scales.state_dict() if self.scales else None}
+                "scales": self.scales.state_dict() if self.scales else None,
+                "average": self.average.state_dict() if self.average is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore both states."""
@@ -88,6 +121,8 @@ class QatOptimizer:
             self.weights.load_state_dict(state["weights"])
         if self.scales is not None and state.get("scales") is not None:
             self.scales.load_state_dict(state["scales"])
+        if self.average is not None and state.get("average") is not None:
+            self.average.load_state_dict(state["average"])
 
 
 def build_optimizer(qm: QatModel, cfg: QatConfig, parameters: list[nn.Parameter] | None = None) -> QatOptimizer:
@@ -103,7 +138,7 @@ def build_optimizer(qm: QatModel, cfg: QatConfig, parameters: list[nn.Parameter]
     weights = [p for p in (trainable_parameters(qm.model) if parameters is None else parameters) if id(p) not in ids]
     scale_opt = torch.optim.Adam(scales, lr=cfg.scale_lr) if scales else None
     return QatOptimizer(OPTIMIZERS.get(cfg.optimizer)(weights, cfg) if weights else None, scale_opt,
-                        after_step=lambda: grow_for_biases(qm))
+                        after_step=lambda: grow_for_biases(qm), average_epochs=cfg.average_epochs)
 
 
 def qat_train(qm: QatModel, images: torch.Tensor, cfg: QatConfig, holdout: torch.Tensor | None = None,
@@ -169,17 +204,21 @@ def qat_train(qm: QatModel, images: torch.Tensor, cfg: QatConfig, holdout: torch
         row["seconds"] = time.perf_counter() - t0
         row["frozen"] = frozen
         row["lr_factor"] = opt.lr_factor()
-        if holdout is not None and len(holdout):
-            row.update(holdout_row(model, holdout, cfg.batch_size, check))
+        opt.end_epoch()
+        with opt.averaged():  # the state this epoch offers: the tail average (the raw state without one)
+            if holdout is not None and len(holdout):
+                row.update(holdout_row(model, holdout, cfg.batch_size, check))
+            if best is not None:
+                best.offer(row)
         history.append(row)
         log.info("qat epoch %d %s", epoch + 1, row)
-        if best is not None:
-            best.offer(row)
-        if on_epoch is not None:
+        if on_epoch is not None:  # with the raw state: a checkpoint resumes training from it
             on_epoch(epoch + 1, history, opt)
     qm.set_frozen(True)
     if best is not None:
         best.restore()
+    else:
+        opt.apply_average()
     if history:
         (best.row if best is not None else history[-1])["kept"] = True
     model.eval()
