@@ -6,7 +6,8 @@ calibrator on the same calibration data, or a PTQ run's graph: its ranges and bi
 epochs -> QDQ export -> lint -> save. The run folder mirrors ``qtool ptq``'s: ``model.onnx``,
 ``fp32.onnx`` (the input), ``qat_fp32.onnx`` (trained float), ``qat.pt`` (and ``last.pt``), ``report.json``,
 ``recipe.yaml``, ``manifest.json``; with ``qat.snapshots`` also ``snapshots/epoch_NNN.onnx``, the QDQ ONNX of the
-start (000) and of every epoch (of the state the epoch offers: the tail average with ``qat.average_epochs``). ``sqnr_db`` compares with the input fp32 model (as PTQ's report does);
+start (000) and of every epoch (of the state the epoch offers: the tail average with ``qat.average_epochs``).
+``sqnr_db`` compares with the input fp32 model (as PTQ's report does);
 ``sqnr_vs_qat_float_db`` with the trained float model, i.e. the quantization noise alone.
 """
 
