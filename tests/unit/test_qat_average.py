@@ -8,13 +8,11 @@ import json
 import onnx
 import pytest
 import torch
-from click.testing import CliRunner
 from helpers.kd_run import shared
 from onnx import numpy_helper
 from test_qat_objectives import RANGES, _clipped, _setup
-from test_qat_schedule import _run
+from test_qat_schedule import _run, refused_qat
 
-from qtool.cli import main
 from qtool.qat.average import TailAverage
 from qtool.qat.insert import prepare_qat
 from qtool.qat.objectives import LEARN_SETS, MapDistillation, select_parameters
@@ -116,11 +114,4 @@ def test_qat_cli_exports_and_snapshots_the_averaged_state(tmp_path_factory, tmp_
 
 @pytest.mark.parametrize("setting", [["--average-epochs", "0"], ["--set", "qat.average_epochs=0"]])
 def test_a_bad_window_is_a_one_line_error_and_no_folder(tmp_path_factory, tmp_path, setting):
-    kd = shared(tmp_path_factory)
-    out = tmp_path / "qat"
-    res = CliRunner().invoke(main, ["qat", "--model", str(kd.checkpoint), "--recipe", str(kd.recipe_file),
-                                    "--out", str(out), *setting])
-    assert res.exit_code == 2, (res.stdout, res.stderr)
-    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
-    assert "average" in res.stderr, res.stderr
-    assert not out.exists()
+    refused_qat(tmp_path_factory, tmp_path, setting, "average")

@@ -94,17 +94,22 @@ def test_a_cosine_run_records_its_factors_and_a_resumed_run_continues_the_same_s
     assert constant[0]["train_loss"] != pytest.approx(history[0]["train_loss"], rel=1e-4)  # the warm-up's smaller steps
 
 
-@pytest.mark.parametrize("setting", [["--lr-schedule", "step"], ["--set", "qat.lr_schedule=step"],
-                                     ["--set", "qat.warmup_epochs=-1"]])
-def test_a_bad_schedule_is_a_one_line_error_and_no_folder(tmp_path_factory, tmp_path, setting):
+def refused_qat(tmp_path_factory, tmp_path, setting: list[str], key: str) -> None:
+    """``qtool qat`` with a bad ``setting``: exit 2, one line naming ``key``, no run folder."""
     kd = shared(tmp_path_factory)
     out = tmp_path / "qat"
     res = CliRunner().invoke(main, ["qat", "--model", str(kd.checkpoint), "--recipe", str(kd.recipe_file),
                                     "--out", str(out), *setting])
     assert res.exit_code == 2, (res.stdout, res.stderr)
-    key = "qat.warmup_epochs" if "warmup" in setting[1] else "qat.lr_schedule"
     assert len(res.stderr.strip().splitlines()) == 1 and key in res.stderr, res.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("setting", [["--lr-schedule", "step"], ["--set", "qat.lr_schedule=step"],
+                                     ["--set", "qat.warmup_epochs=-1"]])
+def test_a_bad_schedule_is_a_one_line_error_and_no_folder(tmp_path_factory, tmp_path, setting):
+    refused_qat(tmp_path_factory, tmp_path, setting,
+                "qat.warmup_epochs" if "warmup" in setting[1] else "qat.lr_schedule")
 
 
 def test_qat_cli_runs_a_cosine_schedule_and_records_it(tmp_path_factory, tmp_path):
